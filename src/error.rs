@@ -1,0 +1,66 @@
+//! The library's error type: every variant names the file, tensor or step it is about.
+
+use std::path::{Path, PathBuf};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(String),
+
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error("ONNX Runtime library: {reason}\n  run `scripts/setup_ort.sh` (CPU) or `scripts/setup_ort.sh --gpu`, or pass --ort-lib PATH")]
+    OrtLibrary { reason: String },
+
+    #[error("ONNX Runtime failed while {during}: {source}")]
+    Ort { during: String, source: ort::Error },
+
+    #[error("{}: {reason}", path.display())]
+    Manifest { path: PathBuf, reason: String },
+
+    #[error("{}: {reason}", path.display())]
+    Tensor { path: PathBuf, reason: String },
+
+    #[error("tensor `{name}`: expected shape {expected:?}, got {got:?}")]
+    Shape { name: String, expected: Vec<usize>, got: Vec<usize> },
+
+    #[error("{}: {reason}", path.display())]
+    Data { path: PathBuf, reason: String },
+
+    #[error("{}: {reason}", path.display())]
+    Checkpoint { path: PathBuf, reason: String },
+
+    #[error("step {step}: {what} is not finite ({value})")]
+    NonFinite { step: u64, what: &'static str, value: f64 },
+
+    #[error("{0}")]
+    Device(String),
+
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl Error {
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io { path: path.as_ref().to_path_buf(), source }
+    }
+
+    pub fn ort(during: impl Into<String>) -> impl FnOnce(ort::Error) -> Self {
+        let during = during.into();
+        move |source| Error::Ort { during, source }
+    }
+}
+
+/// Attach a path to I/O errors: `fs::read(&p).at(&p)?`.
+pub trait IoContext<T> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|e| Error::io(path, e))
+    }
+}

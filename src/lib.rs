@@ -1,0 +1,14 @@
+//! flowstep: LoRA fine-tuning of the Wan video DiT on ONNX Runtime.
+//!
+//! The Python package in `export/` turns the model into portable ONNX training graphs
+//! (DESIGN.md §3); this crate drives them: the flow-matching step math in ndarray, the
+//! ONNX Runtime sessions, the training loop, checkpoints and LoRA files.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod error;
+pub mod plot;
+pub mod runtime;
+pub mod scheduler;
+pub mod sft;
+
+pub use error::{Error, Result};

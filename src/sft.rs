@@ -1,0 +1,267 @@
+//! One SFT step's inputs, as DiffSynth's `FlowMatchSFTLoss` draws them: a timestep, the
+//! noise, the noisy latents `x_t`, the target `ε - x0` and the loss weight `w(t)`.
+//!
+//! Randomness is counter-based: every draw is a pure function of (seed, step), so a resumed
+//! run reproduces the same timesteps and noise with no RNG state to save, and the noise is
+//! generated in fixed chunks in parallel with a result independent of the thread count.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::scheduler::{FlowMatchScheduler, NUM_TRAIN_TIMESTEPS, round_to_bf16};
+
+/// Elements per independently seeded noise chunk (the unit of parallel work).
+const NOISE_CHUNK: usize = 1 << 16;
+/// The ChaCha stream that draws the timestep index (noise chunks use streams 0, 1, ...).
+const TIMESTEP_STREAM: u64 = u64::MAX;
+
+/// How timesteps and noise are drawn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SftConfig {
+    pub num_train_timesteps: usize,
+    pub shift: f32,
+    /// Timestep boundaries as fractions of the table: indices in `[⌊min·N⌋, ⌊max·N⌋)`.
+    pub min_boundary: f64,
+    pub max_boundary: f64,
+    pub noise_scale: f32,
+    /// Round the timestep to bfloat16 before use, as DiffSynth does (294 distinct values).
+    pub bf16_timestep: bool,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: NUM_TRAIN_TIMESTEPS,
+            shift: crate::scheduler::DEFAULT_SHIFT,
+            min_boundary: 0.0,
+            max_boundary: 1.0,
+            noise_scale: 1.0,
+            bf16_timestep: false,
+        }
+    }
+}
+
+/// The scalar part of one step's draw.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TimestepDraw {
+    /// Index drawn uniformly in the boundaries.
+    pub index: usize,
+    /// The timestep fed to the model (bf16-rounded when that option is on).
+    pub timestep: f32,
+    /// σ and w(t) of the table entry nearest to `timestep`.
+    pub sigma: f32,
+    pub weight: f32,
+}
+
+/// Draws each step's SFT inputs from a seed.
+#[derive(Debug, Clone)]
+pub struct SftSampler {
+    pub scheduler: FlowMatchScheduler,
+    pub config: SftConfig,
+    pub seed: u64,
+    index_range: (usize, usize),
+}
+
+impl SftSampler {
+    pub fn new(config: SftConfig, seed: u64) -> Result<Self> {
+        let n = config.num_train_timesteps;
+        let lo = (config.min_boundary * n as f64).floor() as usize;
+        let hi = (config.max_boundary * n as f64).floor() as usize;
+        let valid_bounds = (0.0..=1.0).contains(&config.min_boundary)
+            && (0.0..=1.0).contains(&config.max_boundary);
+        if n == 0 || !valid_bounds || lo >= hi || hi > n {
+            return Err(Error::Config(format!(
+                "timestep boundaries [{}, {}) select no timestep of {n}",
+                config.min_boundary, config.max_boundary
+            )));
+        }
+        if !(config.noise_scale.is_finite() && config.shift.is_finite() && config.shift > 0.0) {
+            return Err(Error::Config("noise scale and shift must be finite, shift > 0".into()));
+        }
+        let scheduler = FlowMatchScheduler::training(n, 1.0, config.shift);
+        Ok(Self { scheduler, config, seed, index_range: (lo, hi) })
+    }
+
+    /// The half-open index range timesteps are drawn from.
+    pub fn index_range(&self) -> (usize, usize) {
+        self.index_range
+    }
+
+    /// The timestep, σ and weight of step `step`.
+    pub fn draw_timestep(&self, step: u64) -> TimestepDraw {
+        let mut rng = step_rng(self.seed, step, TIMESTEP_STREAM);
+        let index = rng.random_range(self.index_range.0..self.index_range.1);
+        let mut timestep = self.scheduler.timesteps[index];
+        if self.config.bf16_timestep {
+            timestep = round_to_bf16(timestep);
+        }
+        // add_noise and training_weight look the timestep up again (argmin), which only
+        // changes the entry when the timestep was rounded.
+        let id = if self.config.bf16_timestep { self.scheduler.index_of(timestep) } else { index };
+        let weight = self.scheduler.weights.as_ref().map_or(1.0, |w| w[id]);
+        TimestepDraw { index, timestep, sigma: self.scheduler.sigmas[id], weight }
+    }
+
+    /// Fills `noise` with step `step`'s ε ~ N(0, 1)·noise_scale.
+    pub fn fill_noise(&self, step: u64, noise: &mut [f32]) {
+        let scale = self.config.noise_scale;
+        noise.par_chunks_mut(NOISE_CHUNK).enumerate().for_each(|(chunk, out)| {
+            let mut rng = step_rng(self.seed, step, chunk as u64);
+            for v in out {
+                *v = rng.sample::<f32, _>(StandardNormal) * scale;
+            }
+        });
+    }
+
+    /// Draws step `step` and writes `x_t` and the target for the clean latents `x0`,
+    /// in one parallel pass with no allocation.
+    pub fn prepare_into(&self, step: u64, x0: &[f32], x_t: &mut [f32], target: &mut [f32]) -> Result<TimestepDraw> {
+        if x_t.len() != x0.len() || target.len() != x0.len() {
+            return Err(Error::Shape {
+                name: "x_t/target".into(),
+                expected: vec![x0.len()],
+                got: vec![x_t.len(), target.len()],
+            });
+        }
+        let draw = self.draw_timestep(step);
+        let (sigma, keep, scale) = (draw.sigma, 1.0 - draw.sigma, self.config.noise_scale);
+        x_t.par_chunks_mut(NOISE_CHUNK)
+            .zip(target.par_chunks_mut(NOISE_CHUNK))
+            .zip(x0.par_chunks(NOISE_CHUNK))
+            .enumerate()
+            .for_each(|(chunk, ((xt, tg), x))| {
+                let mut rng = step_rng(self.seed, step, chunk as u64);
+                for ((o, t), &x) in xt.iter_mut().zip(tg.iter_mut()).zip(x) {
+                    let eps = rng.sample::<f32, _>(StandardNormal) * scale;
+                    *o = keep * x + sigma * eps;
+                    *t = eps - x;
+                }
+            });
+        Ok(draw)
+    }
+}
+
+/// A ChaCha8 generator keyed by (seed, step) on one stream.
+pub fn step_rng(seed: u64, step: u64, stream: u64) -> ChaCha8Rng {
+    let mut key = [0u8; 32];
+    let words = [splitmix64(seed), splitmix64(seed ^ 0x5851_f42d_4c95_7f2d), splitmix64(step), splitmix64(step ^ 0x14057b7ef767814f)];
+    for (dst, w) in key.chunks_exact_mut(8).zip(words) {
+        dst.copy_from_slice(&w.to_le_bytes());
+    }
+    let mut rng = ChaCha8Rng::from_seed(key);
+    rng.set_stream(stream);
+    rng
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(config: SftConfig) -> SftSampler {
+        match SftSampler::new(config, 42) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn formulas_are_exact() {
+        let s = sampler(SftConfig::default());
+        let x0: Vec<f32> = (0..200_000).map(|i| (i % 17) as f32 * 0.1 - 0.8).collect();
+        let (mut xt, mut tg, mut eps) = (vec![0.0; x0.len()], vec![0.0; x0.len()], vec![0.0; x0.len()]);
+        let d = s.prepare_into(7, &x0, &mut xt, &mut tg).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
+        s.fill_noise(7, &mut eps);
+        assert_eq!(d.timestep, s.scheduler.timesteps[d.index]);
+        assert_eq!(d.sigma, s.scheduler.sigmas[d.index]);
+        for i in 0..x0.len() {
+            assert_eq!(xt[i], (1.0 - d.sigma) * x0[i] + d.sigma * eps[i]);
+            assert_eq!(tg[i], eps[i] - x0[i]);
+        }
+    }
+
+    #[test]
+    fn deterministic_per_seed_and_step() {
+        let s = sampler(SftConfig::default());
+        let (mut a, mut b, mut c) = (vec![0.0; 70_000], vec![0.0; 70_000], vec![0.0; 70_000]);
+        s.fill_noise(3, &mut a);
+        s.fill_noise(3, &mut b);
+        s.fill_noise(4, &mut c);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(s.draw_timestep(9), s.draw_timestep(9));
+        let other = match SftSampler::new(SftConfig::default(), 43) { Ok(s) => s, Err(e) => panic!("{e}") };
+        let mut d = vec![0.0; 70_000];
+        other.fill_noise(3, &mut d);
+        assert_ne!(a, d);
+    }
+
+    #[test]
+    fn noise_is_standard_normal_times_scale() {
+        let s = sampler(SftConfig { noise_scale: 0.5, ..SftConfig::default() });
+        let n = 1 << 20;
+        let mut eps = vec![0.0f32; n];
+        s.fill_noise(0, &mut eps);
+        let mean = eps.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        let var = eps.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+        // Standard errors: mean 0.5/sqrt(n) = 4.9e-4; variance 0.25·sqrt(2/n) = 3.5e-4. Bound at ~6σ.
+        assert!(mean.abs() < 3e-3, "mean {mean}");
+        assert!((var - 0.25).abs() < 2.1e-3, "variance {var}");
+        let chunk_means: Vec<f64> = eps.chunks(NOISE_CHUNK).map(|c| c.iter().map(|&v| v as f64).sum::<f64>() / c.len() as f64).collect();
+        assert!(chunk_means.windows(2).all(|w| w[0] != w[1]), "chunks must not repeat");
+    }
+
+    #[test]
+    fn index_histogram_is_uniform_in_boundaries() {
+        let s = sampler(SftConfig { min_boundary: 0.0, max_boundary: 0.417, ..SftConfig::default() });
+        assert_eq!(s.index_range(), (0, 417));
+        let draws = 200_000u64;
+        let mut bins = [0u64; 10];
+        for step in 0..draws {
+            let d = s.draw_timestep(step);
+            assert!(d.index < 417);
+            bins[d.index * 10 / 417] += 1;
+        }
+        // Chi-square with 9 degrees of freedom; bins are 41 or 42 indices wide.
+        let chi2: f64 = bins
+            .iter()
+            .enumerate()
+            .map(|(b, &count)| {
+                let width = ((b + 1) * 417).div_ceil(10) - (b * 417).div_ceil(10);
+                let expected = draws as f64 * width as f64 / 417.0;
+                (count as f64 - expected).powi(2) / expected
+            })
+            .sum();
+        assert!(chi2 < 27.9, "chi2 {chi2} (p < 0.001 at 27.9)");
+    }
+
+    #[test]
+    fn bf16_option_matches_diffsynth_rounding() {
+        let s = sampler(SftConfig { bf16_timestep: true, ..SftConfig::default() });
+        let mut distinct = std::collections::BTreeSet::new();
+        for step in 0..20_000 {
+            let d = s.draw_timestep(step);
+            assert_eq!(d.timestep, round_to_bf16(s.scheduler.timesteps[d.index]));
+            if d.index < 10 {
+                assert_eq!((d.timestep, d.weight), (1000.0, 0.0));
+            }
+            distinct.insert(d.timestep.to_bits());
+        }
+        assert_eq!(distinct.len(), 294);
+    }
+
+    #[test]
+    fn rejects_empty_boundaries() {
+        assert!(SftSampler::new(SftConfig { min_boundary: 0.5, max_boundary: 0.5, ..SftConfig::default() }, 0).is_err());
+        assert!(SftSampler::new(SftConfig { max_boundary: 1.5, ..SftConfig::default() }, 0).is_err());
+    }
+}
