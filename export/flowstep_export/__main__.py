@@ -1,0 +1,87 @@
+"""python -m flowstep_export --model tiny|small|wan2.1-t2v-1.3b|wan2.1-t2v-14b --out DIR ..."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .configs import PRESETS, get_config
+from .lora import DEFAULT_TARGETS, LoraConfig
+
+GRAPHS = ("training_model", "eval_model", "optimizer_model", "inference_model")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m flowstep_export",
+        description="Export the Wan DiT with LoRA into portable ONNX training artifacts for flowstep.",
+    )
+    p.add_argument("--model", required=True, choices=sorted(PRESETS), help="model configuration")
+    p.add_argument("--out", required=True, type=Path, help="artifacts directory to write")
+    p.add_argument("--base", type=Path, help="Wan checkpoint (.safetensors, Wan/DiffSynth keys; a leading `model.` "
+                   "is stripped). Without it the model is initialised randomly, with a warning.")
+    p.add_argument("--ship-base", action="store_true", help="copy the base weights into the artifacts "
+                   "(base.safetensors); for toy models. Otherwise flowstep reads the user's checkpoint.")
+    g = p.add_argument_group("LoRA (DiffSynth defaults)")
+    g.add_argument("--lora-rank", type=int, default=32, help="rank r (default 32)")
+    g.add_argument("--lora-alpha", type=float, help="alpha; the update is scaled by alpha/r (default: alpha = rank)")
+    g.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
+                   help="comma-separated module name suffixes (default: %(default)s)")
+    g.add_argument("--lora-init", choices=("kaiming", "gaussian"), default="kaiming",
+                   help="A initialisation; B always starts at zero (default: kaiming)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random base and LoRA init (default 0)")
+    p.add_argument("--graphs", default=",".join(GRAPHS), help="graphs to export (default: all)")
+    p.add_argument("--latent", help="example latent size FRAMES,HEIGHT,WIDTH used for tracing and validation")
+    p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flowstep_export").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    warnings.filterwarnings("ignore")
+    import dataclasses
+
+    from .export import ExportOptions, export_artifacts
+    from .validate import validate_artifacts
+
+    try:
+        config = get_config(args.model)
+        if args.latent:
+            frames, height, width = (int(v) for v in args.latent.split(","))
+            config = dataclasses.replace(config, example_latent=(frames, height, width))
+        graphs = tuple(g for g in args.graphs.split(",") if g)
+        unknown = set(graphs) - set(GRAPHS)
+        if unknown:
+            raise ValueError(f"unknown graphs {sorted(unknown)}; choose from {GRAPHS}")
+        if args.base is not None and not args.base.is_file():
+            raise ValueError(f"--base {args.base}: no such file")
+        lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha,
+                          targets=tuple(t for t in args.lora_targets.split(",") if t), init=args.lora_init)
+        options = ExportOptions(out=args.out, base=args.base, seed=args.seed, lora=lora,
+                                ship_base=args.ship_base, graphs=graphs)
+        start = time.perf_counter()
+        manifest = export_artifacts(config, options)
+        seconds = time.perf_counter() - start
+        report = {} if args.no_validate else validate_artifacts(args.out, config, options)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    sizes = {f: (args.out / f).stat().st_size for f in manifest["files"]}
+    print(json.dumps({"out": str(args.out), "model": config.name, "lora_params": manifest["lora"]["num_params"],
+                      "export_seconds": round(seconds, 1), "peak_rss_gb": round(peak_gb, 2),
+                      "file_bytes": sizes, "validation": report}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Export a Wan DiT + LoRA into an artifacts directory (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import onnx
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import trace
+from .configs import WanConfig
+from .lora import LoraConfig, base_state, inject_lora, lora_state
+from .manifest import write_manifest
+from .model import WanModel, init_random
+from .steps import StepFunctions, adamw, flat_layout, flatten
+
+log = logging.getLogger("flowstep_export")
+
+TRAINING_OUTPUTS = ["loss", "grad_accum_out"]
+OPTIMIZER_INPUTS = ["params", "grads", "m", "v", "lr", "beta1", "beta2", "eps", "weight_decay",
+                    "bias_correction1", "bias_correction2", "grad_scale"]
+OPTIMIZER_OUTPUTS = ["params_out", "m_out", "v_out", "grad_norm"]
+LATENT_AXES = {2: "frames", 3: "height", 4: "width"}
+
+
+@dataclasses.dataclass
+class ExportOptions:
+    out: Path
+    base: Path | None = None
+    seed: int = 0
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    ship_base: bool = False  # copy the base weights into the artifacts (toy models)
+    graphs: tuple[str, ...] = ("training_model", "eval_model", "optimizer_model", "inference_model")
+
+
+def load_base_weights(model: WanModel, path: Path) -> None:
+    """Load a Wan/DiffSynth checkpoint; a leading `model.` is stripped. Every model tensor
+    must be present with its shape; extra tensors (other variants' heads) are listed."""
+    state = load_file(str(path))
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"{path}: missing {len(missing)} tensors, e.g. {missing[:3]}")
+    for key, value in expected.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise ValueError(f"{path}: tensor {key} has shape {list(state[key].shape)}, the config needs {list(value.shape)}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        log.warning("%s: ignoring %d tensors not in this config, e.g. %s", path, len(extra), extra[:3])
+    model.load_state_dict({k: state[k].float() for k in expected})
+
+
+def build_model(config: WanConfig, options: ExportOptions) -> tuple[WanModel, list[str]]:
+    model = WanModel(config)
+    if options.base is not None:
+        load_base_weights(model, options.base)
+    else:
+        log.warning("no --base given: %s is initialised randomly (seed %d)", config.name, options.seed)
+        init_random(model, options.seed)
+    lora_names = inject_lora(model, options.lora, seed=options.seed)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, lora_names
+
+
+def example_inputs(config: WanConfig, seed: int, latent: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
+    frames, height, width = latent or config.example_latent
+    g = torch.Generator().manual_seed(seed + 1)
+    return {
+        "x_t": torch.randn((1, config.in_dim, frames, height, width), generator=g),
+        "timestep": torch.tensor([937.5]),
+        "context": torch.randn((1, config.text_len, config.text_dim), generator=g),
+        "target": torch.randn((1, config.out_dim, frames, height, width), generator=g),
+        "weight": torch.tensor(0.75),
+    }
+
+
+def export_artifacts(config: WanConfig, options: ExportOptions) -> dict:
+    """Build, trace and export every graph; returns the manifest."""
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    model, lora_names = build_model(config, options)
+    lora = lora_state(model)
+    base = base_state(model)
+    layout = flat_layout(lora, lora_names)
+    base_names = list(base)
+    fns = StepFunctions(model, layout, base_names)
+    flat = flatten(lora, layout)
+    batch = example_inputs(config, options.seed)
+
+    def base_inputs():
+        # Distinct tensors: torch.export merges aliased inputs.
+        return [trace.GraphInput(name, base[name].clone()) for name in base_names]
+
+    def batch_inputs(names):
+        return [trace.GraphInput(n, batch[n].clone(), LATENT_AXES if n in ("x_t", "target") else {}) for n in names]
+
+    loss_inputs = ["x_t", "timestep", "context", "target", "weight"]
+    specs = {
+        "training_model": (fns.training, [trace.GraphInput("lora_params", flat.clone()), trace.GraphInput("grad_accum", torch.zeros_like(flat))]
+                           + base_inputs() + batch_inputs(loss_inputs), TRAINING_OUTPUTS),
+        "eval_model": (fns.eval, [trace.GraphInput("lora_params", flat.clone())] + base_inputs() + batch_inputs(loss_inputs), ["loss"]),
+        "inference_model": (fns.inference, [trace.GraphInput("lora_params", flat.clone())] + base_inputs()
+                            + batch_inputs(["x_t", "timestep", "context"]), ["velocity"]),
+        "optimizer_model": (adamw, optimizer_inputs(flat.numel()), OPTIMIZER_OUTPUTS),
+    }
+    timings = {}
+    for name in options.graphs:
+        fn, inputs, outputs = specs[name]
+        start = time.perf_counter()
+        gm = trace.trace(fn, inputs)
+        model_proto = trace.export(gm, inputs, outputs)
+        onnx.save(model_proto, str(out / f"{name}.onnx"))
+        timings[name] = round(time.perf_counter() - start, 2)
+        log.info("exported %s in %.1f s (%d nodes)", name, timings[name], len(model_proto.graph.node))
+
+    save_file({t.key: lora[t.key].contiguous() for t in layout}, str(out / "lora_init.safetensors"))
+    base_file = None
+    if options.ship_base:
+        base_file = "base.safetensors"
+        save_file({k: v.contiguous() for k, v in base.items()}, str(out / base_file))
+    manifest = write_manifest(out, config, options.lora, layout, base, base_file, list(options.graphs),
+                              extra={"export_seconds": timings, "base_source": str(options.base) if options.base else None})
+    return manifest
+
+
+def optimizer_inputs(num_params: int) -> list[trace.GraphInput]:
+    g = torch.Generator().manual_seed(7)
+    vectors = [trace.GraphInput(n, torch.randn(num_params, generator=g)) for n in ("params", "grads", "m")]
+    vectors.append(trace.GraphInput("v", torch.rand(num_params, generator=g)))
+    scalars = {"lr": 1e-4, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01,
+               "bias_correction1": 0.1, "bias_correction2": 0.001, "grad_scale": 1.0}
+    return vectors + [trace.GraphInput(n, torch.tensor(v, dtype=torch.float32)) for n, v in scalars.items()]

@@ -1,0 +1,92 @@
+"""LoRA injection with PEFT/DiffSynth semantics and key names.
+
+`blocks.0.self_attn.q` becomes a Linear with `lora_A.default` [r, in] and `lora_B.default`
+[out, r]; output = W x + b + (alpha / r) · B A x. A is kaiming-uniform (a = √5), B is zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+
+DEFAULT_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
+ADAPTER = "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 32
+    alpha: float | None = None  # None: alpha = rank (DiffSynth)
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    init: str = "kaiming"  # "kaiming" (A kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r))
+
+    @property
+    def scaling(self) -> float:
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+    @property
+    def alpha_value(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear plus a LoRA branch; keeps `weight`/`bias` names, so base keys are unchanged."""
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.weight = base.weight
+        self.bias = base.bias
+        self.scaling = scaling
+        self.lora_A = nn.ModuleDict({ADAPTER: nn.Linear(base.in_features, rank, bias=False)})
+        self.lora_B = nn.ModuleDict({ADAPTER: nn.Linear(rank, base.out_features, bias=False)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = super().forward(x)
+        return base + self.lora_B[ADAPTER](self.lora_A[ADAPTER](x)) * self.scaling
+
+
+def is_target(module_name: str, targets) -> bool:
+    """PEFT's suffix match: `q` hits `blocks.0.self_attn.q`, not `k_img`."""
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, seed: int = 0) -> list[str]:
+    """Replace every targeted Linear by a LoRALinear; returns the LoRA parameter names in
+    module order (the flat buffer's layout)."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(name, config.targets)]
+    if not targets:
+        raise ValueError(f"no Linear layer matches LoRA targets {config.targets}")
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lora = LoRALinear(module, config.rank, config.scaling)
+        init_lora(lora, config, generator)
+        setattr(parent, child, lora)
+    return [n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+
+
+def init_lora(layer: LoRALinear, config: LoraConfig, generator: torch.Generator) -> None:
+    a = layer.lora_A[ADAPTER].weight
+    b = layer.lora_B[ADAPTER].weight
+    with torch.no_grad():
+        if config.init == "kaiming":
+            # nn.init.kaiming_uniform_(a, a=sqrt(5)): bound = 1/sqrt(fan_in).
+            bound = 1.0 / math.sqrt(a.shape[1])
+            a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=generator))
+        elif config.init == "gaussian":
+            a.copy_(torch.randn(a.shape, generator=generator) / config.rank)
+        else:
+            raise ValueError(f"unknown LoRA init {config.init!r}")
+        b.zero_()
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+
+
+def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A." not in n and ".lora_B." not in n}

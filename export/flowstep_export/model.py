@@ -1,0 +1,238 @@
+"""The Wan DiT (text-to-video), with DiffSynth-Studio's module and state-dict names.
+
+The computation equals DiffSynth's `model_fn_wan_video` + `WanModel` blocks; the forward is
+written so that its forward and backward trace to portable ONNX (DESIGN.md §2):
+Linear layers on 2-D inputs, the patch embedding as a reshape and matmul, RoPE in real
+arithmetic with `unbind(-1)`, attention as explicit matmul/softmax, the sinusoidal time
+embedding in float32, and the RoPE grid built inside the graph from the latent size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .configs import WanConfig
+
+ROPE_MAX_POSITIONS = 1024  # Wan's `precompute_freqs_cis_3d(head_dim)` default `end`
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Apply a Linear (LoRA-wrapped or not) to the last dim of an N-D tensor via a 2-D matmul."""
+    shape = x.shape
+    y = layer(x.reshape(-1, shape[-1]))
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope_tables(head_dim: int, end: int = ROPE_MAX_POSITIONS, theta: float = 10000.0):
+    """cos/sin tables per axis (frame, row, column), computed in float64 like Wan's
+    `precompute_freqs_cis_3d`, stored as float32: [end, d_axis/2] each."""
+    dims = (head_dim - 2 * (head_dim // 3), head_dim // 3, head_dim // 3)
+    tables = []
+    for d in dims:
+        freqs = 1.0 / (theta ** (torch.arange(0, d, 2)[: d // 2].double() / d))
+        angles = torch.outer(torch.arange(end, dtype=torch.float64), freqs)
+        tables.append((torch.cos(angles).float(), torch.sin(angles).float()))
+    return tables
+
+
+def rope_grid(tables, f: int, h: int, w: int):
+    """cos and sin for every token of an f×h×w grid: [f·h·w, 1, head_dim/2]."""
+    cos_parts, sin_parts = [], []
+    for (cos, sin), n, view in zip(tables, (f, h, w), ((f, 1, 1), (1, h, 1), (1, 1, w))):
+        d = cos.shape[-1]
+        cos_parts.append(cos[:n].reshape(*view, d).expand(f, h, w, d))
+        sin_parts.append(sin[:n].reshape(*view, d).expand(f, h, w, d))
+    cos = torch.cat(cos_parts, dim=-1).reshape(f * h * w, 1, -1)
+    sin = torch.cat(sin_parts, dim=-1).reshape(f * h * w, 1, -1)
+    return cos, sin
+
+
+def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Wan's complex RoPE on interleaved (real, imag) pairs, in real arithmetic.
+    x: [b, s, n·d]; cos/sin: [s, 1, d/2]."""
+    b, s, _ = x.shape
+    pairs = x.reshape(b, s, num_heads, -1, 2)
+    re, im = pairs.unbind(-1)
+    out_re = re * cos - im * sin
+    out_im = re * sin + im * cos
+    return torch.stack([out_re, out_im], dim=-1).reshape(b, s, -1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v per head, as explicit matmuls (SDPA's math path)."""
+    b, sq, _ = q.shape
+    sk = k.shape[1]
+    q = q.reshape(b, sq, num_heads, -1).transpose(1, 2)
+    k = k.reshape(b, sk, num_heads, -1).transpose(1, 2)
+    v = v.reshape(b, sk, num_heads, -1).transpose(1, 2)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    weights = torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1)
+    return (weights @ v).transpose(1, 2).reshape(b, sq, -1)
+
+
+def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding, [cos, sin] of t·10000^(-i/half), in float32."""
+    half = dim // 2
+    inv = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64).div(half)).float()
+    sinusoid = position.float().reshape(-1, 1) * inv.to(position.device).reshape(1, -1)
+    return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps=eps)
+        self.norm_k = RMSNorm(dim, eps=eps)
+
+    def forward(self, x, cos, sin):
+        q = rope_apply(self.norm_q(linear(self.q, x)), cos, sin, self.num_heads)
+        k = rope_apply(self.norm_k(linear(self.k, x)), cos, sin, self.num_heads)
+        v = linear(self.v, x)
+        return linear(self.o, attention(q, k, v, self.num_heads))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps=eps)
+        self.norm_k = RMSNorm(dim, eps=eps)
+
+    def forward(self, x, context):
+        q = self.norm_q(linear(self.q, x))
+        k = self.norm_k(linear(self.k, context))
+        v = linear(self.v, context)
+        return linear(self.o, attention(q, k, v, self.num_heads))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, eps: float):
+        super().__init__()
+        self.self_attn = SelfAttention(dim, num_heads, eps)
+        self.cross_attn = CrossAttention(dim, num_heads, eps)
+        self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.norm3 = nn.LayerNorm(dim, eps=eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, context, t_mod, cos, sin):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation + t_mod).chunk(6, dim=1)
+        h = self.norm1(x) * (1 + scale_msa) + shift_msa
+        x = x + gate_msa * self.self_attn(h, cos, sin)
+        x = x + self.cross_attn(self.norm3(x), context)
+        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
+        x = x + gate_mlp * linear_sequential(self.ffn, h)
+        return x
+
+
+def linear_sequential(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    shape = x.shape
+    y = seq(x.reshape(-1, shape[-1]))
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, out_dim: int, patch_size, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, out_dim * math.prod(patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x, t):
+        shift, scale = (self.modulation + t.unsqueeze(1)).chunk(2, dim=1)
+        return linear(self.head, self.norm(x) * (1 + scale) + shift)
+
+
+class WanModel(nn.Module):
+    """Wan2.1 DiT, text-to-video. State-dict keys equal DiffSynth's / Wan's."""
+
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        config.check()
+        self.config = config
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList(
+            DiTBlock(dim, config.num_heads, config.ffn_dim, config.eps) for _ in range(config.num_layers)
+        )
+        self.head = Head(dim, config.out_dim, config.patch_size, config.eps)
+        self.rope = rope_tables(config.head_dim)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """The (1,2,2)-strided Conv3d as reshape + matmul: [1, C, F, H, W] -> [1, f·h·w, dim]."""
+        pf, ph, pw = self.config.patch_size
+        b, c, frames, height, width = x.shape
+        f, h, w = frames // pf, height // ph, width // pw
+        patches = x.reshape(b, c, f, pf, h, ph, w, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        patches = patches.reshape(b * f * h * w, c * pf * ph * pw)
+        weight = self.patch_embedding.weight.reshape(self.config.dim, -1)
+        tokens = patches @ weight.t() + self.patch_embedding.bias
+        return tokens.reshape(b, f * h * w, self.config.dim)
+
+    def unpatchify(self, x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
+        """'b (f h w) (x y z c) -> b c (f x) (h y) (w z)'."""
+        pf, ph, pw = self.config.patch_size
+        b = x.shape[0]
+        c = self.config.out_dim
+        x = x.reshape(b, f, h, w, pf, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(b, c, f * pf, h * ph, w * pw)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x: [1, in_dim, F, H, W] noisy latents; timestep: [1]; context: [1, L, text_dim].
+        Returns the predicted velocity [1, out_dim, F, H, W]."""
+        config = self.config
+        t = linear_sequential(self.time_embedding, sinusoidal_embedding_1d(config.freq_dim, timestep))
+        t_mod = self.time_projection(t).unflatten(1, (6, config.dim))
+        context = linear_sequential(self.text_embedding, context)
+        pf, ph, pw = config.patch_size
+        f, h, w = x.shape[2] // pf, x.shape[3] // ph, x.shape[4] // pw
+        tokens = self.patchify(x)
+        cos, sin = rope_grid(self.rope, f, h, w)
+        for block in self.blocks:
+            tokens = block(tokens, context, t_mod, cos, sin)
+        return self.unpatchify(self.head(tokens, t), f, h, w)
+
+
+def init_random(model: WanModel, seed: int) -> None:
+    """Deterministic random init (PyTorch defaults, then Wan's modulation init)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("modulation"):
+                p.copy_(torch.randn(p.shape, generator=generator) / p.shape[-1] ** 0.5)
+            elif p.dim() >= 2:
+                fan_in = p[0].numel()
+                bound = 1.0 / math.sqrt(fan_in)
+                p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=generator))
+            elif name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or ".norm3." in name:
+                p.fill_(1.0) if name.endswith("weight") else p.zero_()
+            else:
+                p.copy_(torch.empty(p.shape).uniform_(-0.02, 0.02, generator=generator))

@@ -1,0 +1,104 @@
+"""The functions the graphs compute, over a flat LoRA buffer and named base weights:
+training step (loss, gradient accumulation), eval loss, inference velocity, and AdamW."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.func import functional_call, grad_and_value
+
+from .model import WanModel
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraTensor:
+    key: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def flat_layout(lora: dict[str, torch.Tensor], order: list[str]) -> list[LoraTensor]:
+    layout, offset = [], 0
+    for key in order:
+        shape = tuple(lora[key].shape)
+        layout.append(LoraTensor(key, shape, offset))
+        offset += layout[-1].numel
+    return layout
+
+
+def flatten(lora: dict[str, torch.Tensor], layout: list[LoraTensor]) -> torch.Tensor:
+    return torch.cat([lora[t.key].reshape(-1).float() for t in layout])
+
+
+def unflatten(flat: torch.Tensor, layout: list[LoraTensor]) -> tuple[torch.Tensor, ...]:
+    return tuple(flat[t.offset : t.offset + t.numel].reshape(t.shape) for t in layout)
+
+
+def sft_loss(velocity: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """FlowMatchSFTLoss: w(t) · mean((v - target)²) in float32."""
+    return weight * torch.mean((velocity.float() - target.float()) ** 2)
+
+
+class StepFunctions:
+    """Closures over the model and the layouts, with positional signatures for tracing."""
+
+    def __init__(self, model: WanModel, layout: list[LoraTensor], base_names: list[str]):
+        self.model = model
+        self.layout = layout
+        self.base_names = base_names
+
+    def _params(self, lora_tensors, base_tensors):
+        params = dict(zip(self.base_names, base_tensors))
+        params.update({t.key: v for t, v in zip(self.layout, lora_tensors)})
+        return params
+
+    def _velocity(self, lora_tensors, base_tensors, x_t, timestep, context):
+        return functional_call(self.model, self._params(lora_tensors, base_tensors), (x_t, timestep, context))
+
+    def training(self, lora_params, grad_accum, *rest):
+        """(lora_params, grad_accum, *base, x_t, timestep, context, target, weight) -> (loss, grad_accum_out)"""
+        nb = len(self.base_names)
+        base, (x_t, timestep, context, target, weight) = rest[:nb], rest[nb:]
+
+        def loss_fn(lora_tensors):
+            return sft_loss(self._velocity(lora_tensors, base, x_t, timestep, context), target, weight)
+
+        # Differentiate w.r.t. the split tensors, not the flat vector: a flat-vector gradient
+        # turns every slice's backward into a full-length scatter (DESIGN.md §2).
+        grads, loss = grad_and_value(loss_fn)(unflatten(lora_params, self.layout))
+        flat_grad = torch.cat([g.reshape(-1) for g in grads])
+        return loss, grad_accum + flat_grad
+
+    def eval(self, lora_params, *rest):
+        """(lora_params, *base, x_t, timestep, context, target, weight) -> (loss,)"""
+        nb = len(self.base_names)
+        base, (x_t, timestep, context, target, weight) = rest[:nb], rest[nb:]
+        velocity = self._velocity(unflatten(lora_params, self.layout), base, x_t, timestep, context)
+        return (sft_loss(velocity, target, weight),)
+
+    def inference(self, lora_params, *rest):
+        """(lora_params, *base, x_t, timestep, context) -> (velocity,)"""
+        nb = len(self.base_names)
+        base, (x_t, timestep, context) = rest[:nb], rest[nb:]
+        return (self._velocity(unflatten(lora_params, self.layout), base, x_t, timestep, context),)
+
+
+def adamw(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, grad_scale):
+    """torch.optim.AdamW (decoupled decay, bias-corrected moments, eps outside the sqrt) on
+    flat buffers; `grad_norm` is the L2 norm of the gradient actually applied."""
+    g = grads * grad_scale
+    grad_norm = torch.sqrt(torch.sum(g * g))
+    params = params * (1.0 - lr * weight_decay)
+    m = m + (g - m) * (1.0 - beta1)
+    v = v * beta2 + g * g * (1.0 - beta2)
+    denom = torch.sqrt(v) / torch.sqrt(bias_correction2) + eps
+    params = params - (lr / bias_correction1) * (m / denom)
+    return params, m, v, grad_norm

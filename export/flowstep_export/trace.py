@@ -1,0 +1,132 @@
+"""Tracing a training step (forward + backward) into one FX graph and exporting it to ONNX.
+
+Recipe (DESIGN.md §2): `torch.func.grad_and_value` over a `functional_call` of the model,
+traced by `make_fx` with the core ATen decompositions, over fake inputs whose latent
+frames/height/width are symbolic; the graph is then exported with `torch.onnx.export
+(dynamo=True, optimize=False)` and cleaned by a light pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx
+import onnx.inliner
+import torch
+from torch._decomp import core_aten_decompositions
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from . import OPSET
+
+aten = torch.ops.aten
+
+
+def _pow_tensor_scalar(x, exponent):
+    """Autograd emits pow(x, 1.0) and GELU-tanh's backward pow(x, 2|3): multiply instead."""
+    if exponent == 1:
+        return x.clone()
+    if exponent == 2:
+        return x * x
+    if exponent == 3:
+        return x * x * x
+    return NotImplemented
+
+
+def decomposition_table():
+    table = dict(core_aten_decompositions())
+    table[aten.pow.Tensor_Scalar] = _pow_tensor_scalar
+    return table
+
+
+@dataclasses.dataclass
+class GraphInput:
+    name: str
+    example: torch.Tensor
+    # axis -> symbolic dimension name, for the latent tensors' frames/height/width
+    dynamic: dict[int, str] = dataclasses.field(default_factory=dict)
+
+
+def trace(fn, inputs: list[GraphInput]) -> torch.fx.GraphModule:
+    """make_fx over fake inputs; latent axes listed in `dynamic` stay symbolic."""
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    fakes = []
+    for item in inputs:
+        sizes = [DimDynamic.DYNAMIC if axis in item.dynamic else DimDynamic.STATIC for axis in range(item.example.dim())]
+        context = StatelessSymbolicContext(dynamic_sizes=sizes)
+        fakes.append(mode.from_tensor(item.example, symbolic_context=context))
+    return make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="fake", _allow_non_fake_inputs=True)(*fakes)
+
+
+class _GraphWrapper(torch.nn.Module):
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *args):
+        return tuple(self.gm(*args))
+
+
+def export(gm: torch.fx.GraphModule, inputs: list[GraphInput], output_names: list[str]) -> onnx.ModelProto:
+    """torch.onnx.export of a traced graph, with named inputs/outputs and dynamic latent axes."""
+    dims: dict[str, torch.export.Dim] = {}
+
+    def dim(name: str):
+        # Height and width are whole patches (stride 2): export them as 2·n.
+        if name not in dims:
+            if name in ("height", "width"):
+                dims[name] = 2 * torch.export.Dim(f"{name}_patches", min=1, max=512)
+            else:
+                dims[name] = torch.export.Dim(name, min=1, max=1024)
+        return dims[name]
+
+    dynamic = tuple({axis: dim(n) for axis, n in item.dynamic.items()} or None for item in inputs)
+    program = torch.onnx.export(
+        _GraphWrapper(gm),
+        tuple(item.example for item in inputs),
+        dynamo=True,
+        opset_version=OPSET,
+        optimize=False,
+        input_names=[item.name for item in inputs],
+        output_names=output_names,
+        dynamic_shapes=(dynamic,),
+        verbose=False,
+    )
+    light_optimize(program.model)
+    model = onnx.inliner.inline_local_functions(program.model_proto)
+    rename_dynamic_dims(model, inputs)
+    check_standard_ops(model)
+    return model
+
+
+def light_optimize(ir_model) -> None:
+    """Constant folding, CSE and dead-node removal; the full onnxscript optimizer does not
+    finish on 30 blocks (DESIGN.md §2)."""
+    from onnxscript import optimizer
+    from onnxscript.ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnusedNodesPass
+
+    optimizer.fold_constants(ir_model)
+    CommonSubexpressionEliminationPass()(ir_model)
+    RemoveUnusedNodesPass()(ir_model)
+
+
+def rename_dynamic_dims(model: onnx.ModelProto, inputs: list[GraphInput]) -> None:
+    """Give dynamic axes the contract's names (frames, height, width) on inputs and outputs."""
+    names = {"frames": "frames", "2*height_patches": "height", "2*width_patches": "width"}
+    by_name = {item.name: item for item in inputs}
+    for value in list(model.graph.input) + list(model.graph.output):
+        item = by_name.get(value.name)
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if item is not None and axis in item.dynamic:
+                dim.dim_param = item.dynamic[axis]
+            elif dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
+
+
+def check_standard_ops(model: onnx.ModelProto) -> None:
+    """Every node must be a standard ONNX op (domain ""), so any ORT build runs the graph."""
+    bad = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if bad or len(model.functions):
+        raise RuntimeError(f"graph uses non-standard ops: {bad}, {len(model.functions)} local functions")
+    onnx.checker.check_model(model, full_check=False)
