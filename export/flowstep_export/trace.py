@@ -95,6 +95,7 @@ def export(gm: torch.fx.GraphModule, inputs: list[GraphInput], output_names: lis
     )
     light_optimize(program.model)
     model = onnx.inliner.inline_local_functions(program.model_proto)
+    strip_debug_metadata(model)
     rename_dynamic_dims(model, inputs)
     check_standard_ops(model)
     return model
@@ -122,6 +123,16 @@ def rename_dynamic_dims(model: onnx.ModelProto, inputs: list[GraphInput]) -> Non
                 dim.dim_param = item.dynamic[axis]
             elif dim.dim_param in names:
                 dim.dim_param = names[dim.dim_param]
+
+
+def strip_debug_metadata(model: onnx.ModelProto) -> None:
+    """Drop torch's debug metadata (stack traces with source paths, unordered constraint
+    dumps) so the same model exports to the same bytes anywhere."""
+    del model.graph.metadata_props[:]
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    model.producer_version = model.producer_version.split("+")[0]
 
 
 def check_standard_ops(model: onnx.ModelProto) -> None:

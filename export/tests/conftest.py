@@ -1,0 +1,22 @@
+import logging
+from pathlib import Path
+
+import pytest
+
+from flowstep_export.configs import get_config
+from flowstep_export.export import ExportOptions, export_artifacts
+from flowstep_export.lora import LoraConfig
+
+TINY_LORA = LoraConfig(rank=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_options(tmp_path_factory) -> ExportOptions:
+    return ExportOptions(out=tmp_path_factory.mktemp("tiny"), lora=TINY_LORA, ship_base=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_options) -> Path:
+    logging.getLogger("flowstep_export").setLevel(logging.ERROR)
+    export_artifacts(get_config("tiny"), tiny_options)
+    return tiny_options.out

@@ -1,0 +1,59 @@
+"""`python -m flowstep_export` in a subprocess: exit codes, errors, determinism."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+EXPORT_DIR = Path(__file__).resolve().parents[1]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "flowstep_export", *args], cwd=EXPORT_DIR,
+                          capture_output=True, text=True, timeout=600)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_cli_export_is_deterministic(tmp_path, tiny_artifacts):
+    """Exporting again (another process) gives byte-identical graphs and LoRA init."""
+    out = tmp_path / "again"
+    result = run("--model", "tiny", "--out", str(out), "--lora-rank", "8", "--ship-base", "-q")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["validation"]["training.grad"]["max_rel"] < 1e-4
+    for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "inference_model.onnx",
+                 "lora_init.safetensors", "base.safetensors"):
+        assert digest(out / name) == digest(tiny_artifacts / name), name
+
+
+def test_cli_rejects_bad_input(tmp_path):
+    result = run("--model", "nope", "--out", str(tmp_path))
+    assert result.returncode != 0 and "invalid choice" in result.stderr
+    result = run("--model", "tiny", "--out", str(tmp_path), "--base", str(tmp_path / "missing.safetensors"))
+    assert result.returncode == 1 and "missing.safetensors" in result.stderr
+
+
+def test_cli_loads_base_with_model_prefix(tmp_path):
+    """A checkpoint with a leading `model.` (as some Wan files have) loads; a wrong shape is named."""
+    import torch
+    from safetensors.torch import save_file
+
+    from flowstep_export.configs import get_config
+    from flowstep_export.model import WanModel, init_random
+
+    model = WanModel(get_config("tiny"))
+    init_random(model, 3)
+    state = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "base.safetensors"))
+    result = run("--model", "tiny", "--out", str(tmp_path / "a"), "--base", str(tmp_path / "base.safetensors"),
+                 "--lora-rank", "4", "--graphs", "inference_model", "-q")
+    assert result.returncode == 0, result.stderr
+    state["model.head.head.weight"] = torch.zeros(3, 3)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    result = run("--model", "tiny", "--out", str(tmp_path / "b"), "--base", str(tmp_path / "bad.safetensors"),
+                 "--graphs", "inference_model", "-q")
+    assert result.returncode == 1 and "head.head.weight" in result.stderr
