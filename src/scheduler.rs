@@ -19,8 +19,9 @@ pub struct FlowMatchScheduler {
     pub denoising_strength: f64,
 }
 
-/// `torch.linspace(start, end, steps)` in float32, with torch's two-sided formula
-/// (the first half counts up from `start`, the second half down from `end`).
+/// `torch.linspace(start, end, steps)` in float32, with torch's two-sided formula (the first
+/// half counts up from `start`, the second half down from `end`) and its fused multiply-add
+/// (one rounding), which changes 1 ulp at about 8% of the entries compared to mul then add.
 pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     match steps {
         0 => Vec::new(),
@@ -31,9 +32,9 @@ pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
             (0..steps)
                 .map(|i| {
                     if i < halfway {
-                        start + step * i as f32
+                        step.mul_add(i as f32, start)
                     } else {
-                        end - step * (steps - 1 - i) as f32
+                        (-step).mul_add((steps - 1 - i) as f32, end)
                     }
                 })
                 .collect()
@@ -139,7 +140,9 @@ fn training_weights(sigmas: &[f32]) -> Vec<f32> {
         .map(|&s| {
             let x = s * NUM_TRAIN_TIMESTEPS as f32;
             let z = (x - steps / 2.0) / steps;
-            (-2.0 * (z * z)).exp()
+            // exp in f64 rounded once: the correctly rounded float32 (torch's vectorised expf
+            // is within 1 ulp of it; y - min(y) amplifies any ulp near the minimum).
+            ((-2.0 * (z * z)) as f64).exp() as f32
         })
         .collect();
     let min = y.iter().copied().fold(f32::INFINITY, f32::min);
