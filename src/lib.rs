@@ -5,10 +5,13 @@
 //! ONNX Runtime sessions, the training loop, checkpoints and LoRA files.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod artifacts;
 pub mod error;
+pub mod executor;
 pub mod plot;
 pub mod runtime;
 pub mod scheduler;
 pub mod sft;
+pub mod tensor_file;
 
 pub use error::{Error, Result};

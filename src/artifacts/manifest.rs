@@ -1,0 +1,118 @@
+//! `manifest.json` as serde types (format version 1, DESIGN.md §3).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub model: ModelInfo,
+    pub lora: LoraInfo,
+    pub scheduler: SchedulerInfo,
+    pub base_weights: BaseWeights,
+    pub graphs: BTreeMap<String, GraphSignature>,
+    pub files: BTreeMap<String, String>,
+    #[serde(default)]
+    pub exporter: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub variant: String,
+    pub dim: usize,
+    pub ffn_dim: usize,
+    pub num_heads: usize,
+    pub num_layers: usize,
+    pub in_dim: usize,
+    pub out_dim: usize,
+    pub text_dim: usize,
+    pub text_len: usize,
+    pub freq_dim: usize,
+    pub patch_size: [usize; 3],
+    pub eps: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoraInfo {
+    pub rank: usize,
+    pub alpha: f64,
+    pub targets: Vec<String>,
+    pub num_params: usize,
+    pub tensors: Vec<LoraTensor>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoraTensor {
+    pub key: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+}
+
+impl LoraTensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SchedulerInfo {
+    pub template: String,
+    pub num_train_timesteps: usize,
+    pub shift: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BaseWeights {
+    pub file: Option<String>,
+    pub tensors: Vec<NamedShape>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NamedShape {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GraphSignature {
+    pub file: String,
+    pub inputs: Vec<IoSpec>,
+    pub outputs: Vec<IoSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IoSpec {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<Dim>,
+}
+
+/// A graph dimension: fixed, or dynamic with a name (`"frames"`) or `-1`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Dim {
+    Fixed(i64),
+    Named(String),
+}
+
+impl Dim {
+    pub fn fixed(&self) -> Option<usize> {
+        match self {
+            Dim::Fixed(n) if *n >= 0 => Some(*n as usize),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Dim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Named(s) => write!(f, "{s}"),
+        }
+    }
+}

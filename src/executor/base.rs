@@ -1,0 +1,55 @@
+//! Base weights: read once from safetensors, checked against the manifest, placed on the
+//! device once and shared by every graph's binding.
+
+use std::path::Path;
+
+use ort::value::Tensor;
+
+use super::DeviceMemory;
+use crate::artifacts::Artifacts;
+use crate::error::{Error, Result};
+use crate::tensor_file::TensorFile;
+
+/// The frozen base weights in graph-input order.
+pub struct BaseWeights {
+    pub tensors: Vec<(String, Tensor<f32>)>,
+    pub num_values: usize,
+}
+
+/// Loads every tensor the manifest lists from `path` (the user's checkpoint, a leading
+/// `model.` allowed) or the shipped `base.safetensors`.
+pub fn load_base_weights(artifacts: &Artifacts, path: Option<&Path>, memory: &DeviceMemory) -> Result<BaseWeights> {
+    let path = match path.map(Path::to_path_buf).or_else(|| artifacts.shipped_base()) {
+        Some(p) => p,
+        None => {
+            return Err(Error::Config(format!(
+                "{} was exported without base weights: pass --base WAN.safetensors (the checkpoint the export was made for)",
+                artifacts.dir.display()
+            )));
+        }
+    };
+    let file = TensorFile::open(&path)?;
+    let names = file.names()?;
+    let prefixed = !names.iter().any(|n| n == "head.head.weight") && names.iter().any(|n| n == "model.head.head.weight");
+    let mut tensors = Vec::with_capacity(artifacts.manifest.base_weights.tensors.len());
+    let mut num_values = 0;
+    for spec in &artifacts.manifest.base_weights.tensors {
+        let key = if prefixed { format!("model.{}", spec.name) } else { spec.name.clone() };
+        let Some(info) = file.info(&key)? else {
+            return Err(Error::Tensor { path: path.clone(), reason: format!("missing base weight `{}` that the graphs need", spec.name) });
+        };
+        if info.shape != spec.shape {
+            return Err(Error::Tensor {
+                path: path.clone(),
+                reason: format!("base weight `{}` has shape {:?}, the export needs {:?}", spec.name, info.shape, spec.shape),
+            });
+        }
+        let (shape, values) = file.read_f32(&key)?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Tensor { path: path.clone(), reason: format!("base weight `{}` has a non-finite value at {i}", spec.name) });
+        }
+        num_values += values.len();
+        tensors.push((spec.name.clone(), memory.tensor(&shape, &values)?));
+    }
+    Ok(BaseWeights { tensors, num_values })
+}

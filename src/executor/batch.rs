@@ -1,0 +1,58 @@
+//! One step's batch inputs on the host, bound by name.
+
+use ort::session::IoBinding;
+use ort::value::Tensor;
+
+use super::host_tensor;
+use crate::error::{Error, Result};
+
+/// x_t, timestep, context, target and weight for one graph call (batch size 1).
+pub struct Batch {
+    pub x_t: Tensor<f32>,
+    pub timestep: Tensor<f32>,
+    pub context: Tensor<f32>,
+    pub target: Tensor<f32>,
+    pub weight: Tensor<f32>,
+}
+
+impl Batch {
+    /// Host buffers for latents of shape `[C, F, H, W]` and a `[L, D]` context.
+    pub fn new(latent: &[usize], context: &[usize]) -> Result<Self> {
+        let with_batch = |s: &[usize]| std::iter::once(1).chain(s.iter().copied()).collect::<Vec<_>>();
+        Ok(Self {
+            x_t: host_tensor(&with_batch(latent))?,
+            timestep: host_tensor(&[1])?,
+            context: host_tensor(&with_batch(context))?,
+            target: host_tensor(&with_batch(latent))?,
+            weight: host_tensor(&[])?,
+        })
+    }
+
+    pub fn latent_shape(&self) -> Vec<usize> {
+        self.x_t.shape().iter().skip(1).map(|&d| d as usize).collect()
+    }
+
+    pub fn context_shape(&self) -> Vec<usize> {
+        self.context.shape().iter().skip(1).map(|&d| d as usize).collect()
+    }
+
+    pub fn set_scalars(&mut self, timestep: f32, weight: f32) {
+        self.timestep.extract_tensor_mut().1[0] = timestep;
+        self.weight.extract_tensor_mut().1[0] = weight;
+    }
+
+    pub fn bind(&self, binding: &mut IoBinding, with_target: bool) -> Result<()> {
+        let fail = Error::ort("binding the batch inputs");
+        let r = (|| {
+            binding.bind_input("x_t", &self.x_t)?;
+            binding.bind_input("timestep", &self.timestep)?;
+            binding.bind_input("context", &self.context)?;
+            if with_target {
+                binding.bind_input("target", &self.target)?;
+                binding.bind_input("weight", &self.weight)?;
+            }
+            Ok::<(), ort::Error>(())
+        })();
+        r.map_err(fail)
+    }
+}

@@ -1,0 +1,184 @@
+//! safetensors files: memory-mapped reading with dtype conversion to float32, and atomic
+//! writing (temp file, fsync, rename) so a file is either complete or absent.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, IoContext, Result};
+
+/// A memory-mapped safetensors file.
+pub struct TensorFile {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+/// One tensor's metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
+
+impl TensorFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).at(path)?;
+        // SAFETY: the file is only read; flowstep never maps a file it writes concurrently.
+        let mmap = unsafe { Mmap::map(&file) }.at(path)?;
+        let file = Self { path: path.to_path_buf(), mmap };
+        file.parse()?;
+        Ok(file)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn parse(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.mmap).map_err(|e| Error::Tensor {
+            path: self.path.clone(),
+            reason: format!("not a valid safetensors file: {e}"),
+        })
+    }
+
+    pub fn names(&self) -> Result<Vec<String>> {
+        Ok(self.parse()?.names().into_iter().map(String::from).collect())
+    }
+
+    pub fn metadata(&self) -> Result<HashMap<String, String>> {
+        let (_, meta) = SafeTensors::read_metadata(&self.mmap)
+            .map_err(|e| Error::Tensor { path: self.path.clone(), reason: e.to_string() })?;
+        Ok(meta.metadata().clone().unwrap_or_default())
+    }
+
+    pub fn info(&self, name: &str) -> Result<Option<TensorInfo>> {
+        let st = self.parse()?;
+        Ok(st.tensor(name).ok().map(|t| TensorInfo { dtype: t.dtype(), shape: t.shape().to_vec() }))
+    }
+
+    /// A tensor as float32 (from F32, BF16 or F16), with its shape.
+    pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let st = self.parse()?;
+        let view = st.tensor(name).map_err(|_| Error::Tensor {
+            path: self.path.clone(),
+            reason: format!("has no tensor `{name}`"),
+        })?;
+        let data = view.data();
+        let values = match view.dtype() {
+            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::BF16 => data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F16 => data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            other => {
+                return Err(Error::Tensor {
+                    path: self.path.clone(),
+                    reason: format!("tensor `{name}` has dtype {other:?}; expected F32, BF16 or F16"),
+                });
+            }
+        };
+        Ok((view.shape().to_vec(), values))
+    }
+}
+
+/// Output precision of a written tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SaveDtype {
+    F32,
+    Bf16,
+}
+
+/// A tensor to write.
+pub struct OutTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+struct Encoded {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl safetensors::View for &Encoded {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Serialises tensors to safetensors bytes in the given dtype.
+pub fn encode(tensors: &[OutTensor], dtype: SaveDtype, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
+    let encoded: Vec<(String, Encoded)> = tensors
+        .iter()
+        .map(|t| {
+            let (dtype, bytes) = match dtype {
+                SaveDtype::F32 => (Dtype::F32, t.values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                SaveDtype::Bf16 => (Dtype::BF16, t.values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect()),
+            };
+            (t.name.clone(), Encoded { dtype, shape: t.shape.clone(), bytes })
+        })
+        .collect();
+    safetensors::serialize(encoded.iter().map(|(n, e)| (n.as_str(), e)), metadata)
+        .map_err(|e| Error::Config(format!("cannot serialise tensors: {e}")))
+}
+
+/// Writes `bytes` to `path` atomically: a temp file in the same directory, fsync, rename,
+/// fsync of the directory. A crash leaves the old file or the new one, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = File::create(&tmp).at(&tmp)?;
+        f.write_all(bytes).at(&tmp)?;
+        f.sync_all().at(&tmp)?;
+        std::fs::rename(&tmp, path).at(path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// fsync a directory so a rename in it is durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_f32_and_bf16() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let t = OutTensor { name: "a.weight".into(), shape: vec![2, 3], values: vec![1.0, -2.5, 3.25, 0.1, 1e-3, 7.0] };
+        for dtype in [SaveDtype::F32, SaveDtype::Bf16] {
+            let path = dir.path().join(format!("{dtype:?}.safetensors"));
+            write_atomic(&path, &encode(std::slice::from_ref(&t), dtype, None)?)?;
+            let (shape, values) = TensorFile::open(&path)?.read_f32("a.weight")?;
+            assert_eq!(shape, vec![2, 3]);
+            for (a, b) in values.iter().zip(&t.values) {
+                let tol = if dtype == SaveDtype::F32 { 0.0 } else { b.abs() / 128.0 };
+                assert!((a - b).abs() <= tol, "{dtype:?}: {a} vs {b}");
+            }
+        }
+        let missing = TensorFile::open(&dir.path().join("F32.safetensors"))?.read_f32("nope");
+        assert!(matches!(missing, Err(Error::Tensor { .. })));
+        Ok(())
+    }
+}
