@@ -6,12 +6,19 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod artifacts;
+pub mod checkpoint;
+pub mod data;
 pub mod error;
+pub mod eval;
 pub mod executor;
+pub mod lora_io;
+pub mod metrics;
+pub mod optim;
 pub mod plot;
 pub mod runtime;
 pub mod scheduler;
 pub mod sft;
 pub mod tensor_file;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -101,3 +101,26 @@ fn draw_panel(area: &Area<'_>, panel: &Panel<'_>) -> std::result::Result<(), Box
     }
     Ok(())
 }
+
+/// `loss.png`: per-step loss, its running mean, and eval losses, from `metrics.jsonl`.
+pub fn loss_curve(path: &Path, metrics: &Path) -> Result<std::path::PathBuf> {
+    let records = crate::metrics::read_jsonl(metrics)?;
+    let loss: Vec<(f64, f64)> = records.iter().filter(|r| r.loss.is_finite() && r.loss > 0.0).map(|r| (r.step as f64, r.loss)).collect();
+    let mut ema = Vec::with_capacity(loss.len());
+    let mut acc: Option<f64> = None;
+    for &(s, l) in &loss {
+        let e = acc.map_or(l, |a| 0.9 * a + 0.1 * l);
+        acc = Some(e);
+        ema.push((s, e));
+    }
+    let evals: Vec<(f64, f64)> = records.iter().filter_map(|r| r.eval_loss.map(|e| (r.step as f64, e))).collect();
+    let mut series = vec![
+        Series { label: "loss", points: loss, color: RGBColor(160, 190, 230) },
+        Series { label: "running mean", points: ema, color: RGBColor(31, 119, 180) },
+    ];
+    if !evals.is_empty() {
+        series.push(Series { label: "eval loss", points: evals, color: RGBColor(214, 39, 40) });
+    }
+    draw_panels(path, &[Panel { title: "training loss (w(t)·MSE)", x_label: "step", y_label: "loss", series, log_y: true }], 800, 450)?;
+    Ok(path.to_path_buf())
+}

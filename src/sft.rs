@@ -85,6 +85,11 @@ impl SftSampler {
         Ok(Self { scheduler, config, seed, index_range: (lo, hi) })
     }
 
+    /// The same draws under another seed (evaluation noise).
+    pub fn with_seed(&self, seed: u64) -> Self {
+        Self { seed, ..self.clone() }
+    }
+
     /// The half-open index range timesteps are drawn from.
     pub fn index_range(&self) -> (usize, usize) {
         self.index_range
@@ -119,6 +124,23 @@ impl SftSampler {
     /// Draws step `step` and writes `x_t` and the target for the clean latents `x0`,
     /// in one parallel pass with no allocation.
     pub fn prepare_into(&self, step: u64, x0: &[f32], x_t: &mut [f32], target: &mut [f32]) -> Result<TimestepDraw> {
+        let draw = self.draw_timestep(step);
+        self.noise_into(step, draw.sigma, x0, x_t, target)?;
+        Ok(draw)
+    }
+
+    /// Like [`Self::prepare_into`] at a fixed table index (deterministic evaluation);
+    /// the noise is still keyed by `key`.
+    pub fn prepare_at(&self, key: u64, index: usize, x0: &[f32], x_t: &mut [f32], target: &mut [f32]) -> Result<TimestepDraw> {
+        let index = index.min(self.scheduler.len().saturating_sub(1));
+        let timestep = self.scheduler.timesteps[index];
+        let weight = self.scheduler.weights.as_ref().map_or(1.0, |w| w[index]);
+        let draw = TimestepDraw { index, timestep, sigma: self.scheduler.sigmas[index], weight };
+        self.noise_into(key, draw.sigma, x0, x_t, target)?;
+        Ok(draw)
+    }
+
+    fn noise_into(&self, key: u64, sigma: f32, x0: &[f32], x_t: &mut [f32], target: &mut [f32]) -> Result<()> {
         if x_t.len() != x0.len() || target.len() != x0.len() {
             return Err(Error::Shape {
                 name: "x_t/target".into(),
@@ -126,21 +148,20 @@ impl SftSampler {
                 got: vec![x_t.len(), target.len()],
             });
         }
-        let draw = self.draw_timestep(step);
-        let (sigma, keep, scale) = (draw.sigma, 1.0 - draw.sigma, self.config.noise_scale);
+        let (keep, scale) = (1.0 - sigma, self.config.noise_scale);
         x_t.par_chunks_mut(NOISE_CHUNK)
             .zip(target.par_chunks_mut(NOISE_CHUNK))
             .zip(x0.par_chunks(NOISE_CHUNK))
             .enumerate()
             .for_each(|(chunk, ((xt, tg), x))| {
-                let mut rng = step_rng(self.seed, step, chunk as u64);
+                let mut rng = step_rng(self.seed, key, chunk as u64);
                 for ((o, t), &x) in xt.iter_mut().zip(tg.iter_mut()).zip(x) {
                     let eps = rng.sample::<f32, _>(StandardNormal) * scale;
                     *o = keep * x + sigma * eps;
                     *t = eps - x;
                 }
             });
-        Ok(draw)
+        Ok(())
     }
 }
 

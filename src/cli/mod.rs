@@ -1,6 +1,9 @@
 //! Command-line surface (DESIGN.md §7): global flags, one file per command.
 
+mod eval;
+mod inspect;
 mod schedule;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +38,12 @@ pub struct Cli {
 pub enum Command {
     /// Print the training timestep schedule: sigma, timestep and loss weight per index.
     Schedule(schedule::Args),
+    /// Validate an artifacts directory (manifest, sha256s, graph inputs) and summarise it.
+    Inspect(inspect::Args),
+    /// Fine-tune the LoRA on a cached dataset (latents + text embeddings).
+    Train(train::Args),
+    /// Deterministic validation loss of a LoRA on a dataset.
+    Eval(eval::Args),
 }
 
 /// Global flags every command sees.
@@ -50,6 +59,9 @@ pub fn run() -> ExitCode {
     let globals = Globals { ort_lib: cli.ort_lib, verbose: cli.verbose, quiet: cli.quiet };
     let result = match cli.command {
         Command::Schedule(args) => schedule::run(args, &globals),
+        Command::Inspect(args) => inspect::run(args, &globals),
+        Command::Train(args) => train::run(args, &globals),
+        Command::Eval(args) => eval::run(args, &globals),
     };
     match result {
         Ok(code) => code,
@@ -58,4 +70,37 @@ pub fn run() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Where the graphs run; shared by every command that runs them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeviceArgs {
+    /// Execution provider: cpu, cuda[:N] or tensorrt[:N]. A GPU provider that cannot load
+    /// is an error, never a silent fall back to CPU.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: flowstep::runtime::Device,
+
+    /// Intra-op threads for ONNX Runtime (default: all physical cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+
+    /// Write an ONNX Runtime profile (JSON) with this file prefix.
+    #[arg(long, value_name = "PREFIX", hide_short_help = true)]
+    pub ort_profile: Option<PathBuf>,
+}
+
+/// Loads ONNX Runtime (once) and returns the session options for the device.
+pub fn init_runtime(globals: &Globals, device: &DeviceArgs) -> anyhow::Result<flowstep::runtime::SessionOptions> {
+    let lib = flowstep::runtime::init(globals.ort_lib.as_deref(), device.device.is_gpu())?;
+    if globals.verbose > 0 {
+        eprintln!("ONNX Runtime: {} (found by {})", lib.path.display(), lib.found_by);
+    }
+    if device.threads == Some(0) {
+        anyhow::bail!("--threads must be at least 1");
+    }
+    if let Some(t) = device.threads {
+        // The host-side work (noise, x_t, target) uses the same budget.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(t).build_global();
+    }
+    Ok(flowstep::runtime::SessionOptions { device: device.device, threads: device.threads, profile: device.ort_profile.clone() })
 }

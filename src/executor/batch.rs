@@ -36,6 +36,12 @@ impl Batch {
         self.context.shape().iter().skip(1).map(|&d| d as usize).collect()
     }
 
+    /// Lets `fill(x_t, target)` write both latent buffers in place.
+    pub fn prepare<R>(&mut self, fill: impl FnOnce(&mut [f32], &mut [f32]) -> Result<R>) -> Result<R> {
+        let Self { x_t, target, .. } = self;
+        fill(x_t.extract_tensor_mut().1, target.extract_tensor_mut().1)
+    }
+
     pub fn set_scalars(&mut self, timestep: f32, weight: f32) {
         self.timestep.extract_tensor_mut().1[0] = timestep;
         self.weight.extract_tensor_mut().1[0] = weight;

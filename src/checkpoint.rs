@@ -1,0 +1,161 @@
+//! Resumable checkpoints: `OUT/checkpoints/step-XXXXXX/` holding the LoRA parameters, AdamW
+//! moments and the trainer's position. A checkpoint is written into a hidden temp directory
+//! and renamed into place, so it is complete or absent; the newest complete one resumes.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, sync_dir, write_atomic};
+
+pub const STATE_FILE: &str = "state.safetensors";
+pub const TRAINER_FILE: &str = "trainer.json";
+
+/// Everything besides the tensors that a resumed run needs to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Micro-steps (samples) consumed; the SFT draws and the data order are keyed by it.
+    pub micro_steps: u64,
+    pub skipped_steps: u64,
+    pub skipped_samples: u64,
+    /// The run configuration this checkpoint belongs to (checked on resume).
+    pub run: serde_json::Value,
+}
+
+/// One checkpoint's tensors.
+pub struct CheckpointState {
+    pub params: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+pub fn checkpoints_dir(out: &Path) -> PathBuf {
+    out.join("checkpoints")
+}
+
+pub fn step_dir(out: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(out).join(format!("step-{step:06}"))
+}
+
+/// Writes a checkpoint atomically (temp dir + rename) and returns its directory.
+pub fn save(out: &Path, trainer: &TrainerState, state: &CheckpointState) -> Result<PathBuf> {
+    let root = checkpoints_dir(out);
+    std::fs::create_dir_all(&root).at(&root)?;
+    let final_dir = step_dir(out, trainer.step);
+    let tmp = root.join(format!(".tmp-step-{:06}-{}", trainer.step, std::process::id()));
+    let result = (|| {
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).at(&tmp)?;
+        }
+        std::fs::create_dir(&tmp).at(&tmp)?;
+        let tensors = [("params", &state.params), ("exp_avg", &state.m), ("exp_avg_sq", &state.v)]
+            .into_iter()
+            .map(|(name, values)| OutTensor { name: name.into(), shape: vec![values.len()], values: values.clone() })
+            .collect::<Vec<_>>();
+        write_atomic(&tmp.join(STATE_FILE), &encode(&tensors, SaveDtype::F32, None)?)?;
+        let json = serde_json::to_vec_pretty(trainer).map_err(|e| Error::Config(e.to_string()))?;
+        write_atomic(&tmp.join(TRAINER_FILE), &json)?;
+        if final_dir.exists() {
+            // Re-saving the same step (a resumed run stopping again): replace it whole.
+            std::fs::remove_dir_all(&final_dir).at(&final_dir)?;
+        }
+        std::fs::rename(&tmp, &final_dir).at(&final_dir)?;
+        sync_dir(&root)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result.map(|_| final_dir)
+}
+
+/// Complete checkpoints, oldest first (hidden temp directories are ignored).
+pub fn list(out: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let root = checkpoints_dir(out);
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&root).at(&root)? {
+        let path = entry.at(&root)?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+            if path.join(STATE_FILE).is_file() && path.join(TRAINER_FILE).is_file() {
+                found.push((step, path));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Removes temp directories left by a process killed while saving.
+pub fn clean_partial(out: &Path) -> Result<usize> {
+    let root = checkpoints_dir(out);
+    if !root.is_dir() {
+        return Ok(0);
+    }
+    let mut removed = 0;
+    for entry in std::fs::read_dir(&root).at(&root)? {
+        let path = entry.at(&root)?.path();
+        if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".tmp-")) {
+            std::fs::remove_dir_all(&path).at(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Loads one checkpoint, checking its tensors.
+pub fn load(dir: &Path, num_params: usize) -> Result<(TrainerState, CheckpointState)> {
+    let trainer_path = dir.join(TRAINER_FILE);
+    let text = std::fs::read_to_string(&trainer_path).at(&trainer_path)?;
+    let trainer: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint { path: trainer_path.clone(), reason: format!("unreadable: {e}") })?;
+    let file = TensorFile::open(&dir.join(STATE_FILE))?;
+    let read = |name: &str| -> Result<Vec<f32>> {
+        let (shape, values) = file.read_f32(name)?;
+        if shape != [num_params] {
+            return Err(Error::Checkpoint { path: dir.to_path_buf(), reason: format!("`{name}` has shape {shape:?}, the artifacts have {num_params} LoRA parameters") });
+        }
+        Ok(values)
+    };
+    let state = CheckpointState { params: read("params")?, m: read("exp_avg")?, v: read("exp_avg_sq")? };
+    Ok((trainer, state))
+}
+
+/// Which checkpoints to delete after a save so that the newest `keep` remain.
+pub fn to_prune(steps: &[(u64, PathBuf)], keep: usize) -> Vec<PathBuf> {
+    if keep == 0 || steps.len() <= keep {
+        return Vec::new();
+    }
+    steps[..steps.len() - keep].iter().map(|(_, p)| p.clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_list_load_prune() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let out = dir.path();
+        let state = CheckpointState { params: vec![1.0, 2.0], m: vec![0.1, 0.2], v: vec![0.01, 0.02] };
+        for step in [5, 10, 15] {
+            let trainer = TrainerState { step, micro_steps: step * 2, skipped_steps: 0, skipped_samples: 0, run: serde_json::json!({"seed": 1}) };
+            save(out, &trainer, &state)?;
+        }
+        std::fs::create_dir_all(checkpoints_dir(out).join(".tmp-step-000020-1")).at(out)?;
+        let listed = list(out)?;
+        assert_eq!(listed.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [5, 10, 15]);
+        let (trainer, loaded) = load(&listed[2].1, 2)?;
+        assert_eq!((trainer.step, trainer.micro_steps), (15, 30));
+        assert_eq!((loaded.params, loaded.m, loaded.v), (state.params.clone(), state.m.clone(), state.v.clone()));
+        assert!(load(&listed[2].1, 3).is_err(), "a parameter count mismatch is an error");
+        assert_eq!(to_prune(&listed, 2), vec![listed[0].1.clone()]);
+        assert_eq!(clean_partial(out)?, 1);
+        Ok(())
+    }
+}

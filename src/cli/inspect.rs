@@ -1,0 +1,50 @@
+//! `flowstep inspect`: validate an artifacts directory and summarise it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use flowstep::artifacts::{Artifacts, check_session_io};
+
+use super::{DeviceArgs, Globals};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Artifacts directory written by `python -m flowstep_export`.
+    #[arg(long, value_name = "DIR")]
+    pub artifacts: PathBuf,
+
+    /// Only check the manifest and sha256s; do not load the graphs in ONNX Runtime.
+    #[arg(long)]
+    pub no_load: bool,
+
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
+    let artifacts = Artifacts::open(&args.artifacts)?;
+    let m = &artifacts.manifest;
+    let md = &m.model;
+    println!("artifacts   {} (format {})", artifacts.dir.display(), m.format_version);
+    println!("model       {} ({}): dim {}, ffn {}, {} heads, {} layers, in {} out {}, text {}×{}",
+        md.name, md.variant, md.dim, md.ffn_dim, md.num_heads, md.num_layers, md.in_dim, md.out_dim, md.text_len, md.text_dim);
+    let base_values: usize = m.base_weights.tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    println!("base        {} tensors, {:.1} M values, {}", m.base_weights.tensors.len(), base_values as f64 / 1e6,
+        m.base_weights.file.as_deref().unwrap_or("not shipped: pass --base"));
+    println!("LoRA        rank {}, alpha {}, targets {}, {} tensors, {} parameters",
+        m.lora.rank, m.lora.alpha, m.lora.targets.join(","), m.lora.tensors.len(), m.lora.num_params);
+    println!("scheduler   {} (shift {}, {} timesteps)", m.scheduler.template, m.scheduler.shift, m.scheduler.num_train_timesteps);
+    println!("exporter    {}", m.exporter);
+    println!("sha256      {} files verified", m.files.len());
+    if !args.no_load {
+        let session = super::init_runtime(globals, &args.device)?;
+        for (name, sig) in &m.graphs {
+            let s = flowstep::runtime::load_session(&artifacts.dir.join(&sig.file), &session)?;
+            check_session_io(&artifacts, name, &s)?;
+            let size = std::fs::metadata(artifacts.dir.join(&sig.file)).map(|x| x.len()).unwrap_or(0);
+            println!("graph       {name:<16} {:>7.1} MB, {} inputs, {} outputs: loaded on {} and matches the manifest",
+                size as f64 / 1e6, sig.inputs.len(), sig.outputs.len(), session.device);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,238 @@
+//! `flowstep train`: fine-tune the LoRA on a cached dataset.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use flowstep::eval::EvalConfig;
+use flowstep::executor::AdamW;
+use flowstep::lora_io::LoraFormat;
+use flowstep::metrics::Progress;
+use flowstep::optim::LrSchedule;
+use flowstep::sft::SftConfig;
+use flowstep::tensor_file::SaveDtype;
+use flowstep::train::{Length, NonFinitePolicy, TrainConfig, train};
+
+use super::{DeviceArgs, Globals};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Artifacts directory written by `python -m flowstep_export` (manifest.json, graphs).
+    #[arg(long, value_name = "DIR")]
+    pub artifacts: PathBuf,
+
+    /// Dataset directory: one .safetensors per sample with `latents` [C,F,H,W] and
+    /// `context` [L,D] (see `python -m flowstep_export.convert_diffsynth` for DiffSynth caches).
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+
+    /// Output directory: metrics.jsonl, checkpoints/, lora.safetensors, loss.png.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Base Wan checkpoint (.safetensors) when the artifacts do not ship base weights.
+    #[arg(long, value_name = "FILE")]
+    pub base: Option<PathBuf>,
+
+    /// Start from this LoRA file (DiffSynth or ComfyUI keys) instead of lora_init.safetensors.
+    #[arg(long, value_name = "FILE")]
+    pub init_lora: Option<PathBuf>,
+
+    /// Optimizer steps to run (each is --grad-accum samples).
+    #[arg(long, conflicts_with = "epochs", value_name = "N")]
+    pub steps: Option<u64>,
+
+    /// Passes over the dataset (× --repeat) instead of --steps.
+    #[arg(long, value_name = "E")]
+    pub epochs: Option<u64>,
+
+    /// Seed for timesteps, noise and data order; a run is reproducible from it.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Peak learning rate (DiffSynth default 1e-4).
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+
+    /// Learning-rate schedule: constant, warmup:N, cosine[:WARMUP[:MIN_RATIO]], or diffsynth
+    /// (lr/3 for the first 5 steps, as DiffSynth-Studio's ConstantLR).
+    #[arg(long, default_value = "constant", value_name = "SCHEDULE")]
+    pub lr_schedule: LrSchedule,
+
+    /// AdamW beta1.
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+
+    /// AdamW beta2.
+    #[arg(long, default_value_t = 0.999)]
+    pub beta2: f64,
+
+    /// AdamW epsilon (added outside the square root, as torch).
+    #[arg(long, default_value_t = 1e-8)]
+    pub eps: f64,
+
+    /// AdamW decoupled weight decay (DiffSynth default 0.01).
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+
+    /// Samples per optimizer step; gradients are summed in the graph and scaled by 1/K.
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    pub grad_accum: usize,
+
+    /// Visit each sample this many times per epoch (DiffSynth's dataset_repeat).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+
+    /// Timestep shift of the Wan scheduler.
+    #[arg(long, default_value_t = 5.0)]
+    pub shift: f32,
+
+    /// Lower timestep boundary as a fraction of the table (indices ⌊min·1000⌋ and up).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_timestep_boundary: f64,
+
+    /// Upper timestep boundary (exclusive, as a fraction; Wan2.2 high-noise expert: 0.417).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_timestep_boundary: f64,
+
+    /// Scale of the Gaussian noise ε.
+    #[arg(long, default_value_t = 1.0)]
+    pub noise_scale: f32,
+
+    /// Round the timestep to bfloat16 as DiffSynth does (exact parity; default: exact float32).
+    #[arg(long)]
+    pub bf16_timestep: bool,
+
+    /// Write a checkpoint every N steps (always one at the end).
+    #[arg(long, value_name = "N")]
+    pub save_every: Option<u64>,
+
+    /// Keep only the newest N checkpoints (0 keeps all).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub keep_checkpoints: usize,
+
+    /// Continue from the newest complete checkpoint in --out, bit-identically.
+    #[arg(long)]
+    pub resume: bool,
+
+    /// Held-out samples for a deterministic eval loss (before, every --eval-every, after).
+    #[arg(long, value_name = "DIR")]
+    pub eval_data: Option<PathBuf>,
+
+    /// Evaluate every N steps (needs --eval-data).
+    #[arg(long, value_name = "N")]
+    pub eval_every: Option<u64>,
+
+    /// Timesteps per eval sample, evenly spaced over the table.
+    #[arg(long, default_value_t = 8)]
+    pub eval_timesteps: usize,
+
+    /// Key format of the final LoRA file.
+    #[arg(long, value_enum, default_value_t = LoraFormat::Diffsynth)]
+    pub lora_format: LoraFormat,
+
+    /// Precision of the final LoRA file (training always keeps float32 master weights).
+    #[arg(long, value_enum, default_value_t = SaveDtype::Bf16)]
+    pub lora_dtype: SaveDtype,
+
+    /// On a NaN/Inf loss or gradient: stop (default) or skip that step's update.
+    #[arg(long, value_enum, default_value_t = NonFinitePolicy::Stop)]
+    pub on_nonfinite: NonFinitePolicy,
+
+    /// Skip samples containing NaN/Inf (counted in the summary) instead of stopping.
+    #[arg(long)]
+    pub skip_bad_samples: bool,
+
+    /// Stop after N steps of this process, leaving a checkpoint (for testing resume).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<u64>,
+
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
+    let session = super::init_runtime(globals, &args.device)?;
+    let length = match (args.steps, args.epochs) {
+        (Some(s), _) => Length::Steps(s),
+        (None, Some(e)) => Length::Epochs(e),
+        (None, None) => anyhow::bail!("give --steps N or --epochs E"),
+    };
+    let config = TrainConfig {
+        artifacts: args.artifacts,
+        data: args.data,
+        out: args.out,
+        base: args.base,
+        init_lora: args.init_lora,
+        length,
+        seed: args.seed,
+        lr: args.lr,
+        schedule: args.lr_schedule,
+        adamw: AdamW { beta1: args.beta1, beta2: args.beta2, eps: args.eps, weight_decay: args.weight_decay },
+        grad_accum: args.grad_accum,
+        repeat: args.repeat,
+        sft: SftConfig {
+            shift: args.shift,
+            min_boundary: args.min_timestep_boundary,
+            max_boundary: args.max_timestep_boundary,
+            noise_scale: args.noise_scale,
+            bf16_timestep: args.bf16_timestep,
+            ..SftConfig::default()
+        },
+        save_every: args.save_every,
+        keep_checkpoints: args.keep_checkpoints,
+        resume: args.resume,
+        eval_data: args.eval_data,
+        eval_every: args.eval_every,
+        eval: EvalConfig { timesteps: args.eval_timesteps, seed: args.seed },
+        session,
+        lora_format: args.lora_format,
+        lora_dtype: args.lora_dtype,
+        on_nonfinite: args.on_nonfinite,
+        skip_bad_samples: args.skip_bad_samples,
+        stop_after: args.stop_after,
+    };
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&interrupt);
+    // A second Ctrl-C while saving exits at once.
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)");
+    });
+    let mut progress = Progress::new(globals.quiet);
+    let summary = train(&config, &mut [&mut progress], &interrupt)?;
+    print_summary(&summary);
+    if summary.interrupted {
+        eprintln!("interrupted at step {}; resume with the same command plus --resume", summary.start_step + summary.steps);
+        return Ok(ExitCode::from(130));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_summary(s: &flowstep::train::TrainSummary) {
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.5}"));
+    eprintln!("── summary ─────────────────────────────────────");
+    eprintln!("steps          {} → {} of {}", s.start_step, s.start_step + s.steps, s.total_steps);
+    eprintln!("loss           first {}  last-10 mean {}", fmt(s.first_loss), fmt(s.final_loss));
+    if s.eval_before.is_some() || s.eval_after.is_some() {
+        eprintln!("eval loss      before {}  after {}", fmt(s.eval_before), fmt(s.eval_after));
+    }
+    eprintln!("time           {:.1} s total, {:.3} s/step ({:.2} it/s), host work {:.1}%", s.seconds, s.seconds_per_step,
+        if s.seconds_per_step > 0.0 { 1.0 / s.seconds_per_step } else { 0.0 }, 100.0 * s.host_fraction);
+    if s.skipped_steps + s.skipped_samples > 0 {
+        eprintln!("skipped        {} steps (non-finite), {} samples (NaN/Inf)", s.skipped_steps, s.skipped_samples);
+    }
+    if let Some(p) = &s.lora {
+        eprintln!("LoRA           {}", p.display());
+    }
+    if let Some(p) = &s.checkpoint {
+        eprintln!("checkpoint     {}", p.display());
+    }
+    eprintln!("metrics        {}", s.metrics.display());
+    if let Some(p) = &s.plot {
+        eprintln!("loss curve     {}", p.display());
+    }
+}

@@ -1,0 +1,188 @@
+//! The cached dataset: a directory of safetensors samples (`latents` [C,F,H,W], `context`
+//! [L,D]), checked against the model, visited in a seeded per-epoch order.
+//!
+//! The order is a pure function of (seed, sample counter), so a resumed run needs only the
+//! counter to continue exactly where it stopped.
+
+use std::path::{Path, PathBuf};
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::artifacts::ModelInfo;
+use crate::error::{Error, IoContext, Result};
+use crate::tensor_file::TensorFile;
+
+pub const LATENTS: &str = "latents";
+pub const CONTEXT: &str = "context";
+
+/// One training sample, as float32.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub path: PathBuf,
+    pub latents: Vec<f32>,
+    pub latent_shape: Vec<usize>,
+    pub context: Vec<f32>,
+    pub context_shape: Vec<usize>,
+}
+
+/// What a sample must look like for this model.
+#[derive(Debug, Clone)]
+pub struct SampleSpec {
+    pub channels: usize,
+    pub patch: [usize; 3],
+    pub text_len: usize,
+    pub text_dim: usize,
+}
+
+impl SampleSpec {
+    pub fn for_model(model: &ModelInfo) -> Self {
+        Self { channels: model.in_dim, patch: model.patch_size, text_len: model.text_len, text_dim: model.text_dim }
+    }
+}
+
+/// A directory of samples whose headers were all checked when it was opened.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub dir: PathBuf,
+    pub files: Vec<PathBuf>,
+    pub spec: SampleSpec,
+}
+
+fn bad(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Data { path: path.to_path_buf(), reason: reason.into() }
+}
+
+impl Dataset {
+    /// Lists `*.safetensors` in `dir` (sorted) and checks every sample's tensor names,
+    /// dtypes and shapes against the model; the first problem is an error naming the file.
+    pub fn open(dir: &Path, spec: SampleSpec) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(bad(dir, "dataset directory does not exist"));
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .at(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(bad(dir, "no *.safetensors samples in the dataset directory"));
+        }
+        let dataset = Self { dir: dir.to_path_buf(), files, spec };
+        for path in &dataset.files {
+            dataset.check_header(path)?;
+        }
+        Ok(dataset)
+    }
+
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    fn check_header(&self, path: &Path) -> Result<()> {
+        let file = TensorFile::open(path).map_err(|e| bad(path, format!("cannot read sample: {}", strip_path(&e, path))))?;
+        let s = &self.spec;
+        let latents = file.info(LATENTS)?.ok_or_else(|| bad(path, format!("missing tensor `{LATENTS}` ([C, F, H, W] VAE latents)")))?;
+        let context = file.info(CONTEXT)?.ok_or_else(|| bad(path, format!("missing tensor `{CONTEXT}` ([L, D] text embeddings)")))?;
+        for (name, info) in [(LATENTS, &latents), (CONTEXT, &context)] {
+            if !matches!(info.dtype, safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16) {
+                return Err(bad(path, format!("tensor `{name}` has dtype {:?}; expected F32, BF16 or F16", info.dtype)));
+            }
+        }
+        let l = &latents.shape;
+        if l.len() != 4 {
+            return Err(bad(path, format!("tensor `{LATENTS}` has shape {l:?}; expected 4 dims [C, F, H, W]")));
+        }
+        if l[0] != s.channels {
+            return Err(bad(path, format!("tensor `{LATENTS}` has {} channels; this model takes {}", l[0], s.channels)));
+        }
+        for (axis, (&n, &p)) in ["frames", "height", "width"].iter().zip(l[1..].iter().zip(&s.patch)) {
+            if n == 0 || n % p != 0 {
+                return Err(bad(path, format!("tensor `{LATENTS}` {axis} {n} is not a positive multiple of the patch size {p}")));
+            }
+        }
+        if context.shape != [s.text_len, s.text_dim] {
+            return Err(bad(path, format!("tensor `{CONTEXT}` has shape {:?}; this model takes [{}, {}]", context.shape, s.text_len, s.text_dim)));
+        }
+        Ok(())
+    }
+
+    /// Reads a sample; non-finite values are an error naming the sample and tensor.
+    pub fn load(&self, index: usize) -> Result<Sample> {
+        let path = &self.files[index];
+        let file = TensorFile::open(path).map_err(|e| bad(path, format!("cannot read sample: {}", strip_path(&e, path))))?;
+        let (latent_shape, latents) = file.read_f32(LATENTS)?;
+        let (context_shape, context) = file.read_f32(CONTEXT)?;
+        for (name, values) in [(LATENTS, &latents), (CONTEXT, &context)] {
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(Error::Data { path: path.clone(), reason: format!("tensor `{name}` has a non-finite value ({}) at flat index {i}", values[i]) });
+            }
+        }
+        Ok(Sample { path: path.clone(), latents, latent_shape, context, context_shape })
+    }
+}
+
+fn strip_path(e: &Error, path: &Path) -> String {
+    let s = e.to_string();
+    s.strip_prefix(&format!("{}: ", path.display())).map(str::to_string).unwrap_or(s)
+}
+
+/// Seeded visiting order: each epoch is a fresh permutation of `len · repeat` slots.
+#[derive(Debug, Clone, Copy)]
+pub struct DataOrder {
+    pub seed: u64,
+    pub len: usize,
+    pub repeat: usize,
+}
+
+impl DataOrder {
+    pub fn epoch_len(&self) -> usize {
+        self.len * self.repeat.max(1)
+    }
+
+    /// The sample index of the `counter`-th sample drawn since the start of training.
+    pub fn sample(&self, counter: u64) -> usize {
+        let n = self.epoch_len() as u64;
+        let (epoch, position) = (counter / n, (counter % n) as usize);
+        self.permutation(epoch)[position] % self.len
+    }
+
+    pub fn epoch_of(&self, counter: u64) -> u64 {
+        counter / self.epoch_len() as u64
+    }
+
+    pub fn permutation(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.epoch_len()).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0xda7a_04d3_u64.wrapping_mul(epoch.wrapping_add(1)));
+        order.shuffle(&mut rng);
+        order
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_is_a_seeded_permutation_per_epoch() {
+        let order = DataOrder { seed: 7, len: 5, repeat: 2 };
+        let epoch0: Vec<usize> = (0..10).map(|c| order.sample(c)).collect();
+        let epoch1: Vec<usize> = (10..20).map(|c| order.sample(c)).collect();
+        for e in [&epoch0, &epoch1] {
+            let mut counts = [0; 5];
+            e.iter().for_each(|&i| counts[i] += 1);
+            assert_eq!(counts, [2; 5], "each sample twice per epoch with repeat 2");
+        }
+        assert_ne!(epoch0, epoch1, "epochs are reshuffled");
+        let again: Vec<usize> = (0..10).map(|c| DataOrder { seed: 7, len: 5, repeat: 2 }.sample(c)).collect();
+        assert_eq!(epoch0, again);
+        let other: Vec<usize> = (0..10).map(|c| DataOrder { seed: 8, len: 5, repeat: 2 }.sample(c)).collect();
+        assert_ne!(epoch0, other);
+    }
+}

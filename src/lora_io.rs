@@ -1,0 +1,148 @@
+//! The flat LoRA buffer <-> named LoRA tensors, and LoRA files in the formats users' tools
+//! load: DiffSynth/PEFT (`blocks.0.self_attn.q.lora_A.default.weight`, no alpha key) and
+//! ComfyUI (`diffusion_model.blocks.0.self_attn.q.lora_A.weight` plus `.alpha`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::artifacts::LoraInfo;
+use crate::error::{Error, Result};
+use crate::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, write_atomic};
+
+/// Key layout of a written LoRA file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+pub enum LoraFormat {
+    /// DiffSynth-Studio / PEFT keys, as DiffSynth saves and loads them.
+    Diffsynth,
+    /// ComfyUI keys with a `diffusion_model.` prefix and per-module `.alpha`.
+    Comfyui,
+}
+
+const COMFY_PREFIX: &str = "diffusion_model.";
+
+/// `blocks.0.self_attn.q.lora_A.default.weight` -> `diffusion_model.blocks.0.self_attn.q.lora_A.weight`
+pub fn comfy_key(key: &str) -> String {
+    format!("{COMFY_PREFIX}{}", key.replace(".default.", "."))
+}
+
+/// The module a LoRA key belongs to (`blocks.0.self_attn.q`).
+pub fn module_of(key: &str) -> &str {
+    key.split(".lora_").next().unwrap_or(key)
+}
+
+/// Named tensors of a flat buffer, in manifest order.
+pub fn unflatten(lora: &LoraInfo, flat: &[f32]) -> Result<Vec<OutTensor>> {
+    if flat.len() != lora.num_params {
+        return Err(Error::Shape { name: "lora_params".into(), expected: vec![lora.num_params], got: vec![flat.len()] });
+    }
+    Ok(lora
+        .tensors
+        .iter()
+        .map(|t| OutTensor { name: t.key.clone(), shape: t.shape.clone(), values: flat[t.offset..t.offset + t.numel()].to_vec() })
+        .collect())
+}
+
+/// Writes a LoRA file atomically.
+pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtype: SaveDtype, extra_meta: &[(&str, String)]) -> Result<()> {
+    let mut tensors = unflatten(lora, flat)?;
+    if format == LoraFormat::Comfyui {
+        let mut modules: Vec<String> = Vec::new();
+        for t in &mut tensors {
+            let module = module_of(&t.name).to_string();
+            if !modules.contains(&module) {
+                modules.push(module);
+            }
+            t.name = comfy_key(&t.name);
+        }
+        for module in modules {
+            tensors.push(OutTensor { name: format!("{COMFY_PREFIX}{module}.alpha"), shape: vec![], values: vec![lora.alpha as f32] });
+        }
+    }
+    let mut meta: HashMap<String, String> = HashMap::from([
+        ("format".into(), "pt".into()),
+        ("flowstep.lora_rank".into(), lora.rank.to_string()),
+        ("flowstep.lora_alpha".into(), lora.alpha.to_string()),
+        ("flowstep.lora_targets".into(), lora.targets.join(",")),
+    ]);
+    for (k, v) in extra_meta {
+        meta.insert(format!("flowstep.{k}"), v.clone());
+    }
+    write_atomic(path, &encode(&tensors, dtype, Some(meta))?)
+}
+
+/// Reads a LoRA file in either format into the flat buffer. A file whose alpha differs
+/// from the export's is rescaled (B · alpha_file/alpha_export); a different rank is an error.
+pub fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
+    let file = TensorFile::open(path)?;
+    let names = file.names()?;
+    let comfy = names.iter().any(|n| n.starts_with(COMFY_PREFIX));
+    let mut flat = vec![0.0f32; lora.num_params];
+    for t in &lora.tensors {
+        let key = if comfy { comfy_key(&t.key) } else { t.key.clone() };
+        let Some(info) = file.info(&key)? else {
+            return Err(Error::Tensor { path: path.to_path_buf(), reason: format!("missing LoRA tensor `{key}` (rank {}, targets {})", lora.rank, lora.targets.join(",")) });
+        };
+        if info.shape != t.shape {
+            return Err(Error::Tensor {
+                path: path.to_path_buf(),
+                reason: format!("LoRA tensor `{key}` has shape {:?}, this export needs {:?} (rank {})", info.shape, t.shape, lora.rank),
+            });
+        }
+        let (_, mut values) = file.read_f32(&key)?;
+        if comfy && t.key.contains(".lora_B.") {
+            let alpha_key = format!("{COMFY_PREFIX}{}.alpha", module_of(&t.key));
+            if file.info(&alpha_key)?.is_some() {
+                let alpha = file.read_f32(&alpha_key)?.1.first().copied().unwrap_or(lora.alpha as f32) as f64;
+                let scale = (alpha / lora.alpha) as f32;
+                values.iter_mut().for_each(|v| *v *= scale);
+            }
+        }
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Tensor { path: path.to_path_buf(), reason: format!("LoRA tensor `{key}` has a non-finite value at {i}") });
+        }
+        flat[t.offset..t.offset + t.numel()].copy_from_slice(&values);
+    }
+    Ok(flat)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifacts::LoraTensor;
+
+    fn info() -> LoraInfo {
+        LoraInfo {
+            rank: 2,
+            alpha: 2.0,
+            targets: vec!["q".into()],
+            num_params: 8,
+            tensors: vec![
+                LoraTensor { key: "blocks.0.self_attn.q.lora_A.default.weight".into(), shape: vec![2, 2], offset: 0 },
+                LoraTensor { key: "blocks.0.self_attn.q.lora_B.default.weight".into(), shape: vec![2, 2], offset: 4 },
+            ],
+        }
+    }
+
+    #[test]
+    fn keys() {
+        assert_eq!(comfy_key("blocks.0.self_attn.q.lora_A.default.weight"), "diffusion_model.blocks.0.self_attn.q.lora_A.weight");
+        assert_eq!(module_of("blocks.3.ffn.0.lora_B.default.weight"), "blocks.3.ffn.0");
+    }
+
+    #[test]
+    fn roundtrip_both_formats() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let flat = [0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.125, 3.0];
+        for format in [LoraFormat::Diffsynth, LoraFormat::Comfyui] {
+            let path = dir.path().join(format!("{format:?}.safetensors"));
+            save(&path, &info(), &flat, format, SaveDtype::F32, &[])?;
+            assert_eq!(load(&path, &info())?, flat);
+            let names = TensorFile::open(&path)?.names()?;
+            match format {
+                LoraFormat::Diffsynth => assert!(names.iter().all(|n| n.contains(".default.")) && names.len() == 2),
+                LoraFormat::Comfyui => assert!(names.contains(&"diffusion_model.blocks.0.self_attn.q.alpha".to_string())),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,201 @@
+//! What the training loop reports: events, and the observers that turn them into
+//! `metrics.jsonl`, a progress bar (or log lines off a terminal) and an in-memory record.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::tensor_file::write_atomic;
+
+/// One optimizer step, as written to `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// Optimizer steps completed, 1-based.
+    pub step: u64,
+    pub epoch: u64,
+    /// Mean loss over the step's micro-steps.
+    pub loss: f64,
+    /// Timestep and weight of the first micro-step.
+    pub timestep: f32,
+    pub weight: f32,
+    pub lr: f64,
+    pub grad_norm: f32,
+    /// False when the step was skipped (non-finite loss or gradient).
+    pub applied: bool,
+    /// Wall time of the step.
+    pub seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub eval_loss: Option<f64>,
+}
+
+/// Events the loop emits; observers never change training.
+#[derive(Debug, Clone)]
+pub enum TrainEvent<'a> {
+    Started { start_step: u64, total_steps: u64, resumed_from: Option<&'a Path> },
+    Step(&'a StepRecord),
+    Evaluated { step: u64, loss: f64 },
+    Checkpoint { step: u64, dir: &'a Path },
+    Message(String),
+    Finished,
+}
+
+pub trait Observer {
+    fn on_event(&mut self, event: &TrainEvent<'_>) -> Result<()>;
+}
+
+/// Appends one JSON line per step (flushed each time) to `metrics.jsonl`.
+pub struct JsonlWriter {
+    path: PathBuf,
+    file: File,
+    pending_eval: Option<(u64, f64)>,
+}
+
+impl JsonlWriter {
+    /// Opens `path`, first dropping lines after `keep_until_step` (steps a resumed run
+    /// will redo), so the file reads as one uninterrupted run.
+    pub fn open(path: &Path, keep_until_step: u64) -> Result<Self> {
+        if path.exists() {
+            let reader = BufReader::new(File::open(path).at(path)?);
+            let mut kept = String::new();
+            for line in reader.lines() {
+                let line = line.at(path)?;
+                let step = serde_json::from_str::<serde_json::Value>(&line).ok().and_then(|v| v["step"].as_u64());
+                if step.is_some_and(|s| s <= keep_until_step) {
+                    kept.push_str(&line);
+                    kept.push('\n');
+                }
+            }
+            write_atomic(path, kept.as_bytes())?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path).at(path)?;
+        Ok(Self { path: path.to_path_buf(), file, pending_eval: None })
+    }
+}
+
+impl Observer for JsonlWriter {
+    fn on_event(&mut self, event: &TrainEvent<'_>) -> Result<()> {
+        match event {
+            TrainEvent::Evaluated { step, loss } => self.pending_eval = Some((*step, *loss)),
+            TrainEvent::Step(record) => {
+                let mut record = (*record).clone();
+                if let Some((step, loss)) = self.pending_eval.take() {
+                    if step == record.step {
+                        record.eval_loss = Some(loss);
+                    }
+                }
+                let line = serde_json::to_string(&record).map_err(|e| Error::Config(e.to_string()))?;
+                writeln!(self.file, "{line}").at(&self.path)?;
+                self.file.flush().at(&self.path)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Reads `metrics.jsonl` back (plots, tests).
+pub fn read_jsonl(path: &Path) -> Result<Vec<StepRecord>> {
+    let text = std::fs::read_to_string(path).at(path)?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| Error::Data { path: path.to_path_buf(), reason: format!("bad metrics line: {e}") }))
+        .collect()
+}
+
+/// A progress bar with loss, lr, it/s and ETA on a terminal; a log line every ~5% otherwise.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    quiet: bool,
+    every: u64,
+    ema: Option<f64>,
+}
+
+impl Progress {
+    pub fn new(quiet: bool) -> Self {
+        Self { bar: None, quiet, every: 1, ema: None }
+    }
+}
+
+impl Observer for Progress {
+    fn on_event(&mut self, event: &TrainEvent<'_>) -> Result<()> {
+        if self.quiet {
+            return Ok(());
+        }
+        match event {
+            TrainEvent::Started { start_step, total_steps, resumed_from } => {
+                if let Some(dir) = resumed_from {
+                    eprintln!("resuming from {} (step {start_step})", dir.display());
+                }
+                self.every = (total_steps / 20).max(1);
+                if std::io::stderr().is_terminal() {
+                    let bar = ProgressBar::with_draw_target(Some(*total_steps), ProgressDrawTarget::stderr());
+                    let style = ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}, {per_sec}]")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar());
+                    bar.set_style(style);
+                    bar.set_position(*start_step);
+                    bar.enable_steady_tick(Duration::from_millis(200));
+                    self.bar = Some(bar);
+                }
+            }
+            TrainEvent::Step(r) => {
+                let ema = match self.ema {
+                    Some(e) if r.loss.is_finite() => 0.9 * e + 0.1 * r.loss,
+                    _ => r.loss,
+                };
+                self.ema = Some(ema);
+                let msg = format!("loss {:.4} (avg {ema:.4}) lr {:.2e}{}", r.loss, r.lr, if r.applied { "" } else { " SKIPPED" });
+                match &self.bar {
+                    Some(bar) => {
+                        bar.set_message(msg);
+                        bar.set_position(r.step);
+                    }
+                    None if r.step % self.every == 0 || !r.applied => {
+                        eprintln!("step {:>6}  {msg}  {:.3} s/step", r.step, r.seconds)
+                    }
+                    None => {}
+                }
+            }
+            TrainEvent::Evaluated { step, loss } => self.println(format!("step {step}: eval loss {loss:.5}")),
+            TrainEvent::Checkpoint { step, dir } => self.println(format!("step {step}: checkpoint {}", dir.display())),
+            TrainEvent::Message(m) => self.println(m.clone()),
+            TrainEvent::Finished => {
+                if let Some(bar) = self.bar.take() {
+                    bar.finish_and_clear();
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Progress {
+    fn println(&self, line: String) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+/// Keeps every record (the summary and `loss.png`).
+#[derive(Default)]
+pub struct Recorder {
+    pub steps: Vec<StepRecord>,
+    pub evals: Vec<(u64, f64)>,
+}
+
+impl Observer for Recorder {
+    fn on_event(&mut self, event: &TrainEvent<'_>) -> Result<()> {
+        match event {
+            TrainEvent::Step(r) => self.steps.push((*r).clone()),
+            TrainEvent::Evaluated { step, loss } => self.evals.push((*step, *loss)),
+            _ => {}
+        }
+        Ok(())
+    }
+}
