@@ -10,6 +10,7 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+
 use crate::error::{Error, IoContext, Result};
 
 /// A memory-mapped safetensors file.
@@ -98,41 +99,43 @@ pub struct OutTensor {
     pub values: Vec<f32>,
 }
 
-struct Encoded {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
-}
-
-impl safetensors::View for &Encoded {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.bytes)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes.len()
-    }
-}
-
-/// Serialises tensors to safetensors bytes in the given dtype.
+/// Serialises tensors to safetensors bytes in the given dtype. The header is written with
+/// sorted keys, so the same tensors always give the same bytes (the safetensors crate's
+/// metadata map has a random iteration order).
 pub fn encode(tensors: &[OutTensor], dtype: SaveDtype, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
-    let encoded: Vec<(String, Encoded)> = tensors
-        .iter()
-        .map(|t| {
-            let (dtype, bytes) = match dtype {
-                SaveDtype::F32 => (Dtype::F32, t.values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-                SaveDtype::Bf16 => (Dtype::BF16, t.values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect()),
-            };
-            (t.name.clone(), Encoded { dtype, shape: t.shape.clone(), bytes })
-        })
-        .collect();
-    safetensors::serialize(encoded.iter().map(|(n, e)| (n.as_str(), e)), metadata)
-        .map_err(|e| Error::Config(format!("cannot serialise tensors: {e}")))
+    let (name, width) = match dtype {
+        SaveDtype::F32 => ("F32", 4),
+        SaveDtype::Bf16 => ("BF16", 2),
+    };
+    let mut header = serde_json::Map::new();
+    if let Some(meta) = metadata {
+        let sorted: std::collections::BTreeMap<String, String> = meta.into_iter().collect();
+        header.insert("__metadata__".into(), serde_json::json!(sorted));
+    }
+    let mut offset = 0usize;
+    for t in tensors {
+        if t.values.len() != t.shape.iter().product::<usize>() {
+            return Err(Error::Shape { name: t.name.clone(), expected: t.shape.clone(), got: vec![t.values.len()] });
+        }
+        let end = offset + t.values.len() * width;
+        header.insert(t.name.clone(), serde_json::json!({"dtype": name, "shape": t.shape, "data_offsets": [offset, end]}));
+        offset = end;
+    }
+    // serde_json's Map is a BTreeMap here (no preserve_order feature): keys come out sorted.
+    let mut json = serde_json::to_vec(&header).map_err(|e| Error::Config(e.to_string()))?;
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut bytes = Vec::with_capacity(8 + json.len() + offset);
+    bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&json);
+    for t in tensors {
+        match dtype {
+            SaveDtype::F32 => t.values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes())),
+            SaveDtype::Bf16 => t.values.iter().for_each(|v| bytes.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        }
+    }
+    Ok(bytes)
 }
 
 /// Writes `bytes` to `path` atomically: a temp file in the same directory, fsync, rename,

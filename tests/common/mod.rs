@@ -47,3 +47,59 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let scale = b.iter().map(|y| (*y as f64).abs()).fold(0.0, f64::max);
     diff / scale.max(1e-30)
 }
+
+use flowstep::tensor_file::{OutTensor, SaveDtype, encode, write_atomic};
+
+pub fn tensor(name: &str, shape: &[usize], values: Vec<f32>) -> OutTensor {
+    OutTensor { name: name.into(), shape: shape.to_vec(), values }
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+pub fn write_sample(path: &Path, tensors: &[OutTensor]) {
+    write_atomic(path, &encode(tensors, SaveDtype::F32, None).unwrap_or_else(|e| panic!("{e}"))).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A dataset for the tiny model: `n` samples of latents [16, 2, 8, 8] with a learnable
+/// structure (a per-channel pattern) and a context [16, 64].
+pub fn tiny_dataset(dir: &Path, n: usize, seed: u64) {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..n {
+        let pattern = values(16, seed * 100 + i as u64);
+        let latents: Vec<f32> = (0..16 * 2 * 8 * 8).map(|j| pattern[j / 128] * 1.5).collect();
+        let context = values(16 * 64, seed * 100 + 50 + i as u64);
+        write_sample(
+            &dir.join(format!("sample-{i:03}.safetensors")),
+            &[tensor("latents", &[16, 2, 8, 8], latents), tensor("context", &[16, 64], context)],
+        );
+    }
+}
+
+/// Runs the built flowstep binary.
+pub fn flowstep(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_flowstep"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run flowstep: {e}"))
+}
+
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap_or_else(|| panic!("non-UTF-8 path"))
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"))
+}
