@@ -12,7 +12,7 @@ pub enum Error {
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
 
-    #[error("ONNX Runtime library: {reason}\n  run `scripts/setup_ort.sh` (CPU) or `scripts/setup_ort.sh --gpu`, or pass --ort-lib PATH")]
+    #[error("ONNX Runtime library: {reason} (install it with scripts/setup_ort.sh, or scripts/setup_ort.sh --gpu for CUDA/TensorRT, or pass --ort-lib PATH)")]
     OrtLibrary { reason: String },
 
     #[error("ONNX Runtime failed while {during}: {source}")]

@@ -22,6 +22,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
+    let session = if args.no_load { None } else { Some(super::init_runtime(globals, &args.device)?) };
     let artifacts = Artifacts::open(&args.artifacts)?;
     let m = &artifacts.manifest;
     let md = &m.model;
@@ -36,8 +37,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     println!("scheduler   {} (shift {}, {} timesteps)", m.scheduler.template, m.scheduler.shift, m.scheduler.num_train_timesteps);
     println!("exporter    {}", m.exporter);
     println!("sha256      {} files verified", m.files.len());
-    if !args.no_load {
-        let session = super::init_runtime(globals, &args.device)?;
+    if let Some(session) = session {
         for (name, sig) in &m.graphs {
             let s = flowstep::runtime::load_session(&artifacts.dir.join(&sig.file), &session)?;
             check_session_io(&artifacts, name, &s)?;

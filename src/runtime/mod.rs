@@ -50,7 +50,7 @@ pub fn load_session(model: &Path, options: &SessionOptions) -> Result<Session> {
     if let Some(provider) = options.device.execution_provider() {
         builder = builder.with_execution_providers([provider]).map_err(|e| {
             Error::Device(format!(
-                "cannot use {} (needed for {}): {}\n  the CPU library cannot run on a GPU: run `scripts/setup_ort.sh --gpu` and pass --ort-lib .ort/gpu/libonnxruntime.so",
+                "cannot use {} for {}: {} (GPU providers need the onnxruntime-gpu library: scripts/setup_ort.sh --gpu, then --ort-lib .ort/gpu/libonnxruntime.so)",
                 options.device,
                 model.display(),
                 ort::Error::<()>::from(e)
