@@ -103,3 +103,33 @@ pub fn path_str(p: &Path) -> &str {
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// A writable copy of the tiny artifacts.
+pub fn copy_artifacts(dest: &Path) -> PathBuf {
+    std::fs::create_dir_all(dest).unwrap_or_else(|e| panic!("{e}"));
+    for entry in std::fs::read_dir(tiny_artifacts()).unwrap_or_else(|e| panic!("{e}")) {
+        let p = entry.unwrap_or_else(|e| panic!("{e}")).path();
+        if let Some(name) = p.file_name() {
+            std::fs::copy(&p, dest.join(name)).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    dest.to_path_buf()
+}
+
+/// Runs `flowstep train` on the tiny artifacts with quiet output.
+pub fn train_cmd(artifacts: &Path, data: &Path, out: &Path, steps: u64, extra: &[&str]) -> std::process::Output {
+    let steps = steps.to_string();
+    let mut args = vec!["-q", "train", "--artifacts", path_str(artifacts), "--data", path_str(data), "--out", path_str(out), "--steps", &steps, "--seed", "5", "--lr", "2e-3"];
+    args.extend_from_slice(extra);
+    flowstep(&args)
+}
+
+/// The last stderr line (the error line after any progress output).
+pub fn error_line(out: &std::process::Output) -> String {
+    assert!(!out.status.success(), "expected failure; stderr:\n{}", stderr(out));
+    let err = stderr(out);
+    assert!(!err.contains("panicked"), "{err}");
+    let line = err.lines().filter(|l| l.starts_with("error: ")).collect::<Vec<_>>();
+    assert_eq!(line.len(), 1, "expected exactly one error line:\n{err}");
+    line[0].to_string()
+}
