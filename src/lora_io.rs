@@ -42,9 +42,19 @@ pub fn unflatten(lora: &LoraInfo, flat: &[f32]) -> Result<Vec<OutTensor>> {
         .collect())
 }
 
+/// DiffSynth files carry no alpha: its loader applies B·A at scale 1. flowstep's graphs
+/// apply alpha/rank, so DiffSynth-format files hold B·alpha/rank (identical when alpha = rank).
+fn diffsynth_b_scale(lora: &LoraInfo) -> f32 {
+    (lora.alpha / lora.rank as f64) as f32
+}
+
 /// Writes a LoRA file atomically.
 pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtype: SaveDtype, extra_meta: &[(&str, String)]) -> Result<()> {
     let mut tensors = unflatten(lora, flat)?;
+    if format == LoraFormat::Diffsynth && diffsynth_b_scale(lora) != 1.0 {
+        let scale = diffsynth_b_scale(lora);
+        tensors.iter_mut().filter(|t| t.name.contains(".lora_B.")).for_each(|t| t.values.iter_mut().for_each(|v| *v *= scale));
+    }
     if format == LoraFormat::Comfyui {
         let mut modules: Vec<String> = Vec::new();
         for t in &mut tensors {
@@ -97,6 +107,10 @@ pub fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
                 values.iter_mut().for_each(|v| *v *= scale);
             }
         }
+        if !comfy && t.key.contains(".lora_B.") && diffsynth_b_scale(lora) != 1.0 {
+            let scale = 1.0 / diffsynth_b_scale(lora);
+            values.iter_mut().for_each(|v| *v *= scale);
+        }
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(Error::Tensor { path: path.to_path_buf(), reason: format!("LoRA tensor `{key}` has a non-finite value at {i}") });
         }
@@ -121,6 +135,19 @@ mod tests {
                 LoraTensor { key: "blocks.0.self_attn.q.lora_B.default.weight".into(), shape: vec![2, 2], offset: 4 },
             ],
         }
+    }
+
+    #[test]
+    fn diffsynth_files_bake_alpha_over_rank_into_b() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let info = LoraInfo { alpha: 4.0, ..info() };
+        let flat = [0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.125, 3.0];
+        let path = dir.path().join("a.safetensors");
+        save(&path, &info, &flat, LoraFormat::Diffsynth, SaveDtype::F32, &[])?;
+        let b = TensorFile::open(&path)?.read_f32("blocks.0.self_attn.q.lora_B.default.weight")?.1;
+        assert_eq!(b, vec![3.0, -1.0, 0.25, 6.0]);
+        assert_eq!(load(&path, &info)?, flat);
+        Ok(())
     }
 
     #[test]
