@@ -2,6 +2,7 @@
 
 mod eval;
 mod inspect;
+mod sample;
 mod schedule;
 mod train;
 
@@ -44,6 +45,8 @@ pub enum Command {
     Train(train::Args),
     /// Deterministic validation loss of a LoRA on a dataset.
     Eval(eval::Args),
+    /// Generate latent videos (Euler, optional guidance) with or without a LoRA, and draw them.
+    Sample(sample::Args),
 }
 
 /// Global flags every command sees.
@@ -62,6 +65,7 @@ pub fn run() -> ExitCode {
         Command::Inspect(args) => inspect::run(args, &globals),
         Command::Train(args) => train::run(args, &globals),
         Command::Eval(args) => eval::run(args, &globals),
+        Command::Sample(args) => sample::run(args, &globals),
     };
     match result {
         Ok(code) => code,

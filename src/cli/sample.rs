@@ -1,0 +1,127 @@
+//! `flowstep sample`: generate latent videos with the inference graph and draw them.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use flowstep::artifacts::{Artifacts, INFERENCE};
+use flowstep::executor::{DeviceMemory, VelocityGraph, load_base_weights};
+use flowstep::lora_io;
+use flowstep::render::{Grid, centroid_motion};
+use flowstep::sample::{SampleConfig, sample};
+use flowstep::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, write_atomic};
+
+use super::{DeviceArgs, Globals};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Artifacts directory written by `python -m flowstep_export` (needs inference_model.onnx).
+    #[arg(long, value_name = "DIR")]
+    pub artifacts: PathBuf,
+
+    /// LoRA file to apply (DiffSynth or ComfyUI keys); default: none (the base model).
+    #[arg(long, value_name = "FILE")]
+    pub lora: Option<PathBuf>,
+
+    /// Base Wan checkpoint when the artifacts do not ship base weights.
+    #[arg(long, value_name = "FILE")]
+    pub base: Option<PathBuf>,
+
+    /// Prompt: a .safetensors file with a `context` tensor [L, D] (text-encoder output).
+    #[arg(long, value_name = "FILE")]
+    pub context: PathBuf,
+
+    /// Negative prompt for guidance (a `context` file); default: an all-zero context.
+    #[arg(long, value_name = "FILE")]
+    pub negative_context: Option<PathBuf>,
+
+    /// Classifier-free guidance scale; 1 disables guidance (half the model calls).
+    #[arg(long, default_value_t = 1.0)]
+    pub cfg_scale: f32,
+
+    /// Euler steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+
+    /// Timestep shift of the Wan scheduler.
+    #[arg(long, default_value_t = 5.0)]
+    pub shift: f32,
+
+    /// Seed of the first sample; sample i uses SEED + i.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Number of samples.
+    #[arg(long, default_value_t = 4)]
+    pub num_samples: usize,
+
+    /// Latent frames, height and width: F,H,W (Wan 81×480×832 is 21,60,104).
+    #[arg(long, value_name = "F,H,W")]
+    pub shape: String,
+
+    /// Output directory: samples.safetensors, samples.png (frames left to right), samples.gif.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Print each sample's centroid motion (dx, dy in latent pixels): the toy world's
+    /// measure of which way the blob moved.
+    #[arg(long)]
+    pub report_motion: bool,
+
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
+    let session = super::init_runtime(globals, &args.device)?;
+    let artifacts = Artifacts::open(&args.artifacts)?;
+    let m = &artifacts.manifest;
+    let dims: Vec<usize> = args.shape.split(',').map(|d| d.trim().parse()).collect::<Result<_, _>>()
+        .with_context(|| format!("--shape {}: expected F,H,W", args.shape))?;
+    anyhow::ensure!(dims.len() == 3 && dims.iter().all(|&d| d > 0), "--shape {}: expected three positive numbers F,H,W", args.shape);
+    let p = m.model.patch_size;
+    anyhow::ensure!(dims[1] % p[1] == 0 && dims[2] % p[2] == 0, "--shape {}: height and width must be multiples of {}", args.shape, p[1]);
+    let shape = [m.model.in_dim, dims[0], dims[1], dims[2]];
+    let read_context = |path: &PathBuf| -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
+        let (s, v) = TensorFile::open(path)?.read_f32("context")?;
+        anyhow::ensure!(s == [m.model.text_len, m.model.text_dim], "{}: `context` has shape {s:?}, this model takes [{}, {}]", path.display(), m.model.text_len, m.model.text_dim);
+        Ok((s, v))
+    };
+    let (ctx_shape, ctx) = read_context(&args.context)?;
+    let negative = args.negative_context.as_ref().map(read_context).transpose()?.map(|(_, v)| v);
+    let flat = match &args.lora {
+        Some(path) => lora_io::load(path, &m.lora)?,
+        None => lora_io::load(&artifacts.dir.join("lora_init.safetensors"), &m.lora)?,
+    };
+    let probe = flowstep::runtime::load_session(&artifacts.graph_path(INFERENCE)?, &session)?;
+    let memory = DeviceMemory::new(session.device, &probe)?;
+    drop(probe);
+    let base = load_base_weights(&artifacts, args.base.as_deref(), &memory)?;
+    let mut graph = VelocityGraph::load(&artifacts, &session, &base)?;
+    let params = memory.tensor(&[flat.len()], &flat)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let mut videos = Vec::with_capacity(args.num_samples);
+    let mut motions = Vec::new();
+    for i in 0..args.num_samples {
+        let config = SampleConfig { steps: args.steps, shift: args.shift, cfg_scale: args.cfg_scale, seed: args.seed + i as u64, shape };
+        let video = sample(&mut graph, &params, (&ctx_shape, &ctx), negative.as_deref(), &config)?;
+        let (dx, dy) = centroid_motion(&video, shape);
+        if args.report_motion {
+            println!("sample {i}: motion dx {dx:+.2} dy {dy:+.2}");
+        }
+        motions.push(serde_json::json!({"seed": config.seed, "dx": dx, "dy": dy}));
+        videos.push(video);
+    }
+    let all: Vec<f32> = videos.iter().flatten().copied().collect();
+    let tensor = OutTensor { name: "latents".into(), shape: [args.num_samples].into_iter().chain(shape).collect(), values: all };
+    write_atomic(&args.out.join("samples.safetensors"), &encode(&[tensor], SaveDtype::F32, None)?)?;
+    let summary = serde_json::json!({"lora": args.lora, "context": args.context, "steps": args.steps, "cfg_scale": args.cfg_scale, "samples": motions});
+    write_atomic(&args.out.join("samples.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    let grid = Grid { videos, shape, scale: (128 / shape[3].max(1)).clamp(1, 16) as u32 };
+    grid.write_png(&args.out.join("samples.png"))?;
+    grid.write_gif(&args.out.join("samples.gif"))?;
+    if !globals.quiet {
+        eprintln!("wrote {} samples to {} (samples.png, samples.gif, samples.safetensors)", args.num_samples, args.out.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

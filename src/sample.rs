@@ -1,0 +1,61 @@
+//! Euler sampling through the inference graph with the scheduler's `step`, optionally
+//! with classifier-free guidance against a negative (or empty) context.
+
+use ort::value::Tensor;
+use rand::Rng;
+use rand_distr::StandardNormal;
+
+use crate::error::{Error, Result};
+use crate::executor::{Batch, VelocityGraph};
+use crate::scheduler::FlowMatchScheduler;
+use crate::sft::step_rng;
+
+/// Sampling settings.
+#[derive(Debug, Clone)]
+pub struct SampleConfig {
+    pub steps: usize,
+    pub shift: f32,
+    /// 1.0 disables guidance (one model call per step).
+    pub cfg_scale: f32,
+    pub seed: u64,
+    /// Latent shape [C, F, H, W].
+    pub shape: [usize; 4],
+}
+
+/// Initial noise for a seed, N(0, 1), independent of thread count.
+pub fn initial_noise(seed: u64, len: usize) -> Vec<f32> {
+    let mut rng = step_rng(seed, u64::MAX - 1, 0);
+    (0..len).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()
+}
+
+/// Samples one latent video [C, F, H, W] for `context` ([L, D]).
+pub fn sample(graph: &mut VelocityGraph, params: &Tensor<f32>, context: (&[usize], &[f32]), negative: Option<&[f32]>, config: &SampleConfig) -> Result<Vec<f32>> {
+    if config.steps == 0 {
+        return Err(Error::Config("--steps must be at least 1".into()));
+    }
+    let scheduler = FlowMatchScheduler::new(config.steps, 1.0, config.shift);
+    let len: usize = config.shape.iter().product();
+    let mut x = initial_noise(config.seed, len);
+    let mut batch = Batch::new(&config.shape, context.0)?;
+    let (mut v, mut v_neg) = (Vec::with_capacity(len), Vec::with_capacity(len));
+    let guided = config.cfg_scale != 1.0;
+    for &t in &scheduler.timesteps {
+        batch.x_t.extract_tensor_mut().1.copy_from_slice(&x);
+        batch.set_scalars(t, 1.0);
+        batch.context.extract_tensor_mut().1.copy_from_slice(context.1);
+        graph.velocity(params, &batch, config.shape[0], &mut v)?;
+        if guided {
+            let neg = negative.map(<[f32]>::to_vec).unwrap_or_else(|| vec![0.0; context.1.len()]);
+            batch.context.extract_tensor_mut().1.copy_from_slice(&neg);
+            graph.velocity(params, &batch, config.shape[0], &mut v_neg)?;
+            for (p, n) in v.iter_mut().zip(&v_neg) {
+                *p = n + config.cfg_scale * (*p - n);
+            }
+        }
+        scheduler.step(&v, t, &mut x);
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite { step: config.steps as u64, what: "sampled latent", value: x[i] as f64 });
+    }
+    Ok(x)
+}
