@@ -348,9 +348,10 @@ pub fn train(config: &TrainConfig, observers: &mut [&mut dyn Observer], interrup
     let plot = crate::plot::loss_curve(&config.out.join("loss.png"), &metrics_path).ok();
     emit(TrainEvent::Finished, &mut jsonl, &mut recorder)?;
     let steps = trainer.step - start_step;
+    let summary_path = config.out.join("summary.json");
     let losses: Vec<f64> = recorder.steps.iter().map(|r| r.loss).filter(|l| l.is_finite()).collect();
     let tail = &losses[losses.len().saturating_sub(10)..];
-    Ok(TrainSummary {
+    let summary = TrainSummary {
         start_step,
         steps,
         total_steps,
@@ -368,7 +369,10 @@ pub fn train(config: &TrainConfig, observers: &mut [&mut dyn Observer], interrup
         checkpoint: last_checkpoint,
         metrics: metrics_path,
         plot,
-    })
+    };
+    let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Config(e.to_string()))?;
+    crate::tensor_file::write_atomic(&summary_path, &json)?;
+    Ok(summary)
 }
 
 fn prune(out: &Path, keep: usize) -> Result<()> {

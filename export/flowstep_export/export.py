@@ -96,25 +96,26 @@ def export_artifacts(config: WanConfig, options: ExportOptions) -> dict:
     batch = example_inputs(config, options.seed)
 
     def base_inputs():
-        # Distinct tensors: torch.export merges aliased inputs.
-        return [trace.GraphInput(name, base[name].clone()) for name in base_names]
+        # The parameters themselves: distinct tensors (torch.export merges aliased inputs),
+        # and no copy of a multi-GB model.
+        return [trace.GraphInput(name, base[name]) for name in base_names]
 
     def batch_inputs(names):
         return [trace.GraphInput(n, batch[n].clone(), LATENT_AXES if n in ("x_t", "target") else {}) for n in names]
 
     loss_inputs = ["x_t", "timestep", "context", "target", "weight"]
     specs = {
-        "training_model": (fns.training, [trace.GraphInput("lora_params", flat.clone()), trace.GraphInput("grad_accum", torch.zeros_like(flat))]
-                           + base_inputs() + batch_inputs(loss_inputs), TRAINING_OUTPUTS),
-        "eval_model": (fns.eval, [trace.GraphInput("lora_params", flat.clone())] + base_inputs() + batch_inputs(loss_inputs), ["loss"]),
-        "inference_model": (fns.inference, [trace.GraphInput("lora_params", flat.clone())] + base_inputs()
-                            + batch_inputs(["x_t", "timestep", "context"]), ["velocity"]),
-        "optimizer_model": (adamw, optimizer_inputs(flat.numel()), OPTIMIZER_OUTPUTS),
+        "training_model": lambda: (fns.training, [trace.GraphInput("lora_params", flat.clone()), trace.GraphInput("grad_accum", torch.zeros_like(flat))]
+                                   + base_inputs() + batch_inputs(loss_inputs), TRAINING_OUTPUTS),
+        "eval_model": lambda: (fns.eval, [trace.GraphInput("lora_params", flat.clone())] + base_inputs() + batch_inputs(loss_inputs), ["loss"]),
+        "inference_model": lambda: (fns.inference, [trace.GraphInput("lora_params", flat.clone())] + base_inputs()
+                                    + batch_inputs(["x_t", "timestep", "context"]), ["velocity"]),
+        "optimizer_model": lambda: (adamw, optimizer_inputs(flat.numel()), OPTIMIZER_OUTPUTS),
     }
     timings = {}
     for name in options.graphs:
-        fn, inputs, outputs = specs[name]
         start = time.perf_counter()
+        fn, inputs, outputs = specs[name]()
         gm = trace.trace(fn, inputs)
         model_proto = trace.export(gm, inputs, outputs)
         onnx.save(model_proto, str(out / f"{name}.onnx"))

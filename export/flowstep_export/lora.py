@@ -89,4 +89,5 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A." not in n and ".lora_B." not in n}
+    """The frozen weights (views of the parameters, not copies: the 14B model is 57 GB)."""
+    return {n: p.detach() for n, p in model.named_parameters() if ".lora_A." not in n and ".lora_B." not in n}

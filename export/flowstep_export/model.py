@@ -73,9 +73,17 @@ def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads:
     return torch.stack([out_re, out_im], dim=-1).reshape(b, s, -1)
 
 
+# Export traces explicit matmul/softmax (portable backward); the PyTorch reference trainer
+# switches to fused SDPA, as DiffSynth runs it.
+USE_SDPA = False
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
     """softmax(q kᵀ / √d) v per head, as explicit matmuls (SDPA's math path)."""
     b, sq, _ = q.shape
+    if USE_SDPA:
+        q, k, v = (t.reshape(b, t.shape[1], num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, sq, -1)
     sk = k.shape[1]
     q = q.reshape(b, sq, num_heads, -1).transpose(1, 2)
     k = k.reshape(b, sk, num_heads, -1).transpose(1, 2)

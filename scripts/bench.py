@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""flowstep vs the PyTorch reference (DiffSynth's training loop, eager, SDPA) on this
+machine, same threads, same artifacts, same data. Prints a table and writes BENCHMARKS.md.
+
+Run through scripts/bench.sh (it builds flowstep and sets up the Python environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "export"))
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+CACHE = Path(os.environ.get("FLOWSTEP_CACHE", Path.home() / ".cache" / "flowstep")) / "bench"
+FLOWSTEP = ROOT / "target" / "release" / "flowstep"
+
+# name -> (export preset, latent [F, H, W], steps, rank)
+CONFIGS = {
+    "tiny": ("tiny", (2, 8, 8), 300, 8),
+    "small": ("small", (5, 32, 32), 30, 32),           # 5·16·16 = 1,280 tokens
+    "1.3B-shaped": ("wan2.1-t2v-1.3b", (1, 8, 16), 6, 32),  # 32 tokens, full 512-token context
+}
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def peak_rss_gb(cmd) -> tuple[float, str]:
+    """Run cmd under GNU time; return (peak RSS GB, stdout)."""
+    out = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed:\n{out.stderr[-3000:]}")
+    kb = int([l for l in out.stderr.splitlines() if l.startswith("MAXRSS")][-1].split()[1])
+    return kb / 2**20, out.stdout
+
+
+def ensure_artifacts(name: str) -> Path:
+    preset, latent, _, rank = CONFIGS[name]
+    out = CACHE / f"artifacts-{preset}-r{rank}"
+    if not (out / "manifest.json").exists():
+        print(f"exporting {preset} (once, cached in {out}) ...", flush=True)
+        run([sys.executable, "-m", "flowstep_export", "--model", preset, "--out", str(out), "--lora-rank", str(rank),
+             "--ship-base", "--latent", ",".join(map(str, latent)), "-q"], cwd=ROOT / "export")
+    return out
+
+
+def ensure_data(name: str, manifest: dict) -> Path:
+    _, (f, h, w), _, _ = CONFIGS[name]
+    out = CACHE / f"data-{name}"
+    if not out.exists():
+        out.mkdir(parents=True)
+        g = torch.Generator().manual_seed(0)
+        m = manifest["model"]
+        for i in range(4):
+            save_file({"latents": torch.randn(m["in_dim"], f, h, w, generator=g),
+                       "context": torch.randn(m["text_len"], m["text_dim"], generator=g)}, str(out / f"{i}.safetensors"))
+    return out
+
+
+def forward_flops(m: dict, tokens: int) -> float:
+    """Multiply-adds ×2 of one forward pass (matmuls only; norms/softmax are minor)."""
+    d, ffn, L, text = m["dim"], m["ffn_dim"], m["num_layers"], m["text_len"]
+    per_block = (2 * tokens * d * d * 4            # self-attn q, k, v, o
+                 + 2 * 2 * tokens * tokens * d      # q·kᵀ and ·v
+                 + 2 * tokens * d * d * 2 + 2 * text * d * d * 2  # cross q, o / k, v
+                 + 2 * 2 * tokens * text * d        # cross attention
+                 + 2 * tokens * d * ffn * 2)        # FFN
+    embed = 2 * text * m["text_dim"] * d + 2 * text * d * d + 2 * tokens * m["in_dim"] * 4 * d + 2 * tokens * d * m["out_dim"] * 4
+    return L * per_block + embed
+
+
+def matmul_peak_gflops(threads: int) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(2):
+        a @ b
+    start, n = time.perf_counter(), 10
+    for _ in range(n):
+        a @ b
+    return 2 * 2048**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def bench(name: str, threads: int) -> dict:
+    preset, (f, h, w), steps, rank = CONFIGS[name]
+    artifacts = ensure_artifacts(name)
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    data = ensure_data(name, manifest)
+    out = CACHE / f"run-{name}"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    warm = 2
+    cmd = [str(FLOWSTEP), "-q", "train", "--artifacts", str(artifacts), "--data", str(data), "--out", str(out),
+           "--steps", str(steps), "--threads", str(threads), "--lr", "1e-4"]
+    rss_fs, _ = peak_rss_gb(cmd)
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    fs_sec = sum(r["seconds"] for r in records[warm:]) / len(records[warm:])
+    summary = json.loads((out / "summary.json").read_text())
+    ref_cmd = [sys.executable, "-m", "flowstep_export.reference_train", "--artifacts", str(artifacts), "--data", str(data),
+               "--steps", str(steps), "--warmup", str(warm), "--threads", str(threads)]
+    env_cwd = ROOT / "export"
+    rss_ref, stdout = peak_rss_gb_cwd(ref_cmd, env_cwd)
+    ref = json.loads(stdout.strip().splitlines()[-1])
+    tokens = f * (h // 2) * (w // 2)
+    flops = 3 * forward_flops(manifest["model"], tokens)  # backward ≈ 2× forward
+    return {"name": name, "tokens": tokens, "params_M": sum(
+        __import__("math").prod(t["shape"]) for t in manifest["base_weights"]["tensors"]) / 1e6,
+            "lora_params": manifest["lora"]["num_params"], "steps": steps,
+            "flowstep_s": fs_sec, "ref_s": ref["seconds_per_step"], "speedup": ref["seconds_per_step"] / fs_sec,
+            "flowstep_rss": rss_fs, "ref_rss": rss_ref, "rss_ratio": rss_fs / rss_ref,
+            "host_fraction": summary["host_fraction"], "gflops": flops / fs_sec / 1e9, "ref_gflops": flops / ref["seconds_per_step"] / 1e9,
+            "flowstep_cmd": " ".join(cmd), "ref_cmd": " ".join(ref_cmd)}
+
+
+def peak_rss_gb_cwd(cmd, cwd):
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return peak_rss_gb(cmd)
+    finally:
+        os.chdir(old)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--write", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = p.parse_args()
+    peak = matmul_peak_gflops(args.threads)
+    rows = []
+    for name in args.configs.split(","):
+        print(f"benchmarking {name} ...", flush=True)
+        rows.append(bench(name, args.threads))
+    header = ("| config | tokens | base params | flowstep s/step | PyTorch s/step | speed-up | flowstep peak RSS | "
+              "PyTorch peak RSS | RSS ratio | host share | flowstep GFLOP/s | PyTorch GFLOP/s |")
+    lines = [header, "|" + "---|" * 12]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['tokens']} | {r['params_M']:.1f} M | {r['flowstep_s']:.4f} | {r['ref_s']:.4f} | "
+                     f"{r['speedup']:.2f}× | {r['flowstep_rss']:.2f} GB | {r['ref_rss']:.2f} GB | {r['rss_ratio']:.2f} | "
+                     f"{100 * r['host_fraction']:.2f}% | {r['gflops']:.1f} ({100 * r['gflops'] / peak:.0f}% of peak) | "
+                     f"{r['ref_gflops']:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; "
+               f"measured fp32 matmul peak {peak:.1f} GFLOP/s (torch 2048² sgemm)")
+    cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
+    text = [f"# Benchmarks (CPU)", "",
+            f"Date: {datetime.date.today()}. Machine: {cpu_model}; {machine}.",
+            f"flowstep: ONNX Runtime 1.31.1 CPU provider, float32. PyTorch reference: torch {torch.__version__}, "
+            "DiffSynth 2.1.12 `WanModel` + `model_fn_wan_video` (SDPA), PEFT LoRA, AdamW, float32, no gradient checkpointing.",
+            "Step time excludes the first 2 steps (warm-up); peak RSS is the whole process (GNU time). "
+            "GFLOP/s counts matmul FLOPs of forward ×3 (backward ≈ 2× forward). Host share is the part of flowstep's "
+            "step spent outside ONNX Runtime (data, noise/x_t/target, binding).", "", table, "", "Commands:", ""]
+    for r in rows:
+        text += [f"- {r['name']}: `{r['flowstep_cmd']}`", f"  reference: `{r['ref_cmd']}`"]
+    args.write.write_text("\n".join(text) + "\n" + BENCH_NOTES)
+    print(f"wrote {args.write}")
+    return 0
+
+
+BENCH_NOTES = ""
+
+if __name__ == "__main__":
+    raise SystemExit(main())
