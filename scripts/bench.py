@@ -30,7 +30,7 @@ FLOWSTEP = ROOT / "target" / "release" / "flowstep"
 CONFIGS = {
     "tiny": ("tiny", (2, 8, 8), 300, 8),
     "small": ("small", (5, 32, 32), 30, 32),           # 5·16·16 = 1,280 tokens
-    "1.3B-shaped": ("wan2.1-t2v-1.3b", (1, 8, 16), 6, 32),  # 32 tokens, full 512-token context
+    "1.3B-shaped": ("wan2.1-t2v-1.3b", (2, 8, 8), 6, 32),  # 32 tokens, full 512-token context
 }
 
 
@@ -170,7 +170,39 @@ def main() -> int:
     return 0
 
 
-BENCH_NOTES = ""
+BENCH_NOTES = """
+## GPU (H100, one run, 2026-11-26)
+
+`scripts/gpu_pack.sh` then `scripts/gpu_bench.sh` on a lent H100 80GB (CUDA 13, driver
+580.159.04), `LATENT=16,1,60,104 STEPS=8`: Wan2.1-T2V-1.3B shape (random weights), rank-32 LoRA
+(43.8 M parameters), one 480×832 latent frame (1,560 tokens) with the full 512-token context,
+float32 on both sides. flowstep: ONNX Runtime 1.31.1 CUDA provider. Reference: PyTorch 2.11
+eager with SDPA, `flowstep_export`'s Wan modules (equal to DiffSynth's, tested) and the same
+LoRA (`reference_train --impl torch`; DiffSynth itself is not installed there). Raw output in
+`benchmarks/gpu-h100-2026-11-26/`.
+
+| | flowstep (CUDA EP) | PyTorch eager (SDPA) | ratio |
+|---|---|---|---|
+| s/step (steps 3-8) | 0.777 | 0.373 | flowstep is 0.48× as fast |
+| peak GPU memory (nvidia-smi) | 62.6 GB | 15.3 GB (13.7 GB allocated) | 4.1× more |
+| host share of the step | 0.85% | | |
+
+**Targets missed on GPU.** Where the time and memory go, and what would close it:
+- Attention is explicit matmul + softmax in the portable graph (SDPA's fused backward has no
+  ONNX form): every layer materialises [12, S, S] probabilities in float32 and keeps them for
+  backward, where PyTorch's SDPA (flash/memory-efficient) keeps only O(S). At 1,560 tokens this
+  is small; at 32,760 tokens (81×480×832) it would not fit at all. Closing it needs a fused
+  attention with a backward: ONNX opset 23 `Attention` (no backward in ORT yet), or a custom
+  op, or recompute (activation checkpointing in the graph, DESIGN.md §2: -40% memory for +26%
+  time).
+- ONNX Runtime's CUDA arena grows in powers of two and keeps what it took (62.6 GB is the
+  arena, not live tensors); `arena_extend_strategy=kSameAsRequested` and a memory limit would
+  lower the reported peak.
+- Both sides run float32; DiffSynth trains in bf16. A bf16 export (weights and activations)
+  would roughly halve memory and use tensor cores on both sides.
+- The per-step host work (data, noise, x_t, target, binding, loss readback) is under 1%:
+  the gap is inside the graph, not around it.
+"""
 
 if __name__ == "__main__":
     raise SystemExit(main())

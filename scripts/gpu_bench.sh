@@ -6,8 +6,9 @@
 # What it needs beside the repository (carried as ignored paths, DESIGN.md §6):
 #   .gpupack/ortgpu.part*   onnxruntime-gpu 1.31.1's libraries (tar | xz, split; scripts/gpu_pack.sh)
 #   .gpupack/flowstep       the release binary (stripped)
-#   .gpupack/wan13b/        1.3B artifacts: training + optimizer graphs, no base weights
-# Random base weights and the dataset are generated there (the GPU machine has torch).
+#   .gpupack/wan13b/        1.3B artifacts: training + optimizer graphs and manifest
+# Random base weights (seed 0), the LoRA init (the export's seed, same code) and the dataset
+# are generated there: the GPU machine has torch, and they are too large to carry.
 set -euo pipefail
 OUT="${OUT:-/tmp/gpu-out}"; mkdir -p "$OUT"
 LATENT="${LATENT:-16,3,48,80}"          # [C,F,H,W]: 9 frames at 384x640 -> 2,880 tokens
@@ -19,14 +20,23 @@ NV="$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])')"
 export LD_LIBRARY_PATH="$(ls -d "$NV"/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}"
 export PYTHONPATH="$PWD/export${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 - "$LATENT" <<'PY'
-import sys, torch
+import hashlib, json, sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
 from flowstep_export.configs import get_config
+from flowstep_export.lora import LoraConfig, inject_lora, lora_state
 from flowstep_export.model import WanModel, init_random
 c = get_config("wan2.1-t2v-1.3b")
 m = WanModel(c); init_random(m, 0)
 save_file({k: v.contiguous() for k, v in m.state_dict().items()}, "/tmp/base.safetensors")
+art = Path(".gpupack/wan13b")
+manifest = json.loads((art / "manifest.json").read_text())
+names = inject_lora(m, LoraConfig(rank=manifest["lora"]["rank"], alpha=manifest["lora"]["alpha"]), seed=0)
+assert names == [t["key"] for t in manifest["lora"]["tensors"]]
+lora = lora_state(m)
+save_file({k: lora[k].contiguous() for k in names}, str(art / "lora_init.safetensors"))
+manifest["files"]["lora_init.safetensors"] = hashlib.sha256((art / "lora_init.safetensors").read_bytes()).hexdigest()
+(art / "manifest.json").write_text(json.dumps(manifest, indent=1))
 C, F, H, W = map(int, sys.argv[1].split(","))
 d = Path("/tmp/data"); d.mkdir(exist_ok=True)
 g = torch.Generator().manual_seed(0)
@@ -36,7 +46,7 @@ print("base weights and data ready")
 PY
 peak_mem() {  # poll nvidia-smi while a command runs; prints the peak MiB used
     local log; log=$(mktemp); ( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >> "$log"; sleep 0.2; done ) &
-    local poller=$!; "$@"; local rc=$?; kill $poller; sort -n "$log" | tail -1 > "$OUT/peak_$(basename "$1" | tr -c 'a-z0-9\n' '_')"; return $rc
+    local poller=$! rc=0; "$@" || rc=$?; kill $poller; sort -n "$log" | tail -1 > "$OUT/peak_$(basename "$1" | tr -c 'a-z0-9\n' '_')"; return $rc
 }
 chmod +x .gpupack/flowstep
 peak_mem .gpupack/flowstep --ort-lib /tmp/ort/libonnxruntime.so.1.31.1 -q train --artifacts .gpupack/wan13b \

@@ -103,6 +103,22 @@ pub fn centroid_motion(video: &[f32], shape: [usize; 4]) -> (f64, f64) {
     (b.0 - a.0, b.1 - a.1)
 }
 
+/// Mean colour of the video: channels 0-2 (R, G, B) weighted by each pixel's intensity
+/// (sum of squares over channels), so the background does not dilute it.
+pub fn mean_rgb(video: &[f32], shape: [usize; 4]) -> [f64; 3] {
+    let [c, frames, h, w] = shape;
+    let plane = frames * h * w;
+    let (mut rgb, mut total) = ([0.0f64; 3], 0.0f64);
+    for p in 0..plane {
+        let intensity: f64 = (0..c).map(|ch| (video[ch * plane + p] as f64).powi(2)).sum();
+        for (ch, acc) in rgb.iter_mut().enumerate().take(c.min(3)) {
+            *acc += intensity * video[ch * plane + p] as f64;
+        }
+        total += intensity;
+    }
+    rgb.map(|v| v / total.max(1e-12))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

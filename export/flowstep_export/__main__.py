@@ -57,6 +57,10 @@ def main(argv=None) -> int:
         config = get_config(args.model)
         if args.latent:
             frames, height, width = (int(v) for v in args.latent.split(","))
+            if frames < 2 or height < 4 or width < 4 or height % 2 or width % 2:
+                # torch.export fixes axes whose example size is 1: they would not be dynamic.
+                raise ValueError(f"--latent {args.latent}: need frames >= 2 and even height, width >= 4 "
+                                 "so that every latent axis stays dynamic")
             config = dataclasses.replace(config, example_latent=(frames, height, width))
         graphs = tuple(g for g in args.graphs.split(",") if g)
         unknown = set(graphs) - set(GRAPHS)

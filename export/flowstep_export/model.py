@@ -223,7 +223,7 @@ class WanModel(nn.Module):
         pf, ph, pw = config.patch_size
         f, h, w = x.shape[2] // pf, x.shape[3] // ph, x.shape[4] // pw
         tokens = self.patchify(x)
-        cos, sin = rope_grid(self.rope, f, h, w)
+        cos, sin = (t.to(tokens.device) for t in rope_grid(self.rope, f, h, w))
         for block in self.blocks:
             tokens = block(tokens, context, t_mod, cos, sin)
         return self.unpatchify(self.head(tokens, t), f, h, w)

@@ -5,8 +5,10 @@ through a 16-channel latent grid, with colour and motion set by the text embeddi
   vector is its colour code; it starts at a random place and moves 3 px per frame.
 - The text embedding [16, 64] holds a colour token (row 0) and a motion token (row 1),
   fixed random vectors per word; the other rows are zero.
-- The base model is pretrained on {red, green, blue, yellow} × {right, down, left}.
-  The concept to teach is a new word, "up": its token is never seen in pretraining.
+- The base model is pretrained on {red, green, blue, yellow, cyan} × {right, down, left, up}.
+  The concept to teach is a new colour word, "purple" (red + blue channels): its token is
+  never seen in pretraining. The LoRA learns it from purple blobs moving right, down and
+  left; "purple up" is held out.
 
 python -m flowstep_export.toy_world --out ../models/toy   (pretrain, export, datasets)
 """
@@ -24,24 +26,23 @@ from safetensors.torch import save_file
 
 from .configs import get_config
 from .model import WanModel, init_random
-from .scheduler_ref import training_schedule
 
 CHANNELS, FRAMES, SIZE = 16, 4, 16
 TEXT_LEN, TEXT_DIM = 16, 64
 SPEED = 3.0
-BLOB_SIGMA = 1.5
-COLOURS = ("red", "green", "blue", "yellow")
-BASE_MOTIONS = {"right": (1.0, 0.0), "down": (0.0, 1.0), "left": (-1.0, 0.0)}
-CONCEPT = "up"
-CONCEPT_MOTION = (0.0, -1.0)
-MOTIONS = {**BASE_MOTIONS, CONCEPT: CONCEPT_MOTION}
+BLOB_SIGMA = 1.8
+RGB = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0),
+       "cyan": (0.0, 1.0, 1.0), "purple": (1.0, 0.0, 1.0)}
+COLOURS = ("red", "green", "blue", "yellow", "cyan")
+CONCEPT = "purple"
+MOTIONS = {"right": (1.0, 0.0), "down": (0.0, 1.0), "left": (-1.0, 0.0), "up": (0.0, -1.0)}
 
 
 def colour_code(name: str) -> torch.Tensor:
     """A 16-channel code: channels 0-2 are RGB (so the renderer shows it), the rest a
     fixed latent-like pattern."""
-    rgb = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}[name]
-    g = torch.Generator().manual_seed(100 + COLOURS.index(name))
+    rgb = RGB[name]
+    g = torch.Generator().manual_seed(100 + list(RGB).index(name))
     code = torch.randn(CHANNELS, generator=g) * 0.35
     code[:3] = torch.tensor(rgb) * 1.5
     return code
@@ -97,11 +98,10 @@ def pretrain(steps: int, seed: int, log_every: int = 200) -> WanModel:
     torch.manual_seed(seed)
     model = WanModel(get_config("toy"))
     init_random(model, seed)
-    sigmas, timesteps, weights = training_schedule(1000, 5.0)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     g = torch.Generator().manual_seed(seed)
-    pairs = [(c, m) for c in COLOURS for m in BASE_MOTIONS]
+    pairs = [(c, m) for c in COLOURS for m in MOTIONS]
     batch = 16
     start = time.time()
     for step in range(steps):
@@ -111,11 +111,13 @@ def pretrain(steps: int, seed: int, log_every: int = 200) -> WanModel:
             x0.append(video(c, m, g))
             ctx.append(context(c, m))
         x0, ctx = torch.stack(x0), torch.stack(ctx)
-        idx = torch.randint(0, 1000, (batch,), generator=g)
-        sigma = sigmas[idx].view(-1, 1, 1, 1, 1)
+        # Pretraining draws σ uniformly (not the shift-5 table) so the low-noise end, where
+        # samples get their last detail, is learned as well as the high-noise end.
+        sigma = torch.rand(batch, generator=g).clamp(1e-3, 1.0)
         noise = torch.randn(x0.shape, generator=g)
-        x_t = (1 - sigma) * x0 + sigma * noise
-        v = model(x_t, timesteps[idx], ctx)  # the PyTorch model takes a timestep per sample
+        s5 = sigma.view(-1, 1, 1, 1, 1)
+        x_t = (1 - s5) * x0 + s5 * noise
+        v = model(x_t, sigma * 1000, ctx)  # the PyTorch model takes a timestep per sample
         loss = torch.mean((v - (noise - x0)) ** 2)
         opt.zero_grad()
         loss.backward()
@@ -139,19 +141,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m flowstep_export.toy_world", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=1500, help="pretraining steps (batch 16)")
+    p.add_argument("--steps", type=int, default=2500, help="pretraining steps (batch 16)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = pretrain(args.steps, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(args.out / "base.safetensors"))
-    # The concept: "up" in three colours for training, yellow and fresh starts held out.
-    write_dataset(args.out / "data" / "train", [(c, CONCEPT) for c in ("red", "green", "blue") for _ in range(4)], seed=1)
-    write_dataset(args.out / "data" / "eval", [(c, CONCEPT) for c in ("yellow", "red", "green", "blue")], seed=2)
+    # The concept: purple moving right, down and left for training; "purple up" held out.
+    write_dataset(args.out / "data" / "train", [(CONCEPT, m) for m in ("right", "down", "left") for _ in range(4)], seed=1)
+    write_dataset(args.out / "data" / "eval", [(CONCEPT, "up")] * 2 + [(CONCEPT, "right"), (CONCEPT, "left")], seed=2)
     prompts = args.out / "prompts"
     prompts.mkdir(exist_ok=True)
-    for name, ctx in {"yellow-up": context("yellow", CONCEPT), "yellow-right": context("yellow", "right"),
+    for name, ctx in {"purple-up": context(CONCEPT, "up"), "yellow-up": context("yellow", "up"),
                       "empty": torch.zeros(TEXT_LEN, TEXT_DIM)}.items():
         save_file({"context": ctx.contiguous()}, str(prompts / f"{name}.safetensors"))
     from .export import ExportOptions, export_artifacts

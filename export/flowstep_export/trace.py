@@ -113,13 +113,18 @@ def light_optimize(ir_model) -> None:
 
 
 def rename_dynamic_dims(model: onnx.ModelProto, inputs: list[GraphInput]) -> None:
-    """Give dynamic axes the contract's names (frames, height, width) on inputs and outputs."""
+    """Give dynamic axes the contract's names (frames, height, width) on inputs and outputs.
+    An axis meant to be dynamic that the exporter fixed is an error, not a renamed lie."""
     names = {"frames": "frames", "2*height_patches": "height", "2*width_patches": "width"}
     by_name = {item.name: item for item in inputs}
     for value in list(model.graph.input) + list(model.graph.output):
         item = by_name.get(value.name)
         for axis, dim in enumerate(value.type.tensor_type.shape.dim):
             if item is not None and axis in item.dynamic:
+                if not dim.dim_param:
+                    raise RuntimeError(
+                        f"input {value.name} axis {axis} ({item.dynamic[axis]}) was exported as the fixed size "
+                        f"{dim.dim_value}; trace with an example latent of at least 2 frames and 2 patches per side")
                 dim.dim_param = item.dynamic[axis]
             elif dim.dim_param in names:
                 dim.dim_param = names[dim.dim_param]

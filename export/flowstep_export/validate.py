@@ -116,23 +116,33 @@ def validate_artifacts(out: Path, config, options, rtol: float = 1e-4) -> dict:
     with torch.no_grad():
         for t in layout:
             dict(model.named_parameters())[t.key].copy_(lora_flat[t.offset:t.offset + t.numel].reshape(t.shape))
-    batch = {k: v.numpy() for k, v in example_inputs(config, options.seed).items()}
     base = {k: v.numpy() for k, v in base_state(model).items()}
     results = []
     manifest = json.loads((out / "manifest.json").read_text())
     graphs = manifest["graphs"]
-    if "training_model" in graphs:
-        ref_loss, ref_grad = eager_loss_and_grads(model, [t.key for t in layout], batch)
-        accum = np.zeros(lora_flat.numel(), dtype=np.float32)
-        loss, accum_out = run_training_graph(out, {**base, **batch, "lora_params": lora_flat.numpy(), "grad_accum": accum})
-        results += [compare("training.loss", loss, ref_loss, rtol), compare("training.grad", accum_out - accum, ref_grad, rtol)]
-    if "inference_model" in graphs:
-        sess = session(out / "inference_model.onnx")
-        feed = {**base, **batch, "lora_params": lora_flat.numpy()}
-        (velocity,) = sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
-        with torch.no_grad():
-            ref = model(*(torch.as_tensor(batch[k]) for k in ("x_t", "timestep", "context"))).numpy()
-        results.append(compare("inference.velocity", velocity, ref, rtol))
+    # The example size and one larger in every latent axis: a graph whose frames, height or
+    # width were fixed during tracing fails the second (DESIGN.md §3: dynamic axes).
+    f, h, w = config.example_latent
+    for latent in ((f, h, w), (f + 1, h + 2, w + 2)):
+        tag = "x".join(map(str, latent))
+        batch = {k: v.numpy() for k, v in example_inputs(config, options.seed, latent).items()}
+        try:
+            if "training_model" in graphs:
+                ref_loss, ref_grad = eager_loss_and_grads(model, [t.key for t in layout], batch)
+                accum = np.zeros(lora_flat.numel(), dtype=np.float32)
+                loss, accum_out = run_training_graph(out, {**base, **batch, "lora_params": lora_flat.numpy(), "grad_accum": accum})
+                results += [compare(f"training.loss@{tag}", loss, ref_loss, rtol), compare(f"training.grad@{tag}", accum_out - accum, ref_grad, rtol)]
+            if "inference_model" in graphs:
+                sess = session(out / "inference_model.onnx")
+                feed = {**base, **batch, "lora_params": lora_flat.numpy()}
+                (velocity,) = sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
+                with torch.no_grad():
+                    ref = model(*(torch.as_tensor(batch[k]) for k in ("x_t", "timestep", "context"))).numpy()
+                results.append(compare(f"inference.velocity@{tag}", velocity, ref, rtol))
+        except Exception as e:  # onnxruntime's errors are not RuntimeErrors
+            if isinstance(e, RuntimeError) and "disagrees" in str(e):
+                raise
+            raise RuntimeError(f"ONNX Runtime cannot run the exported graphs at latent {tag}: {str(e).splitlines()[0][:300]}") from e
     failed = [r for r in results if not r.ok]
     if failed:
         raise RuntimeError("ONNX Runtime disagrees with PyTorch: " + "; ".join(f"{r.name} rel {r.max_rel:.2e}" for r in failed))

@@ -37,6 +37,34 @@ def test_cli_rejects_bad_input(tmp_path):
     assert result.returncode == 1 and "missing.safetensors" in result.stderr
 
 
+def test_cli_rejects_latent_that_would_fix_an_axis(tmp_path):
+    """An example latent of 1 frame makes torch.export specialise that axis; refuse it."""
+    result = run("--model", "tiny", "--out", str(tmp_path), "--latent", "1,8,8", "--graphs", "inference_model")
+    assert result.returncode == 1 and "frames >= 2" in result.stderr
+
+
+def test_validation_catches_a_fixed_latent_axis(tmp_path):
+    """Traced with 1 frame, torch.export bakes the frame count into reshapes; the export's
+    own validation at a second latent size must catch it."""
+    import dataclasses
+
+    import pytest
+
+    from flowstep_export.configs import get_config
+    from flowstep_export.export import ExportOptions, export_artifacts
+    from flowstep_export.lora import LoraConfig
+    from flowstep_export.validate import validate_artifacts
+
+    config = dataclasses.replace(get_config("tiny"), example_latent=(1, 8, 8))
+    options = ExportOptions(out=tmp_path, lora=LoraConfig(rank=2), graphs=("inference_model",))
+    try:
+        export_artifacts(config, options)
+    except RuntimeError:
+        return  # also acceptable: refused at export
+    with pytest.raises(RuntimeError, match="latent 2x10x10"):
+        validate_artifacts(tmp_path, config, options)
+
+
 def test_cli_loads_base_with_model_prefix(tmp_path):
     """A checkpoint with a leading `model.` (as some Wan files have) loads; a wrong shape is named."""
     import torch

@@ -7,7 +7,7 @@ use anyhow::Context;
 use flowstep::artifacts::{Artifacts, INFERENCE};
 use flowstep::executor::{DeviceMemory, VelocityGraph, load_base_weights};
 use flowstep::lora_io;
-use flowstep::render::{Grid, centroid_motion};
+use flowstep::render::{Grid, centroid_motion, mean_rgb};
 use flowstep::sample::{SampleConfig, sample};
 use flowstep::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, write_atomic};
 
@@ -63,10 +63,10 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 
-    /// Print each sample's centroid motion (dx, dy in latent pixels): the toy world's
-    /// measure of which way the blob moved.
+    /// Print each sample's centroid motion (dx, dy in latent pixels) and mean colour
+    /// (channels 0-2): the toy world's measures of where the blob went and what colour it is.
     #[arg(long)]
-    pub report_motion: bool,
+    pub report: bool,
 
     #[command(flatten)]
     pub device: DeviceArgs,
@@ -106,10 +106,11 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         let config = SampleConfig { steps: args.steps, shift: args.shift, cfg_scale: args.cfg_scale, seed: args.seed + i as u64, shape };
         let video = sample(&mut graph, &params, (&ctx_shape, &ctx), negative.as_deref(), &config)?;
         let (dx, dy) = centroid_motion(&video, shape);
-        if args.report_motion {
-            println!("sample {i}: motion dx {dx:+.2} dy {dy:+.2}");
+        let [r, g, b] = mean_rgb(&video, shape);
+        if args.report {
+            println!("sample {i}: motion dx {dx:+.2} dy {dy:+.2}  colour r {r:.2} g {g:.2} b {b:.2}");
         }
-        motions.push(serde_json::json!({"seed": config.seed, "dx": dx, "dy": dy}));
+        motions.push(serde_json::json!({"seed": config.seed, "dx": dx, "dy": dy, "rgb": [r, g, b]}));
         videos.push(video);
     }
     let all: Vec<f32> = videos.iter().flatten().copied().collect();
