@@ -1,19 +1,24 @@
-//! The demo's claim, measured on samples: a LoRA trained on the toy world's new concept
-//! ("up") makes the model move the blob up for a prompt it never trained on (yellow),
-//! and the base model does not.
+//! The demo's claim, measured on samples: a LoRA trained on the toy world's new colour word
+//! ("purple", from purple blobs moving right, down and left) makes the model draw purple
+//! blobs for a prompt it never trained on ("purple up"); the base model does not.
 
 mod common;
 
 use common::*;
 
-fn motions(out: &std::path::Path) -> Vec<(f64, f64)> {
+/// Mean (r, g, b) over the samples in `samples.json`.
+fn colours(out: &std::path::Path) -> Vec<[f64; 3]> {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("samples.json")).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
-    v["samples"].as_array().map(|a| a.iter().map(|s| (s["dx"].as_f64().unwrap_or(f64::NAN), s["dy"].as_f64().unwrap_or(f64::NAN))).collect()).unwrap_or_default()
+    v["samples"]
+        .as_array()
+        .map(|a| a.iter().map(|s| [0, 1, 2].map(|i| s["rgb"][i].as_f64().unwrap_or(f64::NAN))).collect())
+        .unwrap_or_default()
 }
 
-fn mean(v: &[(f64, f64)]) -> (f64, f64) {
-    let n = v.len() as f64;
-    (v.iter().map(|m| m.0).sum::<f64>() / n, v.iter().map(|m| m.1).sum::<f64>() / n)
+/// How purple a sample is: red and blue present, green absent (the colour code puts 1.5 on
+/// the r and b channels of a purple blob, 0 on g).
+fn purple(rgb: &[f64; 3]) -> f64 {
+    rgb[0].min(rgb[2]) - rgb[1]
 }
 
 #[test]
@@ -35,18 +40,16 @@ fn lora_teaches_the_toy_concept() {
         }
         let r = flowstep(&args);
         assert!(r.status.success(), "{}", stderr(&r));
-        motions(out)
+        colours(out)
     };
-    let base = sample(None, "yellow-up.safetensors", &dir.path().join("base"));
-    let tuned = sample(Some(&lora), "yellow-up.safetensors", &dir.path().join("lora"));
-    let right = sample(Some(&lora), "yellow-right.safetensors", &dir.path().join("right"));
-    let (bx, by) = mean(&base);
-    let (tx, ty) = mean(&tuned);
-    let (rx, ry) = mean(&right);
-    eprintln!("base dx {bx:+.2} dy {by:+.2}; LoRA dx {tx:+.2} dy {ty:+.2}; LoRA on 'right' dx {rx:+.2} dy {ry:+.2}");
-    // Ground truth "up": dy = -9 latent px from first to last frame, dx = 0.
-    assert!(ty < -4.5 && tx.abs() < 2.5, "with the LoRA the blob must move up: dx {tx:+.2} dy {ty:+.2}");
-    assert!(tuned.iter().filter(|m| m.1 < -3.0).count() >= 5, "most samples must move up: {tuned:?}");
-    assert!(by > -3.0, "the base model must not already know 'up': dy {by:+.2}");
-    assert!(rx > 4.5 && ry.abs() < 2.5, "the LoRA must keep a known motion: dx {rx:+.2} dy {ry:+.2}");
+    let base = sample(None, "purple-up.safetensors", &dir.path().join("base"));
+    let tuned = sample(Some(&lora), "purple-up.safetensors", &dir.path().join("lora"));
+    let known = sample(Some(&lora), "yellow-up.safetensors", &dir.path().join("known"));
+    eprintln!("base {base:.2?}\nLoRA {tuned:.2?}\nLoRA on 'yellow up' {known:.2?}");
+    // With the LoRA: every sample purple (r, b ≈ 1, g ≈ 0 measured; 0.4 leaves a wide margin).
+    assert!(tuned.iter().all(|c| purple(c) > 0.4), "with the LoRA the blobs must be purple: {tuned:.2?}");
+    // Without it: the base model does not draw purple for the unknown word.
+    assert!(base.iter().all(|c| purple(c) < 0.2), "the base model must not already know 'purple': {base:.2?}");
+    // A known colour word still gives its colour (yellow: r and g high, not purple).
+    assert!(known.iter().all(|c| c[1] > 0.4 && purple(c) < 0.2), "'yellow' must stay yellow: {known:.2?}");
 }
