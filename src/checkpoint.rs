@@ -81,10 +81,11 @@ pub fn list(out: &Path) -> Result<Vec<(u64, PathBuf)>> {
     for entry in std::fs::read_dir(&root).at(&root)? {
         let path = entry.at(&root)?.path();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
-            if path.join(STATE_FILE).is_file() && path.join(TRAINER_FILE).is_file() {
-                found.push((step, path));
-            }
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok())
+            && path.join(STATE_FILE).is_file()
+            && path.join(TRAINER_FILE).is_file()
+        {
+            found.push((step, path));
         }
     }
     found.sort();

@@ -83,10 +83,10 @@ impl Observer for JsonlWriter {
             TrainEvent::Evaluated { step, loss } => self.pending_eval = Some((*step, *loss)),
             TrainEvent::Step(record) => {
                 let mut record = (*record).clone();
-                if let Some((step, loss)) = self.pending_eval.take() {
-                    if step == record.step {
-                        record.eval_loss = Some(loss);
-                    }
+                if let Some((step, loss)) = self.pending_eval.take()
+                    && step == record.step
+                {
+                    record.eval_loss = Some(loss);
                 }
                 let line = serde_json::to_string(&record).map_err(|e| Error::Config(e.to_string()))?;
                 writeln!(self.file, "{line}").at(&self.path)?;

@@ -103,7 +103,8 @@ fn draw_panel(area: &Area<'_>, panel: &Panel<'_>) -> std::result::Result<(), Box
 }
 
 /// `loss.png`: per-step loss, its running mean, and eval losses, from `metrics.jsonl`.
-pub fn loss_curve(path: &Path, metrics: &Path) -> Result<std::path::PathBuf> {
+/// `eval_before` is drawn at step 0 (the eval before training has no metrics line).
+pub fn loss_curve(path: &Path, metrics: &Path, eval_before: Option<f64>) -> Result<std::path::PathBuf> {
     let records = crate::metrics::read_jsonl(metrics)?;
     let loss: Vec<(f64, f64)> = records.iter().filter(|r| r.loss.is_finite() && r.loss > 0.0).map(|r| (r.step as f64, r.loss)).collect();
     let mut ema = Vec::with_capacity(loss.len());
@@ -113,7 +114,11 @@ pub fn loss_curve(path: &Path, metrics: &Path) -> Result<std::path::PathBuf> {
         acc = Some(e);
         ema.push((s, e));
     }
-    let evals: Vec<(f64, f64)> = records.iter().filter_map(|r| r.eval_loss.map(|e| (r.step as f64, e))).collect();
+    let evals: Vec<(f64, f64)> = eval_before
+        .map(|e| (0.0, e))
+        .into_iter()
+        .chain(records.iter().filter_map(|r| r.eval_loss.map(|e| (r.step as f64, e))))
+        .collect();
     let mut series = vec![
         Series { label: "loss", points: loss, color: RGBColor(160, 190, 230) },
         Series { label: "running mean", points: ema, color: RGBColor(31, 119, 180) },

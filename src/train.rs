@@ -205,14 +205,15 @@ pub fn train(config: &TrainConfig, observers: &mut [&mut dyn Observer], interrup
     emit(TrainEvent::Started { start_step, total_steps, resumed_from: resumed_from.as_deref() }, &mut jsonl, &mut recorder)?;
 
     let mut eval_before = None;
-    if let (Some(set), Some(g)) = (&eval_set, eval_graph.as_mut()) {
-        if start_step == 0 {
-            let r = evaluate(g, graphs.params(), set, &sampler, &config.eval)?;
-            eval_before = Some(r.eval_loss);
-            emit(TrainEvent::Evaluated { step: 0, loss: r.eval_loss }, &mut jsonl, &mut recorder)?;
-        }
+    if let (Some(set), Some(g)) = (&eval_set, eval_graph.as_mut())
+        && start_step == 0
+    {
+        let r = evaluate(g, graphs.params(), set, &sampler, &config.eval)?;
+        eval_before = Some(r.eval_loss);
+        emit(TrainEvent::Evaluated { step: 0, loss: r.eval_loss }, &mut jsonl, &mut recorder)?;
     }
 
+    let mut eval_after = None;
     let mut batch: Option<Batch> = None;
     let mut host_seconds = 0.0;
     let mut step_seconds = 0.0;
@@ -307,14 +308,19 @@ pub fn train(config: &TrainConfig, observers: &mut [&mut dyn Observer], interrup
             seconds,
             eval_loss: None,
         };
-        if let (Some(set), Some(g), Some(every)) = (&eval_set, eval_graph.as_mut(), config.eval_every) {
-            if every > 0 && trainer.step % every == 0 && trainer.step < total_steps {
-                let r = evaluate(g, graphs.params(), set, &sampler, &config.eval)?;
-                emit(TrainEvent::Evaluated { step: trainer.step, loss: r.eval_loss }, &mut jsonl, &mut recorder)?;
+        let periodic = config.eval_every.is_some_and(|n| n > 0 && trainer.step.is_multiple_of(n));
+        if let (Some(set), Some(g)) = (&eval_set, eval_graph.as_mut())
+            && (periodic || trainer.step == total_steps)
+        {
+            // The final evaluation too, so it lands on the last metrics line.
+            let r = evaluate(g, graphs.params(), set, &sampler, &config.eval)?;
+            if trainer.step == total_steps {
+                eval_after = Some(r.eval_loss);
             }
+            emit(TrainEvent::Evaluated { step: trainer.step, loss: r.eval_loss }, &mut jsonl, &mut recorder)?;
         }
         emit(TrainEvent::Step(&record), &mut jsonl, &mut recorder)?;
-        if config.save_every.is_some_and(|n| n > 0 && trainer.step % n == 0) && trainer.step < total_steps {
+        if config.save_every.is_some_and(|n| n > 0 && trainer.step.is_multiple_of(n)) && trainer.step < total_steps {
             let dir = save(&trainer, &graphs)?;
             prune(&config.out, config.keep_checkpoints)?;
             emit(TrainEvent::Checkpoint { step: trainer.step, dir: &dir }, &mut jsonl, &mut recorder)?;
@@ -323,14 +329,6 @@ pub fn train(config: &TrainConfig, observers: &mut [&mut dyn Observer], interrup
     }
 
     let finished = trainer.step >= total_steps;
-    let mut eval_after = None;
-    if finished {
-        if let (Some(set), Some(g)) = (&eval_set, eval_graph.as_mut()) {
-            let r = evaluate(g, graphs.params(), set, &sampler, &config.eval)?;
-            eval_after = Some(r.eval_loss);
-            emit(TrainEvent::Evaluated { step: trainer.step, loss: r.eval_loss }, &mut jsonl, &mut recorder)?;
-        }
-    }
     if trainer.step > start_step || last_checkpoint.is_none() {
         let dir = save(&trainer, &graphs)?;
         prune(&config.out, config.keep_checkpoints)?;
@@ -345,7 +343,7 @@ pub fn train(config: &TrainConfig, observers: &mut [&mut dyn Observer], interrup
         lora_io::save(&path, &manifest.lora, &params, config.lora_format, config.lora_dtype, &meta)?;
         lora_path = Some(path);
     }
-    let plot = crate::plot::loss_curve(&config.out.join("loss.png"), &metrics_path).ok();
+    let plot = crate::plot::loss_curve(&config.out.join("loss.png"), &metrics_path, eval_before).ok();
     emit(TrainEvent::Finished, &mut jsonl, &mut recorder)?;
     let steps = trainer.step - start_step;
     let summary_path = config.out.join("summary.json");

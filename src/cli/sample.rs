@@ -80,7 +80,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("--shape {}: expected F,H,W", args.shape))?;
     anyhow::ensure!(dims.len() == 3 && dims.iter().all(|&d| d > 0), "--shape {}: expected three positive numbers F,H,W", args.shape);
     let p = m.model.patch_size;
-    anyhow::ensure!(dims[1] % p[1] == 0 && dims[2] % p[2] == 0, "--shape {}: height and width must be multiples of {}", args.shape, p[1]);
+    anyhow::ensure!(dims[1].is_multiple_of(p[1]) && dims[2].is_multiple_of(p[2]), "--shape {}: height and width must be multiples of {}", args.shape, p[1]);
     let shape = [m.model.in_dim, dims[0], dims[1], dims[2]];
     let read_context = |path: &PathBuf| -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
         let (s, v) = TensorFile::open(path)?.read_f32("context")?;

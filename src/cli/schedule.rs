@@ -46,13 +46,13 @@ pub fn run(args: Args, _globals: &Globals) -> anyhow::Result<ExitCode> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if args.csv {
         writeln!(out, "index,sigma,timestep,weight")?;
-        for i in 0..s.len() {
-            writeln!(out, "{i},{},{},{}", s.sigmas[i], s.timesteps[i], weights[i])?;
+        for (i, ((sigma, t), w)) in s.sigmas.iter().zip(&s.timesteps).zip(&weights).enumerate() {
+            writeln!(out, "{i},{sigma},{t},{w}")?;
         }
     } else {
         writeln!(out, "{:>6}  {:>12}  {:>12}  {:>12}", "index", "sigma", "timestep", "weight")?;
-        for i in 0..s.len() {
-            writeln!(out, "{i:>6}  {:>12.7}  {:>12.5}  {:>12.7}", s.sigmas[i], s.timesteps[i], weights[i])?;
+        for (i, ((sigma, t), w)) in s.sigmas.iter().zip(&s.timesteps).zip(&weights).enumerate() {
+            writeln!(out, "{i:>6}  {sigma:>12.7}  {t:>12.5}  {w:>12.7}")?;
         }
     }
     out.flush()?;
