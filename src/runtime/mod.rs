@@ -49,12 +49,13 @@ pub fn load_session(model: &Path, options: &SessionOptions) -> Result<Session> {
     }
     if let Some(provider) = options.device.execution_provider() {
         builder = builder.with_execution_providers([provider]).map_err(|e| {
-            Error::Device(format!(
-                "cannot use {} for {}: {} (GPU providers need the onnxruntime-gpu library: scripts/setup_ort.sh --gpu, then --ort-lib .ort/gpu/libonnxruntime.so)",
-                options.device,
-                model.display(),
-                ort::Error::<()>::from(e)
-            ))
+            let message = ort::Error::<()>::from(e).to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+            let hint = if message.contains("Failed to load library") {
+                "the provider library is there but its CUDA 13 / cuDNN 9 dependencies are not: add their directories to LD_LIBRARY_PATH"
+            } else {
+                "GPU providers need the onnxruntime-gpu library: scripts/setup_ort.sh --gpu, then --ort-lib .ort/gpu/libonnxruntime.so"
+            };
+            Error::Device(format!("cannot use {} for {}: {message} ({hint})", options.device, model.display()))
         })?;
     }
     builder.commit_from_file(model).map_err(|e| Error::Manifest {
