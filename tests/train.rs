@@ -117,8 +117,7 @@ fn fused_lora_file_reproduces_inference() {
     let flat = flowstep::lora_io::load(&out.join("lora.safetensors"), lora_info).unwrap_or_else(|e| panic!("{e}"));
     assert!(flat.iter().any(|&v| v != 0.0));
     let options = SessionOptions::cpu();
-    let probe = flowstep::runtime::load_session(&artifacts.graph_path("inference_model").unwrap_or_default(), &options).unwrap_or_else(|e| panic!("{e}"));
-    let memory = DeviceMemory::new(options.device, &probe).unwrap_or_else(|e| panic!("{e}"));
+    let memory = DeviceMemory::new(options.device);
     let base = load_base_weights(&artifacts, None, &memory).unwrap_or_else(|e| panic!("{e}"));
 
     // Fused base weights: W[out, in] += scale · B[out, r] · A[r, in].

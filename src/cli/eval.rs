@@ -10,13 +10,12 @@ use flowstep::executor::{DeviceMemory, LossGraph, load_base_weights};
 use flowstep::lora_io;
 use flowstep::sft::{SftConfig, SftSampler};
 
-use super::{DeviceArgs, Globals};
+use super::{DeviceArgs, Globals, ModelArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Artifacts directory written by `python -m flowstep_export`.
-    #[arg(long, value_name = "DIR")]
-    pub artifacts: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
 
     /// Dataset directory (same format as for train).
     #[arg(long, value_name = "DIR")]
@@ -26,10 +25,6 @@ pub struct Args {
     /// LoRA, which equals the base model (B = 0).
     #[arg(long, value_name = "FILE")]
     pub lora: Option<PathBuf>,
-
-    /// Base Wan checkpoint when the artifacts do not ship base weights.
-    #[arg(long, value_name = "FILE")]
-    pub base: Option<PathBuf>,
 
     /// Noise seed; the same seed gives the same number every run.
     #[arg(long, default_value_t = 0)]
@@ -53,16 +48,13 @@ pub struct Args {
 
 pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     let session = super::init_runtime(globals, &args.device)?;
-    let artifacts = Artifacts::open(&args.artifacts)?;
+    let artifacts = Artifacts::open(&args.model.artifacts)?;
     let m = &artifacts.manifest;
     let dataset = Dataset::open(&args.data, SampleSpec::for_model(&m.model))?;
     let lora_path = args.lora.clone().unwrap_or_else(|| artifacts.dir.join("lora_init.safetensors"));
     let flat = lora_io::load(&lora_path, &m.lora)?;
-    // The loss graph's session provides the device allocator.
-    let probe = flowstep::runtime::load_session(&artifacts.graph_path(flowstep::artifacts::EVAL)?, &session)?;
-    let memory = DeviceMemory::new(session.device, &probe)?;
-    drop(probe);
-    let base = load_base_weights(&artifacts, args.base.as_deref(), &memory)?;
+    let memory = DeviceMemory::new(session.device);
+    let base = load_base_weights(&artifacts, args.model.base.as_deref(), &memory)?;
     let mut graph = LossGraph::load(&artifacts, &session, &base)?;
     let params = memory.tensor(&[flat.len()], &flat)?;
     let sampler = SftSampler::new(SftConfig { shift: args.shift, ..SftConfig::default() }, args.seed)?;

@@ -20,15 +20,15 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     /// ONNX Runtime shared library to load (libonnxruntime.so). Otherwise flowstep tries
     /// ORT_DYLIB_PATH, the executable's directory, then .ort/{cpu,gpu}/ from scripts/setup_ort.sh.
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH", help_heading = "Global options")]
     pub ort_lib: Option<PathBuf>,
 
     /// More output (repeat for more): per-step lines, ONNX Runtime details.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet", help_heading = "Global options")]
     pub verbose: u8,
 
     /// Only errors and the final summary; no progress bar.
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, help_heading = "Global options")]
     pub quiet: bool,
 
     #[command(subcommand)]
@@ -74,6 +74,18 @@ pub fn run() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The exported model: shared by every command that runs it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Artifacts directory written by `python -m flowstep_export` (manifest.json, graphs).
+    #[arg(long, value_name = "DIR")]
+    pub artifacts: PathBuf,
+
+    /// Base Wan checkpoint (.safetensors) when the artifacts do not ship base weights.
+    #[arg(long, value_name = "FILE")]
+    pub base: Option<PathBuf>,
 }
 
 /// Where the graphs run; shared by every command that runs them.

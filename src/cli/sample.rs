@@ -4,28 +4,23 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use flowstep::artifacts::{Artifacts, INFERENCE};
+use flowstep::artifacts::Artifacts;
 use flowstep::executor::{DeviceMemory, VelocityGraph, load_base_weights};
 use flowstep::lora_io;
 use flowstep::render::{Grid, centroid_motion, mean_rgb};
 use flowstep::sample::{SampleConfig, sample};
 use flowstep::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, write_atomic};
 
-use super::{DeviceArgs, Globals};
+use super::{DeviceArgs, Globals, ModelArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Artifacts directory written by `python -m flowstep_export` (needs inference_model.onnx).
-    #[arg(long, value_name = "DIR")]
-    pub artifacts: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
 
     /// LoRA file to apply (DiffSynth or ComfyUI keys); default: none (the base model).
     #[arg(long, value_name = "FILE")]
     pub lora: Option<PathBuf>,
-
-    /// Base Wan checkpoint when the artifacts do not ship base weights.
-    #[arg(long, value_name = "FILE")]
-    pub base: Option<PathBuf>,
 
     /// Prompt: a .safetensors file with a `context` tensor [L, D] (text-encoder output).
     #[arg(long, value_name = "FILE")]
@@ -74,7 +69,7 @@ pub struct Args {
 
 pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     let session = super::init_runtime(globals, &args.device)?;
-    let artifacts = Artifacts::open(&args.artifacts)?;
+    let artifacts = Artifacts::open(&args.model.artifacts)?;
     let m = &artifacts.manifest;
     let dims: Vec<usize> = args.shape.split(',').map(|d| d.trim().parse()).collect::<Result<_, _>>()
         .with_context(|| format!("--shape {}: expected F,H,W", args.shape))?;
@@ -93,10 +88,8 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         Some(path) => lora_io::load(path, &m.lora)?,
         None => lora_io::load(&artifacts.dir.join("lora_init.safetensors"), &m.lora)?,
     };
-    let probe = flowstep::runtime::load_session(&artifacts.graph_path(INFERENCE)?, &session)?;
-    let memory = DeviceMemory::new(session.device, &probe)?;
-    drop(probe);
-    let base = load_base_weights(&artifacts, args.base.as_deref(), &memory)?;
+    let memory = DeviceMemory::new(session.device);
+    let base = load_base_weights(&artifacts, args.model.base.as_deref(), &memory)?;
     let mut graph = VelocityGraph::load(&artifacts, &session, &base)?;
     let params = memory.tensor(&[flat.len()], &flat)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;

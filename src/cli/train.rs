@@ -14,13 +14,12 @@ use flowstep::sft::SftConfig;
 use flowstep::tensor_file::SaveDtype;
 use flowstep::train::{Length, NonFinitePolicy, TrainConfig, train};
 
-use super::{DeviceArgs, Globals};
+use super::{DeviceArgs, Globals, ModelArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Artifacts directory written by `python -m flowstep_export` (manifest.json, graphs).
-    #[arg(long, value_name = "DIR")]
-    pub artifacts: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
 
     /// Dataset directory: one .safetensors per sample with `latents` [C,F,H,W] and
     /// `context` [L,D] (see `python -m flowstep_export.convert_diffsynth` for DiffSynth caches).
@@ -30,10 +29,6 @@ pub struct Args {
     /// Output directory: metrics.jsonl, checkpoints/, lora.safetensors, loss.png.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-
-    /// Base Wan checkpoint (.safetensors) when the artifacts do not ship base weights.
-    #[arg(long, value_name = "FILE")]
-    pub base: Option<PathBuf>,
 
     /// Start from this LoRA file (DiffSynth or ComfyUI keys) instead of lora_init.safetensors.
     #[arg(long, value_name = "FILE")]
@@ -160,10 +155,10 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         (None, None) => anyhow::bail!("give --steps N or --epochs E"),
     };
     let config = TrainConfig {
-        artifacts: args.artifacts,
+        artifacts: args.model.artifacts,
         data: args.data,
         out: args.out,
-        base: args.base,
+        base: args.model.base,
         init_lora: args.init_lora,
         length,
         seed: args.seed,

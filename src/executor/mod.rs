@@ -11,8 +11,7 @@ pub use batch::Batch;
 pub use graphs::{LossGraph, VelocityGraph};
 pub use state::{AdamW, OptimizerOutcome, TrainingGraphs};
 
-use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
-use ort::session::Session;
+use ort::memory::{AllocationDevice, Allocator};
 use ort::value::Tensor;
 
 use crate::error::{Error, Result};
@@ -25,17 +24,10 @@ pub struct DeviceMemory {
 }
 
 impl DeviceMemory {
-    /// The device allocator of a session already created on `device`.
-    pub fn new(device: Device, session: &Session) -> Result<Self> {
-        let allocator = match device {
-            Device::Cpu => Allocator::default(),
-            Device::Cuda(id) | Device::TensorRt(id) => {
-                let info = MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default)
-                    .map_err(Error::ort("describing CUDA memory"))?;
-                Allocator::new(session, info).map_err(Error::ort("creating the CUDA allocator"))?
-            }
-        };
-        Ok(Self { device, allocator })
+    /// Host memory for the CPU provider; on a GPU, tensors are copied there by ONNX Runtime
+    /// (`Tensor::to`), which allocates them on that device.
+    pub fn new(device: Device) -> Self {
+        Self { device, allocator: Allocator::default() }
     }
 
     /// A device tensor holding `values` (bindable as input and output).

@@ -67,7 +67,7 @@ impl TrainingGraphs {
         check_session_io(artifacts, TRAINING, &training)?;
         let optimizer = load_session(&artifacts.graph_path(OPTIMIZER)?, options)?;
         check_session_io(artifacts, OPTIMIZER, &optimizer)?;
-        let memory = DeviceMemory::new(options.device, &training)?;
+        let memory = DeviceMemory::new(options.device);
         let base = base(&memory)?;
         let p = artifacts.num_params();
         let zero = vec![0.0f32; p];
