@@ -205,7 +205,7 @@ Softmax 1%. The optimizer graph is 4 ms. What would close the gap:
 
 `scripts/gpu_pack.sh` then `scripts/gpu_bench.sh` on a lent H100 80GB (CUDA 13, driver
 580.159.04), `LATENT=16,1,60,104 STEPS=8`: Wan2.1-T2V-1.3B shape (random weights), rank-32 LoRA
-(43.8 M parameters), one 480×832 latent frame (1,560 tokens) with the full 512-token context,
+(43.7 M parameters), one 480×832 latent frame (1,560 tokens) with the full 512-token context,
 float32 on both sides. flowstep: ONNX Runtime 1.31.1 CUDA provider. Reference: PyTorch 2.11
 eager with SDPA, `flowstep_export`'s Wan modules (equal to DiffSynth's, tested) and the same
 LoRA (`reference_train --impl torch`; DiffSynth itself is not installed there). Raw output in

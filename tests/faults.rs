@@ -277,3 +277,33 @@ fn disk_full_keeps_previous_checkpoint() {
     let leftovers: Vec<_> = std::fs::read_dir(out.join("checkpoints")).map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).filter(|n| n.to_string_lossy().starts_with('.')).collect()).unwrap_or_default();
     assert!(leftovers.is_empty(), "temp files left behind: {leftovers:?}");
 }
+
+/// Ctrl-C (SIGINT) finishes the step, saves a checkpoint and exits 130; --resume continues.
+#[test]
+fn ctrl_c_saves_a_checkpoint() {
+    let dir = tempdir();
+    let art = tiny_artifacts();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 2, 1);
+    let out = dir.path().join("out");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_flowstep"))
+        .args(["-q", "train", "--artifacts", path_str(&art), "--data", path_str(&data), "--out", path_str(&out), "--steps", "1000000", "--seed", "5"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0) < 20 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    assert!(status.is_ok_and(|s| s.success()));
+    let result = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(result.status.code(), Some(130), "{}", String::from_utf8_lossy(&result.stderr));
+    let saved = flowstep::checkpoint::list(&out).unwrap_or_default();
+    let (step, _) = saved.last().cloned().unwrap_or_else(|| panic!("no checkpoint after Ctrl-C"));
+    let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default().lines().count() as u64;
+    assert_eq!(step, lines, "the checkpoint holds every finished step");
+    assert!(!out.join("lora.safetensors").exists(), "an interrupted run writes no final LoRA");
+    let r = train_cmd(&art, &data, &out, step + 3, &["--resume"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+}

@@ -134,3 +134,18 @@ def test_only_standard_ops(tiny_artifacts):
         assert len(model.functions) == 0
         # Base weights are inputs, not initializers.
         assert not any(i.name.startswith("blocks.") for i in model.graph.initializer), name
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("FLOWSTEP_SLOW"), reason="opt-in: FLOWSTEP_SLOW=1 (1.3B export, ~7 min, 12 GB)")
+def test_export_wan_1_3b(tmp_path):
+    """The real 1.3B configuration exports and validates at two latent sizes."""
+    from flowstep_export.export import ExportOptions, export_artifacts
+    from flowstep_export.lora import LoraConfig
+    from flowstep_export.validate import validate_artifacts
+
+    config = get_config("wan2.1-t2v-1.3b")
+    options = ExportOptions(out=tmp_path, lora=LoraConfig(rank=32), graphs=("training_model", "optimizer_model"))
+    manifest = export_artifacts(config, options)
+    assert manifest["lora"]["num_params"] == 43_745_280
+    report = validate_artifacts(tmp_path, config, options)
+    assert all(v["max_rel"] < 1e-4 for v in report.values())
