@@ -22,7 +22,7 @@ $fs inspect --artifacts "$art" | sed -n '2,4p'
 
 echo
 echo "== 1. eval loss of the base model on held-out samples of the new concept \"purple\""
-before=$($fs eval --artifacts "$art" --data "$data/eval" --json | sed 's/.*"eval_loss":\([0-9.e+-]*\).*/\1/')
+before=$(printf "%.5f" "$($fs eval --artifacts "$art" --data "$data/eval" --json | sed 's/.*"eval_loss":\([0-9.e+-]*\).*/\1/')")
 echo "eval loss before: $before"
 
 echo
@@ -32,7 +32,7 @@ $fs train --artifacts "$art" --data "$data/train" --eval-data "$data/eval" --eva
 
 echo
 echo "== 3. eval loss after"
-after=$($fs eval --artifacts "$art" --data "$data/eval" --lora "$out/train/lora.safetensors" --json | sed 's/.*"eval_loss":\([0-9.e+-]*\).*/\1/')
+after=$(printf "%.5f" "$($fs eval --artifacts "$art" --data "$data/eval" --lora "$out/train/lora.safetensors" --json | sed 's/.*"eval_loss":\([0-9.e+-]*\).*/\1/')")
 echo "eval loss after:  $after   (before: $before)"
 
 echo
