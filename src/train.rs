@@ -182,10 +182,7 @@ pub fn train(config: &TrainConfig, observers: &mut [&mut dyn Observer], interrup
             trainer = state;
         }
         None => {
-            let init = match &config.init_lora {
-                Some(path) => lora_io::load(path, &manifest.lora)?,
-                None => lora_io::load(&artifacts.dir.join("lora_init.safetensors"), &manifest.lora)?,
-            };
+            let init = lora_io::load(&artifacts.lora_file(config.init_lora.as_deref()), &manifest.lora)?;
             let zeros = vec![0.0; p];
             graphs.set_state(&init, &zeros, &zeros)?;
         }

@@ -61,6 +61,11 @@ impl Artifacts {
         self.manifest.lora.num_params
     }
 
+    /// `path`, or the export's initial LoRA (B = 0: the base model) when none is given.
+    pub fn lora_file(&self, path: Option<&Path>) -> PathBuf {
+        path.map_or_else(|| self.dir.join("lora_init.safetensors"), Path::to_path_buf)
+    }
+
     /// The shipped base weights file, if the export carries one.
     pub fn shipped_base(&self) -> Option<PathBuf> {
         self.manifest.base_weights.file.as_ref().map(|f| self.dir.join(f))

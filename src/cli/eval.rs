@@ -51,7 +51,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     let artifacts = Artifacts::open(&args.model.artifacts)?;
     let m = &artifacts.manifest;
     let dataset = Dataset::open(&args.data, SampleSpec::for_model(&m.model))?;
-    let lora_path = args.lora.clone().unwrap_or_else(|| artifacts.dir.join("lora_init.safetensors"));
+    let lora_path = artifacts.lora_file(args.lora.as_deref());
     let flat = lora_io::load(&lora_path, &m.lora)?;
     let memory = DeviceMemory::new(session.device);
     let base = load_base_weights(&artifacts, args.model.base.as_deref(), &memory)?;

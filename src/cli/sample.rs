@@ -84,10 +84,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     };
     let (ctx_shape, ctx) = read_context(&args.context)?;
     let negative = args.negative_context.as_ref().map(read_context).transpose()?.map(|(_, v)| v);
-    let flat = match &args.lora {
-        Some(path) => lora_io::load(path, &m.lora)?,
-        None => lora_io::load(&artifacts.dir.join("lora_init.safetensors"), &m.lora)?,
-    };
+    let flat = lora_io::load(&artifacts.lora_file(args.lora.as_deref()), &m.lora)?;
     let memory = DeviceMemory::new(session.device);
     let base = load_base_weights(&artifacts, args.model.base.as_deref(), &memory)?;
     let mut graph = VelocityGraph::load(&artifacts, &session, &base)?;
