@@ -3,7 +3,7 @@
 //! The Python package in `export/` turns the model into portable ONNX training graphs
 //! (DESIGN.md §3); this crate drives them: the flow-matching step math in ndarray, the
 //! ONNX Runtime sessions, the training loop, checkpoints and LoRA files.
-#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod artifacts;
 pub mod checkpoint;

@@ -181,7 +181,7 @@ mod tests {
     #[test]
     fn design_reference_table() {
         let s = FlowMatchScheduler::training(1000, 1.0, 5.0);
-        let w = s.weights.as_ref().map(|w| w.as_slice()).unwrap_or(&[]);
+        let w = s.weights.as_deref().unwrap_or(&[]);
         assert_eq!(s.sigmas[0], 1.0);
         assert_eq!(s.timesteps[0], 1000.0);
         assert_eq!(w[0], 0.0, "weight at t=1000 is exactly zero");
