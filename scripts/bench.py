@@ -181,11 +181,15 @@ def main() -> int:
 BENCH_NOTES = """
 ## Targets on this CPU (small: 1.8× speed, ≤0.6× RSS, ≤2% host)
 
-Two runs of the table above on the same day gave small 1.42× and 1.56×, RSS ratio 0.62 and
-0.63, host share 1.05% and 1.40%; 1.3B-shaped 1.82× and 1.75×. So: **host work ≤2% is met;
-1.8× on small is missed (1.4-1.6×); RSS 0.62-0.63× misses 0.6× narrowly.** On the 1.3B shape
-both processes are dominated by the 5.7 GB of base weights (flowstep: the memory-mapped file
-plus the float32 copy it binds; ratio 0.97).
+The table is the last of three runs on the same day. Across them small was 1.42×, 1.56× and
+1.28× (the machine is shared: flowstep's small step ranged 0.24-0.31 s, the reference's
+0.37-0.39 s), host share 1.05-1.40%; 1.3B-shaped 1.82×, 1.75×, 1.93×. The first two runs had
+ONNX Runtime's memory-pattern planner on (peak RSS 0.84 GB, ratio 0.62-0.63); it preallocates
+one block for the whole training graph, and turning it off (the third run) brought small to
+0.49 GB, **0.35×**, at unchanged speed (A/B on 3×20 steps: medians 0.27-0.31 s both ways).
+So: **host work ≤2%: met. Peak RSS ≤0.6×: met (0.35×). 1.8× on small: missed (1.3-1.6×).**
+On the 1.3B shape both processes are dominated by the 5.7 GB of base weights (flowstep: the
+memory-mapped file plus the float32 copy it binds; ratio 0.94-0.97).
 
 Where flowstep's small step goes (ONNX Runtime profiler, `flowstep train --ort-profile`,
 training graph, 6 steps): Gemm 26%, FusedMatMul 26%, MatMul 15% (matmuls 67%, ~186 ms of
@@ -198,8 +202,8 @@ Softmax 1%. The optimizer graph is 4 ms. What would close the gap:
 - Expand nodes come from broadcasting in backward (mean -> expand); rewriting those as
   reshape-broadcast would remove ~7%.
 - Memory: each ONNX Runtime session keeps its own CPU arena (training + optimizer), growing
-  in powers of two; a shared arena or `kSameAsRequested` extension would trim the peak, and
-  the base weights could be bound straight from the memory map when they are float32.
+  in powers of two; a shared arena would trim the peak further, and the base weights could
+  be bound straight from the memory map when they are float32 (halving the 1.3B footprint).
 
 ## GPU (H100, one run, 2026-11-26)
 
@@ -209,7 +213,8 @@ Softmax 1%. The optimizer graph is 4 ms. What would close the gap:
 float32 on both sides. flowstep: ONNX Runtime 1.31.1 CUDA provider. Reference: PyTorch 2.11
 eager with SDPA, `flowstep_export`'s Wan modules (equal to DiffSynth's, tested) and the same
 LoRA (`reference_train --impl torch`; DiffSynth itself is not installed there). Raw output in
-`benchmarks/gpu-h100-2026-11-26/`.
+`benchmarks/gpu-h100-2026-11-26/`. This run predates turning the memory-pattern planner off
+(see the CPU section); its effect on the CUDA arena was not measured.
 
 | | flowstep (CUDA EP) | PyTorch eager (SDPA) | ratio |
 |---|---|---|---|
