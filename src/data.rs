@@ -88,8 +88,8 @@ impl Dataset {
     fn check_header(&self, path: &Path) -> Result<()> {
         let file = TensorFile::open(path).map_err(|e| bad(path, format!("cannot read sample: {}", strip_path(&e, path))))?;
         let s = &self.spec;
-        let latents = file.info(LATENTS)?.ok_or_else(|| bad(path, format!("missing tensor `{LATENTS}` ([C, F, H, W] VAE latents)")))?;
-        let context = file.info(CONTEXT)?.ok_or_else(|| bad(path, format!("missing tensor `{CONTEXT}` ([L, D] text embeddings)")))?;
+        let latents = file.info(LATENTS).ok_or_else(|| bad(path, format!("missing tensor `{LATENTS}` ([C, F, H, W] VAE latents)")))?;
+        let context = file.info(CONTEXT).ok_or_else(|| bad(path, format!("missing tensor `{CONTEXT}` ([L, D] text embeddings)")))?;
         for (name, info) in [(LATENTS, &latents), (CONTEXT, &context)] {
             if !matches!(info.dtype, safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16) {
                 return Err(bad(path, format!("tensor `{name}` has dtype {:?}; expected F32, BF16 or F16", info.dtype)));

@@ -84,12 +84,12 @@ pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtyp
 /// from the export's is rescaled (B · alpha_file/alpha_export); a different rank is an error.
 pub fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
     let file = TensorFile::open(path)?;
-    let names = file.names()?;
+    let names = file.names();
     let comfy = names.iter().any(|n| n.starts_with(COMFY_PREFIX));
     let mut flat = vec![0.0f32; lora.num_params];
     for t in &lora.tensors {
         let key = if comfy { comfy_key(&t.key) } else { t.key.clone() };
-        let Some(info) = file.info(&key)? else {
+        let Some(info) = file.info(&key) else {
             return Err(Error::Tensor { path: path.to_path_buf(), reason: format!("missing LoRA tensor `{key}` (rank {}, targets {})", lora.rank, lora.targets.join(",")) });
         };
         if info.shape != t.shape {
@@ -101,7 +101,7 @@ pub fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
         let (_, mut values) = file.read_f32(&key)?;
         if comfy && t.key.contains(".lora_B.") {
             let alpha_key = format!("{COMFY_PREFIX}{}.alpha", module_of(&t.key));
-            if file.info(&alpha_key)?.is_some() {
+            if file.info(&alpha_key).is_some() {
                 let alpha = file.read_f32(&alpha_key)?.1.first().copied().unwrap_or(lora.alpha as f32) as f64;
                 let scale = (alpha / lora.alpha) as f32;
                 values.iter_mut().for_each(|v| *v *= scale);
@@ -164,7 +164,7 @@ mod tests {
             let path = dir.path().join(format!("{format:?}.safetensors"));
             save(&path, &info(), &flat, format, SaveDtype::F32, &[])?;
             assert_eq!(load(&path, &info())?, flat);
-            let names = TensorFile::open(&path)?.names()?;
+            let names = TensorFile::open(&path)?.names();
             match format {
                 LoraFormat::Diffsynth => assert!(names.iter().all(|n| n.contains(".default.")) && names.len() == 2),
                 LoraFormat::Comfyui => assert!(names.contains(&"diffusion_model.blocks.0.self_attn.q.alpha".to_string())),

@@ -8,15 +8,18 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use memmap2::Mmap;
+use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
-
 
 use crate::error::{Error, IoContext, Result};
 
-/// A memory-mapped safetensors file.
+/// A memory-mapped safetensors file; the header is parsed once, when it is opened.
 pub struct TensorFile {
     path: PathBuf,
     mmap: Mmap,
+    /// Where the tensor data starts (after the 8-byte length and the JSON header).
+    data_start: usize,
+    header: Metadata,
 }
 
 /// One tensor's metadata.
@@ -31,46 +34,36 @@ impl TensorFile {
         let file = File::open(path).at(path)?;
         // SAFETY: the file is only read; flowstep never maps a file it writes concurrently.
         let mmap = unsafe { Mmap::map(&file) }.at(path)?;
-        let file = Self { path: path.to_path_buf(), mmap };
-        file.parse()?;
-        Ok(file)
+        let (header_len, header) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Tensor {
+            path: path.to_path_buf(),
+            reason: format!("not a valid safetensors file: {e}"),
+        })?;
+        Ok(Self { path: path.to_path_buf(), mmap, data_start: 8 + header_len, header })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    fn parse(&self) -> Result<SafeTensors<'_>> {
-        SafeTensors::deserialize(&self.mmap).map_err(|e| Error::Tensor {
-            path: self.path.clone(),
-            reason: format!("not a valid safetensors file: {e}"),
-        })
+    /// Tensor names in file order.
+    pub fn names(&self) -> Vec<String> {
+        self.header.offset_keys()
     }
 
-    pub fn names(&self) -> Result<Vec<String>> {
-        Ok(self.parse()?.names().into_iter().map(String::from).collect())
-    }
-
-    pub fn metadata(&self) -> Result<HashMap<String, String>> {
-        let (_, meta) = SafeTensors::read_metadata(&self.mmap)
-            .map_err(|e| Error::Tensor { path: self.path.clone(), reason: e.to_string() })?;
-        Ok(meta.metadata().clone().unwrap_or_default())
-    }
-
-    pub fn info(&self, name: &str) -> Result<Option<TensorInfo>> {
-        let st = self.parse()?;
-        Ok(st.tensor(name).ok().map(|t| TensorInfo { dtype: t.dtype(), shape: t.shape().to_vec() }))
+    pub fn info(&self, name: &str) -> Option<TensorInfo> {
+        self.header.info(name).map(|t| TensorInfo { dtype: t.dtype, shape: t.shape.clone() })
     }
 
     /// A tensor as float32 (from F32, BF16 or F16), with its shape.
     pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let st = self.parse()?;
-        let view = st.tensor(name).map_err(|_| Error::Tensor {
+        let info = self.header.info(name).ok_or_else(|| Error::Tensor {
             path: self.path.clone(),
             reason: format!("has no tensor `{name}`"),
         })?;
-        let data = view.data();
-        let values = match view.dtype() {
+        // read_metadata checked that every tensor's offsets lie inside the file.
+        let (begin, end) = info.data_offsets;
+        let data = &self.mmap[self.data_start + begin..self.data_start + end];
+        let values = match info.dtype {
             Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             Dtype::BF16 => data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::F16 => data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
@@ -81,7 +74,7 @@ impl TensorFile {
                 });
             }
         };
-        Ok((view.shape().to_vec(), values))
+        Ok((info.shape.clone(), values))
     }
 }
 

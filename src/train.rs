@@ -20,7 +20,7 @@ use crate::metrics::{JsonlWriter, Observer, Recorder, StepRecord, TrainEvent};
 use crate::optim::LrSchedule;
 use crate::runtime::SessionOptions;
 use crate::sft::{SftConfig, SftSampler};
-use crate::tensor_file::{SaveDtype, TensorFile};
+use crate::tensor_file::SaveDtype;
 
 /// What to do when a loss or gradient norm is NaN or infinite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
@@ -375,9 +375,4 @@ fn prune(out: &Path, keep: usize) -> Result<()> {
         std::fs::remove_dir_all(&dir).at(&dir)?;
     }
     Ok(())
-}
-
-/// Reads a LoRA file's flowstep metadata, if any (for summaries).
-pub fn lora_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>> {
-    TensorFile::open(path)?.metadata()
 }

@@ -68,7 +68,7 @@ fn bad_artifacts() {
     // Base weights: missing tensor, wrong shape, wrong dtype (through --base).
     let art = tiny_artifacts();
     let base = flowstep::tensor_file::TensorFile::open(&art.join("base.safetensors")).unwrap_or_else(|e| panic!("{e}"));
-    let names = base.names().unwrap_or_default();
+    let names = base.names();
     let all: Vec<_> = names.iter().map(|n| {
         let (shape, v) = base.read_f32(n).unwrap_or_else(|e| panic!("{e}"));
         tensor(n, &shape, v)

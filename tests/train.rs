@@ -48,9 +48,9 @@ fn training_lowers_eval_loss_and_eval_is_deterministic() {
     assert!(metrics.iter().all(|m| m.applied && m.loss.is_finite() && m.grad_norm > 0.0 && m.lr == 3e-3));
     assert!(out.join("loss.png").is_file());
     // DiffSynth-format bf16 by default, with DiffSynth's key names.
-    let names = TensorFile::open(&lora).and_then(|f| f.names()).unwrap_or_else(|e| panic!("{e}"));
+    let names = TensorFile::open(&lora).map(|f| f.names()).unwrap_or_else(|e| panic!("{e}"));
     assert!(names.contains(&"blocks.0.self_attn.q.lora_A.default.weight".to_string()));
-    let info = TensorFile::open(&lora).and_then(|f| f.info("blocks.1.ffn.2.lora_B.default.weight")).unwrap_or_else(|e| panic!("{e}"));
+    let info = TensorFile::open(&lora).map(|f| f.info("blocks.1.ffn.2.lora_B.default.weight")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(info.map(|i| i.dtype), Some(safetensors::Dtype::BF16));
 }
 
