@@ -39,14 +39,21 @@ pub fn sample(graph: &mut VelocityGraph, params: &Tensor<f32>, context: (&[usize
     let mut batch = Batch::new(&config.shape, context.0)?;
     let (mut v, mut v_neg) = (Vec::with_capacity(len), Vec::with_capacity(len));
     let guided = config.cfg_scale != 1.0;
+    let zeros;
+    let negative = match negative {
+        Some(n) => n,
+        None => {
+            zeros = vec![0.0; context.1.len()];
+            &zeros
+        }
+    };
     for &t in &scheduler.timesteps {
         batch.x_t.extract_tensor_mut().1.copy_from_slice(&x);
         batch.set_scalars(t, 1.0);
         batch.context.extract_tensor_mut().1.copy_from_slice(context.1);
         graph.velocity(params, &batch, config.shape[0], &mut v)?;
         if guided {
-            let neg = negative.map(<[f32]>::to_vec).unwrap_or_else(|| vec![0.0; context.1.len()]);
-            batch.context.extract_tensor_mut().1.copy_from_slice(&neg);
+            batch.context.extract_tensor_mut().1.copy_from_slice(negative);
             graph.velocity(params, &batch, config.shape[0], &mut v_neg)?;
             for (p, n) in v.iter_mut().zip(&v_neg) {
                 *p = n + config.cfg_scale * (*p - n);
