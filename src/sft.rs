@@ -106,18 +106,25 @@ impl SftSampler {
         // add_noise and training_weight look the timestep up again (argmin), which only
         // changes the entry when the timestep was rounded.
         let id = if self.config.bf16_timestep { self.scheduler.index_of(timestep) } else { index };
-        let weight = self.scheduler.weights.as_ref().map_or(1.0, |w| w[id]);
-        TimestepDraw { index, timestep, sigma: self.scheduler.sigmas[id], weight }
+        self.draw_at(index, timestep, id)
     }
 
-    /// Fills `noise` with step `step`'s ε ~ N(0, 1)·noise_scale.
+    /// The draw for table index `index` fed as `timestep`, with σ and w(t) of entry `entry`.
+    fn draw_at(&self, index: usize, timestep: f32, entry: usize) -> TimestepDraw {
+        let weight = self.scheduler.weights.as_ref().map_or(1.0, |w| w[entry]);
+        TimestepDraw { index, timestep, sigma: self.scheduler.sigmas[entry], weight }
+    }
+
+    /// ε ~ N(0, 1)·noise_scale for one chunk of step `key`'s noise.
+    fn noise_chunk(&self, key: u64, chunk: usize) -> impl Iterator<Item = f32> {
+        let (mut rng, scale) = (step_rng(self.seed, key, chunk as u64), self.config.noise_scale);
+        std::iter::repeat_with(move || rng.sample::<f32, _>(StandardNormal) * scale)
+    }
+
+    /// Fills `noise` with step `step`'s ε.
     pub fn fill_noise(&self, step: u64, noise: &mut [f32]) {
-        let scale = self.config.noise_scale;
         noise.par_chunks_mut(NOISE_CHUNK).enumerate().for_each(|(chunk, out)| {
-            let mut rng = step_rng(self.seed, step, chunk as u64);
-            for v in out {
-                *v = rng.sample::<f32, _>(StandardNormal) * scale;
-            }
+            out.iter_mut().zip(self.noise_chunk(step, chunk)).for_each(|(v, eps)| *v = eps);
         });
     }
 
@@ -133,9 +140,7 @@ impl SftSampler {
     /// the noise is still keyed by `key`.
     pub fn prepare_at(&self, key: u64, index: usize, x0: &[f32], x_t: &mut [f32], target: &mut [f32]) -> Result<TimestepDraw> {
         let index = index.min(self.scheduler.len().saturating_sub(1));
-        let timestep = self.scheduler.timesteps[index];
-        let weight = self.scheduler.weights.as_ref().map_or(1.0, |w| w[index]);
-        let draw = TimestepDraw { index, timestep, sigma: self.scheduler.sigmas[index], weight };
+        let draw = self.draw_at(index, self.scheduler.timesteps[index], index);
         self.noise_into(key, draw.sigma, x0, x_t, target)?;
         Ok(draw)
     }
@@ -148,15 +153,13 @@ impl SftSampler {
                 got: vec![x_t.len(), target.len()],
             });
         }
-        let (keep, scale) = (1.0 - sigma, self.config.noise_scale);
+        let keep = 1.0 - sigma;
         x_t.par_chunks_mut(NOISE_CHUNK)
             .zip(target.par_chunks_mut(NOISE_CHUNK))
             .zip(x0.par_chunks(NOISE_CHUNK))
             .enumerate()
             .for_each(|(chunk, ((xt, tg), x))| {
-                let mut rng = step_rng(self.seed, key, chunk as u64);
-                for ((o, t), &x) in xt.iter_mut().zip(tg.iter_mut()).zip(x) {
-                    let eps = rng.sample::<f32, _>(StandardNormal) * scale;
+                for (((o, t), &x), eps) in xt.iter_mut().zip(tg.iter_mut()).zip(x).zip(self.noise_chunk(key, chunk)) {
                     *o = keep * x + sigma * eps;
                     *t = eps - x;
                 }
