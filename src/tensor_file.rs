@@ -54,16 +54,32 @@ impl TensorFile {
         self.header.info(name).map(|t| TensorInfo { dtype: t.dtype, shape: t.shape.clone() })
     }
 
-    /// A tensor as float32 (from F32, BF16 or F16), with its shape.
-    pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    /// A tensor's dtype, shape and raw little-endian bytes (borrowed from the map).
+    fn raw(&self, name: &str) -> Result<(Dtype, &[usize], &[u8])> {
         let info = self.header.info(name).ok_or_else(|| Error::Tensor {
             path: self.path.clone(),
             reason: format!("has no tensor `{name}`"),
         })?;
         // read_metadata checked that every tensor's offsets lie inside the file.
         let (begin, end) = info.data_offsets;
-        let data = &self.mmap[self.data_start + begin..self.data_start + end];
-        let values = match info.dtype {
+        Ok((info.dtype, &info.shape, &self.mmap[self.data_start + begin..self.data_start + end]))
+    }
+
+    /// A tensor as bfloat16: BF16 bits as stored (no float32 copy), F32 and F16 rounded to
+    /// nearest even.
+    pub fn read_bf16(&self, name: &str) -> Result<(Vec<usize>, Vec<bf16>)> {
+        let (dtype, shape, data) = self.raw(name)?;
+        let values = match dtype {
+            Dtype::BF16 => data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect(),
+            _ => self.read_f32(name)?.1.into_iter().map(bf16::from_f32).collect(),
+        };
+        Ok((shape.to_vec(), values))
+    }
+
+    /// A tensor as float32 (from F32, BF16 or F16), with its shape.
+    pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let (dtype, shape, data) = self.raw(name)?;
+        let values = match dtype {
             Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             Dtype::BF16 => data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::F16 => data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
@@ -74,7 +90,7 @@ impl TensorFile {
                 });
             }
         };
-        Ok((info.shape.clone(), values))
+        Ok((shape.to_vec(), values))
     }
 }
 

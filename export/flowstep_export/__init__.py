@@ -8,3 +8,5 @@ standard ONNX op, so any ONNX Runtime build and execution provider runs them.
 __version__ = "0.1.0"
 FORMAT_VERSION = 1
 OPSET = 18
+# Queries per attention chunk unless --attention-chunk says otherwise (BENCHMARKS.md).
+DEFAULT_ATTENTION_CHUNK = 512

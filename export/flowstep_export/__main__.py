@@ -11,6 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
+from . import DEFAULT_ATTENTION_CHUNK
 from .configs import PRESETS, get_config
 from .lora import DEFAULT_TARGETS, LoraConfig
 
@@ -35,6 +36,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated module name suffixes (default: %(default)s)")
     g.add_argument("--lora-init", choices=("kaiming", "gaussian"), default="kaiming",
                    help="A initialisation; B always starts at zero (default: kaiming)")
+    g = p.add_argument_group("memory and precision")
+    g.add_argument("--attention-chunk", type=int, default=None, metavar="N",
+                   help="queries per attention chunk: the backward recomputes each chunk's probabilities, so the "
+                        "largest attention tensor is [heads, N, tokens] (default %d)" % DEFAULT_ATTENTION_CHUNK)
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each block's forward in the backward (DiffSynth's use_gradient_checkpointing): "
+                        "less memory, more time")
+    g.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                   help="base weights and activations; LoRA parameters, gradients, AdamW, norms, softmax "
+                        "statistics and the loss stay float32 (default: float32)")
     p.add_argument("--seed", type=int, default=0, help="seed for random base and LoRA init (default 0)")
     p.add_argument("--graphs", default=",".join(GRAPHS), help="graphs to export (default: all)")
     p.add_argument("--latent", help="example latent size FRAMES,HEIGHT,WIDTH used for tracing and validation")
@@ -71,7 +82,12 @@ def main(argv=None) -> int:
         lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha,
                           targets=tuple(t for t in args.lora_targets.split(",") if t), init=args.lora_init)
         options = ExportOptions(out=args.out, base=args.base, seed=args.seed, lora=lora,
-                                ship_base=args.ship_base, graphs=graphs)
+                                ship_base=args.ship_base, graphs=graphs, gradient_checkpointing=args.gradient_checkpointing,
+                                precision=args.precision)
+        if args.attention_chunk is not None:
+            if args.attention_chunk < 1:
+                raise ValueError(f"--attention-chunk must be at least 1, got {args.attention_chunk}")
+            options = dataclasses.replace(options, attention_chunk=args.attention_chunk)
         start = time.perf_counter()
         manifest = export_artifacts(config, options)
         seconds = time.perf_counter() - start

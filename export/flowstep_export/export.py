@@ -12,7 +12,7 @@ import onnx
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import trace
+from . import DEFAULT_ATTENTION_CHUNK, trace
 from .configs import WanConfig
 from .lora import LoraConfig, base_state, inject_lora, lora_state
 from .manifest import write_manifest
@@ -26,6 +26,7 @@ OPTIMIZER_INPUTS = ["params", "grads", "m", "v", "lr", "beta1", "beta2", "eps", 
                     "bias_correction1", "bias_correction2", "grad_scale"]
 OPTIMIZER_OUTPUTS = ["params_out", "m_out", "v_out", "grad_norm"]
 LATENT_AXES = {2: "frames", 3: "height", 4: "width"}
+PRECISIONS = {"float32": (torch.float32, onnx.TensorProto.FLOAT), "bfloat16": (torch.bfloat16, onnx.TensorProto.BFLOAT16)}
 
 
 @dataclasses.dataclass
@@ -36,6 +37,21 @@ class ExportOptions:
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     ship_base: bool = False  # copy the base weights into the artifacts (toy models)
     graphs: tuple[str, ...] = ("training_model", "eval_model", "optimizer_model", "inference_model")
+    # Queries per attention chunk: the largest attention tensor is [heads, chunk, tokens].
+    attention_chunk: int = DEFAULT_ATTENTION_CHUNK
+    # DiffSynth's use_gradient_checkpointing: recompute each block's forward in the backward.
+    gradient_checkpointing: bool = False
+    precision: str = "float32"  # or "bfloat16": base weights and activations; LoRA, loss and AdamW stay float32
+
+    @property
+    def lowering(self) -> trace.Lowering:
+        return trace.Lowering(self.attention_chunk, PRECISIONS[self.precision][1], cse=not self.gradient_checkpointing)
+
+    @property
+    def ort_disabled_optimizers(self) -> list[str]:
+        """ONNX Runtime optimizers the executor must turn off: CSE would merge checkpointing's
+        recompute with the forward (DESIGN.md §6a)."""
+        return ["CommonSubexpressionElimination"] if self.gradient_checkpointing else []
 
 
 def load_base_weights(model: WanModel, path: Path) -> None:
@@ -58,6 +74,8 @@ def load_base_weights(model: WanModel, path: Path) -> None:
 
 def build_model(config: WanConfig, options: ExportOptions) -> tuple[WanModel, list[str]]:
     model = WanModel(config)
+    if options.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if options.base is not None:
         load_base_weights(model, options.base)
     else:
@@ -65,8 +83,12 @@ def build_model(config: WanConfig, options: ExportOptions) -> tuple[WanModel, li
         init_random(model, options.seed)
     lora_names = inject_lora(model, options.lora, seed=options.seed)
     model.eval()
-    for p in model.parameters():
+    model.gradient_checkpointing = options.gradient_checkpointing
+    dtype = PRECISIONS[options.precision][0]
+    for name, p in model.named_parameters():
         p.requires_grad_(False)
+        if name not in lora_names:
+            p.data = p.data.to(dtype)
     return model, lora_names
 
 
@@ -117,7 +139,7 @@ def export_artifacts(config: WanConfig, options: ExportOptions) -> dict:
         start = time.perf_counter()
         fn, inputs, outputs = specs[name]()
         gm = trace.trace(fn, inputs)
-        model_proto = trace.export(gm, inputs, outputs)
+        model_proto = trace.export(gm, inputs, outputs, options.lowering)
         onnx.save(model_proto, str(out / f"{name}.onnx"))
         timings[name] = round(time.perf_counter() - start, 2)
         log.info("exported %s in %.1f s (%d nodes)", name, timings[name], len(model_proto.graph.node))
@@ -128,7 +150,11 @@ def export_artifacts(config: WanConfig, options: ExportOptions) -> dict:
         base_file = "base.safetensors"
         save_file({k: v.contiguous() for k, v in base.items()}, str(out / base_file))
     manifest = write_manifest(out, config, options.lora, layout, base, base_file, list(options.graphs),
-                              extra={"export_seconds": timings, "base_source": str(options.base) if options.base else None})
+                              extra={"export_seconds": timings, "base_source": str(options.base) if options.base else None},
+                              training={"precision": options.precision,
+                                        "attention": {"impl": "chunked", "chunk": options.attention_chunk},
+                                        "gradient_checkpointing": options.gradient_checkpointing,
+                                        "onnxruntime_disabled_optimizers": options.ort_disabled_optimizers})
     return manifest
 
 

@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 ADAPTER = "default"
@@ -45,7 +46,9 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = super().forward(x)
-        return base + self.lora_B[ADAPTER](self.lora_A[ADAPTER](x)) * self.scaling
+        # float32 master weights, applied in the activations' dtype (DiffSynth: bf16 LoRA).
+        a, b = self.lora_A[ADAPTER].weight.to(x.dtype), self.lora_B[ADAPTER].weight.to(x.dtype)
+        return base + F.linear(F.linear(x, a), b) * self.scaling
 
 
 def is_target(module_name: str, targets) -> bool:

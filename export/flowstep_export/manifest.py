@@ -18,6 +18,9 @@ DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"
           onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64"}
 
 
+TORCH_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -41,7 +44,7 @@ def graph_signature(path: Path) -> dict:
 
 
 def write_manifest(out: Path, config: WanConfig, lora: LoraConfig, layout, base: dict[str, torch.Tensor],
-                   base_file: str | None, graphs: list[str], extra: dict | None = None) -> dict:
+                   base_file: str | None, graphs: list[str], extra: dict | None = None, training: dict | None = None) -> dict:
     files = [f"{g}.onnx" for g in graphs] + ["lora_init.safetensors"] + ([base_file] if base_file else [])
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -52,7 +55,9 @@ def write_manifest(out: Path, config: WanConfig, lora: LoraConfig, layout, base:
             "tensors": [{"key": t.key, "shape": list(t.shape), "offset": t.offset} for t in layout],
         },
         "scheduler": {"template": "Wan", "num_train_timesteps": 1000, "shift": 5.0},
-        "base_weights": {"file": base_file, "tensors": [{"name": k, "shape": list(v.shape)} for k, v in base.items()]},
+        "base_weights": {"file": base_file, "tensors": [{"name": k, "shape": list(v.shape), "dtype": TORCH_DTYPES[v.dtype]}
+                                                        for k, v in base.items()]},
+        "training": training or {},
         "graphs": {g: graph_signature(out / f"{g}.onnx") for g in graphs},
         "files": {f: sha256(out / f) for f in files},
         "exporter": {"opset": OPSET, "flowstep_export": __version__, "torch": torch.__version__.split("+")[0],

@@ -14,7 +14,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
+from .attention import flash_attention
 from .configs import WanConfig
 
 ROPE_MAX_POSITIONS = 1024  # Wan's `precompute_freqs_cis_3d(head_dim)` default `end`
@@ -64,33 +66,35 @@ def rope_grid(tables, f: int, h: int, w: int):
 
 def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Wan's complex RoPE on interleaved (real, imag) pairs, in real arithmetic.
-    x: [b, s, n·d]; cos/sin: [s, 1, d/2]."""
+    x: [b, s, n·d]; cos/sin: [s, 1, d/2]. In float32 (DiffSynth: float64), result in x's dtype."""
     b, s, _ = x.shape
-    pairs = x.reshape(b, s, num_heads, -1, 2)
+    pairs = x.float().reshape(b, s, num_heads, -1, 2)
     re, im = pairs.unbind(-1)
     out_re = re * cos - im * sin
     out_im = re * sin + im * cos
-    return torch.stack([out_re, out_im], dim=-1).reshape(b, s, -1)
+    return torch.stack([out_re, out_im], dim=-1).reshape(b, s, -1).to(x.dtype)
 
 
-# Export traces explicit matmul/softmax (portable backward); the PyTorch reference trainer
-# switches to fused SDPA, as DiffSynth runs it.
-USE_SDPA = False
+# How attention is computed: "op" is the flash_attention operator pair that the export traces
+# (attention.py); "math" is explicit softmax, the reference the export is validated against;
+# "sdpa" is PyTorch's fused kernel, as DiffSynth runs it (the PyTorch reference trainer).
+ATTENTION = "op"
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """softmax(q kᵀ / √d) v per head, as explicit matmuls (SDPA's math path)."""
+    """softmax(q kᵀ / √d) v per head; q [b, sq, n·d], k and v [b, sk, n·d]."""
     b, sq, _ = q.shape
-    if USE_SDPA:
-        q, k, v = (t.reshape(b, t.shape[1], num_heads, -1).transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, sq, -1)
-    sk = k.shape[1]
-    q = q.reshape(b, sq, num_heads, -1).transpose(1, 2)
-    k = k.reshape(b, sk, num_heads, -1).transpose(1, 2)
-    v = v.reshape(b, sk, num_heads, -1).transpose(1, 2)
+    q, k, v = (t.reshape(b, t.shape[1], num_heads, -1) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1])
-    weights = torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1)
-    return (weights @ v).transpose(1, 2).reshape(b, sq, -1)
+    if ATTENTION == "op":
+        out, _ = flash_attention(q, k, v, scale)
+    elif ATTENTION == "sdpa":
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    else:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        weights = torch.softmax((q.float() * scale) @ k.float().transpose(-1, -2), dim=-1)
+        out = (weights.to(v.dtype) @ v).transpose(1, 2)
+    return out.reshape(b, sq, -1)
 
 
 def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
@@ -193,6 +197,8 @@ class WanModel(nn.Module):
         )
         self.head = Head(dim, config.out_dim, config.patch_size, config.eps)
         self.rope = rope_tables(config.head_dim)
+        # DiffSynth's use_gradient_checkpointing: each block's forward is recomputed in backward.
+        self.gradient_checkpointing = False
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """The (1,2,2)-strided Conv3d as reshape + matmul: [1, C, F, H, W] -> [1, f·h·w, dim]."""
@@ -215,9 +221,12 @@ class WanModel(nn.Module):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: [1, in_dim, F, H, W] noisy latents; timestep: [1]; context: [1, L, text_dim].
-        Returns the predicted velocity [1, out_dim, F, H, W]."""
+        Returns the predicted velocity [1, out_dim, F, H, W] in the weights' dtype; inputs are
+        cast to it (float32 or bfloat16)."""
         config = self.config
-        t = linear_sequential(self.time_embedding, sinusoidal_embedding_1d(config.freq_dim, timestep))
+        dtype = self.patch_embedding.weight.dtype
+        x, context = x.to(dtype), context.to(dtype)
+        t = linear_sequential(self.time_embedding, sinusoidal_embedding_1d(config.freq_dim, timestep).to(dtype))
         t_mod = self.time_projection(t).unflatten(1, (6, config.dim))
         context = linear_sequential(self.text_embedding, context)
         pf, ph, pw = config.patch_size
@@ -225,7 +234,10 @@ class WanModel(nn.Module):
         tokens = self.patchify(x)
         cos, sin = (t.to(tokens.device) for t in rope_grid(self.rope, f, h, w))
         for block in self.blocks:
-            tokens = block(tokens, context, t_mod, cos, sin)
+            if self.gradient_checkpointing:
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, context, t_mod, cos, sin, use_reentrant=False)
+            else:
+                tokens = block(tokens, context, t_mod, cos, sin)
         return self.unpatchify(self.head(tokens, t), f, h, w)
 
 

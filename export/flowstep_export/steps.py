@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch.func import functional_call, grad_and_value
+from torch.func import functional_call
 
 from .model import WanModel
 
@@ -47,11 +47,27 @@ def sft_loss(velocity: torch.Tensor, target: torch.Tensor, weight: torch.Tensor)
     return weight * torch.mean((velocity.float() - target.float()) ** 2)
 
 
+class _LossAndGrad(torch.nn.Module):
+    """Loss and LoRA gradient inside one functional_call, so that activation checkpointing's
+    recompute (run during the backward) still sees the traced weights, not the module's own.
+    Autograd's engine rather than torch.func: custom ops (attention.py) and checkpointing
+    support it; torch.func.grad rejects both."""
+
+    def __init__(self, model: WanModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, lora_tensors, x_t, timestep, context, target, weight):
+        loss = sft_loss(self.model(x_t, timestep, context), target, weight)
+        return loss, torch.autograd.grad(loss, lora_tensors)
+
+
 class StepFunctions:
     """Closures over the model and the layouts, with positional signatures for tracing."""
 
     def __init__(self, model: WanModel, layout: list[LoraTensor], base_names: list[str]):
         self.model = model
+        self.loss_and_grad = _LossAndGrad(model)
         self.layout = layout
         self.base_names = base_names
 
@@ -66,16 +82,15 @@ class StepFunctions:
     def training(self, lora_params, grad_accum, *rest):
         """(lora_params, grad_accum, *base, x_t, timestep, context, target, weight) -> (loss, grad_accum_out)"""
         nb = len(self.base_names)
-        base, (x_t, timestep, context, target, weight) = rest[:nb], rest[nb:]
-
-        def loss_fn(lora_tensors):
-            return sft_loss(self._velocity(lora_tensors, base, x_t, timestep, context), target, weight)
-
+        base, batch = rest[:nb], rest[nb:]
         # Differentiate w.r.t. the split tensors, not the flat vector: a flat-vector gradient
         # turns every slice's backward into a full-length scatter (DESIGN.md §2).
-        grads, loss = grad_and_value(loss_fn)(unflatten(lora_params, self.layout))
+        lora = [t.detach().requires_grad_(True) for t in unflatten(lora_params, self.layout)]
+        params = {f"model.{k}": v for k, v in self._params(lora, base).items()}
+        with torch.enable_grad():
+            loss, grads = functional_call(self.loss_and_grad, params, (lora, *batch))
         flat_grad = torch.cat([g.reshape(-1) for g in grads])
-        return loss, grad_accum + flat_grad
+        return loss.detach(), grad_accum + flat_grad
 
     def eval(self, lora_params, *rest):
         """(lora_params, *base, x_t, timestep, context, target, weight) -> (loss,)"""

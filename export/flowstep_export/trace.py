@@ -19,6 +19,8 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from . import OPSET
+from .attention import TRANSLATION_TABLE
+from .lower_attention import lower_attention
 
 aten = torch.ops.aten
 
@@ -68,8 +70,20 @@ class _GraphWrapper(torch.nn.Module):
         return tuple(self.gm(*args))
 
 
-def export(gm: torch.fx.GraphModule, inputs: list[GraphInput], output_names: list[str]) -> onnx.ModelProto:
-    """torch.onnx.export of a traced graph, with named inputs/outputs and dynamic latent axes."""
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """How the exported graph is finished: attention chunk size (queries per chunk), the
+    compute dtype (ONNX elem type), and whether common subexpressions may be merged. A graph
+    with activation checkpointing must not be: CSE would merge each block's recompute with its
+    forward and keep every activation alive again."""
+    attention_chunk: int
+    dtype: int = onnx.TensorProto.FLOAT
+    cse: bool = True
+
+
+def export(gm: torch.fx.GraphModule, inputs: list[GraphInput], output_names: list[str], lowering: Lowering) -> onnx.ModelProto:
+    """torch.onnx.export of a traced graph, with named inputs/outputs and dynamic latent axes;
+    the attention operators are lowered to standard ops (lower_attention.py)."""
     dims: dict[str, torch.export.Dim] = {}
 
     def dim(name: str):
@@ -91,24 +105,27 @@ def export(gm: torch.fx.GraphModule, inputs: list[GraphInput], output_names: lis
         input_names=[item.name for item in inputs],
         output_names=output_names,
         dynamic_shapes=(dynamic,),
+        custom_translation_table=TRANSLATION_TABLE,
         verbose=False,
     )
-    light_optimize(program.model)
+    light_optimize(program.model, lowering.cse)
     model = onnx.inliner.inline_local_functions(program.model_proto)
+    lower_attention(model, lowering.attention_chunk, lowering.dtype)
     strip_debug_metadata(model)
     rename_dynamic_dims(model, inputs)
     check_standard_ops(model)
     return model
 
 
-def light_optimize(ir_model) -> None:
-    """Constant folding, CSE and dead-node removal; the full onnxscript optimizer does not
-    finish on 30 blocks (DESIGN.md §2)."""
+def light_optimize(ir_model, cse: bool) -> None:
+    """Constant folding, CSE (unless recompute must survive) and dead-node removal; the full
+    onnxscript optimizer does not finish on 30 blocks (DESIGN.md §2)."""
     from onnxscript import optimizer
     from onnxscript.ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnusedNodesPass
 
     optimizer.fold_constants(ir_model)
-    CommonSubexpressionEliminationPass()(ir_model)
+    if cse:
+        CommonSubexpressionEliminationPass()(ir_model)
     RemoveUnusedNodesPass()(ir_model)
 
 

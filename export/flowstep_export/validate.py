@@ -3,6 +3,7 @@ on the same inputs, per output, collecting every mismatch before raising."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -12,6 +13,7 @@ import onnxruntime as ort
 import torch
 from safetensors.torch import load_file
 
+from . import model as wan
 from .steps import adamw, sft_loss
 
 
@@ -41,6 +43,16 @@ def session(path: Path, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+@contextlib.contextmanager
+def math_attention():
+    """Eager references use explicit softmax attention, not the operator pair under test."""
+    saved, wan.ATTENTION = wan.ATTENTION, "math"
+    try:
+        yield
+    finally:
+        wan.ATTENTION = saved
+
+
 def eager_loss_and_grads(model, lora_keys, inputs) -> tuple[float, np.ndarray]:
     """Reference: eager PyTorch autograd through the nn.Module with requires_grad LoRA."""
     params = dict(model.named_parameters())
@@ -49,9 +61,10 @@ def eager_loss_and_grads(model, lora_keys, inputs) -> tuple[float, np.ndarray]:
         p.grad = None
     for k in lora_keys:
         params[k].requires_grad_(True)
-    velocity = model(torch.as_tensor(inputs["x_t"]), torch.as_tensor(inputs["timestep"]), torch.as_tensor(inputs["context"]))
-    loss = sft_loss(velocity, torch.as_tensor(inputs["target"]), torch.as_tensor(inputs["weight"]))
-    loss.backward()
+    with math_attention():  # the backward too: checkpointing recomputes blocks there
+        velocity = model(torch.as_tensor(inputs["x_t"]), torch.as_tensor(inputs["timestep"]), torch.as_tensor(inputs["context"]))
+        loss = sft_loss(velocity, torch.as_tensor(inputs["target"]), torch.as_tensor(inputs["weight"]))
+        loss.backward()
     grad = torch.cat([params[k].grad.reshape(-1) for k in lora_keys])
     for k in lora_keys:
         params[k].requires_grad_(False)
@@ -136,7 +149,7 @@ def validate_artifacts(out: Path, config, options, rtol: float = 1e-4) -> dict:
                 sess = session(out / "inference_model.onnx")
                 feed = {**base, **batch, "lora_params": lora_flat.numpy()}
                 (velocity,) = sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
-                with torch.no_grad():
+                with torch.no_grad(), math_attention():
                     ref = model(*(torch.as_tensor(batch[k]) for k in ("x_t", "timestep", "context"))).numpy()
                 results.append(compare(f"inference.velocity@{tag}", velocity, ref, rtol))
         except Exception as e:  # onnxruntime's errors are not RuntimeErrors

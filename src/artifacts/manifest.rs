@@ -17,6 +17,33 @@ pub struct Manifest {
     pub files: BTreeMap<String, String>,
     #[serde(default)]
     pub exporter: serde_json::Value,
+    /// How the graphs compute (absent in exports before it existed: float32, no recompute).
+    #[serde(default)]
+    pub training: TrainingInfo,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainingInfo {
+    /// Base weights' and activations' dtype; LoRA state, gradients and the loss are float32.
+    #[serde(default = "float32")]
+    pub precision: String,
+    #[serde(default)]
+    pub attention: serde_json::Value,
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+    /// ONNX Runtime graph optimizers that would undo the graph's recomputation.
+    #[serde(default)]
+    pub onnxruntime_disabled_optimizers: Vec<String>,
+}
+
+impl Default for TrainingInfo {
+    fn default() -> Self {
+        Self { precision: float32(), attention: serde_json::Value::Null, gradient_checkpointing: false, onnxruntime_disabled_optimizers: Vec::new() }
+    }
+}
+
+fn float32() -> String {
+    "float32".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,6 +102,8 @@ pub struct BaseWeights {
 pub struct NamedShape {
     pub name: String,
     pub shape: Vec<usize>,
+    #[serde(default = "float32")]
+    pub dtype: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -35,11 +35,14 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     println!("LoRA        rank {}, alpha {}, targets {}, {} tensors, {} parameters",
         m.lora.rank, m.lora.alpha, m.lora.targets.join(","), m.lora.tensors.len(), m.lora.num_params);
     println!("scheduler   {} (shift {}, {} timesteps)", m.scheduler.template, m.scheduler.shift, m.scheduler.num_train_timesteps);
+    let t = &m.training;
+    println!("training    {}, attention {}, gradient checkpointing {}{}", t.precision, t.attention, if t.gradient_checkpointing { "on" } else { "off" },
+        if t.onnxruntime_disabled_optimizers.is_empty() { String::new() } else { format!(", ONNX Runtime optimizers off: {}", t.onnxruntime_disabled_optimizers.join(",")) });
     println!("exporter    {}", m.exporter);
     println!("sha256      {} files verified", m.files.len());
     if let Some(session) = session {
         for (name, sig) in &m.graphs {
-            let s = flowstep::runtime::load_session(&artifacts.dir.join(&sig.file), &session)?;
+            let s = flowstep::runtime::load_session(&artifacts.dir.join(&sig.file), &session.for_artifacts(m))?;
             check_session_io(&artifacts, name, &s)?;
             let size = std::fs::metadata(artifacts.dir.join(&sig.file)).map(|x| x.len()).unwrap_or(0);
             println!("graph       {name:<16} {:>7.1} MB, {} inputs, {} outputs: loaded on {} and matches the manifest",

@@ -103,6 +103,27 @@ pub struct DeviceArgs {
     /// Write an ONNX Runtime profile (JSON) with this file prefix.
     #[arg(long, value_name = "PREFIX", hide_short_help = true)]
     pub ort_profile: Option<PathBuf>,
+
+    /// On cuda/tensorrt: let nodes the GPU provider has no kernel for run on the CPU. By
+    /// default such a graph is refused at load, naming the nodes (a CPU round trip per step
+    /// is a silent slowdown); shape arithmetic that ONNX Runtime keeps on the CPU by design
+    /// is always allowed.
+    #[arg(long, help_heading = "GPU options")]
+    pub allow_cpu_fallback: bool,
+
+    /// On cuda: grow ONNX Runtime's memory arena in powers of two instead of by exactly what
+    /// is requested. Exact growth (the default) keeps the arena close to the live peak.
+    #[arg(long, help_heading = "GPU options")]
+    pub arena_power_of_two: bool,
+
+    /// On cuda: the most GPU memory ONNX Runtime's arena may take, in GiB.
+    #[arg(long, value_name = "GIB", help_heading = "GPU options")]
+    pub gpu_mem_limit: Option<f64>,
+
+    /// On cuda: TensorFloat-32 matmuls in float32 graphs (faster, ~10 mantissa bits). Off by
+    /// default, as PyTorch's matmuls are; bfloat16 exports do not use it.
+    #[arg(long, help_heading = "GPU options")]
+    pub tf32: bool,
 }
 
 /// Loads ONNX Runtime (once) and returns the session options for the device.
@@ -118,5 +139,17 @@ pub fn init_runtime(globals: &Globals, device: &DeviceArgs) -> anyhow::Result<fl
         // The host-side work (noise, x_t, target) uses the same budget.
         let _ = rayon::ThreadPoolBuilder::new().num_threads(t).build_global();
     }
-    Ok(flowstep::runtime::SessionOptions { device: device.device, threads: device.threads, profile: device.ort_profile.clone() })
+    let memory_limit = match device.gpu_mem_limit {
+        Some(gib) if !(gib.is_finite() && gib > 0.0 && gib < 1e6) => anyhow::bail!("--gpu-mem-limit must be a positive number of GiB, got {gib}"),
+        Some(gib) => Some((gib * (1u64 << 30) as f64) as usize),
+        None => None,
+    };
+    Ok(flowstep::runtime::SessionOptions {
+        device: device.device,
+        threads: device.threads,
+        profile: device.ort_profile.clone(),
+        cuda: flowstep::runtime::CudaOptions { arena_exact: !device.arena_power_of_two, memory_limit, tf32: device.tf32 },
+        allow_cpu_fallback: device.allow_cpu_fallback,
+        disabled_optimizers: Vec::new(),
+    })
 }

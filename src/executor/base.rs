@@ -3,16 +3,16 @@
 
 use std::path::Path;
 
-use ort::value::Tensor;
+use ort::value::DynTensor;
 
 use super::DeviceMemory;
 use crate::artifacts::Artifacts;
 use crate::error::{Error, Result};
 use crate::tensor_file::TensorFile;
 
-/// The frozen base weights in graph-input order.
+/// The frozen base weights in graph-input order, in the dtype the graphs take.
 pub struct BaseWeights {
-    pub tensors: Vec<(String, Tensor<f32>)>,
+    pub tensors: Vec<(String, DynTensor)>,
     pub num_values: usize,
 }
 
@@ -44,12 +44,31 @@ pub fn load_base_weights(artifacts: &Artifacts, path: Option<&Path>, memory: &De
                 reason: format!("base weight `{}` has shape {:?}, the export needs {:?}", spec.name, info.shape, spec.shape),
             });
         }
-        let (shape, values) = file.read_f32(&key)?;
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Tensor { path: path.clone(), reason: format!("base weight `{}` has a non-finite value at {i}", spec.name) });
-        }
-        num_values += values.len();
-        tensors.push((spec.name.clone(), memory.tensor(&shape, &values)?));
+        let non_finite = |i: usize| Error::Tensor { path: path.clone(), reason: format!("base weight `{}` has a non-finite value at {i}", spec.name) };
+        let tensor = match spec.dtype.as_str() {
+            "float32" => {
+                let (shape, values) = file.read_f32(&key)?;
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(non_finite(i));
+                }
+                memory.tensor(&shape, &values)?.upcast()
+            }
+            "bfloat16" => {
+                let (shape, values) = file.read_bf16(&key)?;
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(non_finite(i));
+                }
+                memory.tensor(&shape, &values)?.upcast()
+            }
+            other => {
+                return Err(Error::Manifest {
+                    path: artifacts.dir.join("manifest.json"),
+                    reason: format!("base weight `{}` has dtype {other:?}; flowstep binds float32 or bfloat16", spec.name),
+                });
+            }
+        };
+        num_values += spec.shape.iter().product::<usize>();
+        tensors.push((spec.name.clone(), tensor));
     }
     Ok(BaseWeights { tensors, num_values })
 }

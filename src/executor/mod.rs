@@ -12,6 +12,9 @@ pub use graphs::{LossGraph, VelocityGraph};
 pub use state::{AdamW, OptimizerOutcome, TrainingGraphs};
 
 use ort::memory::{AllocationDevice, Allocator};
+use std::fmt;
+
+use ort::value::PrimitiveTensorElementType;
 use ort::value::Tensor;
 
 use crate::error::{Error, Result};
@@ -31,13 +34,13 @@ impl DeviceMemory {
     }
 
     /// A device tensor holding `values` (bindable as input and output).
-    pub fn tensor(&self, shape: &[usize], values: &[f32]) -> Result<Tensor<f32>> {
+    pub fn tensor<T: PrimitiveTensorElementType + Copy + fmt::Debug + 'static>(&self, shape: &[usize], values: &[T]) -> Result<Tensor<T>> {
         if self.device.is_gpu() {
             let (dev, id) = self.device.allocation();
             let host = Tensor::from_array((shape.to_vec(), values.to_vec())).map_err(Error::ort("creating a host tensor"))?;
             return host.to(dev, id).map_err(Error::ort(format!("copying {} values to {}", values.len(), self.device)));
         }
-        let mut t = Tensor::<f32>::new(&self.allocator, shape.to_vec()).map_err(Error::ort("allocating a tensor"))?;
+        let mut t = Tensor::<T>::new(&self.allocator, shape.to_vec()).map_err(Error::ort("allocating a tensor"))?;
         t.extract_tensor_mut().1.copy_from_slice(values);
         Ok(t)
     }

@@ -17,10 +17,10 @@ pub enum Device {
 impl Device {
     /// The provider to register, `None` for the default CPU provider. Registered with
     /// `error_on_failure` so a missing CUDA library is an error, not a CPU run.
-    pub fn execution_provider(&self) -> Option<ExecutionProviderDispatch> {
+    pub fn execution_provider(&self, cuda: &CudaOptions) -> Option<ExecutionProviderDispatch> {
         match *self {
             Device::Cpu => None,
-            Device::Cuda(id) => Some(ep::CUDA::default().with_device_id(id).build().error_on_failure()),
+            Device::Cuda(id) => Some(cuda.provider(id).build().error_on_failure()),
             Device::TensorRt(id) => {
                 Some(ep::TensorRT::default().with_device_id(id).build().error_on_failure())
             }
@@ -38,6 +38,35 @@ impl Device {
 
     pub fn is_gpu(&self) -> bool {
         !matches!(self, Device::Cpu)
+    }
+}
+
+/// CUDA provider settings that change memory or numerics (DESIGN.md §6a).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CudaOptions {
+    /// Grow the memory arena by exactly what is requested (the arena then tracks live memory)
+    /// rather than in powers of two (faster to warm up, but it reports and keeps up to 2×).
+    pub arena_exact: bool,
+    /// Upper bound on the provider's arena, in bytes.
+    pub memory_limit: Option<usize>,
+    /// TensorFloat-32 matmuls for float32 graphs. Off by default, like PyTorch's matmuls.
+    pub tf32: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        Self { arena_exact: true, memory_limit: None, tf32: false }
+    }
+}
+
+impl CudaOptions {
+    fn provider(&self, device_id: i32) -> ep::CUDA {
+        let strategy = if self.arena_exact { ep::ArenaExtendStrategy::SameAsRequested } else { ep::ArenaExtendStrategy::NextPowerOfTwo };
+        let mut provider = ep::CUDA::default().with_device_id(device_id).with_arena_extend_strategy(strategy).with_tf32(self.tf32);
+        if let Some(limit) = self.memory_limit {
+            provider = provider.with_memory_limit(limit);
+        }
+        provider
     }
 }
 

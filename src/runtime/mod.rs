@@ -3,8 +3,10 @@
 
 mod device;
 mod library;
+mod placement;
 
-pub use device::Device;
+pub use device::{CudaOptions, Device};
+pub use placement::{NodePlacement, cpu_nodes};
 pub use library::{OrtLibrary, environment, init, locate_library};
 
 use std::path::Path;
@@ -21,17 +23,56 @@ pub struct SessionOptions {
     pub threads: Option<usize>,
     /// Write an ONNX Runtime profile (JSON) with this prefix.
     pub profile: Option<std::path::PathBuf>,
+    /// CUDA / TensorRT provider settings.
+    pub cuda: CudaOptions,
+    /// Let nodes without a kernel on the GPU provider run on the CPU instead of failing.
+    pub allow_cpu_fallback: bool,
+    /// ONNX Runtime graph optimizers to turn off, from the manifest: CSE would merge a graph's
+    /// recomputation with its forward (DESIGN.md §6a).
+    pub disabled_optimizers: Vec<String>,
 }
 
 impl SessionOptions {
     pub fn cpu() -> Self {
-        Self { device: Device::Cpu, threads: None, profile: None }
+        Self {
+            device: Device::Cpu,
+            threads: None,
+            profile: None,
+            cuda: CudaOptions::default(),
+            allow_cpu_fallback: false,
+            disabled_optimizers: Vec::new(),
+        }
+    }
+
+    /// These options with the optimizers that `manifest` says must stay off.
+    pub fn for_artifacts(&self, manifest: &crate::artifacts::Manifest) -> Self {
+        Self { disabled_optimizers: manifest.training.onnxruntime_disabled_optimizers.clone(), ..self.clone() }
     }
 }
 
 /// Loads one ONNX graph on the configured provider; a provider that fails to register
-/// is an error, never a silent fall back to CPU.
+/// is an error, never a silent fall back to CPU, and on a GPU provider so is a compute node
+/// that lands on the CPU (unless `allow_cpu_fallback`).
 pub fn load_session(model: &Path, options: &SessionOptions) -> Result<Session> {
+    let session = build_session(model, options)?;
+    if options.device.is_gpu() && !options.allow_cpu_fallback {
+        let compute: Vec<String> = cpu_nodes(&session)?.into_iter().filter(|n| !n.is_shape_arithmetic()).map(|n| n.to_string()).collect();
+        if !compute.is_empty() {
+            return Err(Error::Device(format!(
+                "{} has {} compute node(s) that {} cannot run, which ONNX Runtime would put on the CPU: {}{} \
+                 (re-export for this provider, or pass --allow-cpu-fallback to run them on the CPU anyway)",
+                model.display(),
+                compute.len(),
+                options.device,
+                compute.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                if compute.len() > 5 { ", ..." } else { "" }
+            )));
+        }
+    }
+    Ok(session)
+}
+
+fn build_session(model: &Path, options: &SessionOptions) -> Result<Session> {
     let during = format!("loading {}", model.display());
     let mut builder = Session::builder(environment()?)
         .map_err(Error::ort(during.clone()))?
@@ -51,7 +92,17 @@ pub fn load_session(model: &Path, options: &SessionOptions) -> Result<Session> {
             .with_profiling(profile)
             .map_err(|e| Error::Ort { during: during.clone(), source: ort::Error::<()>::from(e) })?;
     }
-    if let Some(provider) = options.device.execution_provider() {
+    let config = |builder: ort::session::builder::SessionBuilder, key: &str, value: &str| {
+        builder.with_config_entry(key, value).map_err(|e| Error::Ort { during: format!("{during}: setting {key}"), source: ort::Error::<()>::from(e) })
+    };
+    if !options.disabled_optimizers.is_empty() {
+        // Names separated by ';' (a ',' list silently disables nothing, DESIGN.md §6a).
+        builder = config(builder, "optimization.disable_specified_optimizers", &options.disabled_optimizers.join(";"))?;
+    }
+    if options.device.is_gpu() {
+        builder = config(builder, "session.record_ep_graph_assignment_info", "1")?;
+    }
+    if let Some(provider) = options.device.execution_provider(&options.cuda) {
         builder = builder.with_execution_providers([provider]).map_err(|e| {
             let message = ort::Error::<()>::from(e).to_string().split_whitespace().collect::<Vec<_>>().join(" ");
             let hint = if message.contains("Failed to load library") {
