@@ -1,71 +1,121 @@
 #!/usr/bin/env bash
-# The GPU benchmark, run on a lent GPU machine (H100/H200, CUDA 13, PyTorch there, no network):
-# flowstep on ONNX Runtime's CUDA provider against the PyTorch reference on the same GPU, at
-# the Wan2.1 1.3B shape and a real latent size. Results go to $OUT (bench_gpu.json, log).
-#
-# What it needs beside the repository (carried as ignored paths, DESIGN.md §6):
-#   .gpupack/ortgpu.part*   onnxruntime-gpu 1.31.1's libraries (tar | xz, split; scripts/gpu_pack.sh)
-#   .gpupack/flowstep       the release binary (stripped)
-#   .gpupack/wan13b/        1.3B artifacts: training + optimizer graphs and manifest
-# Random base weights (seed 0), the LoRA init (the export's seed, same code) and the dataset
-# are generated there: the GPU machine has torch, and they are too large to carry.
+# The GPU benchmark on a lent H100/H200 (CUDA 13, PyTorch there, no network), in two device
+# calls because the CUDA provider library travels in two parts (scripts/gpu_pack.sh):
+#   scripts/gpu_bench.sh reference   call 1 (carry .gpupack/ortgpu.part00): base weights, data,
+#                                    PyTorch bf16 SDPA + DiffSynth-style gradient checkpointing
+#   scripts/gpu_bench.sh flowstep    call 2 (carry part01, flowstep, wan13b): flowstep on the CUDA
+#                                    provider, an ONNX Runtime profile summary, the result table
+# Wan2.1-T2V-1.3B shape (random weights, seed 0), rank-32 LoRA, bf16, at 14,040 tokens (33 frames
+# at 480x832) and 32,760 tokens (81 frames). Results in $OUT (bench_gpu.json, logs).
 set -euo pipefail
 OUT="${OUT:-/tmp/gpu-out}"; mkdir -p "$OUT"
-LATENT="${LATENT:-16,3,48,80}"          # [C,F,H,W]: 9 frames at 384x640 -> 2,880 tokens
-STEPS="${STEPS:-12}"
-exec > >(tee "$OUT/log") 2>&1
+SIZES="${SIZES:-16,9,60,104 16,21,60,104}"
+STEPS="${STEPS:-4}"
+phase="${1:?reference or flowstep}"
+exec > >(tee -a "$OUT/log-$phase") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+export PYTHONPATH="$PWD/export${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+ART=.gpupack/wan13b
+
+tokens() { local IFS=,; set -- $1; echo $(( $2 * ($3 / 2) * ($4 / 2) )); }
+
+peak_mem() {  # poll nvidia-smi while a command runs; writes the peak MiB used to $1
+    local out=$1; shift
+    local log; log=$(mktemp); ( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >> "$log"; sleep 0.2; done ) &
+    local poller=$! rc=0; "$@" || rc=$?; kill $poller; sort -n "$log" | tail -1 > "$out"; return $rc
+}
+
+prepare() {  # base weights (bf16) and one sample per size, once per machine
+    [[ -f /tmp/base.safetensors ]] && return
+    python3 - "$SIZES" <<'PY'
+import sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+from flowstep_export.configs import get_config
+from flowstep_export.model import WanModel, init_random
+c = get_config("wan2.1-t2v-1.3b")
+m = WanModel(c); init_random(m, 0)
+save_file({k: v.to(torch.bfloat16).contiguous() for k, v in m.state_dict().items()}, "/tmp/base.safetensors")
+for size in sys.argv[1].split():
+    C, F, H, W = map(int, size.split(","))
+    d = Path(f"/tmp/data-{F}x{H}x{W}"); d.mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    save_file({"latents": torch.randn(C, F, H, W, generator=g), "context": torch.randn(c.text_len, c.text_dim, generator=g).to(torch.bfloat16)},
+              str(d / "0.safetensors"))
+print("base weights and data ready")
+PY
+}
+
+if [[ "$phase" == reference ]]; then
+    prepare
+    for size in $SIZES; do
+        IFS=, read -r C F H W <<< "$size"; t=$(tokens "$size")
+        peak_mem "$OUT/peak_reference_$t" python3 -m flowstep_export.reference_train --impl torch --device cuda \
+            --artifacts "$ART" --base /tmp/base.safetensors --data "/tmp/data-${F}x${H}x${W}" --steps "$STEPS" --warmup 1 \
+            --precision bfloat16 --gradient-checkpointing | tee "$OUT/reference_$t.json" || echo "reference at $t tokens failed"
+    done
+    exit 0
+fi
+
+prepare
 mkdir -p /tmp/ort && cat .gpupack/ortgpu.part* | xz -d | tar x -C /tmp/ort
 NV="$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])')"
 export LD_LIBRARY_PATH="$(ls -d "$NV"/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}"
-export PYTHONPATH="$PWD/export${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-python3 - "$LATENT" <<'PY'
-import hashlib, json, sys, torch
+python3 - <<'PY'
+import hashlib, json
 from pathlib import Path
 from safetensors.torch import save_file
 from flowstep_export.configs import get_config
 from flowstep_export.lora import LoraConfig, inject_lora, lora_state
-from flowstep_export.model import WanModel, init_random
-c = get_config("wan2.1-t2v-1.3b")
-m = WanModel(c); init_random(m, 0)
-save_file({k: v.contiguous() for k, v in m.state_dict().items()}, "/tmp/base.safetensors")
+from flowstep_export.model import WanModel
 art = Path(".gpupack/wan13b")
 manifest = json.loads((art / "manifest.json").read_text())
+m = WanModel(get_config("wan2.1-t2v-1.3b"))
 names = inject_lora(m, LoraConfig(rank=manifest["lora"]["rank"], alpha=manifest["lora"]["alpha"]), seed=0)
 assert names == [t["key"] for t in manifest["lora"]["tensors"]]
 lora = lora_state(m)
 save_file({k: lora[k].contiguous() for k in names}, str(art / "lora_init.safetensors"))
 manifest["files"]["lora_init.safetensors"] = hashlib.sha256((art / "lora_init.safetensors").read_bytes()).hexdigest()
 (art / "manifest.json").write_text(json.dumps(manifest, indent=1))
-C, F, H, W = map(int, sys.argv[1].split(","))
-d = Path("/tmp/data"); d.mkdir(exist_ok=True)
-g = torch.Generator().manual_seed(0)
-for i in range(2):
-    save_file({"latents": torch.randn(C, F, H, W, generator=g), "context": torch.randn(c.text_len, c.text_dim, generator=g)}, str(d / f"{i}.safetensors"))
-print("base weights and data ready")
 PY
-peak_mem() {  # poll nvidia-smi while a command runs; prints the peak MiB used
-    local log; log=$(mktemp); ( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >> "$log"; sleep 0.2; done ) &
-    local poller=$! rc=0; "$@" || rc=$?; kill $poller; sort -n "$log" | tail -1 > "$OUT/peak_$(basename "$1" | tr -c 'a-z0-9\n' '_')"; return $rc
-}
 chmod +x .gpupack/flowstep
-peak_mem .gpupack/flowstep --ort-lib /tmp/ort/libonnxruntime.so.1.31.1 -q train --artifacts .gpupack/wan13b \
-    --base /tmp/base.safetensors --data /tmp/data --out /tmp/run --steps "$STEPS" --device cuda
-cp /tmp/run/metrics.jsonl /tmp/run/summary.json "$OUT/"
-peak_mem python3 -m flowstep_export.reference_train --impl torch --device cuda --artifacts .gpupack/wan13b \
-    --base /tmp/base.safetensors --data /tmp/data --steps "$STEPS" --warmup 2 | tee "$OUT/reference.json"
-python3 - "$OUT" <<'PY'
+FS=(.gpupack/flowstep --ort-lib /tmp/ort/libonnxruntime.so.1.31.1)
+"${FS[@]}" inspect --artifacts "$ART" --device cuda 2>&1 | tail -3 || echo "strict placement check refused the graph"
+for size in $SIZES; do
+    IFS=, read -r C F H W <<< "$size"; t=$(tokens "$size")
+    rm -rf "/tmp/run-$t"
+    peak_mem "$OUT/peak_flowstep_$t" "${FS[@]}" -q train --artifacts "$ART" --base /tmp/base.safetensors \
+        --data "/tmp/data-${F}x${H}x${W}" --out "/tmp/run-$t" --steps "$STEPS" --device cuda \
+        || echo "flowstep at $t tokens failed"
+    cp "/tmp/run-$t/metrics.jsonl" "$OUT/metrics_$t.jsonl" 2>/dev/null || true
+done
+first=${SIZES%% *}; IFS=, read -r C F H W <<< "$first"
+rm -rf /tmp/run-prof
+timeout 120 "${FS[@]}" -q train --artifacts "$ART" --base /tmp/base.safetensors --data "/tmp/data-${F}x${H}x${W}" \
+    --out /tmp/run-prof --steps 2 --device cuda --ort-profile /tmp/prof || echo "profiled run failed"
+python3 scripts/ort_profile_summary.py /tmp/prof*.json > "$OUT/profile.txt" 2>&1 || true
+python3 - "$OUT" "$SIZES" <<'PY'
 import json, sys
 from pathlib import Path
-out = Path(sys.argv[1])
-rec = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][2:]
-fs = sum(r["seconds"] for r in rec) / len(rec)
-ref = json.loads((out / "reference.json").read_text().splitlines()[-1])
-peaks = {p.name: int(p.read_text().strip() or 0) for p in out.glob("peak_*")}
-summary = json.loads((out / "summary.json").read_text())
-result = {"flowstep_s_per_step": fs, "reference_s_per_step": ref["seconds_per_step"], "speedup": ref["seconds_per_step"] / fs,
-          "flowstep_host_fraction": summary["host_fraction"], "reference_peak_gpu_gb_torch": ref.get("peak_gpu_gb"),
-          "peak_gpu_mib_nvidia_smi": peaks}
+out = Path(sys.argv[1]); result = {}
+for size in sys.argv[2].split():
+    C, F, H, W = map(int, size.split(",")); t = F * (H // 2) * (W // 2)
+    row = {}
+    m = out / f"metrics_{t}.jsonl"
+    if m.exists():
+        rec = [json.loads(l) for l in m.read_text().splitlines() if '"seconds"' in l][1:]
+        row["flowstep_s_per_step"] = sum(r["seconds"] for r in rec) / max(len(rec), 1)
+    r = out / f"reference_{t}.json"
+    if r.exists() and r.read_text().strip():
+        ref = json.loads(r.read_text().strip().splitlines()[-1])
+        row["reference_s_per_step"] = ref["seconds_per_step"]; row["reference_peak_allocated_gb"] = ref.get("peak_gpu_gb")
+    for who in ("flowstep", "reference"):
+        p = out / f"peak_{who}_{t}"
+        if p.exists() and p.read_text().strip():
+            row[f"{who}_peak_nvidia_smi_gb"] = int(p.read_text()) / 1024
+    if "flowstep_s_per_step" in row and "reference_s_per_step" in row:
+        row["speedup"] = row["reference_s_per_step"] / row["flowstep_s_per_step"]
+    result[t] = row
 (out / "bench_gpu.json").write_text(json.dumps(result, indent=1))
 print(json.dumps(result, indent=1))
 PY

@@ -109,7 +109,10 @@ def main(argv=None) -> int:
     p.add_argument("--artifacts", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
-    goldens = make_goldens(args.artifacts)
+    from .validate import math_attention
+
+    with math_attention():  # PyTorch's own softmax attention, not the operator pair under test
+        goldens = make_goldens(args.artifacts)
     save_file(goldens, str(args.out), metadata={k: str(v) for k, v in LOOP_HPARAMS.items()})
     print(f"wrote {len(goldens)} tensors to {args.out}")
     return 0

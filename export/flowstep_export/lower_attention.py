@@ -73,12 +73,13 @@ class _Chunking:
         self.pad = b.op("Sub", [b.op("Mul", [self.count, self.chunk]), self.seq], "pad")
         self.batch_heads = b.op("Slice", [self.shape, b.const([0]), b.const([2])], "batch_heads")
 
-    def split(self, x: str, zero: bool = False, has_last_dim: bool = True) -> str:
-        """[B, H, S(, D)] -> [n, B, H, c(, D)], padded with x's first rows (or zeros)."""
+    def split(self, x: str, zeros_of: int | None = None, has_last_dim: bool = True) -> str:
+        """[B, H, S(, D)] -> [n, B, H, c(, D)], padded with x's first rows, or with zeros of
+        elem type `zeros_of` (x's type) when given."""
         b = self.b
         head = b.op("Slice", [x, b.const([0]), self.pad, b.const([2])], "pad_rows")
-        if zero:
-            head = b.op("Mul", [head, b.op("CastLike", [b.const(0.0, np.float32), head])], "zero_rows")
+        if zeros_of is not None:
+            head = b.op("Mul", [head, b.cast(b.const(0.0, np.float32), zeros_of, FLOAT)], "zero_rows")
         padded = b.op("Concat", [x, head], "padded", axis=2)
         parts = [self.batch_heads, self.count, self.chunk]
         if has_last_dim:
@@ -107,7 +108,7 @@ def _forward(node: onnx.NodeProto, dtype: int, chunk: int, prefix: str) -> list[
     scale = helper.get_attribute_value(next(a for a in node.attribute if a.name == "scale"))
     b = _Builder(prefix)
     # Scale folded into q once (O(S·D)), not into every chunk's scores.
-    q_h = b.op("Mul", [b.transpose(q, [0, 2, 1, 3]), b.op("CastLike", [b.const(scale, np.float32), q])], "q_scaled")
+    q_h = b.op("Mul", [b.transpose(q, [0, 2, 1, 3]), b.cast(b.const(scale, np.float32), dtype, FLOAT)], "q_scaled")
     k_t = b.transpose(k, [0, 2, 3, 1])  # [B, H, D, Sk]
     v_h = b.transpose(v, [0, 2, 1, 3])  # [B, H, Sk, D]
     geometry = _Chunking(b, q_h, chunk)
@@ -138,7 +139,7 @@ def _backward(node: onnx.NodeProto, dtype: int, chunk: int, prefix: str) -> list
     dq_out, dk_out, dv_out = node.output
     scale = helper.get_attribute_value(next(a for a in node.attribute if a.name == "scale"))
     b = _Builder(prefix)
-    scale_c = b.op("CastLike", [b.const(scale, np.float32), q])
+    scale_c = b.cast(b.const(scale, np.float32), dtype, FLOAT)
     q_h = b.op("Mul", [b.transpose(q, [0, 2, 1, 3]), scale_c], "q_scaled")
     k_h = b.transpose(k, [0, 2, 1, 3])  # [B, H, Sk, D]
     k_t = b.transpose(k, [0, 2, 3, 1])  # [B, H, D, Sk]
@@ -148,8 +149,8 @@ def _backward(node: onnx.NodeProto, dtype: int, chunk: int, prefix: str) -> list
     # delta = rowsum(dO ∘ O) in float32: [B, H, Sq]
     delta = b.op("ReduceSum", [b.op("Mul", [b.cast(do_h, FLOAT, dtype), b.cast(o_h, FLOAT, dtype)]), b.const([-1])], "delta", keepdims=0)
     geometry = _Chunking(b, q_h, chunk)
-    scans = [geometry.split(q_h), geometry.split(do_h, zero=True),
-             geometry.split(lse, has_last_dim=False), geometry.split(delta, zero=True, has_last_dim=False)]
+    scans = [geometry.split(q_h), geometry.split(do_h, zeros_of=dtype),
+             geometry.split(lse, has_last_dim=False), geometry.split(delta, zeros_of=FLOAT, has_last_dim=False)]
     zeros = b.op("ConstantOfShape", [b.op("Shape", [k_h])], "zeros", value=numpy_helper.from_array(np.zeros(1, np.float32)))
 
     body = _Builder(prefix + "/body")

@@ -40,6 +40,14 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm computed in float32, result in x's dtype: what PyTorch's bf16 kernel does
+    internally, and the form ONNX Runtime's CUDA provider has a bf16-graph kernel for."""
+    weight = None if norm.weight is None else norm.weight.float()
+    bias = None if norm.bias is None else norm.bias.float()
+    return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps).to(x.dtype)
+
+
 def rope_tables(head_dim: int, end: int = ROPE_MAX_POSITIONS, theta: float = 10000.0):
     """cos/sin tables per axis (frame, row, column), computed in float64 like Wan's
     `precompute_freqs_cis_3d`, stored as float32: [end, d_axis/2] each."""
@@ -154,10 +162,10 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, context, t_mod, cos, sin):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation + t_mod).chunk(6, dim=1)
-        h = self.norm1(x) * (1 + scale_msa) + shift_msa
+        h = layer_norm(self.norm1, x) * (1 + scale_msa) + shift_msa
         x = x + gate_msa * self.self_attn(h, cos, sin)
-        x = x + self.cross_attn(self.norm3(x), context)
-        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
+        x = x + self.cross_attn(layer_norm(self.norm3, x), context)
+        h = layer_norm(self.norm2, x) * (1 + scale_mlp) + shift_mlp
         x = x + gate_mlp * linear_sequential(self.ffn, h)
         return x
 
@@ -177,7 +185,7 @@ class Head(nn.Module):
 
     def forward(self, x, t):
         shift, scale = (self.modulation + t.unsqueeze(1)).chunk(2, dim=1)
-        return linear(self.head, self.norm(x) * (1 + scale) + shift)
+        return linear(self.head, layer_norm(self.norm, x) * (1 + scale) + shift)
 
 
 class WanModel(nn.Module):

@@ -3,7 +3,8 @@
 DiffSynth's own `WanModel` and `model_fn_wan_video` (SDPA attention), LoRA injected with
 PEFT exactly as DiffSynth does, its `FlowMatchScheduler("Wan")` and the FlowMatchSFTLoss
 math (timestep index ~ U{0..N-1}, ε ~ N(0, I), x_t = (1-σ)x0 + σε, target = ε - x0,
-loss = w(t)·MSE), torch.optim.AdamW. Float32 throughout (flowstep's default precision),
+loss = w(t)·MSE), torch.optim.AdamW. Float32 by default (flowstep's default precision) or bf16 base
+weights and activations (`--precision bfloat16`, LoRA and AdamW float32 as in flowstep); the
 same base weights, LoRA init and data as a flowstep run on the same artifacts.
 
 python -m flowstep_export.reference_train --artifacts DIR --data DIR --steps N [--threads T]
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 
-def build_torch(artifacts: Path, base_file: Path | None, device: str):
+def build_torch(artifacts: Path, base_file: Path | None, device: str, dtype: torch.dtype):
     """flowstep_export's Wan modules (equal to DiffSynth's, see export/tests) with SDPA and
     PEFT-equivalent LoRA: for machines without DiffSynth installed (the GPU machine)."""
     from . import model as wan
@@ -31,7 +32,7 @@ def build_torch(artifacts: Path, base_file: Path | None, device: str):
 
     manifest = json.loads((artifacts / "manifest.json").read_text())
     lora = manifest["lora"]
-    wan.USE_SDPA = True
+    wan.ATTENTION = "sdpa"
     dit = wan.WanModel(get_config(manifest["model"]["name"]))
     inject_lora(dit, LoraConfig(rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"])))
     base = load_file(str(base_file or artifacts / manifest["base_weights"]["file"]))
@@ -40,16 +41,20 @@ def build_torch(artifacts: Path, base_file: Path | None, device: str):
     del base
     dit.requires_grad_(False)
     params = [p for n, p in dit.named_parameters() if "lora_" in n]
+    for n, p in dit.named_parameters():
+        if "lora_" not in n:
+            p.data = p.data.to(dtype)
     for p in params:
         p.requires_grad_(True)
 
-    def forward(latents, timestep, context, **_):
+    def forward(latents, timestep, context, use_gradient_checkpointing=False):
+        dit.gradient_checkpointing = use_gradient_checkpointing
         return dit(latents, timestep, context)
 
     return dit.to(device), params, forward
 
 
-def build(artifacts: Path, base_file: Path | None, device: str):
+def build(artifacts: Path, base_file: Path | None, device: str, dtype: torch.dtype):
     import peft
     from diffsynth.models.wan_video_dit import WanModel
 
@@ -61,6 +66,7 @@ def build(artifacts: Path, base_file: Path | None, device: str):
     base = load_file(str(base_file or artifacts / manifest["base_weights"]["file"]))
     dit.load_state_dict({k.removeprefix("model."): v for k, v in base.items()})
     del base
+    dit.to(dtype)  # the base in DiffSynth's training dtype; the LoRA stays float32 below
     dit = peft.inject_adapter_in_model(peft.LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], target_modules=lora["targets"]), dit)
     init = load_file(str(artifacts / "lora_init.safetensors"))
     missing = dit.load_state_dict(init, strict=False)
@@ -93,6 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--gradient-checkpointing", action="store_true", help="DiffSynth's use_gradient_checkpointing")
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                   help="base weights and activations (LoRA parameters and AdamW stay float32, as in flowstep)")
     p.add_argument("--impl", choices=("diffsynth", "torch"), default="diffsynth",
                    help="diffsynth: DiffSynth's WanModel + PEFT; torch: flowstep_export's equal modules (no DiffSynth needed)")
     args = p.parse_args(argv)
@@ -101,7 +109,8 @@ def main(argv=None) -> int:
     from .scheduler_ref import training_schedule
 
     torch.manual_seed(args.seed)
-    dit, params, forward = (build if args.impl == "diffsynth" else build_torch)(args.artifacts, args.base, args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.precision]
+    dit, params, forward = (build if args.impl == "diffsynth" else build_torch)(args.artifacts, args.base, args.device, dtype)
     sigmas, timesteps, weights = training_schedule(1000, 5.0)
     samples = [load_file(str(f)) for f in sorted(args.data.glob("*.safetensors"))]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -112,7 +121,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         sample = samples[step % len(samples)]
         x0 = sample["latents"].float()[None].to(args.device)
-        context = sample["context"].float()[None].to(args.device)
+        context = sample["context"].to(dtype)[None].to(args.device)
         # FlowMatchSFTLoss (DiffSynth's scheduler tables; equality tested in export/tests).
         timestep_id = int(torch.randint(0, len(timesteps), (1,)))
         timestep = timesteps[timestep_id:timestep_id + 1].to(args.device)
@@ -120,7 +129,7 @@ def main(argv=None) -> int:
         sigma = float(sigmas[timestep_id])
         x_t = (1 - sigma) * x0 + sigma * noise
         target = noise - x0
-        velocity = forward(x_t, timestep, context, use_gradient_checkpointing=args.gradient_checkpointing)
+        velocity = forward(x_t.to(dtype), timestep, context, use_gradient_checkpointing=args.gradient_checkpointing)
         loss = torch.nn.functional.mse_loss(velocity.float(), target.float()) * weights[timestep_id].to(args.device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

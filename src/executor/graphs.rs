@@ -24,7 +24,7 @@ pub struct LossGraph {
 
 impl LossGraph {
     pub fn load(artifacts: &Artifacts, options: &SessionOptions, base: &BaseWeights) -> Result<Self> {
-        let session = load_session(&artifacts.graph_path(EVAL)?, &options.for_artifacts(&artifacts.manifest))?;
+        let session = load_session(&artifacts.graph_path(EVAL)?, &options.for_artifacts(&artifacts.manifest)?)?;
         check_session_io(artifacts, EVAL, &session)?;
         let mut binding = session.create_binding().map_err(Error::ort("creating the eval binding"))?;
         bind_base(&mut binding, base)?;
@@ -50,7 +50,7 @@ pub struct VelocityGraph {
 
 impl VelocityGraph {
     pub fn load(artifacts: &Artifacts, options: &SessionOptions, base: &BaseWeights) -> Result<Self> {
-        let session = load_session(&artifacts.graph_path(INFERENCE)?, &options.for_artifacts(&artifacts.manifest))?;
+        let session = load_session(&artifacts.graph_path(INFERENCE)?, &options.for_artifacts(&artifacts.manifest)?)?;
         check_session_io(artifacts, INFERENCE, &session)?;
         let mut binding = session.create_binding().map_err(Error::ort("creating the inference binding"))?;
         bind_base(&mut binding, base)?;

@@ -63,7 +63,7 @@ const SCALAR_NAMES: [&str; 8] =
 impl TrainingGraphs {
     /// Loads both graphs, checks them against the manifest and binds the base weights.
     pub fn load(artifacts: &Artifacts, options: &SessionOptions, base: impl FnOnce(&DeviceMemory) -> Result<BaseWeights>) -> Result<(Self, BaseWeights)> {
-        let options = &options.for_artifacts(&artifacts.manifest);
+        let options = &options.for_artifacts(&artifacts.manifest)?;
         let training = load_session(&artifacts.graph_path(TRAINING)?, options)?;
         check_session_io(artifacts, TRAINING, &training)?;
         let optimizer = load_session(&artifacts.graph_path(OPTIMIZER)?, options)?;

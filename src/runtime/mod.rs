@@ -44,9 +44,16 @@ impl SessionOptions {
         }
     }
 
-    /// These options with the optimizers that `manifest` says must stay off.
-    pub fn for_artifacts(&self, manifest: &crate::artifacts::Manifest) -> Self {
-        Self { disabled_optimizers: manifest.training.onnxruntime_disabled_optimizers.clone(), ..self.clone() }
+    /// These options with the optimizers that `manifest` says must stay off; an error if the
+    /// graphs' precision has no kernels on this device.
+    pub fn for_artifacts(&self, manifest: &crate::artifacts::Manifest) -> Result<Self> {
+        if manifest.training.precision != "float32" && !self.device.is_gpu() {
+            return Err(Error::Device(format!(
+                "these artifacts compute in {} ({}), which ONNX Runtime's CPU provider has no kernels for: use --device cuda, or export with --precision float32 for the CPU",
+                manifest.training.precision, manifest.model.name
+            )));
+        }
+        Ok(Self { disabled_optimizers: manifest.training.onnxruntime_disabled_optimizers.clone(), ..self.clone() })
     }
 }
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Re-exports the committed artifacts after a change to the exporter, with the exact options
+# the tests expect, and rewrites the PyTorch goldens:
+#   models/tiny/artifacts     tiny preset, LoRA rank 8, attention chunk 16 (so the Rust tests
+#                             run several chunks, padding included), base weights shipped
+#   models/tiny/golden.safetensors
+#   models/toy/artifacts      toy preset from its own pretrained base, LoRA rank 16
+# export/tests/test_committed_artifacts.py fails when a fresh export differs from these files.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"; cd "$root"
+venv="$(scripts/setup_python.sh)"
+tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
+cd export
+"$venv/bin/python" -m flowstep_export --model tiny --out "$tmp/tiny" --lora-rank 8 --attention-chunk 16 --ship-base -q >/dev/null
+rm -rf ../models/tiny/artifacts && mv "$tmp/tiny" ../models/tiny/artifacts
+"$venv/bin/python" -m flowstep_export.goldens --artifacts ../models/tiny/artifacts --out ../models/tiny/golden.safetensors
+# The toy base is recorded in the manifest by the path it was exported from.
+mkdir -p /tmp/toy2 && cp ../models/toy/artifacts/base.safetensors /tmp/toy2/base.safetensors
+"$venv/bin/python" -m flowstep_export --model toy --base /tmp/toy2/base.safetensors --lora-rank 16 --ship-base \
+    --out "$tmp/toy" -q >/dev/null
+rm -rf ../models/toy/artifacts && mv "$tmp/toy" ../models/toy/artifacts
+git -C "$root" status --short models/
