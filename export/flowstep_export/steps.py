@@ -103,7 +103,8 @@ class StepFunctions:
         """(lora_params, *base, x_t, timestep, context) -> (velocity,)"""
         nb = len(self.base_names)
         base, (x_t, timestep, context) = rest[:nb], rest[nb:]
-        return (self._velocity(unflatten(lora_params, self.layout), base, x_t, timestep, context),)
+        velocity = self._velocity(unflatten(lora_params, self.layout), base, x_t, timestep, context)
+        return (velocity.float(),)  # the contract's float32, whatever the compute dtype
 
 
 def adamw(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, grad_scale):

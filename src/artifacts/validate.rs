@@ -61,8 +61,10 @@ pub(super) fn check_manifest(a: &Artifacts) -> Result<()> {
             return Err(bad(a, format!("{name} file {} has no sha256 in `files`", sig.file)));
         }
         for spec in sig.inputs.iter().chain(&sig.outputs) {
-            if spec.dtype != "float32" {
-                return Err(bad(a, format!("{name} {} has dtype {}, expected float32", spec.name, spec.dtype)));
+            // Base weights come in the export's precision; every other tensor is float32.
+            let want = m.base_weights.tensors.iter().find(|t| t.name == spec.name).map_or("float32", |t| t.dtype.as_str());
+            if spec.dtype != want {
+                return Err(bad(a, format!("{name} {} has dtype {}, expected {want}", spec.name, spec.dtype)));
             }
         }
     }
@@ -103,7 +105,7 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The loaded session's inputs and outputs equal the manifest's (names, float32, shapes).
+/// The loaded session's inputs and outputs equal the manifest's (names, dtypes, shapes).
 pub fn check_session_io(a: &Artifacts, graph: &str, session: &Session) -> Result<()> {
     let sig = a.graph(graph)?;
     let path = a.dir.join(&sig.file);
@@ -119,8 +121,13 @@ pub fn check_session_io(a: &Artifacts, graph: &str, session: &Session) -> Result
             let (Some(elem), Some(shape)) = (ty.tensor_type(), ty.tensor_shape()) else {
                 return Err(mismatch("is not a tensor".into()));
             };
-            if elem != ort::value::TensorElementType::Float32 {
-                return Err(mismatch(format!("graph dtype {elem:?}, manifest float32")));
+            let want = match spec.dtype.as_str() {
+                "float32" => ort::value::TensorElementType::Float32,
+                "bfloat16" => ort::value::TensorElementType::Bfloat16,
+                other => return Err(mismatch(format!("manifest dtype {other}, which flowstep does not bind"))),
+            };
+            if elem != want {
+                return Err(mismatch(format!("graph dtype {elem:?}, manifest {}", spec.dtype)));
             }
             let dims: Vec<i64> = shape.iter().copied().collect();
             let same = dims.len() == spec.shape.len()
