@@ -46,23 +46,8 @@ print("base weights and data ready")
 PY
 }
 
-if [[ "$phase" == reference ]]; then
-    prepare
-    for size in $SIZES; do
-        IFS=, read -r C F H W <<< "$size"; t=$(tokens "$size")
-        peak_mem "$OUT/peak_reference_$t" python3 -m flowstep_export.reference_train --impl torch --device cuda \
-            --artifacts "$ART" --base /tmp/base.safetensors --data "/tmp/data-${F}x${H}x${W}" --steps "$STEPS" --warmup 1 \
-            --precision bfloat16 --gradient-checkpointing | tee "$OUT/reference_$t.json" || echo "reference at $t tokens failed"
-    done
-    # For the summary in call 2 ($OUT is emptied between calls; /tmp stays while the machine is warm).
-    mkdir -p /tmp/ref-results && cp "$OUT"/reference_* "$OUT"/peak_reference_* /tmp/ref-results/ 2>/dev/null || true
-    exit 0
-fi
-
-prepare
-mkdir -p /tmp/ort && cat .gpupack/ortgpu.part* | xz -d | tar x -C /tmp/ort
-NV="$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])')"
-export LD_LIBRARY_PATH="$(ls -d "$NV"/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}"
+lora_init() {  # the export's LoRA init (seed 0, 175 MB: regenerated rather than carried)
+    [[ -f "$ART/lora_init.safetensors" ]] && return
 python3 - <<'PY'
 import hashlib, json
 from pathlib import Path
@@ -80,6 +65,27 @@ save_file({k: lora[k].contiguous() for k in names}, str(art / "lora_init.safeten
 manifest["files"]["lora_init.safetensors"] = hashlib.sha256((art / "lora_init.safetensors").read_bytes()).hexdigest()
 (art / "manifest.json").write_text(json.dumps(manifest, indent=1))
 PY
+}
+
+if [[ "$phase" == reference ]]; then
+    prepare
+    lora_init
+    for size in $SIZES; do
+        IFS=, read -r C F H W <<< "$size"; t=$(tokens "$size")
+        peak_mem "$OUT/peak_reference_$t" python3 -m flowstep_export.reference_train --impl torch --device cuda \
+            --artifacts "$ART" --base /tmp/base.safetensors --data "/tmp/data-${F}x${H}x${W}" --steps "$STEPS" --warmup 1 \
+            --precision bfloat16 --gradient-checkpointing | tee "$OUT/reference_$t.json" || echo "reference at $t tokens failed"
+    done
+    # For the summary in call 2 ($OUT is emptied between calls; /tmp stays while the machine is warm).
+    mkdir -p /tmp/ref-results && cp "$OUT"/reference_* "$OUT"/peak_reference_* /tmp/ref-results/ 2>/dev/null || true
+    exit 0
+fi
+
+prepare
+lora_init
+mkdir -p /tmp/ort && cat .gpupack/ortgpu.part* | xz -d | tar x -C /tmp/ort
+NV="$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])')"
+export LD_LIBRARY_PATH="$(ls -d "$NV"/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}"
 chmod +x .gpupack/flowstep
 FS=(.gpupack/flowstep --ort-lib /tmp/ort/libonnxruntime.so.1.31.1)
 train() {  # train TOKENS DATA SECONDS [extra flags]: one timed run; peak GPU memory to $OUT

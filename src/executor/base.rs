@@ -3,17 +3,34 @@
 
 use std::path::Path;
 
-use ort::value::DynTensor;
+use ort::session::IoBinding;
+use ort::value::Tensor;
 
-use super::DeviceMemory;
+use super::{Bf16Tensor, DeviceMemory};
 use crate::artifacts::Artifacts;
 use crate::error::{Error, Result};
 use crate::tensor_file::TensorFile;
 
 /// The frozen base weights in graph-input order, in the dtype the graphs take.
 pub struct BaseWeights {
-    pub tensors: Vec<(String, DynTensor)>,
+    pub tensors: Vec<(String, BaseTensor)>,
     pub num_values: usize,
+}
+
+/// One base weight on the device.
+pub enum BaseTensor {
+    F32(Tensor<f32>),
+    Bf16(Bf16Tensor),
+}
+
+impl BaseTensor {
+    pub fn bind(&self, binding: &mut IoBinding, name: &str) -> Result<()> {
+        match self {
+            BaseTensor::F32(t) => binding.bind_input(name, t),
+            BaseTensor::Bf16(t) => binding.bind_input(name, t.value()),
+        }
+        .map_err(Error::ort(format!("binding base weight {name}")))
+    }
 }
 
 /// Loads every tensor the manifest lists from `path` (the user's checkpoint, a leading
@@ -51,14 +68,14 @@ pub fn load_base_weights(artifacts: &Artifacts, path: Option<&Path>, memory: &De
                 if let Some(i) = values.iter().position(|v| !v.is_finite()) {
                     return Err(non_finite(i));
                 }
-                memory.tensor(&shape, &values)?.upcast()
+                BaseTensor::F32(memory.tensor(&shape, &values)?)
             }
             "bfloat16" => {
                 let (shape, values) = file.read_bf16(&key)?;
                 if let Some(i) = values.iter().position(|v| !v.is_finite()) {
                     return Err(non_finite(i));
                 }
-                memory.tensor(&shape, &values)?.upcast()
+                BaseTensor::Bf16(memory.tensor_bf16(&shape, &values)?)
             }
             other => {
                 return Err(Error::Manifest {

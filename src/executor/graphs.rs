@@ -10,7 +10,7 @@ use crate::runtime::{SessionOptions, load_session};
 
 fn bind_base(binding: &mut IoBinding, base: &BaseWeights) -> Result<()> {
     for (name, tensor) in &base.tensors {
-        binding.bind_input(name.as_str(), tensor).map_err(Error::ort(format!("binding base weight {name}")))?;
+        tensor.bind(binding, name)?;
     }
     Ok(())
 }

@@ -75,7 +75,7 @@ impl TrainingGraphs {
         let t = |m: &DeviceMemory| m.tensor(&[p], &zero);
         let mut train_binding = training.create_binding().map_err(Error::ort("creating the training binding"))?;
         for (name, tensor) in &base.tensors {
-            train_binding.bind_input(name.as_str(), tensor).map_err(Error::ort(format!("binding base weight {name}")))?;
+            tensor.bind(&mut train_binding, name)?;
         }
         let opt_binding = optimizer.create_binding().map_err(Error::ort("creating the optimizer binding"))?;
         let graphs = Self {
