@@ -5,8 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use flowstep::artifacts::Artifacts;
-use flowstep::executor::{DeviceMemory, VelocityGraph, load_base_weights};
-use flowstep::lora_io;
+use flowstep::executor::{VelocityGraph, WithLora};
 use flowstep::render::{Grid, centroid_motion, mean_rgb};
 use flowstep::sample::{SampleConfig, sample};
 use flowstep::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, write_atomic};
@@ -84,17 +83,13 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     };
     let (ctx_shape, ctx) = read_context(&args.context)?;
     let negative = args.negative_context.as_ref().map(read_context).transpose()?.map(|(_, v)| v);
-    let flat = lora_io::load(&artifacts.lora_file(args.lora.as_deref()), &m.lora)?;
-    let memory = DeviceMemory::new(session.device);
-    let base = load_base_weights(&artifacts, args.model.base.as_deref(), &memory)?;
-    let mut graph = VelocityGraph::load(&artifacts, &session, &base)?;
-    let params = memory.tensor(&[flat.len()], &flat)?;
+    let mut model = WithLora::<VelocityGraph>::load(&artifacts, &session, args.model.base.as_deref(), args.lora.as_deref())?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let mut videos = Vec::with_capacity(args.num_samples);
     let mut motions = Vec::new();
     for i in 0..args.num_samples {
         let config = SampleConfig { steps: args.steps, shift: args.shift, cfg_scale: args.cfg_scale, seed: args.seed + i as u64, shape };
-        let video = sample(&mut graph, &params, (&ctx_shape, &ctx), negative.as_deref(), &config)?;
+        let video = sample(&mut model.graph, &model.params, (&ctx_shape, &ctx), negative.as_deref(), &config)?;
         let (dx, dy) = centroid_motion(&video, shape);
         let [r, g, b] = mean_rgb(&video, shape);
         if args.report {

@@ -4,11 +4,13 @@
 mod base;
 mod batch;
 mod graphs;
+mod loader;
 mod state;
 
 pub use base::{BaseWeights, load_base_weights};
 pub use batch::Batch;
 pub use graphs::{LossGraph, VelocityGraph};
+pub use loader::{LoraGraph, WithLora};
 pub use state::{AdamW, OptimizerOutcome, TrainingGraphs};
 
 use ort::memory::{AllocationDevice, Allocator};
