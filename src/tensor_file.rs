@@ -30,7 +30,10 @@ pub struct TensorInfo {
 }
 
 impl TensorFile {
+    /// Maps a regular file (a directory, FIFO or device is refused before it is opened,
+    /// so a FIFO cannot block the process).
     pub fn open(path: &Path) -> Result<Self> {
+        check_regular(path)?;
         let file = File::open(path).at(path)?;
         // SAFETY: the file is only read; flowstep never maps a file it writes concurrently.
         let mmap = unsafe { Mmap::map(&file) }.at(path)?;
@@ -76,6 +79,15 @@ impl TensorFile {
         };
         Ok((info.shape.clone(), values))
     }
+}
+
+/// A path that must be a regular file: anything else is an error saying what it is.
+pub fn check_regular(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).at(path)?;
+    if !meta.is_file() {
+        return Err(Error::Tensor { path: path.to_path_buf(), reason: format!("is {}, expected a .safetensors file", crate::artifacts::kind_of(&meta)) });
+    }
+    Ok(())
 }
 
 /// Output precision of a written tensor.

@@ -44,7 +44,7 @@ impl<G: LoraGraph> WithLora<G> {
     /// Reads the LoRA first (the cheapest thing to get wrong), then the base weights
     /// (`base`, or the shipped ones) and the graph.
     pub fn load(artifacts: &Artifacts, options: &SessionOptions, base: Option<&Path>, lora: Option<&Path>) -> Result<Self> {
-        let lora = artifacts.lora_file(lora);
+        let lora = artifacts.lora_file(lora)?;
         let flat = lora_io::load(&lora, &artifacts.manifest.lora)?;
         let memory = DeviceMemory::new(options.device);
         let base = load_base_weights(artifacts, base, &memory)?;

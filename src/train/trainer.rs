@@ -111,7 +111,6 @@ impl<'a, 'o> Trainer<'a, 'o> {
         if !(config.lr.is_finite() && config.lr > 0.0) {
             return Err(Error::Config(format!("--lr must be a positive number, got {}", config.lr)));
         }
-        let lock = lock_out(&config.out)?;
         let artifacts = Artifacts::open(&config.artifacts)?;
         let manifest = &artifacts.manifest;
         let spec = SampleSpec::for_model(&manifest.model);
@@ -127,6 +126,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
         if total_steps == 0 {
             return Err(Error::Config("nothing to do: --steps/--epochs gives 0 steps".into()));
         }
+        let lock = lock_out(&config.out)?;
         let identity = RunIdentity {
             training_model_sha256: manifest.files.get("training_model.onnx").cloned().unwrap_or_default(),
             seed: config.seed,
@@ -169,7 +169,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
                 state = saved;
             }
             None => {
-                let init = lora_io::load(&artifacts.lora_file(config.init_lora.as_deref()), &manifest.lora)?;
+                let init = lora_io::load(&artifacts.lora_file(config.init_lora.as_deref())?, &manifest.lora)?;
                 let zeros = vec![0.0; p];
                 graphs.set_state(&init, &zeros, &zeros)?;
             }

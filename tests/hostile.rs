@@ -1,0 +1,177 @@
+//! Hostile and careless inputs (issue 14): poisoned artifacts, bad flags, resumes of a
+//! different run, non-finite updates, graph failures, odd data files, tidy failure and
+//! messages. Each class is tried at least two ways on the real binary; every refusal is
+//! one `error:` line, fast, with no panic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn patch_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("manifest.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
+    edit(&mut v);
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn sha256_hex(path: &Path) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(std::fs::read(path).unwrap_or_default()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs flowstep, killing it after `secs`: a hostile input must fail, not hang.
+fn run_limited(args: &[&str], secs: u64) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flowstep"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("flowstep {args:?} still running after {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn train_limited(art: &Path, data: &Path, out: &Path, steps: u64, extra: &[&str]) -> Output {
+    let steps = steps.to_string();
+    let mut args = vec!["-q", "train", "--artifacts", path_str(art), "--data", path_str(data), "--out", path_str(out), "--steps", &steps, "--seed", "5", "--lr", "2e-3"];
+    args.extend_from_slice(extra);
+    run_limited(&args, 60)
+}
+
+fn mkfifo(path: &Path) {
+    let ok = Command::new("mkfifo").arg(path).status().is_ok_and(|s| s.success());
+    assert!(ok, "mkfifo {}", path.display());
+}
+
+/// Nothing at all in `out` (it does not exist, or is empty).
+fn assert_untouched(out: &Path) {
+    let entries: Vec<PathBuf> = std::fs::read_dir(out).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
+    assert!(entries.is_empty(), "a failed run left {entries:?}");
+}
+
+fn assert_error(r: &Output, expect: &[&str]) -> String {
+    let line = error_line(r);
+    for e in expect {
+        assert!(line.contains(e), "`{line}` lacks `{e}`");
+    }
+    line
+}
+
+// ── 1. Manifests are trusted no further than the artifacts directory ──────────────────
+
+#[test]
+fn manifest_paths_stay_inside_the_artifacts_dir() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 1, 1);
+    let out = dir.path().join("out");
+    let outside = dir.path().join("outside.onnx");
+    std::fs::copy(tiny_artifacts().join("eval_model.onnx"), &outside).unwrap_or_else(|e| panic!("{e}"));
+    let case = |name: &str, setup: &dyn Fn(&Path), expect: &[&str]| {
+        let art = copy_artifacts(&dir.path().join(name));
+        setup(&art);
+        assert_error(&train_limited(&art, &data, &out, 2, &[]), expect);
+        assert_untouched(&out);
+        // inspect reads the same manifest the same way.
+        assert_error(&run_limited(&["inspect", "--no-load", "--artifacts", path_str(&art)], 30), expect);
+    };
+    case("parent", &|a| patch_manifest(a, |m| m["files"]["../../etc/hostname"] = serde_json::json!(sha256_hex(Path::new("/etc/hostname")))),
+        &["manifest.json", "../../etc/hostname", "`..`"]);
+    case("absolute-dev-zero", &|a| patch_manifest(a, |m| {
+        m["graphs"]["training_model"]["file"] = serde_json::json!("/dev/zero");
+        m["files"]["/dev/zero"] = serde_json::json!("00");
+    }), &["/dev/zero", "absolute"]);
+    case("symlink-out", &|a| {
+        std::fs::remove_file(a.join("eval_model.onnx")).unwrap_or_default();
+        std::os::unix::fs::symlink(&outside, a.join("eval_model.onnx")).unwrap_or_else(|e| panic!("{e}"));
+    }, &["eval_model.onnx", "outside the artifacts directory"]);
+    case("symlink-dev-zero", &|a| {
+        std::fs::remove_file(a.join("base.safetensors")).unwrap_or_default();
+        std::os::unix::fs::symlink("/dev/zero", a.join("base.safetensors")).unwrap_or_else(|e| panic!("{e}"));
+    }, &["base.safetensors", "/dev/zero", "outside"]);
+    case("fifo", &|a| {
+        std::fs::remove_file(a.join("lora_init.safetensors")).unwrap_or_default();
+        mkfifo(&a.join("lora_init.safetensors"));
+    }, &["lora_init.safetensors", "a FIFO", "not a regular file"]);
+    case("directory", &|a| {
+        std::fs::remove_file(a.join("optimizer_model.onnx")).unwrap_or_default();
+        std::fs::create_dir(a.join("optimizer_model.onnx")).unwrap_or_default();
+    }, &["optimizer_model.onnx", "a directory"]);
+}
+
+#[test]
+fn every_loaded_file_is_hash_checked() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 1, 1);
+    let out = dir.path().join("out");
+    let case = |name: &str, setup: &dyn Fn(&Path), expect: &[&str]| {
+        let art = copy_artifacts(&dir.path().join(name));
+        setup(&art);
+        assert_error(&train_limited(&art, &data, &out, 2, &[]), expect);
+        assert_untouched(&out);
+    };
+    case("base-unlisted", &|a| patch_manifest(a, |m| {
+        m["files"].as_object_mut().map(|f| f.remove("base.safetensors"));
+    }), &["base.safetensors has no sha256"]);
+    case("init-unlisted", &|a| patch_manifest(a, |m| {
+        m["files"].as_object_mut().map(|f| f.remove("lora_init.safetensors"));
+    }), &["lora_init.safetensors has no sha256"]);
+    case("base-flipped", &|a| {
+        let p = a.join("base.safetensors");
+        let mut bytes = std::fs::read(&p).unwrap_or_default();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&p, bytes).unwrap_or_default();
+    }, &["base.safetensors", "sha256"]);
+}
+
+#[test]
+fn lora_section_is_validated_before_anything_runs() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 1, 1);
+    let out = dir.path().join("out");
+    let case = |name: &str, edit: &dyn Fn(&mut serde_json::Value), expect: &[&str]| {
+        let art = copy_artifacts(&dir.path().join(name));
+        patch_manifest(&art, edit);
+        assert_error(&train_limited(&art, &data, &out, 2, &[]), expect);
+        assert_untouched(&out);
+        assert_error(&run_limited(&["eval", "--artifacts", path_str(&art), "--data", path_str(&data)], 30), expect);
+    };
+    case("rank0", &|m| m["lora"]["rank"] = serde_json::json!(0), &["lora.rank is 0"]);
+    case("wrong-rank", &|m| m["lora"]["rank"] = serde_json::json!(4), &["blocks.0.self_attn.q.lora_A.default.weight", "rank 4"]);
+    case("duplicate", &|m| {
+        let first = m["lora"]["tensors"][0]["key"].clone();
+        m["lora"]["tensors"][2]["key"] = first;
+    }, &["blocks.0.self_attn.q.lora_A.default.weight", "listed twice"]);
+    case("offset-gap", &|m| m["lora"]["tensors"][3]["offset"] = serde_json::json!(1600), &["starts at 1600", "ends at 1536"]);
+    case("shape", &|m| m["lora"]["tensors"][1]["shape"] = serde_json::json!([65, 8]), &["lora_B", "[65, 8]", "needs [64, 8]"]);
+    case("unknown-module", &|m| m["lora"]["tensors"][0]["key"] = serde_json::json!("blocks.9.self_attn.q.lora_A.default.weight"), &["blocks.9.self_attn.q.weight"]);
+    // A huge num_params, with every graph signature patched to agree: refused before allocation.
+    case("huge", &|m| {
+        let huge = 1u64 << 50;
+        m["lora"]["num_params"] = serde_json::json!(huge);
+        for g in ["training_model", "eval_model", "inference_model", "optimizer_model"] {
+            for io in ["inputs", "outputs"] {
+                if let Some(list) = m["graphs"][g][io].as_array_mut() {
+                    for spec in list.iter_mut().filter(|s| s["shape"] == serde_json::json!([26624])) {
+                        spec["shape"] = serde_json::json!([huge]);
+                    }
+                }
+            }
+        }
+    }, &["num_params"]);
+}
