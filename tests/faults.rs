@@ -63,7 +63,10 @@ fn bad_artifacts() {
     case("lora-layout", &|a| patch_manifest(a, |m| m["lora"]["num_params"] = serde_json::json!(12)), &["manifest.json", "num_params"]);
     case("graph-signature", &|a| patch_manifest(a, |m| {
         m["graphs"]["training_model"]["inputs"][0]["shape"] = serde_json::json!([7]);
-    }), &["training_model.onnx", "lora_params", "[7]"]);
+    }), &["manifest.json", "lora_params", "[7]"]);
+    case("graph-signature-x_t", &|a| patch_manifest(a, |m| {
+        m["graphs"]["training_model"]["inputs"][71]["shape"][4] = serde_json::json!(7);
+    }), &["training_model.onnx", "x_t", "7"]);
 
     // Base weights: missing tensor, wrong shape, wrong dtype (through --base).
     let art = tiny_artifacts();
