@@ -9,6 +9,10 @@ pub enum Error {
     #[error("{0}")]
     Config(String),
 
+    /// A command-line option with a value that cannot work, refused before any work starts.
+    #[error("{flag}: {reason}")]
+    Flag { flag: &'static str, reason: String },
+
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
 
@@ -46,6 +50,10 @@ pub enum Error {
 impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io { path: path.as_ref().to_path_buf(), source }
+    }
+
+    pub fn flag(flag: &'static str, reason: impl Into<String>) -> Self {
+        Error::Flag { flag, reason: reason.into() }
     }
 
     pub fn ort(during: impl Into<String>) -> impl FnOnce(ort::Error) -> Self {

@@ -175,3 +175,67 @@ fn lora_section_is_validated_before_anything_runs() {
         }
     }, &["num_params"]);
 }
+
+// ── 2. Flags are checked before any work, naming the flag ──────────────────────────────
+
+#[test]
+fn bad_numeric_flags_are_refused_naming_the_flag() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 2, 1);
+    let out = dir.path().join("out");
+    let art = tiny_artifacts();
+    let max = u64::MAX.to_string();
+    let train: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--lr", "NaN"], "--lr"),
+        (vec!["--lr=-1e-4"], "--lr"),
+        (vec!["--lr-schedule", "cosine:0:NaN"], "--lr-schedule"),
+        (vec!["--lr-schedule", "cosine:2:-1"], "--lr-schedule"),
+        (vec!["--beta1", "1"], "--beta1"),
+        (vec!["--beta2=-0.1"], "--beta2"),
+        (vec!["--eps", "0"], "--eps"),
+        (vec!["--weight-decay", "NaN"], "--weight-decay"),
+        (vec!["--grad-accum", "0"], "--grad-accum"),
+        (vec!["--repeat", "0"], "--repeat"),
+        (vec!["--repeat", &max], "--repeat"),
+        (vec!["--shift", "NaN"], "--shift"),
+        (vec!["--noise-scale", "inf"], "--noise-scale"),
+        (vec!["--max-timestep-boundary", "0"], "--max-timestep-boundary"),
+        (vec!["--save-every", "0"], "--save-every"),
+        (vec!["--eval-every", "5"], "--eval-every"),
+        (vec!["--eval-timesteps", "0"], "--eval-timesteps"),
+        (vec!["--threads", "0"], "--threads"),
+        (vec!["--threads", "1000000"], "--threads"),
+    ];
+    for (extra, flag) in &train {
+        let r = train_limited(&art, &data, &out, 3, extra);
+        assert_error(&r, &[flag]);
+        assert_untouched(&out);
+    }
+    // Counts whose products overflow: the step or sample counter, not an allocation abort.
+    let base = ["-q", "train", "--artifacts", path_str(&art), "--data", path_str(&data), "--out", path_str(&out)];
+    for (extra, flag) in [(vec!["--epochs", &max, "--repeat", "1000"], "--epochs"), (vec!["--steps", &max, "--grad-accum", "2"], "--grad-accum"), (vec!["--steps", "0"], "--steps")] {
+        assert_error(&run_limited(&[&base[..], &extra[..]].concat(), 30), &[flag]);
+        assert_untouched(&out);
+    }
+    // sample: counts and shapes are checked before anything is loaded or written.
+    let toy = repo().join("models/toy");
+    let (prompt, toy_art) = (toy.join("prompts/yellow-up.safetensors"), toy.join("artifacts"));
+    let sample = ["-q", "sample", "--artifacts", path_str(&toy_art), "--context", path_str(&prompt), "--steps", "2", "--out", path_str(&out)];
+    for (extra, flag) in [
+        (vec!["--shape", "2,8,8", "--num-samples", "0"], "--num-samples"),
+        (vec!["--shape", "100000,100000,100000"], "--shape"),
+        (vec!["--shape", "1,2,2", "--num-samples", "100000000"], "--num-samples"),
+        (vec!["--shape", "2,8,8", "--steps", "0"], "--steps"),
+        (vec!["--shape", "2,8,8", "--cfg-scale", "NaN"], "--cfg-scale"),
+        (vec!["--shape", "2,8,8", "--seed", &max], "--seed"),
+    ] {
+        assert_error(&run_limited(&[&sample[..], &extra[..]].concat(), 30), &[flag]);
+        assert_untouched(&out);
+    }
+    for (extra, flag) in [(vec!["--timesteps", "0"], "--timesteps"), (vec!["--timesteps", "100000"], "--timesteps"), (vec!["--shift=-1"], "--shift")] {
+        let args = [&["eval", "--artifacts", path_str(&art), "--data", path_str(&data)][..], &extra[..]].concat();
+        assert_error(&run_limited(&args, 30), &[flag]);
+    }
+    assert_error(&run_limited(&["schedule", "--steps", "1000000000000"], 30), &["--steps"]);
+}

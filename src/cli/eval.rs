@@ -46,6 +46,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
+    let max = flowstep::scheduler::NUM_TRAIN_TIMESTEPS;
+    anyhow::ensure!((1..=max).contains(&args.timesteps), "--timesteps: must be 1 to {max}, got {}", args.timesteps);
+    anyhow::ensure!(args.shift.is_finite() && args.shift > 0.0, "--shift: must be a positive number, got {}", args.shift);
     let session = super::init_runtime(globals, &args.device)?;
     let artifacts = Artifacts::open(&args.model.artifacts)?;
     let m = &artifacts.manifest;

@@ -105,14 +105,17 @@ pub struct DeviceArgs {
     pub ort_profile: Option<PathBuf>,
 }
 
+/// More threads than this is a typo, and spawning them would exhaust the process.
+const MAX_THREADS: usize = 1024;
+
 /// Loads ONNX Runtime (once) and returns the session options for the device.
 pub fn init_runtime(globals: &Globals, device: &DeviceArgs) -> anyhow::Result<flowstep::runtime::SessionOptions> {
+    if let Some(t) = device.threads {
+        anyhow::ensure!((1..=MAX_THREADS).contains(&t), "--threads: must be 1 to {MAX_THREADS}, got {t}");
+    }
     let lib = flowstep::runtime::init(globals.ort_lib.as_deref(), device.device.is_gpu())?;
     if globals.verbose > 0 {
         eprintln!("ONNX Runtime: {} (found by {})", lib.path.display(), lib.found_by);
-    }
-    if device.threads == Some(0) {
-        anyhow::bail!("--threads must be at least 1");
     }
     if let Some(t) = device.threads {
         // The host-side work (noise, x_t, target) uses the same budget.

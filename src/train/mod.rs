@@ -2,6 +2,7 @@
 //! through its phases. Everything a run reports goes out as events.
 
 mod trainer;
+mod validate;
 
 pub use trainer::Trainer;
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 use fs2::FileExt;
 use serde::Serialize;
 
-use super::{Length, NonFinitePolicy, TrainConfig, TrainSummary};
+use super::{NonFinitePolicy, TrainConfig, TrainSummary};
 use crate::artifacts::Artifacts;
 use crate::checkpoint::{self, CheckpointState, TrainerState};
 use crate::data::{DataOrder, Dataset, SampleSpec};
@@ -105,27 +105,14 @@ impl<'a, 'o> Trainer<'a, 'o> {
     /// the initial (or checkpointed) state, and evaluates once before a fresh run.
     pub fn start(config: &'a TrainConfig, observers: &'a mut [&'o mut dyn Observer]) -> Result<Self> {
         let started = Instant::now();
-        if config.grad_accum == 0 || config.repeat == 0 {
-            return Err(Error::Config("--grad-accum and --repeat must be at least 1".into()));
-        }
-        if !(config.lr.is_finite() && config.lr > 0.0) {
-            return Err(Error::Config(format!("--lr must be a positive number, got {}", config.lr)));
-        }
+        config.validate()?;
         let artifacts = Artifacts::open(&config.artifacts)?;
         let manifest = &artifacts.manifest;
         let spec = SampleSpec::for_model(&manifest.model);
         let dataset = Dataset::open(&config.data, spec.clone())?;
         let eval_set = config.eval_data.as_deref().map(|d| Dataset::open(d, spec.clone())).transpose()?;
         let sampler = SftSampler::new(SftConfig { shift: config.sft.shift, ..config.sft.clone() }, config.seed)?;
-        let order = DataOrder { seed: config.seed, len: dataset.len(), repeat: config.repeat };
-        let per_epoch = order.epoch_len().div_ceil(config.grad_accum) as u64;
-        let total_steps = match config.length {
-            Length::Steps(n) => n,
-            Length::Epochs(e) => e * per_epoch,
-        };
-        if total_steps == 0 {
-            return Err(Error::Config("nothing to do: --steps/--epochs gives 0 steps".into()));
-        }
+        let (order, total_steps) = config.plan(dataset.len())?;
         let lock = lock_out(&config.out)?;
         let identity = RunIdentity {
             training_model_sha256: manifest.files.get("training_model.onnx").cloned().unwrap_or_default(),
