@@ -290,7 +290,7 @@ fn ctrl_c_saves_a_checkpoint() {
     tiny_dataset(&data, 2, 1);
     let out = dir.path().join("out");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_flowstep"))
-        .args(["-q", "train", "--artifacts", path_str(&art), "--data", path_str(&data), "--out", path_str(&out), "--steps", "1000000", "--seed", "5"])
+        .args(["-q", "train", "--artifacts", path_str(&art), "--data", path_str(&data), "--out", path_str(&out), "--steps", "1000000", "--seed", "5", "--lr", "2e-3"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));

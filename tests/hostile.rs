@@ -239,3 +239,90 @@ fn bad_numeric_flags_are_refused_naming_the_flag() {
     }
     assert_error(&run_limited(&["schedule", "--steps", "1000000000000"], 30), &["--steps"]);
 }
+
+// ── 3. A resume continues only the same run, from intact state ─────────────────────────
+
+#[test]
+fn resume_refuses_other_settings_and_lists_them() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 2, 1);
+    let out = dir.path().join("out");
+    let art = tiny_artifacts();
+    let train = |extra: &[&str]| {
+        let base = ["-q", "train", "--artifacts", path_str(&art), "--data", path_str(&data), "--out", path_str(&out), "--seed", "5"];
+        run_limited(&[&base[..], extra].concat(), 60)
+    };
+    let r = train(&["--steps", "6", "--lr", "2e-3", "--stop-after", "2"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let resume = |extra: &[&str]| {
+        let lr = if extra.contains(&"--lr") { &[][..] } else { &["--lr", "2e-3"][..] };
+        train(&[&["--steps", "6", "--resume"][..], lr, extra].concat())
+    };
+    assert_error(&resume(&["--lr", "1e-3"]), &["step-000002", "--lr 0.002 → 0.001", "--allow-changed-hyperparameters"]);
+    assert_error(&resume(&["--beta1", "0.8", "--lr-schedule", "warmup:3"]), &["--beta1 0.9 → 0.8", "--lr-schedule constant → warmup:3"]);
+    // What fixes the data and noise cannot be changed, allowed or not.
+    assert_error(&resume(&["--grad-accum", "2", "--allow-changed-hyperparameters"]), &["different run", "--grad-accum 1 → 2"]);
+    let steps_back = train(&["--steps", "1", "--lr", "2e-3", "--resume"]);
+    assert_error(&steps_back, &["step 2", "--steps 1"]);
+    // Allowed explicitly: printed (even with -q) and recorded in metrics.jsonl and the summary.
+    let r = resume(&["--lr", "1e-3", "--allow-changed-hyperparameters"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(stderr(&r).contains("changed hyperparameters: --lr 0.002 → 0.001"), "{}", stderr(&r));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap_or_default()).collect();
+    assert_eq!(lines.len(), 6);
+    assert_eq!(lines[2]["hyperparameter_changes"], serde_json::json!(["--lr 0.002 → 0.001"]));
+    assert!(lines[3].get("hyperparameter_changes").is_none() && lines[3]["lr"] == 1e-3);
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap_or_default()).unwrap_or_default();
+    assert_eq!(summary["hyperparameter_changes"], serde_json::json!(["--lr 0.002 → 0.001"]));
+}
+
+#[test]
+fn damaged_checkpoints_are_refused() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 2, 1);
+    let run = dir.path().join("run");
+    let r = train_limited(&tiny_artifacts(), &data, &run, 6, &["--stop-after", "2"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    fn flip(file: &'static str, at: usize) -> impl Fn(&Path) {
+        move |ckpt: &Path| {
+            let p = ckpt.join(file);
+            let mut bytes = std::fs::read(&p).unwrap_or_default();
+            let i = bytes.len() - at;
+            bytes[i] ^= 0x01;
+            std::fs::write(&p, bytes).unwrap_or_default();
+        }
+    }
+    let cases: Vec<(&str, Box<dyn Fn(&Path)>, Vec<&str>)> = vec![
+        ("state", Box::new(flip("state.safetensors", 7)), vec!["state.safetensors does not match its checksum"]),
+        ("trainer", Box::new(flip("trainer.json", 3)), vec!["trainer.json does not match its checksum"]),
+        ("sums", Box::new(|c: &Path| std::fs::remove_file(c.join("SHA256SUMS")).unwrap_or_default()), vec!["has no SHA256SUMS"]),
+    ];
+    for (name, damage, expect) in cases {
+        let out = dir.path().join(name);
+        let status = Command::new("cp").args(["-a", path_str(&run), path_str(&out)]).status();
+        assert!(status.is_ok_and(|s| s.success()));
+        damage(&out.join("checkpoints/step-000002"));
+        let r = train_limited(&tiny_artifacts(), &data, &out, 6, &["--resume"]);
+        assert_error(&r, &[&["step-000002"][..], &expect[..]].concat());
+        assert!(!out.join("lora.safetensors").exists());
+    }
+}
+
+#[test]
+fn resume_without_a_checkpoint_says_it_starts_fresh() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 2, 1);
+    for name in ["new", "empty"] {
+        let out = dir.path().join(name);
+        if name == "empty" {
+            std::fs::create_dir_all(out.join("checkpoints")).unwrap_or_default();
+        }
+        let r = train_limited(&tiny_artifacts(), &data, &out, 2, &["--resume"]);
+        assert!(r.status.success(), "{}", stderr(&r));
+        assert!(stderr(&r).contains("no checkpoint in") && stderr(&r).contains("starting a fresh run"), "{}", stderr(&r));
+        assert!(out.join("lora.safetensors").is_file());
+    }
+}

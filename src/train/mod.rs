@@ -1,6 +1,7 @@
 //! Training: the run's configuration and summary, and `train`, which drives a [`Trainer`]
 //! through its phases. Everything a run reports goes out as events.
 
+mod run;
 mod trainer;
 mod validate;
 
@@ -55,6 +56,8 @@ pub struct TrainConfig {
     pub save_every: Option<u64>,
     pub keep_checkpoints: usize,
     pub resume: bool,
+    /// Let a resume change the learning rate, its schedule or AdamW settings (recorded).
+    pub allow_changed_hyperparameters: bool,
     pub eval_data: Option<PathBuf>,
     pub eval_every: Option<u64>,
     pub eval: EvalConfig,
@@ -80,6 +83,8 @@ pub struct TrainSummary {
     pub eval_after: Option<f64>,
     pub skipped_steps: u64,
     pub skipped_samples: u64,
+    /// Hyperparameters this resume changed (`--allow-changed-hyperparameters`).
+    pub hyperparameter_changes: Vec<String>,
     pub seconds: f64,
     pub seconds_per_step: f64,
     /// Host-side share of step time: data, SFT inputs, binding, reading the loss.

@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use fs2::FileExt;
-use serde::Serialize;
 
-use super::{NonFinitePolicy, TrainConfig, TrainSummary};
+use super::{NonFinitePolicy, TrainConfig, TrainSummary, run};
 use crate::artifacts::Artifacts;
 use crate::checkpoint::{self, CheckpointState, TrainerState};
 use crate::data::{DataOrder, Dataset, SampleSpec};
@@ -18,17 +17,6 @@ use crate::executor::{Batch, LossGraph, TrainingGraphs, load_base_weights};
 use crate::lora_io;
 use crate::metrics::{JsonlWriter, Observer, Recorder, StepRecord, TrainEvent};
 use crate::sft::{SftConfig, SftSampler, TimestepDraw};
-
-/// The fields a checkpoint must share with the run that resumes it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-struct RunIdentity {
-    training_model_sha256: String,
-    seed: u64,
-    grad_accum: usize,
-    repeat: usize,
-    dataset_len: usize,
-    sft: String,
-}
 
 /// Holds `OUT/.lock` for the life of the run: a second trainer on the same directory fails.
 struct OutLock(#[allow(dead_code)] File);
@@ -97,6 +85,8 @@ pub struct Trainer<'a, 'o> {
     eval_before: Option<f64>,
     eval_after: Option<f64>,
     last_checkpoint: Option<PathBuf>,
+    /// Hyperparameters this resume changed.
+    changes: Vec<String>,
     _lock: OutLock,
 }
 
@@ -114,15 +104,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let sampler = SftSampler::new(SftConfig { shift: config.sft.shift, ..config.sft.clone() }, config.seed)?;
         let (order, total_steps) = config.plan(dataset.len())?;
         let lock = lock_out(&config.out)?;
-        let identity = RunIdentity {
-            training_model_sha256: manifest.files.get("training_model.onnx").cloned().unwrap_or_default(),
-            seed: config.seed,
-            grad_accum: config.grad_accum,
-            repeat: config.repeat,
-            dataset_len: dataset.len(),
-            sft: format!("{:?}", config.sft),
-        };
-        let identity_json = serde_json::to_value(&identity).map_err(|e| Error::Config(e.to_string()))?;
+        let run = run::describe(config, &artifacts, dataset.len(), total_steps)?;
 
         checkpoint::clean_partial(&config.out)?;
         let existing = checkpoint::list(&config.out)?;
@@ -141,19 +123,16 @@ impl<'a, 'o> Trainer<'a, 'o> {
             None => None,
         };
         let p = artifacts.num_params();
-        let mut state = TrainerState { step: 0, micro_steps: 0, skipped_steps: 0, skipped_samples: 0, run: identity_json.clone() };
+        let mut state = TrainerState { step: 0, micro_steps: 0, skipped_steps: 0, skipped_samples: 0, run: run.clone() };
         let resumed_from = existing.last().filter(|_| config.resume).map(|(_, dir)| dir.clone());
+        let mut changes = Vec::new();
         match &resumed_from {
             Some(dir) => {
                 let (saved, tensors) = checkpoint::load(dir, p)?;
-                if saved.run != identity_json {
-                    return Err(Error::Checkpoint {
-                        path: dir.clone(),
-                        reason: format!("was written by a different run (artifacts, seed, --grad-accum, --repeat, dataset size or SFT options differ): {} vs now {}", saved.run, identity_json),
-                    });
-                }
+                changes = run::check_resume(dir, saved.step, &saved.run, &run, total_steps, config.allow_changed_hyperparameters)?;
                 graphs.set_state(&tensors.params, &tensors.m, &tensors.v)?;
-                state = saved;
+                // From here on the checkpoints carry the new settings.
+                state = TrainerState { run, ..saved };
             }
             None => {
                 let init = lora_io::load(&artifacts.lora_file(config.init_lora.as_deref())?, &manifest.lora)?;
@@ -182,9 +161,18 @@ impl<'a, 'o> Trainer<'a, 'o> {
             eval_before: None,
             eval_after: None,
             last_checkpoint: None,
+            changes: Vec::new(),
             _lock: lock,
         };
+        if config.resume && resumed_from.is_none() {
+            trainer.events.emit(TrainEvent::Warning(format!("--resume: no checkpoint in {}; starting a fresh run", config.out.display())))?;
+        }
         trainer.events.emit(TrainEvent::Started { start_step, total_steps, resumed_from: resumed_from.as_deref() })?;
+        if !changes.is_empty() {
+            trainer.events.emit(TrainEvent::Warning(format!("resuming with changed hyperparameters: {}", changes.join(", "))))?;
+            trainer.events.jsonl.record_changes(changes.clone());
+        }
+        trainer.changes = changes;
         if start_step == 0 {
             trainer.eval_before = trainer.evaluate(0)?;
         }
@@ -229,6 +217,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             applied,
             seconds,
             eval_loss: None,
+            hyperparameter_changes: Vec::new(),
         };
         let step = self.state.step;
         let periodic = self.config.eval_every.is_some_and(|n| n > 0 && step.is_multiple_of(n));
@@ -367,6 +356,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             eval_after: self.eval_after,
             skipped_steps: self.state.skipped_steps,
             skipped_samples: self.state.skipped_samples,
+            hyperparameter_changes: self.changes.clone(),
             seconds: self.started.elapsed().as_secs_f64(),
             seconds_per_step: if steps > 0 { step_seconds / steps as f64 } else { 0.0 },
             host_fraction: if step_seconds > 0.0 { host_seconds / step_seconds } else { 0.0 },
