@@ -121,7 +121,7 @@ impl Dataset {
         let (context_shape, context) = file.read_f32(CONTEXT)?;
         for (name, values) in [(LATENTS, &latents), (CONTEXT, &context)] {
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                return Err(Error::Data { path: path.clone(), reason: format!("tensor `{name}` has a non-finite value ({}) at flat index {i}", values[i]) });
+                return Err(Error::NonFiniteSample { path: path.clone(), tensor: name, index: i, value: values[i] });
             }
         }
         Ok(Sample { path: path.clone(), latents, latent_shape, context, context_shape })

@@ -37,6 +37,9 @@ pub enum Error {
     #[error("{}: {reason}", path.display())]
     Checkpoint { path: PathBuf, reason: String },
 
+    #[error("{}: tensor `{tensor}` has a non-finite value ({value}) at flat index {index}", path.display())]
+    NonFiniteSample { path: PathBuf, tensor: &'static str, index: usize, value: f32 },
+
     #[error("step {step}: {what} is not finite ({value})")]
     NonFinite { step: u64, what: &'static str, value: f64 },
 

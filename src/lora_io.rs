@@ -50,6 +50,14 @@ fn diffsynth_b_scale(lora: &LoraInfo) -> f32 {
 
 /// Writes a LoRA file atomically.
 pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtype: SaveDtype, extra_meta: &[(&str, String)]) -> Result<()> {
+    // Checked in the file's dtype: a finite f32 near f32::MAX rounds to infinity in bf16.
+    let representable = |v: f32| match dtype {
+        SaveDtype::F32 => v.is_finite(),
+        SaveDtype::Bf16 => half::bf16::from_f32(v).is_finite(),
+    };
+    if let Some(i) = flat.iter().position(|&v| !representable(v)) {
+        return Err(Error::Tensor { path: path.to_path_buf(), reason: format!("not written: LoRA parameter {i} is {} (not finite in {dtype:?})", flat[i]) });
+    }
     let mut tensors = unflatten(lora, flat)?;
     if format == LoraFormat::Diffsynth && diffsynth_b_scale(lora) != 1.0 {
         let scale = diffsynth_b_scale(lora);
@@ -144,6 +152,11 @@ mod tests {
         let flat = [0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.125, 3.0];
         let path = dir.path().join("a.safetensors");
         save(&path, &info, &flat, LoraFormat::Diffsynth, SaveDtype::F32, &[])?;
+        let mut bad = flat;
+        bad[3] = f32::NAN;
+        assert!(save(&dir.path().join("nan.safetensors"), &info, &bad, LoraFormat::Diffsynth, SaveDtype::F32, &[]).is_err());
+        bad[3] = 3.4e38;
+        assert!(save(&dir.path().join("big.safetensors"), &info, &bad, LoraFormat::Comfyui, SaveDtype::Bf16, &[]).is_err());
         let b = TensorFile::open(&path)?.read_f32("blocks.0.self_attn.q.lora_B.default.weight")?.1;
         assert_eq!(b, vec![3.0, -1.0, 0.25, 6.0]);
         assert_eq!(load(&path, &info)?, flat);

@@ -326,3 +326,94 @@ fn resume_without_a_checkpoint_says_it_starts_fresh() {
         assert!(out.join("lora.safetensors").is_file());
     }
 }
+
+// ── 4. The non-finite guard protects the parameters ────────────────────────────────────
+
+/// lr 3e38 with weight decay 10: the decay factor 1 - lr·wd overflows, so a finite
+/// gradient gives infinite parameters. Skip discards each such update; stop refuses it.
+#[test]
+fn updates_that_make_parameters_non_finite_are_discarded() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 2, 1);
+    let art = tiny_artifacts();
+    let base = |out: &Path| vec!["-q".to_string(), "train".into(), "--artifacts".into(), path_str(&art).into(), "--data".into(), path_str(&data).into(),
+        "--out".into(), path_str(out).into(), "--steps".into(), "3".into(), "--lr".into(), "3e38".into(), "--weight-decay".into(), "10".into()];
+    let skip = dir.path().join("skip");
+    let args: Vec<String> = base(&skip).into_iter().chain(["--on-nonfinite".into(), "skip".into()]).collect();
+    let r = run_limited(&args.iter().map(String::as_str).collect::<Vec<_>>(), 60);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(stderr(&r).contains("3 steps (non-finite)"), "{}", stderr(&r));
+    let metrics = flowstep::metrics::read_jsonl(&skip.join("metrics.jsonl")).unwrap_or_default();
+    assert!(metrics.iter().all(|m| !m.applied && m.grad_norm.is_finite()), "finite gradients, discarded updates");
+    let (_, state) = flowstep::checkpoint::load(&skip.join("checkpoints/step-000003"), 26624).unwrap_or_else(|e| panic!("{e}"));
+    let init = flowstep::lora_io::load(&art.join("lora_init.safetensors"), &flowstep::artifacts::Artifacts::open(&art).unwrap_or_else(|e| panic!("{e}")).manifest.lora).unwrap_or_default();
+    assert!(state.params == init, "the parameters are the initial ones");
+    let stop = dir.path().join("stop");
+    let args = base(&stop);
+    let line = assert_error(&run_limited(&args.iter().map(String::as_str).collect::<Vec<_>>(), 60), &["step 1", "parameter update is not finite"]);
+    assert!(!stop.join("lora.safetensors").exists(), "{line}");
+}
+
+/// A LoRA with NaN or Inf is refused by every command that reads one, in either format.
+#[test]
+fn non_finite_lora_files_are_refused() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 1, 1);
+    let art = tiny_artifacts();
+    let init = flowstep::tensor_file::TensorFile::open(&art.join("lora_init.safetensors")).unwrap_or_else(|e| panic!("{e}"));
+    let write = |file: &str, comfy: bool, bad: f32| {
+        let tensors: Vec<_> = init.names().iter().enumerate().map(|(i, n)| {
+            let (shape, mut v) = init.read_f32(n).unwrap_or_else(|e| panic!("{e}"));
+            if i == 3 {
+                v[5] = bad;
+            }
+            let name = if comfy { flowstep::lora_io::comfy_key(n) } else { n.clone() };
+            tensor(&name, &shape, v)
+        }).collect();
+        let p = dir.path().join(file);
+        write_sample(&p, &tensors);
+        p
+    };
+    let nan = write("nan.safetensors", false, f32::NAN);
+    let inf = write("inf.safetensors", true, f32::INFINITY);
+    for lora in [&nan, &inf] {
+        assert_error(&run_limited(&["eval", "--artifacts", path_str(&art), "--data", path_str(&data), "--lora", path_str(lora)], 30), &[path_str(lora), "non-finite"]);
+        let out = dir.path().join("out");
+        assert_error(&train_limited(&art, &data, &out, 2, &["--init-lora", path_str(lora)]), &[path_str(lora), "non-finite"]);
+        assert_untouched(&out);
+    }
+    let (prompt, sample_out) = (dir.path().join("prompt.safetensors"), dir.path().join("s"));
+    write_sample(&prompt, &[tensor("context", &[16, 64], values(1024, 5))]);
+    let sample = ["sample", "--artifacts", path_str(&art), "--context", path_str(&prompt), "--shape", "2,8,8", "--out", path_str(&sample_out), "--lora", path_str(&nan)];
+    assert_error(&run_limited(&sample, 30), &["non-finite"]);
+}
+
+/// One bad sample in five is skipped every time it comes up, for as long as the run lasts
+/// (and across a resume); only a dataset with no good sample stops the run.
+#[test]
+fn skip_bad_samples_gives_up_only_when_every_sample_is_bad() {
+    let dir = tempdir();
+    let art = tiny_artifacts();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 5, 1);
+    let mut lat = values(16 * 128, 4);
+    lat[9] = f32::NAN;
+    write_sample(&data.join("sample-002.safetensors"), &[tensor("latents", &[16, 2, 8, 8], lat.clone()), tensor("context", &[16, 64], values(1024, 5))]);
+    let out = dir.path().join("one-bad");
+    let r = train_limited(&art, &data, &out, 400, &["--skip-bad-samples", "--stop-after", "250"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let r = train_limited(&art, &data, &out, 400, &["--skip-bad-samples", "--resume"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap_or_default()).unwrap_or_default();
+    assert!(summary["skipped_samples"].as_u64().unwrap_or(0) > 50, "{summary}");
+    assert_eq!(flowstep::metrics::read_jsonl(&out.join("metrics.jsonl")).unwrap_or_default().len(), 400);
+    let all_bad = dir.path().join("all-bad");
+    std::fs::create_dir_all(&all_bad).unwrap_or_default();
+    for i in 0..3 {
+        write_sample(&all_bad.join(format!("s{i}.safetensors")), &[tensor("latents", &[16, 2, 8, 8], lat.clone()), tensor("context", &[16, 64], values(1024, 5))]);
+    }
+    let out = dir.path().join("all-bad-out");
+    assert_error(&train_limited(&art, &all_bad, &out, 400, &["--skip-bad-samples"]), &["all 3 samples have non-finite values"]);
+}

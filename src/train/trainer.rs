@@ -1,6 +1,7 @@
 //! The trainer and its phases: start or resume, micro-step, apply, evaluate, checkpoint,
 //! finish. Each phase is one method; the loop that calls them lives in [`super::train`].
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -19,16 +20,44 @@ use crate::metrics::{JsonlWriter, Observer, Recorder, StepRecord, TrainEvent};
 use crate::sft::{SftConfig, SftSampler, TimestepDraw};
 
 /// Holds `OUT/.lock` for the life of the run: a second trainer on the same directory fails.
-struct OutLock(#[allow(dead_code)] File);
+/// A run that ends before writing anything removes the lock file (and `OUT`, when it
+/// created it), so a failed start leaves no trace.
+struct OutLock {
+    _file: File,
+    path: PathBuf,
+    created_dir: Option<PathBuf>,
+    created_file: bool,
+}
 
 fn lock_out(out: &Path) -> Result<OutLock> {
+    if let Ok(meta) = std::fs::metadata(out)
+        && !meta.is_dir()
+    {
+        return Err(Error::Config(format!("--out {}: is {}, expected a directory", out.display(), crate::artifacts::kind_of(&meta))));
+    }
+    let created_dir = (!out.exists()).then(|| out.to_path_buf());
     std::fs::create_dir_all(out).at(out)?;
     let path = out.join(".lock");
+    let created_file = !path.exists();
     let file = File::create(&path).at(&path)?;
     file.try_lock_exclusive().map_err(|_| {
         Error::Config(format!("{} is in use by another flowstep train (lock {}); wait for it or choose another --out", out.display(), path.display()))
     })?;
-    Ok(OutLock(file))
+    Ok(OutLock { _file: file, path, created_dir, created_file })
+}
+
+impl Drop for OutLock {
+    fn drop(&mut self) {
+        let Some(dir) = self.path.parent() else { return };
+        let only_lock = std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()).all(|e| e.path() == self.path)).unwrap_or(false);
+        if self.created_file && only_lock {
+            // Best effort: a lock file left behind is harmless (documented in the README).
+            let _ = std::fs::remove_file(&self.path);
+            if let Some(created) = &self.created_dir {
+                let _ = std::fs::remove_dir(created);
+            }
+        }
+    }
 }
 
 /// Where the run's events go: metrics.jsonl, the in-memory record, the caller's observers.
@@ -87,6 +116,8 @@ pub struct Trainer<'a, 'o> {
     last_checkpoint: Option<PathBuf>,
     /// Hyperparameters this resume changed.
     changes: Vec<String>,
+    /// Samples found non-finite (`--skip-bad-samples`).
+    bad_samples: BTreeSet<usize>,
     _lock: OutLock,
 }
 
@@ -162,6 +193,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             eval_after: None,
             last_checkpoint: None,
             changes: Vec::new(),
+            bad_samples: BTreeSet::new(),
             _lock: lock,
         };
         if config.resume && resumed_from.is_none() {
@@ -240,13 +272,17 @@ impl<'a, 'o> Trainer<'a, 'o> {
     fn micro_step(&mut self, acc: &mut Accumulated) -> Result<bool> {
         let counter = self.state.micro_steps;
         self.state.micro_steps += 1;
-        let sample = match self.dataset.load(self.order.sample(counter)) {
+        let index = self.order.sample(counter);
+        let sample = match self.dataset.load(index) {
             Ok(s) => s,
-            Err(Error::Data { path, reason }) if self.config.skip_bad_samples && reason.contains("non-finite") => {
+            Err(e @ Error::NonFiniteSample { .. }) if self.config.skip_bad_samples => {
                 self.state.skipped_samples += 1;
-                self.events.emit(TrainEvent::Message(format!("skipping {}: {reason}", path.display())))?;
-                if self.state.skipped_samples > 10 * self.dataset.len() as u64 {
-                    return Err(Error::Data { path: self.config.data.clone(), reason: "every sample is being skipped as non-finite".into() });
+                self.events.emit(TrainEvent::Message(format!("skipping {e}")))?;
+                // Every epoch visits every sample, so an epoch is all bad only when the
+                // whole dataset is; until then the good samples carry the run.
+                self.bad_samples.insert(index);
+                if self.bad_samples.len() == self.dataset.len() {
+                    return Err(Error::Data { path: self.config.data.clone(), reason: format!("all {} samples have non-finite values; nothing to train on", self.dataset.len()) });
                 }
                 return Ok(false);
             }
@@ -289,7 +325,11 @@ impl<'a, 'o> Trainer<'a, 'o> {
             match self.config.on_nonfinite {
                 NonFinitePolicy::Stop => {
                     let loss = acc.loss_sum / self.config.grad_accum as f64;
-                    let (what, value) = if acc.finite { ("gradient norm", grad_norm as f64) } else { ("loss", loss) };
+                    let (what, value) = match (acc.finite, grad_norm.is_finite()) {
+                        (false, _) => ("loss", loss),
+                        (true, false) => ("gradient norm", grad_norm as f64),
+                        (true, true) => ("parameter update", f64::NAN),
+                    };
                     return Err(Error::NonFinite { step: self.state.step + 1, what, value });
                 }
                 NonFinitePolicy::Skip => self.state.skipped_steps += 1,
