@@ -40,6 +40,14 @@ pub enum Error {
     #[error("{}: tensor `{tensor}` has a non-finite value ({value}) at flat index {index}", path.display())]
     NonFiniteSample { path: PathBuf, tensor: &'static str, index: usize, value: f32 },
 
+    /// A failure while one sample ran through a graph.
+    #[error("step {step}, sample {}: {source}", sample.display())]
+    AtSample { step: u64, sample: PathBuf, source: Box<Error> },
+
+    /// A failure while one sample ran through a graph outside training (evaluation).
+    #[error("sample {}: {source}", sample.display())]
+    InSample { sample: PathBuf, source: Box<Error> },
+
     #[error("step {step}: {what} is not finite ({value})")]
     NonFinite { step: u64, what: &'static str, value: f64 },
 

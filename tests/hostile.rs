@@ -417,3 +417,73 @@ fn skip_bad_samples_gives_up_only_when_every_sample_is_bad() {
     let out = dir.path().join("all-bad-out");
     assert_error(&train_limited(&art, &all_bad, &out, 400, &["--skip-bad-samples"]), &["all 3 samples have non-finite values"]);
 }
+
+// ── 5. Graph failures name the step and sample; the last good step is saved ────────────
+
+/// A sample the tiny graph cannot run (1,100 frames: past its 1,024 RoPE positions).
+fn unrunnable_sample(path: &Path) {
+    write_sample(path, &[tensor("latents", &[16, 1100, 2, 2], values(16 * 1100 * 4, 3)), tensor("context", &[16, 64], values(1024, 4))]);
+}
+
+#[test]
+fn graph_failures_name_step_and_sample_and_keep_the_last_good_step() {
+    let dir = tempdir();
+    let art = tiny_artifacts();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 3, 1);
+    let bad = data.join("zz-bad.safetensors");
+    unrunnable_sample(&bad);
+    // Find a seed whose first visit to the bad sample is after step 1.
+    let mut found = None;
+    for seed in 5..12 {
+        let out = dir.path().join(format!("seed-{seed}"));
+        let r = run_limited(&["-q", "train", "--artifacts", path_str(&art), "--data", path_str(&data), "--out", path_str(&out), "--steps", "40", "--seed", &seed.to_string()], 60);
+        let line = assert_error(&r, &["zz-bad.safetensors", "training graph", "Reshape"]);
+        let step: u64 = line.split("step ").nth(1).and_then(|s| s.split(',').next()).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{line}"));
+        assert!(!stderr(&r).trim_end().lines().last().unwrap_or_default().is_empty());
+        if step > 1 {
+            found = Some((seed, out, step, stderr(&r)));
+            break;
+        }
+    }
+    let (seed, out, step, err) = found.unwrap_or_else(|| panic!("the bad sample always came first"));
+    assert!(err.contains(&format!("saved the last good step {}", step - 1)), "{err}");
+    let saved = flowstep::checkpoint::list(&out).unwrap_or_default();
+    assert_eq!(saved.last().map(|(s, _)| *s), Some(step - 1));
+    assert_eq!(flowstep::metrics::read_jsonl(&out.join("metrics.jsonl")).unwrap_or_default().len() as u64, step - 1);
+    // Fix the sample and resume: the run completes from there.
+    tiny_dataset(&dir.path().join("fixed"), 1, 9);
+    std::fs::copy(dir.path().join("fixed/sample-000.safetensors"), &bad).unwrap_or_else(|e| panic!("{e}"));
+    let r = run_limited(&["-q", "train", "--artifacts", path_str(&art), "--data", path_str(&data), "--out", path_str(&out), "--steps", "40", "--seed", &seed.to_string(), "--resume"], 60);
+    assert!(r.status.success(), "{}", stderr(&r));
+    // Evaluation names the sample the same way.
+    let eval_data = dir.path().join("eval");
+    tiny_dataset(&eval_data, 1, 2);
+    unrunnable_sample(&eval_data.join("zz-bad.safetensors"));
+    assert_error(&run_limited(&["eval", "--artifacts", path_str(&art), "--data", path_str(&eval_data)], 30), &["sample", "zz-bad.safetensors", "eval graph"]);
+}
+
+/// SIGTERM (a scheduler's stop) saves a checkpoint and exits 130, as Ctrl-C does.
+#[test]
+fn sigterm_saves_a_checkpoint() {
+    let dir = tempdir();
+    let art = tiny_artifacts();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 2, 1);
+    let out = dir.path().join("out");
+    let child = Command::new(env!("CARGO_BIN_EXE_flowstep"))
+        .args(["-q", "train", "--artifacts", path_str(&art), "--data", path_str(&data), "--out", path_str(&out), "--steps", "1000000", "--seed", "5", "--lr", "2e-3"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0) < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().is_ok_and(|s| s.success()));
+    let result = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(result.status.code(), Some(130), "{}", String::from_utf8_lossy(&result.stderr));
+    let (step, _) = flowstep::checkpoint::list(&out).unwrap_or_default().last().cloned().unwrap_or_else(|| panic!("no checkpoint after SIGTERM"));
+    let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default().lines().count() as u64;
+    assert_eq!(step, lines, "the checkpoint holds every finished step");
+}

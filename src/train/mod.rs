@@ -107,7 +107,10 @@ pub fn train(config: &TrainConfig, observers: &mut [&mut dyn Observer], interrup
         if config.stop_after.is_some_and(|n| trainer.steps_this_run() >= n) {
             break;
         }
-        trainer.step()?;
+        if let Err(e) = trainer.step() {
+            trainer.rescue();
+            return Err(e);
+        }
     }
     trainer.finish(interrupted)
 }

@@ -104,8 +104,12 @@ pub struct Trainer<'a, 'o> {
     total_steps: u64,
     graphs: TrainingGraphs,
     eval_graph: Option<LossGraph>,
-    /// Position after the last finished step (saved in checkpoints).
+    /// Position, advanced sample by sample during a step.
     state: TrainerState,
+    /// Position after the last finished step: what a rescue checkpoint saves.
+    committed: TrainerState,
+    /// The step of the newest checkpoint on disk.
+    saved_step: Option<u64>,
     start_step: u64,
     batch: Option<Batch>,
     events: Events<'a, 'o>,
@@ -183,6 +187,8 @@ impl<'a, 'o> Trainer<'a, 'o> {
             total_steps,
             graphs,
             eval_graph,
+            committed: state.clone(),
+            saved_step: resumed_from.as_ref().map(|_| start_step),
             state,
             start_step,
             batch: None,
@@ -298,7 +304,8 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let draw = b.prepare(|x_t, target| sampler.prepare_into(counter, &sample.latents, x_t, target))?;
         b.set_scalars(draw.timestep, draw.weight);
         let t = Instant::now();
-        let loss = self.graphs.accumulate(b)?;
+        let at_sample = |e| Error::AtSample { step: self.state.step + 1, sample: sample.path.clone(), source: Box::new(e) };
+        let loss = self.graphs.accumulate(b).map_err(at_sample)?;
         acc.graph_seconds += t.elapsed().as_secs_f64();
         acc.first.get_or_insert(draw);
         acc.finite &= loss.is_finite();
@@ -336,6 +343,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             }
         }
         self.state.step += 1;
+        self.committed = self.state.clone();
         Ok((applied, grad_norm))
     }
 
@@ -351,15 +359,30 @@ impl<'a, 'o> Trainer<'a, 'o> {
     fn checkpoint(&mut self) -> Result<PathBuf> {
         let (params, m, v) = self.graphs.state()?;
         if let Some(i) = params.iter().position(|x| !x.is_finite()) {
-            return Err(Error::NonFinite { step: self.state.step, what: "parameter", value: params[i] as f64 });
+            return Err(Error::NonFinite { step: self.committed.step, what: "parameter", value: params[i] as f64 });
         }
-        let dir = checkpoint::save(&self.config.out, &self.state, &CheckpointState { params, m, v })?;
+        let dir = checkpoint::save(&self.config.out, &self.committed, &CheckpointState { params, m, v })?;
+        self.saved_step = Some(self.committed.step);
         for old in checkpoint::to_prune(&checkpoint::list(&self.config.out)?, self.config.keep_checkpoints) {
             std::fs::remove_dir_all(&old).at(&old)?;
         }
-        self.events.emit(TrainEvent::Checkpoint { step: self.state.step, dir: &dir })?;
+        self.events.emit(TrainEvent::Checkpoint { step: self.committed.step, dir: &dir })?;
         self.last_checkpoint = Some(dir.clone());
         Ok(dir)
+    }
+
+    /// After a failed step: saves the last finished step, when no checkpoint has it yet, so
+    /// a resume loses no work. Its own failure (a full disk) is reported and the original
+    /// error stands.
+    pub fn rescue(&mut self) {
+        if self.saved_step.is_some_and(|s| s >= self.committed.step) || self.committed.step == self.start_step {
+            return;
+        }
+        let message = match self.checkpoint() {
+            Ok(dir) => format!("saved the last good step {} in {}; fix the problem and --resume", self.committed.step, dir.display()),
+            Err(e) => format!("could not save the last good step {}: {e}", self.committed.step),
+        };
+        let _ = self.events.emit(TrainEvent::Warning(message));
     }
 
     /// The final checkpoint, the LoRA file (when every step is done), the loss curve and
