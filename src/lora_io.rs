@@ -94,9 +94,22 @@ pub fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
     let file = TensorFile::open(path)?;
     let names = file.names();
     let comfy = names.iter().any(|n| n.starts_with(COMFY_PREFIX));
+    let key_of = |k: &str| if comfy { comfy_key(k) } else { k.to_string() };
+    let mut known: std::collections::HashSet<String> = lora.tensors.iter().map(|t| key_of(&t.key)).collect();
+    if comfy {
+        known.extend(lora.tensors.iter().map(|t| format!("{COMFY_PREFIX}{}.alpha", module_of(&t.key))));
+    }
+    let unknown: Vec<&String> = names.iter().filter(|n| !known.contains(*n)).collect();
+    if let Some(first) = unknown.first() {
+        let more = if unknown.len() > 1 { format!(" and {} more", unknown.len() - 1) } else { String::new() };
+        return Err(Error::Tensor {
+            path: path.to_path_buf(),
+            reason: format!("has tensor `{first}`{more} that this model does not have (rank {}, targets {}); it was made for another model or export", lora.rank, lora.targets.join(",")),
+        });
+    }
     let mut flat = vec![0.0f32; lora.num_params];
     for t in &lora.tensors {
-        let key = if comfy { comfy_key(&t.key) } else { t.key.clone() };
+        let key = key_of(&t.key);
         let Some(info) = file.info(&key) else {
             return Err(Error::Tensor { path: path.to_path_buf(), reason: format!("missing LoRA tensor `{key}` (rank {}, targets {})", lora.rank, lora.targets.join(",")) });
         };

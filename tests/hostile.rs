@@ -487,3 +487,126 @@ fn sigterm_saves_a_checkpoint() {
     let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default().lines().count() as u64;
     assert_eq!(step, lines, "the checkpoint holds every finished step");
 }
+
+// ── 6. Data files: regular files only, and no changes under a running job ──────────────
+
+#[test]
+fn data_files_must_be_regular_files() {
+    let dir = tempdir();
+    let art = tiny_artifacts();
+    let out = dir.path().join("out");
+    let fifo = dir.path().join("fifo");
+    tiny_dataset(&fifo, 2, 1);
+    mkfifo(&fifo.join("x.safetensors"));
+    let folder = dir.path().join("folder");
+    tiny_dataset(&folder, 2, 1);
+    std::fs::create_dir(folder.join("y.safetensors")).unwrap_or_default();
+    for (data, name, kind) in [(&fifo, "x.safetensors", "a FIFO"), (&folder, "y.safetensors", "a directory")] {
+        assert_error(&train_limited(&art, data, &out, 2, &[]), &[name, kind]);
+        assert_untouched(&out);
+        assert_error(&run_limited(&["eval", "--artifacts", path_str(&art), "--data", path_str(data)], 30), &[name, kind]);
+    }
+}
+
+#[test]
+fn a_sample_that_changes_under_a_running_job_is_an_error() {
+    let dir = tempdir();
+    let art = tiny_artifacts();
+    for (name, change) in [("rewritten", 0), ("truncated", 1)] {
+        let data = dir.path().join(name);
+        tiny_dataset(&data, 2, 1);
+        let out = dir.path().join(format!("{name}-out"));
+        let child = Command::new(env!("CARGO_BIN_EXE_flowstep"))
+            .args(["-q", "train", "--artifacts", path_str(&art), "--data", path_str(&data), "--out", path_str(&out), "--steps", "1000000"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::fs::read_to_string(out.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0) < 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let victim = data.join("sample-001.safetensors");
+        if change == 0 {
+            std::thread::sleep(Duration::from_millis(20)); // a distinct modification time
+            write_sample(&victim, &[tensor("latents", &[16, 2, 8, 8], values(2048, 77)), tensor("context", &[16, 64], values(1024, 78))]);
+        } else {
+            let bytes = std::fs::read(&victim).unwrap_or_default();
+            std::fs::write(&victim, &bytes[..bytes.len() / 2]).unwrap_or_default();
+        }
+        let waited = Instant::now() + Duration::from_secs(30);
+        let mut child = child;
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < waited {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let r = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+        assert_error(&r, &["sample-001.safetensors", "changed since the run opened the dataset"]);
+    }
+}
+
+// ── 7. Tidy failure ─────────────────────────────────────────────────────────────────────
+
+#[test]
+fn killed_writes_are_cleaned_up_and_outputs_are_whole() {
+    let dir = tempdir();
+    let art = tiny_artifacts();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 2, 1);
+    let out = dir.path().join("out");
+    let r = train_limited(&art, &data, &out, 4, &["--stop-after", "2"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    // What a kill during the final LoRA or metrics rewrite leaves behind.
+    for leftover in [".lora.safetensors.tmp-4242", ".metrics.jsonl.tmp-17", ".loss.png.tmp-99"] {
+        std::fs::write(out.join(leftover), b"partial").unwrap_or_default();
+    }
+    let r = train_limited(&art, &data, &out, 4, &["--resume"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let names: Vec<String> = std::fs::read_dir(&out).map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    assert!(names.iter().all(|n| !n.contains(".tmp-")), "{names:?}");
+    let png = std::fs::read(out.join("loss.png")).unwrap_or_default();
+    assert!(png.starts_with(b"\x89PNG") && png.ends_with(&[0xae, 0x42, 0x60, 0x82]), "loss.png is a whole PNG (IEND last)");
+    // A run that fails after taking the lock on a directory it created removes it again.
+    let fresh = dir.path().join("fresh");
+    let missing = dir.path().join("nope.safetensors");
+    assert_error(&train_limited(&art, &data, &fresh, 2, &["--init-lora", path_str(&missing)]), &["nope.safetensors"]);
+    assert!(!fresh.exists(), "a failed start left {}", fresh.display());
+}
+
+#[test]
+fn lora_files_with_tensors_the_model_lacks_are_refused() {
+    let dir = tempdir();
+    let art = tiny_artifacts();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 1, 1);
+    let init = flowstep::tensor_file::TensorFile::open(&art.join("lora_init.safetensors")).unwrap_or_else(|e| panic!("{e}"));
+    let all: Vec<_> = init.names().iter().map(|n| (n.clone(), init.read_f32(n).unwrap_or_else(|e| panic!("{e}")))).collect();
+    for (file, comfy, extra) in [("extra.safetensors", false, "blocks.2.self_attn.q.lora_A.default.weight"), ("comfy.safetensors", true, "diffusion_model.blocks.0.self_attn.k_img.lora_A.weight")] {
+        let mut tensors: Vec<_> = all.iter().map(|(n, (s, v))| tensor(&if comfy { flowstep::lora_io::comfy_key(n) } else { n.clone() }, s, v.clone())).collect();
+        tensors.push(tensor(extra, &[8, 64], vec![0.0; 512]));
+        let p = dir.path().join(file);
+        write_sample(&p, &tensors);
+        assert_error(&run_limited(&["eval", "--artifacts", path_str(&art), "--data", path_str(&data), "--lora", path_str(&p)], 30), &[file, extra, "does not have"]);
+    }
+}
+
+// ── 8. Messages ─────────────────────────────────────────────────────────────────────────
+
+#[test]
+fn directories_and_files_are_named_as_such_and_errors_say_things_once() {
+    let dir = tempdir();
+    let art = tiny_artifacts();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 1, 1);
+    let a_file = data.join("sample-000.safetensors");
+    let out = dir.path().join("out");
+    assert_error(&train_limited(&art, &a_file, &out, 2, &[]), &["sample-000.safetensors", "is a regular file, expected the dataset directory"]);
+    assert_error(&train_limited(&a_file, &data, &out, 2, &[]), &["is a regular file, expected the artifacts directory"]);
+    assert_error(&train_limited(&art, &data, &a_file, 2, &[]), &["--out", "is a regular file, expected a directory"]);
+    assert_error(&train_limited(&art, &data, &out, 2, &["--base", path_str(&data)]), &["is a directory, expected a .safetensors file"]);
+    assert_error(&run_limited(&["eval", "--artifacts", path_str(&art), "--data", path_str(&data), "--lora", path_str(&data)], 30), &["is a directory, expected a .safetensors file"]);
+    // The OS error appears once, not once per layer that carried it.
+    let line = assert_error(&train_limited(&art, &data, Path::new("/proc/flowstep-out"), 2, &[]), &["/proc/flowstep-out"]);
+    assert_eq!(line.matches("os error").count(), 1, "{line}");
+    let line = assert_error(&run_limited(&["eval", "--artifacts", path_str(&art), "--data", path_str(&data), "--lora", "/nonexistent/l.safetensors"], 30), &["/nonexistent/l.safetensors"]);
+    assert_eq!(line.matches("No such file").count(), 1, "{line}");
+}

@@ -96,6 +96,9 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.shift.is_finite() && args.shift > 0.0, "--shift: must be a positive number, got {}", args.shift);
     anyhow::ensure!(args.cfg_scale.is_finite(), "--cfg-scale: must be a finite number, got {}", args.cfg_scale);
     anyhow::ensure!(args.seed.checked_add(args.num_samples as u64).is_some(), "--seed: {} + {} samples overflows", args.seed, args.num_samples);
+    if let Ok(meta) = std::fs::metadata(&args.out) {
+        anyhow::ensure!(meta.is_dir(), "--out {}: is {}, expected a directory", args.out.display(), flowstep::artifacts::kind_of(&meta));
+    }
     let session = super::init_runtime(globals, &args.device)?;
     let artifacts = Artifacts::open(&args.model.artifacts)?;
     let m = &artifacts.manifest;

@@ -142,6 +142,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let run = run::describe(config, &artifacts, dataset.len(), total_steps)?;
 
         checkpoint::clean_partial(&config.out)?;
+        crate::tensor_file::clean_temp(&config.out)?;
         let existing = checkpoint::list(&config.out)?;
         if !config.resume && !existing.is_empty() {
             return Err(Error::Config(format!(
