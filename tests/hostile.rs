@@ -294,7 +294,8 @@ fn damaged_checkpoints_are_refused() {
             std::fs::write(&p, bytes).unwrap_or_default();
         }
     }
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, Vec<&str>)> = vec![
+    type Damage = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Damage, Vec<&str>)> = vec![
         ("state", Box::new(flip("state.safetensors", 7)), vec!["state.safetensors does not match its checksum"]),
         ("trainer", Box::new(flip("trainer.json", 3)), vec!["trainer.json does not match its checksum"]),
         ("sums", Box::new(|c: &Path| std::fs::remove_file(c.join("SHA256SUMS")).unwrap_or_default()), vec!["has no SHA256SUMS"]),
