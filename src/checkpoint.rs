@@ -1,16 +1,21 @@
 //! Resumable checkpoints: `OUT/checkpoints/step-XXXXXX/` holding the LoRA parameters, AdamW
 //! moments and the trainer's position. A checkpoint is written into a hidden temp directory
 //! and renamed into place, so it is complete or absent; the newest complete one resumes.
+//! `SHA256SUMS` (the `sha256sum` format) covers both files and is verified on load.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use sha2::{Digest, Sha256};
+
+use crate::artifacts::sha256_file;
 use crate::error::{Error, IoContext, Result};
 use crate::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, sync_dir, write_atomic};
 
 pub const STATE_FILE: &str = "state.safetensors";
 pub const TRAINER_FILE: &str = "trainer.json";
+pub const SUMS_FILE: &str = "SHA256SUMS";
 
 /// Everything besides the tensors that a resumed run needs to continue exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,9 +60,12 @@ pub fn save(out: &Path, trainer: &TrainerState, state: &CheckpointState) -> Resu
             .into_iter()
             .map(|(name, values)| OutTensor { name: name.into(), shape: vec![values.len()], values: values.clone() })
             .collect::<Vec<_>>();
-        write_atomic(&tmp.join(STATE_FILE), &encode(&tensors, SaveDtype::F32, None)?)?;
+        let bytes = encode(&tensors, SaveDtype::F32, None)?;
+        write_atomic(&tmp.join(STATE_FILE), &bytes)?;
         let json = serde_json::to_vec_pretty(trainer).map_err(|e| Error::Config(e.to_string()))?;
         write_atomic(&tmp.join(TRAINER_FILE), &json)?;
+        let sums = format!("{}  {STATE_FILE}\n{}  {TRAINER_FILE}\n", hex(&Sha256::digest(&bytes)), hex(&Sha256::digest(&json)));
+        write_atomic(&tmp.join(SUMS_FILE), sums.as_bytes())?;
         if final_dir.exists() {
             // Re-saving the same step (a resumed run stopping again): replace it whole.
             std::fs::remove_dir_all(&final_dir).at(&final_dir)?;
@@ -109,8 +117,32 @@ pub fn clean_partial(out: &Path) -> Result<usize> {
     Ok(removed)
 }
 
-/// Loads one checkpoint, checking its tensors.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Both files match `SHA256SUMS`.
+fn verify(dir: &Path) -> Result<()> {
+    let bad = |reason: String| Error::Checkpoint { path: dir.to_path_buf(), reason };
+    let sums_path = dir.join(SUMS_FILE);
+    if !sums_path.is_file() {
+        return Err(bad(format!("has no {SUMS_FILE}, so it cannot be verified (written by an older flowstep, or damaged)")));
+    }
+    let sums = std::fs::read_to_string(&sums_path).at(&sums_path)?;
+    for file in [STATE_FILE, TRAINER_FILE] {
+        let want = sums.lines().find_map(|l| l.strip_suffix(file).and_then(|h| h.strip_suffix("  ")));
+        let Some(want) = want else { return Err(bad(format!("{SUMS_FILE} lists no checksum for {file}"))) };
+        let got = sha256_file(&dir.join(file))?;
+        if got != want {
+            return Err(bad(format!("{file} does not match its checksum (sha256 {got}, recorded {want}): the checkpoint is damaged; delete this step directory to resume from the one before")));
+        }
+    }
+    Ok(())
+}
+
+/// Loads one checkpoint, verifying its checksums and checking its tensors.
 pub fn load(dir: &Path, num_params: usize) -> Result<(TrainerState, CheckpointState)> {
+    verify(dir)?;
     let trainer_path = dir.join(TRAINER_FILE);
     let text = std::fs::read_to_string(&trainer_path).at(&trainer_path)?;
     let trainer: TrainerState = serde_json::from_str(&text)
@@ -155,6 +187,12 @@ mod tests {
         assert_eq!((trainer.step, trainer.micro_steps), (15, 30));
         assert_eq!((loaded.params, loaded.m, loaded.v), (state.params.clone(), state.m.clone(), state.v.clone()));
         assert!(load(&listed[2].1, 3).is_err(), "a parameter count mismatch is an error");
+        let state_file = listed[1].1.join(STATE_FILE);
+        let mut bytes = std::fs::read(&state_file).at(&state_file)?;
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&state_file, bytes).at(&state_file)?;
+        assert!(matches!(load(&listed[1].1, 2), Err(Error::Checkpoint { .. })), "a flipped byte is caught");
         assert_eq!(to_prune(&listed, 2), vec![listed[0].1.clone()]);
         assert_eq!(clean_partial(out)?, 1);
         Ok(())

@@ -5,6 +5,7 @@
 //! counter to continue exactly where it stopped.
 
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -48,6 +49,8 @@ pub struct Dataset {
     pub dir: PathBuf,
     pub files: Vec<PathBuf>,
     pub spec: SampleSpec,
+    /// Each file's size and modification time when the dataset was opened.
+    stamps: Vec<(u64, Option<SystemTime>)>,
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> Error {
@@ -58,8 +61,10 @@ impl Dataset {
     /// Lists `*.safetensors` in `dir` (sorted) and checks every sample's tensor names,
     /// dtypes and shapes against the model; the first problem is an error naming the file.
     pub fn open(dir: &Path, spec: SampleSpec) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(bad(dir, "dataset directory does not exist"));
+        match std::fs::metadata(dir) {
+            Ok(meta) if !meta.is_dir() => return Err(bad(dir, format!("is {}, expected the dataset directory", crate::artifacts::kind_of(&meta)))),
+            Ok(_) => {}
+            Err(_) => return Err(bad(dir, "dataset directory does not exist")),
         }
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .at(dir)?
@@ -70,7 +75,15 @@ impl Dataset {
         if files.is_empty() {
             return Err(bad(dir, "no *.safetensors samples in the dataset directory"));
         }
-        let dataset = Self { dir: dir.to_path_buf(), files, spec };
+        let mut stamps = Vec::with_capacity(files.len());
+        for path in &files {
+            let meta = std::fs::metadata(path).at(path)?;
+            if !meta.is_file() {
+                return Err(bad(path, format!("is {}, expected a .safetensors sample file", crate::artifacts::kind_of(&meta))));
+            }
+            stamps.push((meta.len(), meta.modified().ok()));
+        }
+        let dataset = Self { dir: dir.to_path_buf(), files, spec, stamps };
         for path in &dataset.files {
             dataset.check_header(path)?;
         }
@@ -116,12 +129,17 @@ impl Dataset {
     /// Reads a sample; non-finite values are an error naming the sample and tensor.
     pub fn load(&self, index: usize) -> Result<Sample> {
         let path = &self.files[index];
-        let file = TensorFile::open(path).map_err(|e| bad(path, format!("cannot read sample: {}", strip_path(&e, path))))?;
+        let (len, modified) = self.stamps[index];
+        let meta = std::fs::metadata(path).at(path)?;
+        if meta.len() != len || meta.modified().ok() != modified {
+            return Err(bad(path, format!("changed since the run opened the dataset ({len} bytes then, {} now); a sample must not change under a running job", meta.len())));
+        }
+        let file = TensorFile::read(path, len).map_err(|e| bad(path, format!("cannot read sample: {}", strip_path(&e, path))))?;
         let (latent_shape, latents) = file.read_f32(LATENTS)?;
         let (context_shape, context) = file.read_f32(CONTEXT)?;
         for (name, values) in [(LATENTS, &latents), (CONTEXT, &context)] {
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                return Err(Error::Data { path: path.clone(), reason: format!("tensor `{name}` has a non-finite value ({}) at flat index {i}", values[i]) });
+                return Err(Error::NonFiniteSample { path: path.clone(), tensor: name, index: i, value: values[i] });
             }
         }
         Ok(Sample { path: path.clone(), latents, latent_shape, context, context_shape })

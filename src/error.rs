@@ -9,6 +9,10 @@ pub enum Error {
     #[error("{0}")]
     Config(String),
 
+    /// A command-line option with a value that cannot work, refused before any work starts.
+    #[error("{flag}: {reason}")]
+    Flag { flag: &'static str, reason: String },
+
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
 
@@ -33,6 +37,17 @@ pub enum Error {
     #[error("{}: {reason}", path.display())]
     Checkpoint { path: PathBuf, reason: String },
 
+    #[error("{}: tensor `{tensor}` has a non-finite value ({value}) at flat index {index}", path.display())]
+    NonFiniteSample { path: PathBuf, tensor: &'static str, index: usize, value: f32 },
+
+    /// A failure while one sample ran through a graph.
+    #[error("step {step}, sample {}: {source}", sample.display())]
+    AtSample { step: u64, sample: PathBuf, source: Box<Error> },
+
+    /// A failure while one sample ran through a graph outside training (evaluation).
+    #[error("sample {}: {source}", sample.display())]
+    InSample { sample: PathBuf, source: Box<Error> },
+
     #[error("step {step}: {what} is not finite ({value})")]
     NonFinite { step: u64, what: &'static str, value: f64 },
 
@@ -46,6 +61,10 @@ pub enum Error {
 impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io { path: path.as_ref().to_path_buf(), source }
+    }
+
+    pub fn flag(flag: &'static str, reason: impl Into<String>) -> Self {
+        Error::Flag { flag, reason: reason.into() }
     }
 
     pub fn ort(during: impl Into<String>) -> impl FnOnce(ort::Error) -> Self {

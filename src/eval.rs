@@ -59,7 +59,8 @@ pub fn evaluate(graph: &mut LossGraph, params: &Tensor<f32>, dataset: &Dataset, 
             let key = (i * indices.len() + j) as u64;
             let draw = b.prepare(|x_t, target| eval_sampler.prepare_at(key, index, &sample.latents, x_t, target))?;
             b.set_scalars(draw.timestep, draw.weight);
-            per_t[j] += graph.loss(params, b)? as f64;
+            let in_sample = |e| Error::InSample { sample: sample.path.clone(), source: Box::new(e) };
+            per_t[j] += graph.loss(params, b).map_err(in_sample)? as f64;
         }
     }
     let n = dataset.len() as f64;

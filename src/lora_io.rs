@@ -50,6 +50,14 @@ fn diffsynth_b_scale(lora: &LoraInfo) -> f32 {
 
 /// Writes a LoRA file atomically.
 pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtype: SaveDtype, extra_meta: &[(&str, String)]) -> Result<()> {
+    // Checked in the file's dtype: a finite f32 near f32::MAX rounds to infinity in bf16.
+    let representable = |v: f32| match dtype {
+        SaveDtype::F32 => v.is_finite(),
+        SaveDtype::Bf16 => half::bf16::from_f32(v).is_finite(),
+    };
+    if let Some(i) = flat.iter().position(|&v| !representable(v)) {
+        return Err(Error::Tensor { path: path.to_path_buf(), reason: format!("not written: LoRA parameter {i} is {} (not finite in {dtype:?})", flat[i]) });
+    }
     let mut tensors = unflatten(lora, flat)?;
     if format == LoraFormat::Diffsynth && diffsynth_b_scale(lora) != 1.0 {
         let scale = diffsynth_b_scale(lora);
@@ -86,9 +94,22 @@ pub fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
     let file = TensorFile::open(path)?;
     let names = file.names();
     let comfy = names.iter().any(|n| n.starts_with(COMFY_PREFIX));
+    let key_of = |k: &str| if comfy { comfy_key(k) } else { k.to_string() };
+    let mut known: std::collections::HashSet<String> = lora.tensors.iter().map(|t| key_of(&t.key)).collect();
+    if comfy {
+        known.extend(lora.tensors.iter().map(|t| format!("{COMFY_PREFIX}{}.alpha", module_of(&t.key))));
+    }
+    let unknown: Vec<&String> = names.iter().filter(|n| !known.contains(*n)).collect();
+    if let Some(first) = unknown.first() {
+        let more = if unknown.len() > 1 { format!(" and {} more", unknown.len() - 1) } else { String::new() };
+        return Err(Error::Tensor {
+            path: path.to_path_buf(),
+            reason: format!("has tensor `{first}`{more} that this model does not have (rank {}, targets {}); it was made for another model or export", lora.rank, lora.targets.join(",")),
+        });
+    }
     let mut flat = vec![0.0f32; lora.num_params];
     for t in &lora.tensors {
-        let key = if comfy { comfy_key(&t.key) } else { t.key.clone() };
+        let key = key_of(&t.key);
         let Some(info) = file.info(&key) else {
             return Err(Error::Tensor { path: path.to_path_buf(), reason: format!("missing LoRA tensor `{key}` (rank {}, targets {})", lora.rank, lora.targets.join(",")) });
         };
@@ -144,6 +165,11 @@ mod tests {
         let flat = [0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.125, 3.0];
         let path = dir.path().join("a.safetensors");
         save(&path, &info, &flat, LoraFormat::Diffsynth, SaveDtype::F32, &[])?;
+        let mut bad = flat;
+        bad[3] = f32::NAN;
+        assert!(save(&dir.path().join("nan.safetensors"), &info, &bad, LoraFormat::Diffsynth, SaveDtype::F32, &[]).is_err());
+        bad[3] = 3.4e38;
+        assert!(save(&dir.path().join("big.safetensors"), &info, &bad, LoraFormat::Comfyui, SaveDtype::Bf16, &[]).is_err());
         let b = TensorFile::open(&path)?.read_f32("blocks.0.self_attn.q.lora_B.default.weight")?.1;
         assert_eq!(b, vec![3.0, -1.0, 0.25, 6.0]);
         assert_eq!(load(&path, &info)?, flat);

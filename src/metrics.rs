@@ -31,6 +31,9 @@ pub struct StepRecord {
     pub seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub eval_loss: Option<f64>,
+    /// On the first step after a resume that changed hyperparameters: what changed.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub hyperparameter_changes: Vec<String>,
 }
 
 /// Events the loop emits; observers never change training.
@@ -41,6 +44,8 @@ pub enum TrainEvent<'a> {
     Evaluated { step: u64, loss: f64 },
     Checkpoint { step: u64, dir: &'a Path },
     Message(String),
+    /// Something the user must see even with `--quiet`.
+    Warning(String),
     Finished,
 }
 
@@ -53,6 +58,7 @@ pub struct JsonlWriter {
     path: PathBuf,
     file: File,
     pending_eval: Option<(u64, f64)>,
+    pending_changes: Vec<String>,
 }
 
 impl JsonlWriter {
@@ -73,7 +79,12 @@ impl JsonlWriter {
             write_atomic(path, kept.as_bytes())?;
         }
         let file = OpenOptions::new().create(true).append(true).open(path).at(path)?;
-        Ok(Self { path: path.to_path_buf(), file, pending_eval: None })
+        Ok(Self { path: path.to_path_buf(), file, pending_eval: None, pending_changes: Vec::new() })
+    }
+
+    /// Writes `changes` into the next step's line.
+    pub fn record_changes(&mut self, changes: Vec<String>) {
+        self.pending_changes = changes;
     }
 }
 
@@ -88,6 +99,7 @@ impl Observer for JsonlWriter {
                 {
                     record.eval_loss = Some(loss);
                 }
+                record.hyperparameter_changes.append(&mut self.pending_changes);
                 let line = serde_json::to_string(&record).map_err(|e| Error::Config(e.to_string()))?;
                 writeln!(self.file, "{line}").at(&self.path)?;
                 self.file.flush().at(&self.path)?;
@@ -123,6 +135,9 @@ impl Progress {
 
 impl Observer for Progress {
     fn on_event(&mut self, event: &TrainEvent<'_>) -> Result<()> {
+        if let TrainEvent::Warning(m) = event {
+            self.println(format!("warning: {m}"));
+        }
         if self.quiet {
             return Ok(());
         }
@@ -163,6 +178,7 @@ impl Observer for Progress {
             TrainEvent::Evaluated { step, loss } => self.println(format!("step {step}: eval loss {loss:.5}")),
             TrainEvent::Checkpoint { step, dir } => self.println(format!("step {step}: checkpoint {}", dir.display())),
             TrainEvent::Message(m) => self.println(m.clone()),
+            TrainEvent::Warning(_) => {}
             TrainEvent::Finished => {
                 if let Some(bar) = self.bar.take() {
                     bar.finish_and_clear();

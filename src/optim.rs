@@ -68,10 +68,14 @@ impl FromStr for LrSchedule {
             "constant" if parts.len() == 1 => Ok(LrSchedule::Constant),
             "diffsynth" if parts.len() == 1 => Ok(LrSchedule::Diffsynth),
             "warmup" if parts.len() == 2 => Ok(LrSchedule::Warmup { warmup: num(1, "0").parse().map_err(|_| bad())? }),
-            "cosine" if parts.len() <= 3 => Ok(LrSchedule::Cosine {
-                warmup: num(1, "0").parse().map_err(|_| bad())?,
-                min_ratio: num(2, "0").parse().map_err(|_| bad())?,
-            }),
+            "cosine" if parts.len() <= 3 => {
+                let min_ratio: f64 = num(2, "0").parse().map_err(|_| bad())?;
+                // NaN or a negative ratio would give NaN or negative learning rates late in the run.
+                if !(0.0..=1.0).contains(&min_ratio) {
+                    return Err(format!("bad schedule `{s}`: MIN_RATIO must be in [0, 1]"));
+                }
+                Ok(LrSchedule::Cosine { warmup: num(1, "0").parse().map_err(|_| bad())?, min_ratio })
+            }
             _ => Err(bad()),
         }
     }
@@ -100,6 +104,8 @@ mod tests {
             let parsed: LrSchedule = s.parse().unwrap_or(LrSchedule::Constant);
             assert_eq!(parsed.to_string().split(':').next(), s.split(':').next());
         }
-        assert!("cosine:x".parse::<LrSchedule>().is_err());
+        for bad in ["cosine:x", "cosine:0:NaN", "cosine:0:-0.5", "cosine:0:2", "warmup:-1", "constant:1"] {
+            assert!(bad.parse::<LrSchedule>().is_err(), "{bad}");
+        }
     }
 }

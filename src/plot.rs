@@ -34,19 +34,26 @@ fn register_font() {
     });
 }
 
-/// Draws panels side by side into one PNG.
+/// Draws panels side by side into one PNG, written atomically (a full disk leaves the old
+/// file or none, never a truncated picture).
 pub fn draw_panels(path: &Path, panels: &[Panel<'_>], width_each: u32, height: u32) -> Result<()> {
     register_font();
     let fail = |e: &dyn std::fmt::Display| Error::io(path, std::io::Error::other(e.to_string()));
     let width = width_each * panels.len().max(1) as u32;
-    let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| fail(&e))?;
-    let areas = root.split_evenly((1, panels.len().max(1)));
-    for (area, panel) in areas.iter().zip(panels) {
-        draw_panel(area, panel).map_err(|e| fail(&e))?;
+    let mut pixels = vec![0u8; width as usize * height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(&e))?;
+        let areas = root.split_evenly((1, panels.len().max(1)));
+        for (area, panel) in areas.iter().zip(panels) {
+            draw_panel(area, panel).map_err(|e| fail(&e))?;
+        }
+        root.present().map_err(|e| fail(&e))?;
     }
-    root.present().map_err(|e| fail(&e))?;
-    Ok(())
+    let image = image::RgbImage::from_raw(width, height, pixels).ok_or_else(|| fail(&"plot buffer has the wrong size"))?;
+    let mut png = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut png, image::ImageFormat::Png).map_err(|e| fail(&e))?;
+    crate::tensor_file::write_atomic(path, &png.into_inner())
 }
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;

@@ -6,7 +6,8 @@ use std::path::Path;
 use image::codecs::gif::{GifEncoder, Repeat};
 use image::{Delay, Frame, Rgba, RgbaImage};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
+use crate::tensor_file::write_atomic;
 
 /// A rendered grid: rows of videos, frames as columns.
 pub struct Grid {
@@ -59,7 +60,9 @@ impl Grid {
                 image::imageops::overlay(&mut img, &frame, (f as u32 * (fw + gap)) as i64, (row as u32 * (fh + gap)) as i64);
             }
         }
-        img.save(path).map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))
+        let mut png = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut png, image::ImageFormat::Png).map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))?;
+        write_atomic(path, &png.into_inner())
     }
 
     /// Animated GIF: all videos side by side, looping over frames.
@@ -68,8 +71,8 @@ impl Grid {
         let (fw, fh) = (w as u32 * self.scale, h as u32 * self.scale);
         let gap = 2;
         let width = self.videos.len() as u32 * (fw + gap) - gap;
-        let file = std::fs::File::create(path).at(path)?;
-        let mut encoder = GifEncoder::new_with_speed(file, 10);
+        let mut gif = Vec::new();
+        let mut encoder = GifEncoder::new_with_speed(&mut gif, 10);
         let fail = |e: image::ImageError| Error::io(path, std::io::Error::other(e.to_string()));
         encoder.set_repeat(Repeat::Infinite).map_err(fail)?;
         for f in 0..frames {
@@ -79,7 +82,8 @@ impl Grid {
             }
             encoder.encode_frame(Frame::from_parts(img, 0, 0, Delay::from_numer_denom_ms(400, 1))).map_err(fail)?;
         }
-        Ok(())
+        drop(encoder);
+        write_atomic(path, &gif)
     }
 }
 

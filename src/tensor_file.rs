@@ -16,10 +16,27 @@ use crate::error::{Error, IoContext, Result};
 /// A memory-mapped safetensors file; the header is parsed once, when it is opened.
 pub struct TensorFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Bytes,
     /// Where the tensor data starts (after the 8-byte length and the JSON header).
     data_start: usize,
     header: Metadata,
+}
+
+/// A file's bytes: mapped (large, long-lived files) or read (files that may change under a
+/// running job, where a mapping would turn a truncation into SIGBUS).
+enum Bytes {
+    Mapped(Mmap),
+    Read(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Read(v) => v,
+        }
+    }
 }
 
 /// One tensor's metadata.
@@ -30,15 +47,35 @@ pub struct TensorInfo {
 }
 
 impl TensorFile {
+    /// Maps a regular file (a directory, FIFO or device is refused before it is opened,
+    /// so a FIFO cannot block the process).
     pub fn open(path: &Path) -> Result<Self> {
+        check_regular(path)?;
         let file = File::open(path).at(path)?;
         // SAFETY: the file is only read; flowstep never maps a file it writes concurrently.
         let mmap = unsafe { Mmap::map(&file) }.at(path)?;
-        let (header_len, header) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Tensor {
+        Self::parse(path, Bytes::Mapped(mmap))
+    }
+
+    /// Reads a regular file of `len` bytes into memory: a file of another length (it
+    /// changed since `len` was taken) is an error.
+    pub fn read(path: &Path, len: u64) -> Result<Self> {
+        use std::io::Read;
+        check_regular(path)?;
+        let mut bytes = Vec::new();
+        File::open(path).at(path)?.take(len.saturating_add(1)).read_to_end(&mut bytes).at(path)?;
+        if bytes.len() as u64 != len {
+            return Err(Error::Tensor { path: path.to_path_buf(), reason: format!("changed while the job runs ({len} bytes when it started, {} now)", bytes.len()) });
+        }
+        Self::parse(path, Bytes::Read(bytes))
+    }
+
+    fn parse(path: &Path, bytes: Bytes) -> Result<Self> {
+        let (header_len, header) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::Tensor {
             path: path.to_path_buf(),
             reason: format!("not a valid safetensors file: {e}"),
         })?;
-        Ok(Self { path: path.to_path_buf(), mmap, data_start: 8 + header_len, header })
+        Ok(Self { path: path.to_path_buf(), mmap: bytes, data_start: 8 + header_len, header })
     }
 
     pub fn path(&self) -> &Path {
@@ -92,6 +129,15 @@ impl TensorFile {
         };
         Ok((shape.to_vec(), values))
     }
+}
+
+/// A path that must be a regular file: anything else is an error saying what it is.
+pub fn check_regular(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).at(path)?;
+    if !meta.is_file() {
+        return Err(Error::Tensor { path: path.to_path_buf(), reason: format!("is {}, expected a .safetensors file", crate::artifacts::kind_of(&meta)) });
+    }
+    Ok(())
 }
 
 /// Output precision of a written tensor.
@@ -164,6 +210,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Removes the temp files `write_atomic` leaves in `dir` when a process is killed mid-write
+/// (`.NAME.tmp-PID`). Only call it while holding the directory's lock.
+pub fn clean_temp(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).at(dir)? {
+        let path = entry.at(dir)?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let is_temp = name.starts_with('.') && name.rsplit_once(".tmp-").is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        if is_temp && path.is_file() {
+            std::fs::remove_file(&path).at(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// fsync a directory so a rename in it is durable.

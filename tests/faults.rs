@@ -63,7 +63,10 @@ fn bad_artifacts() {
     case("lora-layout", &|a| patch_manifest(a, |m| m["lora"]["num_params"] = serde_json::json!(12)), &["manifest.json", "num_params"]);
     case("graph-signature", &|a| patch_manifest(a, |m| {
         m["graphs"]["training_model"]["inputs"][0]["shape"] = serde_json::json!([7]);
-    }), &["training_model.onnx", "lora_params", "[7]"]);
+    }), &["manifest.json", "lora_params", "[7]"]);
+    case("graph-signature-x_t", &|a| patch_manifest(a, |m| {
+        m["graphs"]["training_model"]["inputs"][71]["shape"][4] = serde_json::json!(7);
+    }), &["training_model.onnx", "x_t", "7"]);
 
     // Base weights: missing tensor, wrong shape, wrong dtype (through --base).
     let art = tiny_artifacts();
@@ -287,7 +290,7 @@ fn ctrl_c_saves_a_checkpoint() {
     tiny_dataset(&data, 2, 1);
     let out = dir.path().join("out");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_flowstep"))
-        .args(["-q", "train", "--artifacts", path_str(&art), "--data", path_str(&data), "--out", path_str(&out), "--steps", "1000000", "--seed", "5"])
+        .args(["-q", "train", "--artifacts", path_str(&art), "--data", path_str(&data), "--out", path_str(&out), "--steps", "1000000", "--seed", "5", "--lr", "2e-3"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));

@@ -1,11 +1,14 @@
 //! An artifacts directory: the manifest, its files and their checks (DESIGN.md §3).
 
+mod files;
 mod manifest;
 mod validate;
 
 pub use manifest::{BaseWeights, Dim, FORMAT_VERSION, GraphSignature, IoSpec, LoraInfo, LoraTensor, Manifest, ModelInfo, NamedShape};
+pub use files::{kind_of, sha256_file};
 pub use validate::check_session_io;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
@@ -14,6 +17,10 @@ pub const TRAINING: &str = "training_model";
 pub const EVAL: &str = "eval_model";
 pub const OPTIMIZER: &str = "optimizer_model";
 pub const INFERENCE: &str = "inference_model";
+/// The export's initial LoRA (B = 0), used when no LoRA file is given.
+pub const LORA_INIT: &str = "lora_init.safetensors";
+/// A manifest is a few hundred kB even for 40 blocks; anything far larger is not one.
+const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
 /// The batch inputs that follow the base weights in the training and eval graphs.
 pub const LOSS_INPUTS: [&str; 5] = ["x_t", "timestep", "context", "target", "weight"];
@@ -28,22 +35,41 @@ pub const OPTIMIZER_OUTPUTS: [&str; 4] = ["params_out", "m_out", "v_out", "grad_
 pub struct Artifacts {
     pub dir: PathBuf,
     pub manifest: Manifest,
+    /// Every file in `files`, resolved inside `dir` and hash-checked.
+    files: BTreeMap<String, PathBuf>,
 }
 
 impl Artifacts {
     /// Reads and validates `DIR/manifest.json` and the files it lists (sha256 included).
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join("manifest.json");
-        if !dir.is_dir() {
-            return Err(Error::Manifest { path: dir.to_path_buf(), reason: "artifacts directory does not exist".into() });
+        match std::fs::metadata(dir) {
+            Ok(meta) if !meta.is_dir() => {
+                return Err(Error::Manifest { path: dir.to_path_buf(), reason: format!("is {}, expected the artifacts directory", kind_of(&meta)) });
+            }
+            Ok(_) => {}
+            Err(_) => return Err(Error::Manifest { path: dir.to_path_buf(), reason: "artifacts directory does not exist".into() }),
+        }
+        let meta = std::fs::metadata(&path).at(&path)?;
+        if !meta.is_file() || meta.len() > MAX_MANIFEST_BYTES {
+            return Err(Error::Manifest { path, reason: format!("is {} of {} bytes, not a manifest", kind_of(&meta), meta.len()) });
         }
         let text = std::fs::read_to_string(&path).at(&path)?;
         let manifest: Manifest = serde_json::from_str(&text)
             .map_err(|e| Error::Manifest { path: path.clone(), reason: format!("not a valid manifest: {e}") })?;
-        let artifacts = Self { dir: dir.to_path_buf(), manifest };
+        let mut artifacts = Self { dir: dir.to_path_buf(), manifest, files: BTreeMap::new() };
         validate::check_manifest(&artifacts)?;
-        validate::check_files(&artifacts)?;
+        artifacts.files = files::check_files(&artifacts)?;
+        validate::check_sizes(&artifacts)?;
         Ok(artifacts)
+    }
+
+    /// A file the manifest lists, resolved and hash-checked at open.
+    pub(crate) fn file(&self, name: &str) -> Result<PathBuf> {
+        self.files.get(name).cloned().ok_or_else(|| Error::Manifest {
+            path: self.dir.join("manifest.json"),
+            reason: format!("`{name}` has no sha256 in `files`"),
+        })
     }
 
     pub fn graph(&self, name: &str) -> Result<&GraphSignature> {
@@ -54,7 +80,7 @@ impl Artifacts {
     }
 
     pub fn graph_path(&self, name: &str) -> Result<PathBuf> {
-        Ok(self.dir.join(&self.graph(name)?.file))
+        self.file(&self.graph(name)?.file)
     }
 
     pub fn num_params(&self) -> usize {
@@ -62,12 +88,12 @@ impl Artifacts {
     }
 
     /// `path`, or the export's initial LoRA (B = 0: the base model) when none is given.
-    pub fn lora_file(&self, path: Option<&Path>) -> PathBuf {
-        path.map_or_else(|| self.dir.join("lora_init.safetensors"), Path::to_path_buf)
+    pub fn lora_file(&self, path: Option<&Path>) -> Result<PathBuf> {
+        path.map_or_else(|| self.file(LORA_INIT), |p| Ok(p.to_path_buf()))
     }
 
-    /// The shipped base weights file, if the export carries one.
+    /// The shipped base weights file, if the export carries one (hash-checked at open).
     pub fn shipped_base(&self) -> Option<PathBuf> {
-        self.manifest.base_weights.file.as_ref().map(|f| self.dir.join(f))
+        self.manifest.base_weights.file.as_ref().and_then(|f| self.files.get(f).cloned())
     }
 }

@@ -1,13 +1,12 @@
 //! Checks that a manifest is self-consistent, matches its files, and matches the graphs
 //! ONNX Runtime actually loaded. A mismatch is an error naming the file, never a guess.
 
-use std::io::Read;
+use std::collections::{BTreeMap, HashSet};
 
 use ort::session::Session;
 use ort::value::ValueType;
-use sha2::{Digest, Sha256};
 
-use super::{Artifacts, Dim, FORMAT_VERSION, IoSpec, LOSS_INPUTS, OPTIMIZER_INPUTS, OPTIMIZER_OUTPUTS};
+use super::{Artifacts, Dim, FORMAT_VERSION, IoSpec, LORA_INIT, LOSS_INPUTS, OPTIMIZER_INPUTS, OPTIMIZER_OUTPUTS};
 use crate::error::{Error, IoContext, Result};
 
 fn bad(artifacts: &Artifacts, reason: String) -> Error {
@@ -20,15 +19,13 @@ pub(super) fn check_manifest(a: &Artifacts) -> Result<()> {
     if m.format_version != FORMAT_VERSION {
         return Err(bad(a, format!("format_version {} is not supported (this flowstep reads {FORMAT_VERSION}); re-export with this version's flowstep_export", m.format_version)));
     }
-    let mut offset = 0;
-    for t in &m.lora.tensors {
-        if t.offset != offset {
-            return Err(bad(a, format!("LoRA tensor {} starts at {} but the previous one ends at {offset}", t.key, t.offset)));
+    check_model(a)?;
+    check_lora(a)?;
+    let needs_hash = m.graphs.values().map(|g| g.file.as_str()).chain(m.base_weights.file.as_deref()).chain([LORA_INIT]);
+    for file in needs_hash {
+        if !m.files.contains_key(file) {
+            return Err(bad(a, format!("{file} has no sha256 in `files`; every file flowstep loads must be hash-checked")));
         }
-        offset += t.numel();
-    }
-    if offset != m.lora.num_params || offset == 0 {
-        return Err(bad(a, format!("LoRA tensors hold {offset} values but num_params is {}", m.lora.num_params)));
     }
     let base: Vec<&str> = m.base_weights.tensors.iter().map(|t| t.name.as_str()).collect();
     for (name, sig) in &m.graphs {
@@ -57,8 +54,12 @@ pub(super) fn check_manifest(a: &Artifacts) -> Result<()> {
         if outputs != want_out {
             return Err(bad(a, format!("{name} outputs are {outputs:?}, expected {want_out:?}")));
         }
-        if !m.files.contains_key(&sig.file) {
-            return Err(bad(a, format!("{name} file {} has no sha256 in `files`", sig.file)));
+        let lora_dims = ["lora_params", "grad_accum", "grad_accum_out", "params", "grads", "m", "v", "params_out", "m_out", "v_out"];
+        for spec in sig.inputs.iter().chain(&sig.outputs).filter(|s| lora_dims.contains(&s.name.as_str())) {
+            if spec.shape != [Dim::Fixed(m.lora.num_params as i64)] {
+                let dims: Vec<String> = spec.shape.iter().map(|d| d.to_string()).collect();
+                return Err(bad(a, format!("{name} {} has shape [{}], but lora.num_params is {}", spec.name, dims.join(", "), m.lora.num_params)));
+            }
         }
         for spec in sig.inputs.iter().chain(&sig.outputs) {
             // Base weights come in the export's precision; every other tensor is float32.
@@ -76,33 +77,96 @@ pub(super) fn check_manifest(a: &Artifacts) -> Result<()> {
     Ok(())
 }
 
-/// Every listed file exists and has its sha256.
-pub(super) fn check_files(a: &Artifacts) -> Result<()> {
-    for (file, want) in &a.manifest.files {
-        let path = a.dir.join(file);
-        let mut f = std::fs::File::open(&path).at(&path)?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).at(&path)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
+/// Model dimensions that size buffers and divide shapes: positive, and equal to the graphs'
+/// fixed input dimensions.
+fn check_model(a: &Artifacts) -> Result<()> {
+    let md = &a.manifest.model;
+    let dims = [("in_dim", md.in_dim), ("out_dim", md.out_dim), ("text_len", md.text_len), ("text_dim", md.text_dim), ("dim", md.dim)];
+    for (name, value) in dims.into_iter().chain(md.patch_size.iter().map(|&p| ("patch_size", p))) {
+        if value == 0 || value > 1 << 20 {
+            return Err(bad(a, format!("model.{name} is {value}; expected 1 to {}", 1 << 20)));
         }
-        let got = hex(&hasher.finalize());
-        if &got != want {
-            return Err(Error::Manifest {
-                path,
-                reason: format!("sha256 {got} does not match the manifest ({want}); the file was changed or truncated after export"),
-            });
+    }
+    for (graph, sig) in &a.manifest.graphs {
+        for spec in &sig.inputs {
+            let want: &[usize] = match spec.name.as_str() {
+                "x_t" | "target" => &[1, md.in_dim],
+                "context" => &[1, md.text_len, md.text_dim],
+                _ => continue,
+            };
+            for (i, (d, &w)) in spec.shape.iter().zip(want).enumerate() {
+                if d.fixed().is_some_and(|d| d != w) {
+                    return Err(bad(a, format!("{graph} {} dimension {i} is {d}, the model section says {w}", spec.name)));
+                }
+            }
         }
     }
     Ok(())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// The LoRA layout, against itself and the base weights it adapts: rank ≥ 1, unique keys,
+/// one A `[rank, in]` and one B `[out, rank]` per module with `in`/`out` from the module's
+/// base weight, offsets contiguous from 0 to `num_params`. Runs before anything is allocated.
+fn check_lora(a: &Artifacts) -> Result<()> {
+    let lora = &a.manifest.lora;
+    if lora.rank == 0 {
+        return Err(bad(a, "lora.rank is 0; a LoRA needs rank ≥ 1".into()));
+    }
+    if !(lora.alpha.is_finite() && lora.alpha > 0.0) {
+        return Err(bad(a, format!("lora.alpha is {}; expected a positive number", lora.alpha)));
+    }
+    if lora.tensors.is_empty() {
+        return Err(bad(a, "lora.tensors is empty".into()));
+    }
+    let base: BTreeMap<&str, &[usize]> = a.manifest.base_weights.tensors.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
+    let mut seen = HashSet::new();
+    let mut halves: BTreeMap<&str, (u8, u8)> = BTreeMap::new();
+    let mut offset = 0usize;
+    for t in &lora.tensors {
+        if !seen.insert(t.key.as_str()) {
+            return Err(bad(a, format!("LoRA tensor `{}` is listed twice", t.key)));
+        }
+        let (module, is_a) = match (t.key.strip_suffix(".lora_A.default.weight"), t.key.strip_suffix(".lora_B.default.weight")) {
+            (Some(m), _) => (m, true),
+            (_, Some(m)) => (m, false),
+            _ => return Err(bad(a, format!("LoRA tensor `{}` is not named MODULE.lora_A.default.weight or MODULE.lora_B.default.weight", t.key))),
+        };
+        let weight = format!("{module}.weight");
+        let Some(&&[out_dim, in_dim]) = base.get(weight.as_str()) else {
+            return Err(bad(a, format!("LoRA tensor `{}` adapts `{weight}`, which is not a 2-D base weight of this export", t.key)));
+        };
+        let want = if is_a { [lora.rank, in_dim] } else { [out_dim, lora.rank] };
+        if t.shape != want {
+            return Err(bad(a, format!("LoRA tensor `{}` has shape {:?}; rank {} on `{weight}` {:?} needs {want:?}", t.key, t.shape, lora.rank, [out_dim, in_dim])));
+        }
+        let count = halves.entry(module).or_default();
+        if is_a { count.0 += 1 } else { count.1 += 1 }
+        if t.offset != offset {
+            return Err(bad(a, format!("LoRA tensor `{}` starts at {} but the previous one ends at {offset}", t.key, t.offset)));
+        }
+        offset = offset.checked_add(t.numel()).filter(|&o| o <= lora.num_params).ok_or_else(|| {
+            bad(a, format!("LoRA tensor `{}` ends past lora.num_params {}", t.key, lora.num_params))
+        })?;
+    }
+    if let Some((module, _)) = halves.iter().find(|(_, c)| **c != (1, 1)) {
+        return Err(bad(a, format!("LoRA module `{module}` needs exactly one lora_A and one lora_B tensor")));
+    }
+    if offset != lora.num_params {
+        return Err(bad(a, format!("LoRA tensors hold {offset} values but num_params is {}", lora.num_params)));
+    }
+    Ok(())
+}
+
+/// Sizes that only the files can vouch for: the initial LoRA must be able to hold
+/// `num_params` values (2 bytes each at least), so a manifest cannot ask for more memory
+/// than the export shipped.
+pub(super) fn check_sizes(a: &Artifacts) -> Result<()> {
+    let path = a.file(LORA_INIT)?;
+    let len = std::fs::metadata(&path).at(&path)?.len();
+    if (a.manifest.lora.num_params as u64).saturating_mul(2) > len {
+        return Err(bad(a, format!("lora.num_params {} is more than {LORA_INIT} ({len} bytes) can hold", a.manifest.lora.num_params)));
+    }
+    Ok(())
 }
 
 /// The loaded session's inputs and outputs equal the manifest's (names, dtypes, shapes).

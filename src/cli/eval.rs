@@ -6,8 +6,7 @@ use std::process::ExitCode;
 use flowstep::artifacts::Artifacts;
 use flowstep::data::{Dataset, SampleSpec};
 use flowstep::eval::{EvalConfig, evaluate};
-use flowstep::executor::{DeviceMemory, LossGraph, load_base_weights};
-use flowstep::lora_io;
+use flowstep::executor::{LossGraph, WithLora};
 use flowstep::sft::{SftConfig, SftSampler};
 
 use super::{DeviceArgs, Globals, ModelArgs};
@@ -47,22 +46,20 @@ pub struct Args {
 }
 
 pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
+    let max = flowstep::scheduler::NUM_TRAIN_TIMESTEPS;
+    anyhow::ensure!((1..=max).contains(&args.timesteps), "--timesteps: must be 1 to {max}, got {}", args.timesteps);
+    anyhow::ensure!(args.shift.is_finite() && args.shift > 0.0, "--shift: must be a positive number, got {}", args.shift);
     let session = super::init_runtime(globals, &args.device)?;
     let artifacts = Artifacts::open(&args.model.artifacts)?;
     let m = &artifacts.manifest;
     let dataset = Dataset::open(&args.data, SampleSpec::for_model(&m.model))?;
-    let lora_path = artifacts.lora_file(args.lora.as_deref());
-    let flat = lora_io::load(&lora_path, &m.lora)?;
-    let memory = DeviceMemory::new(session.device);
-    let base = load_base_weights(&artifacts, args.model.base.as_deref(), &memory)?;
-    let mut graph = LossGraph::load(&artifacts, &session, &base)?;
-    let params = memory.tensor(&[flat.len()], &flat)?;
+    let mut model = WithLora::<LossGraph>::load(&artifacts, &session, args.model.base.as_deref(), args.lora.as_deref())?;
     let sampler = SftSampler::new(SftConfig { shift: args.shift, ..SftConfig::default() }, args.seed)?;
-    let result = evaluate(&mut graph, &params, &dataset, &sampler, &EvalConfig { timesteps: args.timesteps, seed: args.seed })?;
+    let result = evaluate(&mut model.graph, &model.params, &dataset, &sampler, &EvalConfig { timesteps: args.timesteps, seed: args.seed })?;
     if args.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
-        println!("eval loss {:.6} over {} samples × {} timesteps ({})", result.eval_loss, result.samples, result.timesteps, lora_path.display());
+        println!("eval loss {:.6} over {} samples × {} timesteps ({})", result.eval_loss, result.samples, result.timesteps, model.lora.display());
         for (t, l) in &result.per_timestep {
             println!("  t = {t:>8.2}  loss {l:.6}");
         }

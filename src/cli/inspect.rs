@@ -42,9 +42,9 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     println!("sha256      {} files verified", m.files.len());
     if let Some(session) = session {
         for (name, sig) in &m.graphs {
-            let s = flowstep::runtime::load_session(&artifacts.dir.join(&sig.file), &session.for_artifacts(m)?)?;
+            let s = flowstep::runtime::load_session(&artifacts.graph_path(name)?, &session.for_artifacts(m)?)?;
             check_session_io(&artifacts, name, &s)?;
-            let size = std::fs::metadata(artifacts.dir.join(&sig.file)).map(|x| x.len()).unwrap_or(0);
+            let size = std::fs::metadata(artifacts.graph_path(name)?).map(|x| x.len()).unwrap_or(0);
             println!("graph       {name:<16} {:>7.1} MB, {} inputs, {} outputs: loaded on {} and matches the manifest",
                 size as f64 / 1e6, sig.inputs.len(), sig.outputs.len(), session.device);
         }

@@ -70,10 +70,24 @@ pub fn run() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", one_line(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: a library error's message often
+/// already contains its source (`path: No such file`), and ONNX Runtime's has newlines.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(text.trim()) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The exported model: shared by every command that runs it.
@@ -126,14 +140,17 @@ pub struct DeviceArgs {
     pub tf32: bool,
 }
 
+/// More threads than this is a typo, and spawning them would exhaust the process.
+const MAX_THREADS: usize = 1024;
+
 /// Loads ONNX Runtime (once) and returns the session options for the device.
 pub fn init_runtime(globals: &Globals, device: &DeviceArgs) -> anyhow::Result<flowstep::runtime::SessionOptions> {
+    if let Some(t) = device.threads {
+        anyhow::ensure!((1..=MAX_THREADS).contains(&t), "--threads: must be 1 to {MAX_THREADS}, got {t}");
+    }
     let lib = flowstep::runtime::init(globals.ort_lib.as_deref(), device.device.is_gpu())?;
     if globals.verbose > 0 {
         eprintln!("ONNX Runtime: {} (found by {})", lib.path.display(), lib.found_by);
-    }
-    if device.threads == Some(0) {
-        anyhow::bail!("--threads must be at least 1");
     }
     if let Some(t) = device.threads {
         // The host-side work (noise, x_t, target) uses the same budget.

@@ -11,6 +11,9 @@ use plotters::style::RGBColor;
 
 use super::Globals;
 
+/// A table is printed whole; a million rows is already more than anyone reads.
+const MAX_STEPS: usize = 1_000_000;
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Number of timesteps in the table (training uses 1000).
@@ -35,7 +38,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, _globals: &Globals) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
+    anyhow::ensure!((1..=MAX_STEPS).contains(&args.steps), "--steps: must be 1 to {MAX_STEPS}, got {}", args.steps);
     anyhow::ensure!(args.shift.is_finite() && args.shift > 0.0, "--shift must be a positive number");
     anyhow::ensure!(
         args.denoising_strength > 0.0 && args.denoising_strength <= 1.0,

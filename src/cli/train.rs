@@ -111,6 +111,11 @@ pub struct Args {
     #[arg(long)]
     pub resume: bool,
 
+    /// With --resume: accept a changed --lr, --lr-schedule, --steps of a cosine schedule or
+    /// AdamW setting (otherwise refused); the change is printed and written to metrics.jsonl.
+    #[arg(long, requires = "resume")]
+    pub allow_changed_hyperparameters: bool,
+
     /// Held-out samples for a deterministic eval loss (before, every --eval-every, after).
     #[arg(long, value_name = "DIR")]
     pub eval_data: Option<PathBuf>,
@@ -178,6 +183,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         save_every: args.save_every,
         keep_checkpoints: args.keep_checkpoints,
         resume: args.resume,
+        allow_changed_hyperparameters: args.allow_changed_hyperparameters,
         eval_data: args.eval_data,
         eval_every: args.eval_every,
         eval: EvalConfig { timesteps: args.eval_timesteps, seed: args.seed },

@@ -6,7 +6,7 @@ use std::path::Path;
 use ort::session::IoBinding;
 use ort::value::Tensor;
 
-use super::{Bf16Tensor, DeviceMemory};
+use super::DeviceMemory;
 use crate::artifacts::Artifacts;
 use crate::error::{Error, Result};
 use crate::tensor_file::TensorFile;
@@ -20,14 +20,14 @@ pub struct BaseWeights {
 /// One base weight on the device.
 pub enum BaseTensor {
     F32(Tensor<f32>),
-    Bf16(Bf16Tensor),
+    Bf16(Tensor<half::bf16>),
 }
 
 impl BaseTensor {
     pub fn bind(&self, binding: &mut IoBinding, name: &str) -> Result<()> {
         match self {
             BaseTensor::F32(t) => binding.bind_input(name, t),
-            BaseTensor::Bf16(t) => binding.bind_input(name, t.value()),
+            BaseTensor::Bf16(t) => binding.bind_input(name, t),
         }
         .map_err(Error::ort(format!("binding base weight {name}")))
     }

@@ -4,18 +4,21 @@
 mod base;
 mod batch;
 mod graphs;
+mod loader;
 mod state;
 
 pub use base::{BaseTensor, BaseWeights, load_base_weights};
 pub use batch::Batch;
 pub use graphs::{LossGraph, VelocityGraph};
+pub use loader::{LoraGraph, WithLora};
 pub use state::{AdamW, OptimizerOutcome, TrainingGraphs};
 
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use std::fmt;
 
 use ort::value::PrimitiveTensorElementType;
-use ort::value::{Tensor, TensorRefMut};
+use ort::session::Session;
+use ort::value::Tensor;
 
 use crate::error::{Error, Result};
 use crate::runtime::Device;
@@ -24,13 +27,18 @@ use crate::runtime::Device;
 pub struct DeviceMemory {
     pub device: Device,
     allocator: Allocator,
+    /// The bf16 copy model's session on the device, built on first use.
+    copy_bf16: std::sync::OnceLock<std::sync::Mutex<Session>>,
 }
+
+/// One Identity node over bf16 tensors of any shape, at opset 21 (written by onnx.helper).
+const COPY_BF16: &[u8] = include_bytes!("../../assets/copy_bfloat16.onnx");
 
 impl DeviceMemory {
     /// Host memory for the CPU provider; on a GPU, tensors are copied there by ONNX Runtime
     /// (`Tensor::to`), which allocates them on that device.
     pub fn new(device: Device) -> Self {
-        Self { device, allocator: Allocator::default() }
+        Self { device, allocator: Allocator::default(), copy_bf16: std::sync::OnceLock::new() }
     }
 
     /// A device tensor holding `values` (bindable as input and output).
@@ -45,21 +53,49 @@ impl DeviceMemory {
         Ok(t)
     }
 
-    /// A bfloat16 device tensor holding `values`. ONNX Runtime copies to a device through a
-    /// one-node Identity model whose opset predates bf16, so the bits travel as uint16 and
-    /// the device buffer is then viewed as bf16.
-    pub fn tensor_bf16(&self, shape: &[usize], values: &[half::bf16]) -> Result<Bf16Tensor> {
-        let bits: Vec<u16> = values.iter().map(|v| v.to_bits()).collect();
-        let host = Tensor::from_array((shape.to_vec(), bits)).map_err(Error::ort("creating a host tensor"))?;
+    /// A bfloat16 device tensor holding `values`. ONNX Runtime's own copy (`Tensor::to`)
+    /// runs an Identity model whose opset predates bf16, so flowstep copies with its own
+    /// (assets/copy_bfloat16.onnx, opset 21), whose output stays on the device.
+    pub fn tensor_bf16(&self, shape: &[usize], values: &[half::bf16]) -> Result<Tensor<half::bf16>> {
+        let host = Tensor::from_array((shape.to_vec(), values.to_vec())).map_err(Error::ort("creating a host tensor"))?;
+        if !self.device.is_gpu() {
+            return Ok(host);
+        }
+        self.copy_with_model(&host)
+    }
+
+    /// `host` copied by the bf16 copy model into this device's memory.
+    fn copy_with_model(&self, host: &Tensor<half::bf16>) -> Result<Tensor<half::bf16>> {
+        let values = host.shape().iter().product::<i64>();
+        let during = format!("copying {values} bf16 values to {}", self.device);
+        let session = match self.copy_bf16.get() {
+            Some(s) => s,
+            None => {
+                let mut builder = Session::builder(crate::runtime::environment()?).map_err(Error::ort(during.clone()))?;
+                if let Some(provider) = self.device.execution_provider(&crate::runtime::CudaOptions::default()) {
+                    builder = builder.with_execution_providers([provider]).map_err(|e| Error::Ort { during: during.clone(), source: ort::Error::<()>::from(e) })?;
+                }
+                let session = builder.commit_from_memory(COPY_BF16).map_err(Error::ort(during.clone()))?;
+                self.copy_bf16.get_or_init(|| std::sync::Mutex::new(session))
+            }
+        };
+        let mut session = session.lock().map_err(|_| Error::Device(format!("{during}: the copy session was poisoned")))?;
+        let mut binding = session.create_binding().map_err(Error::ort(during.clone()))?;
+        binding.bind_input("x", host).map_err(Error::ort(during.clone()))?;
         let (dev, id) = self.device.allocation();
-        let mut storage = host.to(dev, id).map_err(Error::ort(format!("copying {} values to {}", values.len(), self.device)))?;
-        let data = storage.data_ptr_mut();
-        let info = MemoryInfo::new(self.device.allocation().0, id, AllocatorType::Device, MemoryType::Default).map_err(Error::ort("describing device memory"))?;
-        // SAFETY: `data` is `storage`'s buffer, on the device `info` describes, with exactly
-        // shape.product() 2-byte elements; Bf16Tensor keeps `storage` alive as long as the view.
-        let view = unsafe { TensorRefMut::<'static, half::bf16>::from_raw(info, data, shape.to_vec().into()) }
-            .map_err(Error::ort("viewing a uint16 buffer as bfloat16"))?;
-        Ok(Bf16Tensor { view, _storage: storage })
+        let info = MemoryInfo::new(dev, id, AllocatorType::Device, MemoryType::Default).map_err(Error::ort(during.clone()))?;
+        binding.bind_output_to_device("y", &info).map_err(Error::ort(during.clone()))?;
+        let mut outputs = session.run_binding(&binding).map_err(Error::ort(during.clone()))?;
+        let value = outputs.remove("y").ok_or_else(|| Error::Device(format!("{during}: the copy produced no output")))?;
+        value.downcast::<ort::value::TensorValueType<half::bf16>>().map_err(Error::ort(during))
+    }
+
+    /// True when every value is finite (read in place on the CPU, copied from a GPU).
+    pub fn all_finite(&self, tensor: &Tensor<f32>) -> Result<bool> {
+        if self.device.is_gpu() {
+            return Ok(self.read(tensor)?.iter().all(|v| v.is_finite()));
+        }
+        Ok(tensor.extract_tensor().1.iter().all(|v| v.is_finite()))
     }
 
     /// A device tensor's values on the host.
@@ -69,19 +105,6 @@ impl DeviceMemory {
             return Ok(host.extract_tensor().1.to_vec());
         }
         Ok(tensor.extract_tensor().1.to_vec())
-    }
-}
-
-/// A bfloat16 tensor on the device: a view over uint16 storage (see DeviceMemory::tensor_bf16).
-/// Fields drop in order: the view before the buffer it points into.
-pub struct Bf16Tensor {
-    view: TensorRefMut<'static, half::bf16>,
-    _storage: Tensor<u16>,
-}
-
-impl Bf16Tensor {
-    pub fn value(&self) -> &Tensor<half::bf16> {
-        &self.view
     }
 }
 
@@ -97,13 +120,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bf16_tensor_views_its_uint16_storage_bit_for_bit() {
+    fn bf16_tensor_keeps_its_bits() {
         crate::runtime::init(None, false).expect("ONNX Runtime (scripts/setup_ort.sh)");
         let memory = DeviceMemory::new(Device::Cpu);
         let values: Vec<half::bf16> = [1.0f32, -2.5, 3.140625, 0.0, 65280.0, -1e-3].iter().map(|&v| half::bf16::from_f32(v)).collect();
         let tensor = memory.tensor_bf16(&[2, 3], &values).expect("bf16 tensor");
-        let (shape, data) = tensor.value().extract_tensor();
-        assert_eq!(shape.to_vec(), vec![2, 3]);
-        assert_eq!(data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), values.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        // The copy model, which a GPU uses, run here on the CPU provider.
+        let copied = memory.copy_with_model(&tensor).expect("copy");
+        for t in [&tensor, &copied] {
+            let (shape, data) = t.extract_tensor();
+            assert_eq!(shape.to_vec(), vec![2, 3]);
+            assert_eq!(data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), values.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        }
     }
 }

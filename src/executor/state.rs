@@ -34,7 +34,8 @@ impl Default for AdamW {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OptimizerOutcome {
     pub grad_norm: f32,
-    /// False when the gradient was not finite and the update was discarded.
+    /// False when the gradient or the updated parameters were not finite and the update
+    /// was discarded.
     pub applied: bool,
 }
 
@@ -165,7 +166,8 @@ impl TrainingGraphs {
     }
 
     /// AdamW over the accumulated gradient (scaled by 1/micro-steps); `step` is the 1-based
-    /// optimizer step for bias correction. A non-finite gradient norm leaves the state as it was.
+    /// optimizer step for bias correction. A non-finite gradient norm or updated parameter
+    /// leaves the state as it was.
     pub fn apply(&mut self, step: u64, lr: f64, hp: &AdamW) -> Result<OptimizerOutcome> {
         if self.micro == 0 {
             return Err(Error::Config("optimizer step with no accumulated gradient".into()));
@@ -208,7 +210,8 @@ impl TrainingGraphs {
         self.optimizer.run_binding(b).map_err(Error::ort("running the optimizer graph"))?;
         self.micro = 0;
         let grad_norm = self.grad_norm_out.extract_tensor().1[0];
-        let applied = grad_norm.is_finite();
+        // A finite gradient can still overflow the update (huge lr or weight decay).
+        let applied = grad_norm.is_finite() && self.memory.all_finite(&self.params[next])?;
         if applied {
             self.cur = next;
         }

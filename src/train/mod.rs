@@ -1,0 +1,116 @@
+//! Training: the run's configuration and summary, and `train`, which drives a [`Trainer`]
+//! through its phases. Everything a run reports goes out as events.
+
+mod run;
+mod trainer;
+mod validate;
+
+pub use trainer::Trainer;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::eval::EvalConfig;
+use crate::executor::AdamW;
+use crate::lora_io::LoraFormat;
+use crate::metrics::Observer;
+use crate::optim::LrSchedule;
+use crate::runtime::SessionOptions;
+use crate::sft::SftConfig;
+use crate::tensor_file::SaveDtype;
+
+/// What to do when a loss or gradient norm is NaN or infinite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
+pub enum NonFinitePolicy {
+    /// Stop with an error; the last checkpoint stays as it was.
+    Stop,
+    /// Discard that step's update, count it, and go on.
+    Skip,
+}
+
+/// How long to train.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Length {
+    Steps(u64),
+    Epochs(u64),
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub artifacts: PathBuf,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub base: Option<PathBuf>,
+    pub init_lora: Option<PathBuf>,
+    pub length: Length,
+    pub seed: u64,
+    pub lr: f64,
+    pub schedule: LrSchedule,
+    pub adamw: AdamW,
+    pub grad_accum: usize,
+    pub repeat: usize,
+    pub sft: SftConfig,
+    pub save_every: Option<u64>,
+    pub keep_checkpoints: usize,
+    pub resume: bool,
+    /// Let a resume change the learning rate, its schedule or AdamW settings (recorded).
+    pub allow_changed_hyperparameters: bool,
+    pub eval_data: Option<PathBuf>,
+    pub eval_every: Option<u64>,
+    pub eval: EvalConfig,
+    pub session: SessionOptions,
+    pub lora_format: LoraFormat,
+    pub lora_dtype: SaveDtype,
+    pub on_nonfinite: NonFinitePolicy,
+    pub skip_bad_samples: bool,
+    /// Stop after this many optimizer steps of this process (tests of resume).
+    pub stop_after: Option<u64>,
+}
+
+/// What a finished (or interrupted) run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    pub start_step: u64,
+    pub steps: u64,
+    pub total_steps: u64,
+    pub interrupted: bool,
+    pub first_loss: Option<f64>,
+    pub final_loss: Option<f64>,
+    pub eval_before: Option<f64>,
+    pub eval_after: Option<f64>,
+    pub skipped_steps: u64,
+    pub skipped_samples: u64,
+    /// Hyperparameters this resume changed (`--allow-changed-hyperparameters`).
+    pub hyperparameter_changes: Vec<String>,
+    pub seconds: f64,
+    pub seconds_per_step: f64,
+    /// Host-side share of step time: data, SFT inputs, binding, reading the loss.
+    pub host_fraction: f64,
+    pub lora: Option<PathBuf>,
+    pub checkpoint: Option<PathBuf>,
+    pub metrics: PathBuf,
+    pub plot: Option<PathBuf>,
+}
+
+/// Runs (or resumes) training to the end, an interrupt, or `stop_after` steps.
+pub fn train(config: &TrainConfig, observers: &mut [&mut dyn Observer], interrupt: &AtomicBool) -> Result<TrainSummary> {
+    let mut trainer = Trainer::start(config, observers)?;
+    let mut interrupted = false;
+    while !trainer.done() {
+        if interrupt.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+        if config.stop_after.is_some_and(|n| trainer.steps_this_run() >= n) {
+            break;
+        }
+        if let Err(e) = trainer.step() {
+            trainer.rescue();
+            return Err(e);
+        }
+    }
+    trainer.finish(interrupted)
+}

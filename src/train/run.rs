@@ -1,0 +1,93 @@
+//! What a checkpoint records about its run, and the check that a resume continues that
+//! same run: the fields that fix the data, noise and graphs must match; hyperparameters may
+//! change only when the user says so, and the change is then reported and recorded.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use super::TrainConfig;
+use crate::artifacts::{Artifacts, OPTIMIZER, TRAINING};
+use crate::error::{Error, Result};
+use crate::optim::LrSchedule;
+
+/// The run as stored in `trainer.json` (`run`): `identity` never changes across resumes,
+/// `hyperparameters` only with `--allow-changed-hyperparameters`. Keys are flag names.
+pub(super) fn describe(config: &TrainConfig, artifacts: &Artifacts, dataset_len: usize, total_steps: u64) -> Result<Value> {
+    let sha = |graph: &str| artifacts.graph(graph).ok().and_then(|g| artifacts.manifest.files.get(&g.file).cloned()).unwrap_or_default();
+    let sft = &config.sft;
+    let mut hyper = json!({
+        "lr": config.lr,
+        "lr-schedule": config.schedule.to_string(),
+        "beta1": config.adamw.beta1,
+        "beta2": config.adamw.beta2,
+        "eps": config.adamw.eps,
+        "weight-decay": config.adamw.weight_decay,
+    });
+    // A cosine schedule is stretched over the whole run: its length is a hyperparameter.
+    if matches!(config.schedule, LrSchedule::Cosine { .. }) {
+        hyper["steps"] = json!(total_steps);
+    }
+    let run = json!({
+        "identity": {
+            "artifacts": format!("{}+{}", sha(TRAINING), sha(OPTIMIZER)),
+            "seed": config.seed,
+            "grad-accum": config.grad_accum,
+            "repeat": config.repeat,
+            "dataset size": dataset_len,
+            "shift": sft.shift,
+            "min-timestep-boundary": sft.min_boundary,
+            "max-timestep-boundary": sft.max_boundary,
+            "noise-scale": sft.noise_scale,
+            "bf16-timestep": sft.bf16_timestep,
+        },
+        "hyperparameters": hyper,
+    });
+    // Through text and back, so floats compare as a checkpoint's parsed values do.
+    serde_json::from_str(&run.to_string()).map_err(|e| Error::Config(e.to_string()))
+}
+
+/// "--KEY old → new" for every key whose value differs.
+fn differences(saved: &Value, now: &Value) -> Vec<String> {
+    let empty = serde_json::Map::new();
+    let (a, b) = (saved.as_object().unwrap_or(&empty), now.as_object().unwrap_or(&empty));
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let show = |v: Option<&Value>| v.map_or("(none)".to_string(), |v| v.as_str().map_or_else(|| v.to_string(), str::to_string));
+    keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).map(|k| format!("--{k} {} → {}", show(a.get(k)), show(b.get(k)))).collect()
+}
+
+/// Checks that the run `now` may continue the checkpoint in `dir` (at `step`, run `saved`).
+/// Returns the hyperparameter changes that `allow_changes` let through.
+pub(super) fn check_resume(dir: &Path, step: u64, saved: &Value, now: &Value, total_steps: u64, allow_changes: bool) -> Result<Vec<String>> {
+    let refuse = |reason: String| Error::Checkpoint { path: dir.to_path_buf(), reason };
+    if total_steps < step {
+        return Err(refuse(format!("is at step {step}, past --steps {total_steps}; a resume cannot go back")));
+    }
+    let identity = differences(&saved["identity"], &now["identity"]);
+    if !identity.is_empty() {
+        return Err(refuse(format!("belongs to a different run ({}); resume it with its own settings, or choose another --out", identity.join(", "))));
+    }
+    let hyper = differences(&saved["hyperparameters"], &now["hyperparameters"]);
+    if !hyper.is_empty() && !allow_changes {
+        return Err(refuse(format!(
+            "was trained with other hyperparameters ({}); pass --allow-changed-hyperparameters to continue with the new ones",
+            hyper.join(", ")
+        )));
+    }
+    Ok(hyper)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn differences_name_each_changed_key() {
+        let a = json!({"lr": 0.002, "beta1": 0.9, "lr-schedule": "constant"});
+        let b = json!({"lr": 0.001, "beta1": 0.9, "lr-schedule": "cosine:0:0", "steps": 10});
+        assert_eq!(differences(&a, &b), ["--lr 0.002 → 0.001", "--lr-schedule constant → cosine:0:0", "--steps (none) → 10"]);
+        assert!(differences(&a, &a).is_empty());
+    }
+}

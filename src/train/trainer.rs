@@ -1,0 +1,436 @@
+//! The trainer and its phases: start or resume, micro-step, apply, evaluate, checkpoint,
+//! finish. Each phase is one method; the loop that calls them lives in [`super::train`].
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use fs2::FileExt;
+
+use super::{NonFinitePolicy, TrainConfig, TrainSummary, run};
+use crate::artifacts::Artifacts;
+use crate::checkpoint::{self, CheckpointState, TrainerState};
+use crate::data::{DataOrder, Dataset, SampleSpec};
+use crate::error::{Error, IoContext, Result};
+use crate::eval::evaluate;
+use crate::executor::{Batch, LossGraph, TrainingGraphs, load_base_weights};
+use crate::lora_io;
+use crate::metrics::{JsonlWriter, Observer, Recorder, StepRecord, TrainEvent};
+use crate::sft::{SftConfig, SftSampler, TimestepDraw};
+
+/// Holds `OUT/.lock` for the life of the run: a second trainer on the same directory fails.
+/// A run that ends before writing anything removes the lock file (and `OUT`, when it
+/// created it), so a failed start leaves no trace.
+struct OutLock {
+    _file: File,
+    path: PathBuf,
+    created_dir: Option<PathBuf>,
+    created_file: bool,
+}
+
+fn lock_out(out: &Path) -> Result<OutLock> {
+    if let Ok(meta) = std::fs::metadata(out)
+        && !meta.is_dir()
+    {
+        return Err(Error::Config(format!("--out {}: is {}, expected a directory", out.display(), crate::artifacts::kind_of(&meta))));
+    }
+    let created_dir = (!out.exists()).then(|| out.to_path_buf());
+    std::fs::create_dir_all(out).at(out)?;
+    let path = out.join(".lock");
+    let created_file = !path.exists();
+    let file = File::create(&path).at(&path)?;
+    file.try_lock_exclusive().map_err(|_| {
+        Error::Config(format!("{} is in use by another flowstep train (lock {}); wait for it or choose another --out", out.display(), path.display()))
+    })?;
+    Ok(OutLock { _file: file, path, created_dir, created_file })
+}
+
+impl Drop for OutLock {
+    fn drop(&mut self) {
+        let Some(dir) = self.path.parent() else { return };
+        let only_lock = std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()).all(|e| e.path() == self.path)).unwrap_or(false);
+        if self.created_file && only_lock {
+            // Best effort: a lock file left behind is harmless (documented in the README).
+            let _ = std::fs::remove_file(&self.path);
+            if let Some(created) = &self.created_dir {
+                let _ = std::fs::remove_dir(created);
+            }
+        }
+    }
+}
+
+/// Where the run's events go: metrics.jsonl, the in-memory record, the caller's observers.
+struct Events<'a, 'o> {
+    jsonl: JsonlWriter,
+    recorder: Recorder,
+    observers: &'a mut [&'o mut dyn Observer],
+}
+
+impl Events<'_, '_> {
+    fn emit(&mut self, event: TrainEvent<'_>) -> Result<()> {
+        self.jsonl.on_event(&event)?;
+        self.recorder.on_event(&event)?;
+        for o in self.observers.iter_mut() {
+            o.on_event(&event)?;
+        }
+        Ok(())
+    }
+}
+
+/// Wall time split into graph and host work.
+#[derive(Default)]
+struct Timing {
+    step_seconds: f64,
+    host_seconds: f64,
+}
+
+/// The micro-steps of one optimizer step, summed.
+struct Accumulated {
+    loss_sum: f64,
+    first: Option<TimestepDraw>,
+    finite: bool,
+    graph_seconds: f64,
+}
+
+/// A training run in progress.
+pub struct Trainer<'a, 'o> {
+    config: &'a TrainConfig,
+    artifacts: Artifacts,
+    dataset: Dataset,
+    eval_set: Option<Dataset>,
+    sampler: SftSampler,
+    order: DataOrder,
+    total_steps: u64,
+    graphs: TrainingGraphs,
+    eval_graph: Option<LossGraph>,
+    /// Position, advanced sample by sample during a step.
+    state: TrainerState,
+    /// Position after the last finished step: what a rescue checkpoint saves.
+    committed: TrainerState,
+    /// The step of the newest checkpoint on disk.
+    saved_step: Option<u64>,
+    start_step: u64,
+    batch: Option<Batch>,
+    events: Events<'a, 'o>,
+    started: Instant,
+    timing: Timing,
+    eval_before: Option<f64>,
+    eval_after: Option<f64>,
+    last_checkpoint: Option<PathBuf>,
+    /// Hyperparameters this resume changed.
+    changes: Vec<String>,
+    /// Samples found non-finite (`--skip-bad-samples`).
+    bad_samples: BTreeSet<usize>,
+    _lock: OutLock,
+}
+
+impl<'a, 'o> Trainer<'a, 'o> {
+    /// Start or resume: validates the inputs, takes the output lock, loads the graphs and
+    /// the initial (or checkpointed) state, and evaluates once before a fresh run.
+    pub fn start(config: &'a TrainConfig, observers: &'a mut [&'o mut dyn Observer]) -> Result<Self> {
+        let started = Instant::now();
+        config.validate()?;
+        let artifacts = Artifacts::open(&config.artifacts)?;
+        let manifest = &artifacts.manifest;
+        let spec = SampleSpec::for_model(&manifest.model);
+        let dataset = Dataset::open(&config.data, spec.clone())?;
+        let eval_set = config.eval_data.as_deref().map(|d| Dataset::open(d, spec.clone())).transpose()?;
+        let sampler = SftSampler::new(SftConfig { shift: config.sft.shift, ..config.sft.clone() }, config.seed)?;
+        let (order, total_steps) = config.plan(dataset.len())?;
+        let lock = lock_out(&config.out)?;
+        let run = run::describe(config, &artifacts, dataset.len(), total_steps)?;
+
+        checkpoint::clean_partial(&config.out)?;
+        crate::tensor_file::clean_temp(&config.out)?;
+        let existing = checkpoint::list(&config.out)?;
+        if !config.resume && !existing.is_empty() {
+            return Err(Error::Config(format!(
+                "{} already has checkpoints (newest step {}); pass --resume to continue that run, or choose another --out",
+                config.out.display(),
+                existing.last().map_or(0, |(s, _)| *s)
+            )));
+        }
+        let base_path = config.base.clone();
+        let a = artifacts.clone();
+        let (mut graphs, base) = TrainingGraphs::load(&artifacts, &config.session, |m| load_base_weights(&a, base_path.as_deref(), m))?;
+        let eval_graph = match &eval_set {
+            Some(_) => Some(LossGraph::load(&artifacts, &config.session, &base)?),
+            None => None,
+        };
+        let p = artifacts.num_params();
+        let mut state = TrainerState { step: 0, micro_steps: 0, skipped_steps: 0, skipped_samples: 0, run: run.clone() };
+        let resumed_from = existing.last().filter(|_| config.resume).map(|(_, dir)| dir.clone());
+        let mut changes = Vec::new();
+        match &resumed_from {
+            Some(dir) => {
+                let (saved, tensors) = checkpoint::load(dir, p)?;
+                changes = run::check_resume(dir, saved.step, &saved.run, &run, total_steps, config.allow_changed_hyperparameters)?;
+                graphs.set_state(&tensors.params, &tensors.m, &tensors.v)?;
+                // From here on the checkpoints carry the new settings.
+                state = TrainerState { run, ..saved };
+            }
+            None => {
+                let init = lora_io::load(&artifacts.lora_file(config.init_lora.as_deref())?, &manifest.lora)?;
+                let zeros = vec![0.0; p];
+                graphs.set_state(&init, &zeros, &zeros)?;
+            }
+        }
+        let start_step = state.step;
+        let jsonl = JsonlWriter::open(&config.out.join("metrics.jsonl"), start_step)?;
+        let mut trainer = Self {
+            config,
+            artifacts,
+            dataset,
+            eval_set,
+            sampler,
+            order,
+            total_steps,
+            graphs,
+            eval_graph,
+            committed: state.clone(),
+            saved_step: resumed_from.as_ref().map(|_| start_step),
+            state,
+            start_step,
+            batch: None,
+            events: Events { jsonl, recorder: Recorder::default(), observers },
+            started,
+            timing: Timing::default(),
+            eval_before: None,
+            eval_after: None,
+            last_checkpoint: None,
+            changes: Vec::new(),
+            bad_samples: BTreeSet::new(),
+            _lock: lock,
+        };
+        if config.resume && resumed_from.is_none() {
+            trainer.events.emit(TrainEvent::Warning(format!("--resume: no checkpoint in {}; starting a fresh run", config.out.display())))?;
+        }
+        trainer.events.emit(TrainEvent::Started { start_step, total_steps, resumed_from: resumed_from.as_deref() })?;
+        if !changes.is_empty() {
+            trainer.events.emit(TrainEvent::Warning(format!("resuming with changed hyperparameters: {}", changes.join(", "))))?;
+            trainer.events.jsonl.record_changes(changes.clone());
+        }
+        trainer.changes = changes;
+        if start_step == 0 {
+            trainer.eval_before = trainer.evaluate(0)?;
+        }
+        Ok(trainer)
+    }
+
+    /// True once every step of the run is done.
+    pub fn done(&self) -> bool {
+        self.state.step >= self.total_steps
+    }
+
+    /// Optimizer steps finished by this process.
+    pub fn steps_this_run(&self) -> u64 {
+        self.state.step - self.start_step
+    }
+
+    /// One optimizer step: `grad_accum` micro-steps, the update, the periodic evaluation
+    /// and checkpoint, and the step's metrics line.
+    pub fn step(&mut self) -> Result<()> {
+        let step_start = Instant::now();
+        let lr = self.config.schedule.lr(self.config.lr, self.state.step, self.total_steps);
+        let mut acc = Accumulated { loss_sum: 0.0, first: None, finite: true, graph_seconds: 0.0 };
+        let mut micro = 0;
+        while micro < self.config.grad_accum {
+            if self.micro_step(&mut acc)? {
+                micro += 1;
+            }
+        }
+        let (applied, grad_norm) = self.apply(lr, &mut acc)?;
+        let seconds = step_start.elapsed().as_secs_f64();
+        self.timing.step_seconds += seconds;
+        self.timing.host_seconds += seconds - acc.graph_seconds;
+        let draw = acc.first.unwrap_or(TimestepDraw { index: 0, timestep: f32::NAN, sigma: f32::NAN, weight: f32::NAN });
+        let record = StepRecord {
+            step: self.state.step,
+            epoch: self.order.epoch_of(self.state.micro_steps.saturating_sub(1)),
+            loss: acc.loss_sum / self.config.grad_accum as f64,
+            timestep: draw.timestep,
+            weight: draw.weight,
+            lr,
+            grad_norm,
+            applied,
+            seconds,
+            eval_loss: None,
+            hyperparameter_changes: Vec::new(),
+        };
+        let step = self.state.step;
+        let periodic = self.config.eval_every.is_some_and(|n| n > 0 && step.is_multiple_of(n));
+        if periodic || self.done() {
+            // The final evaluation too, so it lands on the last metrics line.
+            let loss = self.evaluate(step)?;
+            if self.done() {
+                self.eval_after = loss;
+            }
+        }
+        self.events.emit(TrainEvent::Step(&record))?;
+        if self.config.save_every.is_some_and(|n| n > 0 && step.is_multiple_of(n)) && !self.done() {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// One sample through the training graph, its gradient added to the accumulator.
+    /// False when the sample was skipped as bad (`--skip-bad-samples`).
+    fn micro_step(&mut self, acc: &mut Accumulated) -> Result<bool> {
+        let counter = self.state.micro_steps;
+        self.state.micro_steps += 1;
+        let index = self.order.sample(counter);
+        let sample = match self.dataset.load(index) {
+            Ok(s) => s,
+            Err(e @ Error::NonFiniteSample { .. }) if self.config.skip_bad_samples => {
+                self.state.skipped_samples += 1;
+                self.events.emit(TrainEvent::Message(format!("skipping {e}")))?;
+                // Every epoch visits every sample, so an epoch is all bad only when the
+                // whole dataset is; until then the good samples carry the run.
+                self.bad_samples.insert(index);
+                if self.bad_samples.len() == self.dataset.len() {
+                    return Err(Error::Data { path: self.config.data.clone(), reason: format!("all {} samples have non-finite values; nothing to train on", self.dataset.len()) });
+                }
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        let reuse = self.batch.as_ref().is_some_and(|b| b.latent_shape() == sample.latent_shape && b.context_shape() == sample.context_shape);
+        if !reuse {
+            self.batch = Some(Batch::new(&sample.latent_shape, &sample.context_shape)?);
+        }
+        let Some(b) = self.batch.as_mut() else { return Ok(false) };
+        b.context.extract_tensor_mut().1.copy_from_slice(&sample.context);
+        let sampler = &self.sampler;
+        let draw = b.prepare(|x_t, target| sampler.prepare_into(counter, &sample.latents, x_t, target))?;
+        b.set_scalars(draw.timestep, draw.weight);
+        let t = Instant::now();
+        let at_sample = |e| Error::AtSample { step: self.state.step + 1, sample: sample.path.clone(), source: Box::new(e) };
+        let loss = self.graphs.accumulate(b).map_err(at_sample)?;
+        acc.graph_seconds += t.elapsed().as_secs_f64();
+        acc.first.get_or_insert(draw);
+        acc.finite &= loss.is_finite();
+        acc.loss_sum += loss as f64;
+        Ok(true)
+    }
+
+    /// The optimizer update over the accumulated gradient, or its rejection under the
+    /// non-finite policy. Returns (applied, gradient norm) and advances the step.
+    fn apply(&mut self, lr: f64, acc: &mut Accumulated) -> Result<(bool, f32)> {
+        let outcome = if acc.finite {
+            let t = Instant::now();
+            let optimizer_step = self.state.step - self.state.skipped_steps + 1;
+            let o = self.graphs.apply(optimizer_step, lr, &self.config.adamw)?;
+            acc.graph_seconds += t.elapsed().as_secs_f64();
+            Some(o)
+        } else {
+            self.graphs.discard_gradient();
+            None
+        };
+        let applied = outcome.is_some_and(|o| o.applied);
+        let grad_norm = outcome.map_or(f32::NAN, |o| o.grad_norm);
+        if !applied {
+            match self.config.on_nonfinite {
+                NonFinitePolicy::Stop => {
+                    let loss = acc.loss_sum / self.config.grad_accum as f64;
+                    let (what, value) = match (acc.finite, grad_norm.is_finite()) {
+                        (false, _) => ("loss", loss),
+                        (true, false) => ("gradient norm", grad_norm as f64),
+                        (true, true) => ("parameter update", f64::NAN),
+                    };
+                    return Err(Error::NonFinite { step: self.state.step + 1, what, value });
+                }
+                NonFinitePolicy::Skip => self.state.skipped_steps += 1,
+            }
+        }
+        self.state.step += 1;
+        self.committed = self.state.clone();
+        Ok((applied, grad_norm))
+    }
+
+    /// The deterministic eval loss of the current parameters, when the run has eval data.
+    fn evaluate(&mut self, step: u64) -> Result<Option<f64>> {
+        let (Some(set), Some(graph)) = (&self.eval_set, self.eval_graph.as_mut()) else { return Ok(None) };
+        let r = evaluate(graph, self.graphs.params(), set, &self.sampler, &self.config.eval)?;
+        self.events.emit(TrainEvent::Evaluated { step, loss: r.eval_loss })?;
+        Ok(Some(r.eval_loss))
+    }
+
+    /// Saves the current state as a checkpoint and prunes old ones.
+    fn checkpoint(&mut self) -> Result<PathBuf> {
+        let (params, m, v) = self.graphs.state()?;
+        if let Some(i) = params.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite { step: self.committed.step, what: "parameter", value: params[i] as f64 });
+        }
+        let dir = checkpoint::save(&self.config.out, &self.committed, &CheckpointState { params, m, v })?;
+        self.saved_step = Some(self.committed.step);
+        for old in checkpoint::to_prune(&checkpoint::list(&self.config.out)?, self.config.keep_checkpoints) {
+            std::fs::remove_dir_all(&old).at(&old)?;
+        }
+        self.events.emit(TrainEvent::Checkpoint { step: self.committed.step, dir: &dir })?;
+        self.last_checkpoint = Some(dir.clone());
+        Ok(dir)
+    }
+
+    /// After a failed step: saves the last finished step, when no checkpoint has it yet, so
+    /// a resume loses no work. Its own failure (a full disk) is reported and the original
+    /// error stands.
+    pub fn rescue(&mut self) {
+        if self.saved_step.is_some_and(|s| s >= self.committed.step) || self.committed.step == self.start_step {
+            return;
+        }
+        let message = match self.checkpoint() {
+            Ok(dir) => format!("saved the last good step {} in {}; fix the problem and --resume", self.committed.step, dir.display()),
+            Err(e) => format!("could not save the last good step {}: {e}", self.committed.step),
+        };
+        let _ = self.events.emit(TrainEvent::Warning(message));
+    }
+
+    /// The final checkpoint, the LoRA file (when every step is done), the loss curve and
+    /// the summary.
+    pub fn finish(mut self, interrupted: bool) -> Result<TrainSummary> {
+        let config = self.config;
+        if self.state.step > self.start_step || self.last_checkpoint.is_none() {
+            self.checkpoint()?;
+        }
+        let mut lora_path = None;
+        if self.done() {
+            let (params, _, _) = self.graphs.state()?;
+            let path = config.out.join("lora.safetensors");
+            let manifest = &self.artifacts.manifest;
+            let meta = [("steps", self.state.step.to_string()), ("seed", config.seed.to_string()), ("base_model", manifest.model.name.clone())];
+            lora_io::save(&path, &manifest.lora, &params, config.lora_format, config.lora_dtype, &meta)?;
+            lora_path = Some(path);
+        }
+        let metrics_path = config.out.join("metrics.jsonl");
+        let plot = crate::plot::loss_curve(&config.out.join("loss.png"), &metrics_path, self.eval_before).ok();
+        self.events.emit(TrainEvent::Finished)?;
+        let steps = self.steps_this_run();
+        let losses: Vec<f64> = self.events.recorder.steps.iter().map(|r| r.loss).filter(|l| l.is_finite()).collect();
+        let tail = &losses[losses.len().saturating_sub(10)..];
+        let Timing { step_seconds, host_seconds } = self.timing;
+        let summary = TrainSummary {
+            start_step: self.start_step,
+            steps,
+            total_steps: self.total_steps,
+            interrupted,
+            first_loss: losses.first().copied(),
+            final_loss: (!tail.is_empty()).then(|| tail.iter().sum::<f64>() / tail.len() as f64),
+            eval_before: self.eval_before,
+            eval_after: self.eval_after,
+            skipped_steps: self.state.skipped_steps,
+            skipped_samples: self.state.skipped_samples,
+            hyperparameter_changes: self.changes.clone(),
+            seconds: self.started.elapsed().as_secs_f64(),
+            seconds_per_step: if steps > 0 { step_seconds / steps as f64 } else { 0.0 },
+            host_fraction: if step_seconds > 0.0 { host_seconds / step_seconds } else { 0.0 },
+            lora: lora_path,
+            checkpoint: self.last_checkpoint.clone(),
+            metrics: metrics_path,
+            plot,
+        };
+        let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Config(e.to_string()))?;
+        crate::tensor_file::write_atomic(&config.out.join("summary.json"), &json)?;
+        Ok(summary)
+    }
+}
