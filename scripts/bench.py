@@ -140,12 +140,63 @@ def peak_rss_gb_cwd(cmd, cwd):
         os.chdir(old)
 
 
+# Long sequences (issue 10): `small` at 4,096 / 8,192 / 16,384 tokens (4/8/16 frames of 64x64),
+# with and without per-block gradient checkpointing on both sides. steps (first one untimed).
+LONG_FRAMES = {4: 4, 8: 3, 16: 3}
+
+
+def ensure_long_artifacts(checkpointing: bool) -> Path:
+    out = CACHE / f"artifacts-small-r32-chunked{'-ckpt' if checkpointing else ''}"
+    if not (out / "manifest.json").exists():
+        print(f"exporting {out.name} (once) ...", flush=True)
+        flags = ["--gradient-checkpointing"] if checkpointing else []
+        run([sys.executable, "-m", "flowstep_export", "--model", "small", "--out", str(out), "--lora-rank", "32",
+             "--ship-base", "-q", *flags], cwd=ROOT / "export")
+    return out
+
+
+def long_sequences(threads: int) -> str:
+    rows = []
+    for frames, steps in LONG_FRAMES.items():
+        data = CACHE / f"data-small-long-{frames}"
+        if not data.exists():
+            data.mkdir(parents=True)
+            g = torch.Generator().manual_seed(frames)
+            save_file({"latents": torch.randn(16, frames, 64, 64, generator=g), "context": torch.randn(512, 4096, generator=g)},
+                      str(data / "0.safetensors"))
+        for checkpointing in (False, True):
+            artifacts = ensure_long_artifacts(checkpointing)
+            out = CACHE / "run-long"
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            cmd = [str(FLOWSTEP), "-q", "train", "--artifacts", str(artifacts), "--data", str(data), "--out", str(out),
+                   "--steps", str(steps), "--threads", str(threads)]
+            print(" ".join(cmd), flush=True)
+            rss_fs, _ = peak_rss_gb(cmd)
+            records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"seconds"' in l][1:]
+            fs = sum(r["seconds"] for r in records) / len(records)
+            ref_cmd = [sys.executable, "-m", "flowstep_export.reference_train", "--artifacts", str(artifacts), "--data", str(data),
+                       "--steps", str(steps), "--warmup", "1", "--threads", str(threads)] + (["--gradient-checkpointing"] if checkpointing else [])
+            print(" ".join(ref_cmd), flush=True)
+            rss_ref, stdout = peak_rss_gb_cwd(ref_cmd, ROOT / "export")
+            ref = json.loads(stdout.strip().splitlines()[-1])["seconds_per_step"]
+            rows.append(f"| {frames * 32 * 32:,} | {'on' if checkpointing else 'off'} | {fs:.2f} | {ref:.2f} | {ref / fs:.2f}x | "
+                        f"{rss_fs:.2f} GB | {rss_ref:.2f} GB | {rss_fs / rss_ref:.2f} |")
+            print(rows[-1], flush=True)
+    header = ("| tokens | checkpointing | flowstep s/step | PyTorch s/step | speed-up | flowstep peak RSS | PyTorch peak RSS | RSS ratio |\n"
+              "|---|---|---|---|---|---|---|---|")
+    return header + "\n" + "\n".join(rows)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--write", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--long", action="store_true", help="only the long-sequence table (small at 4k/8k/16k tokens); prints it")
     args = p.parse_args()
+    if args.long:
+        print(long_sequences(args.threads))
+        return 0
     peak = matmul_peak_gflops(args.threads)
     rows = []
     for name in args.configs.split(","):
