@@ -45,7 +45,7 @@ class ExportOptions:
 
     @property
     def lowering(self) -> trace.Lowering:
-        return trace.Lowering(self.attention_chunk, PRECISIONS[self.precision][1], cse=not self.gradient_checkpointing)
+        return trace.Lowering(self.attention_chunk, PRECISIONS[self.precision][1])
 
     @property
     def ort_disabled_optimizers(self) -> list[str]:
