@@ -224,81 +224,14 @@ def main() -> int:
             "step spent outside ONNX Runtime (data, noise/x_t/target, binding).", "", table, "", "Commands:", ""]
     for r in rows:
         text += [f"- {r['name']}: `{r['flowstep_cmd']}`", f"  reference: `{r['ref_cmd']}`"]
-    args.write.write_text("\n".join(text) + "\n" + BENCH_NOTES)
+    # The sections after the table (targets, GPU runs, long sequences) are kept as written.
+    old = args.write.read_text() if args.write.exists() else ""
+    notes = old[old.index("\n## "):] if "\n## " in old else ""
+    args.write.write_text("\n".join(text) + "\n" + notes)
     print(f"wrote {args.write}")
     return 0
 
 
-BENCH_NOTES = """
-## Targets on this CPU (small: 1.8× speed, ≤0.6× RSS, ≤2% host)
-
-The table is the last of three runs on the same day. Across them small was 1.42×, 1.56× and
-1.28× (the machine is shared: flowstep's small step ranged 0.24-0.31 s, the reference's
-0.37-0.39 s), host share 1.05-1.40%; 1.3B-shaped 1.82×, 1.75×, 1.93×. The first two runs had
-ONNX Runtime's memory-pattern planner on (peak RSS 0.84 GB, ratio 0.62-0.63); it preallocates
-one block for the whole training graph, and turning it off (the third run) brought small to
-0.49 GB, **0.35×**, at unchanged speed (A/B on 3×20 steps: medians 0.27-0.31 s both ways).
-So: **host work ≤2%: met. Peak RSS ≤0.6×: met (0.35×). 1.8× on small: missed (1.3-1.6×).**
-On the 1.3B shape both processes are dominated by the 5.7 GB of base weights (flowstep: the
-memory-mapped file plus the float32 copy it binds; ratio 0.94-0.97).
-
-Where flowstep's small step goes (ONNX Runtime profiler, `flowstep train --ort-profile`,
-training graph, 6 steps): Gemm 26%, FusedMatMul 26%, MatMul 15% (matmuls 67%, ~186 ms of
-~280 ms), elementwise Mul 12% (464 nodes), Expand 7% (47 nodes), Sub/Transpose/Add ~8%,
-Softmax 1%. The optimizer graph is 4 ms. What would close the gap:
-- The decomposed backward of LayerNorm/RMSNorm and of the broadcast modulation
-  (`x·(1+scale)+shift`) is many small Mul/Expand/ReduceSum nodes (~20% of the step); fusing
-  them (hand-written backward for norm+modulate in the traced function, or an ORT graph
-  transformer) is the largest non-matmul item.
-- Expand nodes come from broadcasting in backward (mean -> expand); rewriting those as
-  reshape-broadcast would remove ~7%.
-- Memory: each ONNX Runtime session keeps its own CPU arena (training + optimizer), growing
-  in powers of two; a shared arena would trim the peak further, and the base weights could
-  be bound straight from the memory map when they are float32 (halving the 1.3B footprint).
-
-## GPU (H100, one run, 2026-11-26)
-
-`scripts/gpu_pack.sh` then `scripts/gpu_bench.sh` on a lent H100 80GB (CUDA 13, driver
-580.159.04), `LATENT=16,1,60,104 STEPS=8`: Wan2.1-T2V-1.3B shape (random weights), rank-32 LoRA
-(43.7 M parameters), one 480×832 latent frame (1,560 tokens) with the full 512-token context,
-float32 on both sides. flowstep: ONNX Runtime 1.31.1 CUDA provider. Reference: PyTorch 2.11
-eager with SDPA, `flowstep_export`'s Wan modules (equal to DiffSynth's, tested) and the same
-LoRA (`reference_train --impl torch`; DiffSynth itself is not installed there). Raw output in
-`benchmarks/gpu-h100-2026-11-26/`. This run predates turning the memory-pattern planner off
-(see the CPU section); its effect on the CUDA arena was not measured.
-
-| | flowstep (CUDA EP) | PyTorch eager (SDPA) | ratio |
-|---|---|---|---|
-| s/step (steps 3-8) | 0.777 | 0.373 | flowstep is 0.48× as fast |
-| peak GPU memory (nvidia-smi) | 62.6 GB | 15.3 GB (13.7 GB allocated) | 4.1× more |
-| host share of the step | 0.85% | | |
-
-**Targets missed on GPU.** Where the time and memory go, and what would close it:
-- Attention is explicit matmul + softmax in the portable graph (SDPA's fused backward has no
-  ONNX form): every layer materialises [12, S, S] probabilities in float32 and keeps them for
-  backward, where PyTorch's SDPA (flash/memory-efficient) keeps only O(S). At 1,560 tokens this
-  is small; at 32,760 tokens (81×480×832) it would not fit at all. Closing it needs a fused
-  attention with a backward: ONNX opset 23 `Attention` (no backward in ORT yet), or a custom
-  op, or recompute (activation checkpointing in the graph, DESIGN.md §2: -40% memory for +26%
-  time).
-- ONNX Runtime's CUDA arena grows in powers of two and keeps what it took (62.6 GB is the
-  arena, not live tensors); `arena_extend_strategy=kSameAsRequested` and a memory limit would
-  lower the reported peak.
-- Both sides run float32; DiffSynth trains in bf16. A bf16 export (weights and activations)
-  would roughly halve memory and use tensor cores on both sides.
-- The per-step host work (data, noise, x_t, target, binding, loss readback) is under 1%:
-  the gap is inside the graph, not around it.
-- Running it needed four device calls: the CUDA provider library is 284 MB (195 MB as xz),
-  carried in 52 MiB parts; the benchmark itself ran in one call of 95 s.
-
-## Step inputs on a real latent
-
-`cargo run --release --example sft_prep`: drawing the timestep, the noise and writing x_t and
-the target for a [16, 21, 60, 104] latent (81 frames at 480×832, 2.1 M values) takes a median
-5.9 ms on this machine's 2 cores (11.4 ms on one). The 1.3B step on the H100 above is 0.78 s
-at 1,560 tokens; at the 32,760 tokens of that latent it is far longer, so host-side step
-preparation is well under 1% of a GPU step.
-"""
 
 if __name__ == "__main__":
     raise SystemExit(main())
