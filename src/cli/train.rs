@@ -223,6 +223,9 @@ fn print_summary(s: &flowstep::train::TrainSummary) {
     }
     eprintln!("time           {:.1} s total, {:.3} s/step ({:.2} it/s), host work {:.1}%", s.seconds, s.seconds_per_step,
         if s.seconds_per_step > 0.0 { 1.0 / s.seconds_per_step } else { 0.0 }, 100.0 * s.host_fraction);
+    if let Some(bytes) = s.graph_peak_bytes {
+        eprintln!("graph memory   {:.2} GB peak in use by the graphs' working tensors (ONNX Runtime arenas)", bytes as f64 / 1e9);
+    }
     if s.skipped_steps + s.skipped_samples > 0 {
         eprintln!("skipped        {} steps (non-finite), {} samples (NaN/Inf)", s.skipped_steps, s.skipped_samples);
     }

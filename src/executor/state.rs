@@ -100,6 +100,15 @@ impl TrainingGraphs {
         Ok((graphs, base))
     }
 
+    /// The most memory the training and optimizer graphs held at once in ONNX Runtime's
+    /// arenas (each session's `MaxInUse`, summed), besides the trainable state and base
+    /// weights; `None` when a provider keeps no arena statistics.
+    pub fn arena_peak_bytes(&self) -> Result<Option<u64>> {
+        let training = crate::runtime::arena_peak_bytes(&self.training, self.memory.device)?;
+        let optimizer = crate::runtime::arena_peak_bytes(&self.optimizer, self.memory.device)?;
+        Ok(training.zip(optimizer).map(|(a, b)| a + b))
+    }
+
     pub fn num_params(&self) -> usize {
         self.num_params
     }

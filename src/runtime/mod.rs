@@ -6,7 +6,7 @@ mod library;
 mod placement;
 
 pub use device::{CudaOptions, Device};
-pub use placement::{NodePlacement, cpu_nodes};
+pub use placement::{NodePlacement, arena_peak_bytes, cpu_nodes};
 pub use library::{OrtLibrary, environment, init, locate_library};
 
 use std::path::Path;

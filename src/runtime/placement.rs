@@ -1,5 +1,6 @@
-//! Which execution provider ONNX Runtime gave each node (sessions built with
-//! `session.record_ep_graph_assignment_info`), so a GPU run can refuse compute on the CPU.
+//! What ONNX Runtime did with a session: which execution provider it gave each node
+//! (sessions built with `session.record_ep_graph_assignment_info`), so a GPU run can refuse
+//! compute on the CPU, and how much memory its arena held at most.
 //!
 //! `session.disable_cpu_ep_fallback` cannot do this: it also refuses the small int64 shape
 //! computations that ONNX Runtime places on the CPU on purpose (DESIGN.md §6a), which every
@@ -9,6 +10,7 @@ use std::ffi::{CStr, c_char};
 use std::fmt;
 
 use ort::AsPointer;
+use ort::memory::{Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 
 use crate::error::{Error, Result};
@@ -37,6 +39,29 @@ impl fmt::Display for NodePlacement {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({})", self.name, self.op_type)
     }
+}
+
+/// The most memory the session's arena on `device` held in use at once (ONNX Runtime's
+/// `MaxInUse`): live tensors, not what the arena reserved. `None` when the session has no
+/// arena allocator there (it was disabled, or the device keeps none).
+pub fn arena_peak_bytes(session: &Session, device: crate::runtime::Device) -> Result<Option<u64>> {
+    let (dev, id) = device.allocation();
+    let Ok(info) = MemoryInfo::new(dev, id, AllocatorType::Arena, MemoryType::Default) else { return Ok(None) };
+    let Ok(allocator) = Allocator::new(session, info) else { return Ok(None) };
+    let api = ort::api();
+    let mut stats: *mut ort::sys::OrtKeyValuePairs = std::ptr::null_mut();
+    // SAFETY: a live allocator; ONNX Runtime allocates `stats`, released below.
+    if check(unsafe { (api.AllocatorGetStats)(allocator.ptr(), &mut stats) }, "reading arena statistics").is_err() || stats.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: `stats` is valid until released; the key is a NUL-terminated literal.
+    let peak = unsafe {
+        let value = (api.GetKeyValue)(stats, c"MaxInUse".as_ptr());
+        let peak = (!value.is_null()).then(|| CStr::from_ptr(value).to_string_lossy().parse::<u64>().ok()).flatten();
+        (api.ReleaseKeyValuePairs)(stats);
+        peak
+    };
+    Ok(peak)
 }
 
 /// Turns an OrtStatus into a Result, releasing it.

@@ -89,6 +89,9 @@ pub struct TrainSummary {
     pub seconds_per_step: f64,
     /// Host-side share of step time: data, SFT inputs, binding, reading the loss.
     pub host_fraction: f64,
+    /// Peak live memory of the graphs' working tensors in ONNX Runtime's arenas (device
+    /// memory on a GPU), not what the arenas reserved.
+    pub graph_peak_bytes: Option<u64>,
     pub lora: Option<PathBuf>,
     pub checkpoint: Option<PathBuf>,
     pub metrics: PathBuf,

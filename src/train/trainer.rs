@@ -424,6 +424,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             seconds: self.started.elapsed().as_secs_f64(),
             seconds_per_step: if steps > 0 { step_seconds / steps as f64 } else { 0.0 },
             host_fraction: if step_seconds > 0.0 { host_seconds / step_seconds } else { 0.0 },
+            graph_peak_bytes: self.graphs.arena_peak_bytes()?,
             lora: lora_path,
             checkpoint: self.last_checkpoint.clone(),
             metrics: metrics_path,
