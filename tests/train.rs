@@ -165,3 +165,30 @@ fn fused_lora_file_reproduces_inference() {
     assert!(err < 1e-5, "fused vs LoRA rel err {err:.2e}");
     assert!(rel_err(&plain, &with_lora) > 1e-3, "the LoRA must change the output for this test to mean anything");
 }
+
+/// Warm-up at its boundary: with `warmup:3` and `cosine:3:0.1` the rate rises as
+/// lr·(s+1)/3 over steps 1-3, and step 4, the first after the warm-up, uses the base rate.
+#[test]
+fn first_step_after_warmup_uses_base_rate() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 1, 1);
+    let lr = 3e-3; // train_args' --lr
+    for schedule in ["warmup:3", "cosine:3:0.1"] {
+        let out = dir.path().join(schedule.replace(':', "-"));
+        let mut args = train_args(path_str(&data), path_str(&out), "6");
+        args.extend(["--lr-schedule", schedule]);
+        let r = flowstep(&args);
+        assert!(r.status.success(), "{}", stderr(&r));
+        let lrs: Vec<f64> = read_jsonl(&out.join("metrics.jsonl")).unwrap_or_else(|e| panic!("{e}")).iter().map(|m| m.lr).collect();
+        for (s, got) in lrs[..3].iter().enumerate() {
+            let want = lr * (s + 1) as f64 / 3.0;
+            assert!((got - want).abs() <= 1e-15 * want, "{schedule}: step {} lr {got}, want {want}", s + 1);
+        }
+        assert_eq!(lrs[3], lr, "{schedule}: step 4, the first after warm-up, must use the base rate: {lrs:?}");
+        match schedule {
+            "warmup:3" => assert!(lrs[4..].iter().all(|&x| x == lr), "{lrs:?}"),
+            _ => assert!(lrs[4] < lr && lrs[5] < lrs[4] && lrs[5] > 0.1 * lr, "{lrs:?}"),
+        }
+    }
+}
