@@ -192,3 +192,38 @@ fn first_step_after_warmup_uses_base_rate() {
         }
     }
 }
+
+/// summary.json reports the eval loss before training and after the last step (not a
+/// periodic one), each equal to `flowstep eval` on the same data and seed, and a host share
+/// of step time in (0, 1).
+#[test]
+fn summary_reports_final_eval_and_host_share() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let held_out = dir.path().join("held-out");
+    tiny_dataset(&data, 2, 1);
+    tiny_dataset(&held_out, 3, 2);
+    let out = dir.path().join("run");
+    let mut args = train_args(path_str(&data), path_str(&out), "6");
+    args.extend(["--eval-data", path_str(&held_out), "--eval-every", "4", "--lora-dtype", "f32"]);
+    let r = flowstep(&args);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
+    let lora = out.join("lora.safetensors");
+    let eval = |lora: Option<&str>| {
+        let mut a = vec!["eval", "--artifacts", tiny_artifacts_str(), "--data", path_str(&held_out), "--json", "--seed", "7"];
+        a.extend(lora.map(|l| ["--lora", l]).into_iter().flatten());
+        let o = flowstep(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap_or_else(|e| panic!("{e}"))["eval_loss"].as_f64().unwrap_or(f64::NAN)
+    };
+    assert_eq!(summary["eval_before"].as_f64(), Some(eval(None)), "{summary}");
+    let after = eval(Some(path_str(&lora)));
+    assert_eq!(summary["eval_after"].as_f64(), Some(after), "{summary}");
+    let metrics = read_jsonl(&out.join("metrics.jsonl")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(metrics.iter().map(|m| m.eval_loss.is_some()).collect::<Vec<_>>(), [false, false, false, true, false, true]);
+    assert_eq!(metrics[5].eval_loss, Some(after));
+    assert_ne!(metrics[3].eval_loss, Some(after), "the periodic eval at step 4 is not the final one");
+    let host = summary["host_fraction"].as_f64().unwrap_or(f64::NAN);
+    assert!(host > 0.0 && host < 1.0, "host_fraction {host}");
+}
