@@ -131,10 +131,11 @@ pub fn train(config: &TrainConfig, observers: &mut [&mut dyn Observer], interrup
     let eval_set = config.eval_data.as_deref().map(|d| Dataset::open(d, spec.clone())).transpose()?;
     let sampler = SftSampler::new(SftConfig { shift: config.sft.shift, ..config.sft.clone() }, config.seed)?;
     let order = DataOrder { seed: config.seed, len: dataset.len(), repeat: config.repeat };
-    let per_epoch = order.epoch_len().div_ceil(config.grad_accum) as u64;
     let total_steps = match config.length {
         Length::Steps(n) => n,
-        Length::Epochs(e) => e * per_epoch,
+        // Samples flow across epoch boundaries (a step may span two), so E passes are
+        // ⌈E·len·repeat / K⌉ steps: every sample of every pass, at most K-1 more.
+        Length::Epochs(e) => (e * order.epoch_len() as u64).div_ceil(config.grad_accum as u64),
     };
     if total_steps == 0 {
         return Err(Error::Config("nothing to do: --steps/--epochs gives 0 steps".into()));

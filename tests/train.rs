@@ -227,3 +227,22 @@ fn summary_reports_final_eval_and_host_share() {
     let host = summary["host_fraction"].as_f64().unwrap_or(f64::NAN);
     assert!(host > 0.0 && host < 1.0, "host_fraction {host}");
 }
+
+/// `--epochs E` runs ⌈E·samples·repeat / grad-accum⌉ optimizer steps: E passes over the data
+/// (the last step may reach up to K-1 samples into the next pass), not ⌈samples·repeat / K⌉
+/// steps per epoch, which trained 4 passes for `--epochs 3` with 3 samples and K = 2.
+/// Each metrics line names the epoch of its last sample.
+#[test]
+fn epochs_give_the_expected_step_count() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 3, 1);
+    for (epochs, accum, repeat, want_epochs) in [("2", "2", "2", vec![0, 0, 0, 1, 1, 1]), ("3", "2", "1", vec![0, 1, 1, 2, 3])] {
+        let out = dir.path().join(format!("e{epochs}-k{accum}-r{repeat}"));
+        let art = tiny_artifacts_str();
+        let r = flowstep(&["-q", "train", "--artifacts", art, "--data", path_str(&data), "--out", path_str(&out), "--epochs", epochs, "--grad-accum", accum, "--repeat", repeat]);
+        assert!(r.status.success(), "{}", stderr(&r));
+        let metrics = read_jsonl(&out.join("metrics.jsonl")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(metrics.iter().map(|m| m.epoch).collect::<Vec<_>>(), want_epochs, "--epochs {epochs} --grad-accum {accum} --repeat {repeat}");
+    }
+}
