@@ -246,3 +246,21 @@ fn epochs_give_the_expected_step_count() {
         assert_eq!(metrics.iter().map(|m| m.epoch).collect::<Vec<_>>(), want_epochs, "--epochs {epochs} --grad-accum {accum} --repeat {repeat}");
     }
 }
+
+/// Checkpoints are written every --save-every steps and at the end, and nowhere else.
+#[test]
+fn checkpoints_only_at_save_every_and_the_end() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 2, 1);
+    for (save_every, want) in [(Some("5"), vec![5u64, 10, 12]), (None, vec![12])] {
+        let out = dir.path().join(format!("save-{save_every:?}"));
+        let mut args = train_args(path_str(&data), path_str(&out), "12");
+        args.extend(["--keep-checkpoints", "0"]);
+        args.extend(save_every.map(|n| ["--save-every", n]).into_iter().flatten());
+        let r = flowstep(&args);
+        assert!(r.status.success(), "{}", stderr(&r));
+        let steps: Vec<u64> = flowstep::checkpoint::list(&out).unwrap_or_else(|e| panic!("{e}")).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, want, "--save-every {save_every:?}");
+    }
+}
