@@ -176,6 +176,23 @@ mod tests {
         Ok(())
     }
 
+    /// ComfyUI files keep B unscaled (the scale is their `.alpha`); loading one whose alpha
+    /// differs from the export's rescales B only, by alpha_file / alpha_export.
+    #[test]
+    fn comfyui_alpha_scales_b_only() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let flat = [0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.125, 3.0];
+        let path = dir.path().join("c.safetensors");
+        save(&path, &LoraInfo { alpha: 4.0, ..info() }, &flat, LoraFormat::Comfyui, SaveDtype::F32, &[])?;
+        let file = TensorFile::open(&path)?;
+        assert_eq!(file.read_f32("diffusion_model.blocks.0.self_attn.q.lora_B.weight")?.1, flat[4..].to_vec());
+        assert_eq!(file.read_f32("diffusion_model.blocks.0.self_attn.q.alpha")?.1, vec![4.0]);
+        let loaded = load(&path, &info())?; // the export's alpha is 2
+        assert_eq!(loaded[..4], flat[..4], "A is not rescaled");
+        assert_eq!(loaded[4..], [3.0, -1.0, 0.25, 6.0], "B · 4/2");
+        Ok(())
+    }
+
     #[test]
     fn keys() {
         assert_eq!(comfy_key("blocks.0.self_attn.q.lora_A.default.weight"), "diffusion_model.blocks.0.self_attn.q.lora_A.weight");

@@ -215,6 +215,10 @@ mod tests {
         // bf16 rounds 999.8 to 1000: DiffSynth gives such steps weight 0.
         assert_eq!(round_to_bf16(s.timesteps[5]), 1000.0);
         assert_eq!(s.training_weight(round_to_bf16(s.timesteps[5])), 0.0);
+        // An exact tie (timesteps [1000, 500], t = 750): the first index, as torch.argmin.
+        let two = FlowMatchScheduler::new(2, 1.0, 1.0);
+        assert_eq!(two.timesteps, [1000.0, 500.0]);
+        assert_eq!(two.index_of(750.0), 0);
     }
 
     #[test]

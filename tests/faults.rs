@@ -281,6 +281,79 @@ fn disk_full_keeps_previous_checkpoint() {
     assert!(leftovers.is_empty(), "temp files left behind: {leftovers:?}");
 }
 
+/// A full disk while saving never makes a checkpoint directory visible under its final name
+/// with a truncated or missing state file: every `step-*` directory (not only those that
+/// `checkpoint::list` accepts) is checked while the run writes and after it failed.
+#[test]
+fn disk_full_never_exposes_a_partial_checkpoint() {
+    let dir = tempdir();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap_or_default();
+    let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs", path_str(&mnt)]).status().is_ok_and(|s| s.success());
+    assert!(mounted, "this test needs `mount -t tmpfs` (root)");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(&mnt);
+    let art = tiny_artifacts();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 2, 1);
+    let out = mnt.join("out");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flowstep"))
+        .args(["-q", "train", "--artifacts", path_str(&art), "--data", path_str(&data), "--out", path_str(&out), "--steps", "20", "--seed", "5"])
+        .args(["--save-every", "1", "--keep-checkpoints", "0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A checkpoint directory under its final name must hold a complete state file (its size
+    // is exactly what its safetensors header promises) and a parseable trainer.json.
+    let problem = |ckpt: &Path| -> Option<String> {
+        let state = std::fs::read(ckpt.join(flowstep::checkpoint::STATE_FILE)).ok()?;
+        let header_len = state.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()) as usize);
+        let header: Option<serde_json::Value> = header_len.and_then(|n| state.get(8..8 + n)).and_then(|h| serde_json::from_slice(h).ok());
+        let end = header.as_ref().and_then(|h| h.as_object()).map(|o| o.values().filter_map(|t| t["data_offsets"][1].as_u64()).max().unwrap_or(0) as usize);
+        let trainer = std::fs::read(ckpt.join(flowstep::checkpoint::TRAINER_FILE)).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        match (header_len, end, trainer) {
+            (Some(n), Some(end), Some(_)) if state.len() == 8 + n + end && end == 3 * 26624 * 4 => None,
+            _ => Some(format!("{}: state {} bytes, header {header_len:?}, data end {end:?}", ckpt.display(), state.len())),
+        }
+    };
+    let check_all = |seen: &mut Vec<String>| {
+        let Ok(entries) = std::fs::read_dir(out.join("checkpoints")) else { return };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("step-") {
+                // A directory without its state file is as bad as a truncated one.
+                let p = entry.path();
+                let missing = !p.join(flowstep::checkpoint::STATE_FILE).is_file() || !p.join(flowstep::checkpoint::TRAINER_FILE).is_file();
+                let bad = if missing { Some(format!("{name}: missing files")) } else { problem(&p) };
+                if let Some(b) = bad.filter(|b| !seen.contains(b)) {
+                    // The directory may have been renamed into place while we read: look again.
+                    if problem(&p).is_some() || missing {
+                        seen.push(b);
+                    }
+                }
+            }
+        }
+    };
+    let mut seen = Vec::new();
+    let mut polls = 0;
+    while child.try_wait().ok().flatten().is_none() {
+        check_all(&mut seen);
+        polls += 1;
+    }
+    let result = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success() && err.contains("No space left on device"), "{err}");
+    check_all(&mut seen);
+    assert!(polls > 10, "the run ended before it could be watched");
+    assert!(seen.is_empty(), "partial checkpoints were visible under their final names: {seen:?}");
+    assert!(!flowstep::checkpoint::list(&out).unwrap_or_default().is_empty(), "no checkpoint survived");
+}
+
 /// Ctrl-C (SIGINT) finishes the step, saves a checkpoint and exits 130; --resume continues.
 #[test]
 fn ctrl_c_saves_a_checkpoint() {

@@ -165,3 +165,102 @@ fn fused_lora_file_reproduces_inference() {
     assert!(err < 1e-5, "fused vs LoRA rel err {err:.2e}");
     assert!(rel_err(&plain, &with_lora) > 1e-3, "the LoRA must change the output for this test to mean anything");
 }
+
+/// Warm-up at its boundary: with `warmup:3` and `cosine:3:0.1` the rate rises as
+/// lr·(s+1)/3 over steps 1-3, and step 4, the first after the warm-up, uses the base rate.
+#[test]
+fn first_step_after_warmup_uses_base_rate() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 1, 1);
+    let lr = 3e-3; // train_args' --lr
+    for schedule in ["warmup:3", "cosine:3:0.1"] {
+        let out = dir.path().join(schedule.replace(':', "-"));
+        let mut args = train_args(path_str(&data), path_str(&out), "6");
+        args.extend(["--lr-schedule", schedule]);
+        let r = flowstep(&args);
+        assert!(r.status.success(), "{}", stderr(&r));
+        let lrs: Vec<f64> = read_jsonl(&out.join("metrics.jsonl")).unwrap_or_else(|e| panic!("{e}")).iter().map(|m| m.lr).collect();
+        for (s, got) in lrs[..3].iter().enumerate() {
+            let want = lr * (s + 1) as f64 / 3.0;
+            assert!((got - want).abs() <= 1e-15 * want, "{schedule}: step {} lr {got}, want {want}", s + 1);
+        }
+        assert_eq!(lrs[3], lr, "{schedule}: step 4, the first after warm-up, must use the base rate: {lrs:?}");
+        match schedule {
+            "warmup:3" => assert!(lrs[4..].iter().all(|&x| x == lr), "{lrs:?}"),
+            _ => assert!(lrs[4] < lr && lrs[5] < lrs[4] && lrs[5] > 0.1 * lr, "{lrs:?}"),
+        }
+    }
+}
+
+/// summary.json reports the eval loss before training and after the last step (not a
+/// periodic one), each equal to `flowstep eval` on the same data and seed, and a host share
+/// of step time in (0, 1).
+#[test]
+fn summary_reports_final_eval_and_host_share() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let held_out = dir.path().join("held-out");
+    tiny_dataset(&data, 2, 1);
+    tiny_dataset(&held_out, 3, 2);
+    let out = dir.path().join("run");
+    let mut args = train_args(path_str(&data), path_str(&out), "6");
+    args.extend(["--eval-data", path_str(&held_out), "--eval-every", "4", "--lora-dtype", "f32"]);
+    let r = flowstep(&args);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
+    let lora = out.join("lora.safetensors");
+    let eval = |lora: Option<&str>| {
+        let mut a = vec!["eval", "--artifacts", tiny_artifacts_str(), "--data", path_str(&held_out), "--json", "--seed", "7"];
+        a.extend(lora.map(|l| ["--lora", l]).into_iter().flatten());
+        let o = flowstep(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap_or_else(|e| panic!("{e}"))["eval_loss"].as_f64().unwrap_or(f64::NAN)
+    };
+    assert_eq!(summary["eval_before"].as_f64(), Some(eval(None)), "{summary}");
+    let after = eval(Some(path_str(&lora)));
+    assert_eq!(summary["eval_after"].as_f64(), Some(after), "{summary}");
+    let metrics = read_jsonl(&out.join("metrics.jsonl")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(metrics.iter().map(|m| m.eval_loss.is_some()).collect::<Vec<_>>(), [false, false, false, true, false, true]);
+    assert_eq!(metrics[5].eval_loss, Some(after));
+    assert_ne!(metrics[3].eval_loss, Some(after), "the periodic eval at step 4 is not the final one");
+    let host = summary["host_fraction"].as_f64().unwrap_or(f64::NAN);
+    assert!(host > 0.0 && host < 1.0, "host_fraction {host}");
+}
+
+/// `--epochs E` runs ⌈E·samples·repeat / grad-accum⌉ optimizer steps: E passes over the data
+/// (the last step may reach up to K-1 samples into the next pass), not ⌈samples·repeat / K⌉
+/// steps per epoch, which trained 4 passes for `--epochs 3` with 3 samples and K = 2.
+/// Each metrics line names the epoch of its last sample.
+#[test]
+fn epochs_give_the_expected_step_count() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 3, 1);
+    for (epochs, accum, repeat, want_epochs) in [("2", "2", "2", vec![0, 0, 0, 1, 1, 1]), ("3", "2", "1", vec![0, 1, 1, 2, 3])] {
+        let out = dir.path().join(format!("e{epochs}-k{accum}-r{repeat}"));
+        let art = tiny_artifacts_str();
+        let r = flowstep(&["-q", "train", "--artifacts", art, "--data", path_str(&data), "--out", path_str(&out), "--epochs", epochs, "--grad-accum", accum, "--repeat", repeat]);
+        assert!(r.status.success(), "{}", stderr(&r));
+        let metrics = read_jsonl(&out.join("metrics.jsonl")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(metrics.iter().map(|m| m.epoch).collect::<Vec<_>>(), want_epochs, "--epochs {epochs} --grad-accum {accum} --repeat {repeat}");
+    }
+}
+
+/// Checkpoints are written every --save-every steps and at the end, and nowhere else.
+#[test]
+fn checkpoints_only_at_save_every_and_the_end() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 2, 1);
+    for (save_every, want) in [(Some("5"), vec![5u64, 10, 12]), (None, vec![12])] {
+        let out = dir.path().join(format!("save-{save_every:?}"));
+        let mut args = train_args(path_str(&data), path_str(&out), "12");
+        args.extend(["--keep-checkpoints", "0"]);
+        args.extend(save_every.map(|n| ["--save-every", n]).into_iter().flatten());
+        let r = flowstep(&args);
+        assert!(r.status.success(), "{}", stderr(&r));
+        let steps: Vec<u64> = flowstep::checkpoint::list(&out).unwrap_or_else(|e| panic!("{e}")).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, want, "--save-every {save_every:?}");
+    }
+}

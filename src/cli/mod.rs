@@ -1,5 +1,6 @@
 //! Command-line surface (DESIGN.md §7): global flags, one file per command.
 
+mod draws;
 mod eval;
 mod inspect;
 mod sample;
@@ -47,6 +48,9 @@ pub enum Command {
     Eval(eval::Args),
     /// Generate latent videos (Euler, optional guidance) with or without a LoRA, and draw them.
     Sample(sample::Args),
+    /// The timestep, noise and sample draws of a train run (for reference tests).
+    #[command(hide = true)]
+    Draws(draws::Args),
 }
 
 /// Global flags every command sees.
@@ -66,6 +70,7 @@ pub fn run() -> ExitCode {
         Command::Train(args) => train::run(args, &globals),
         Command::Eval(args) => eval::run(args, &globals),
         Command::Sample(args) => sample::run(args, &globals),
+        Command::Draws(args) => draws::run(args, &globals),
     };
     match result {
         Ok(code) => code,

@@ -75,10 +75,14 @@ impl TrainConfig {
             Error::flag("--repeat", format!("{} × {dataset_len} samples is more than {MAX_EPOCH_SLOTS} samples per epoch", self.repeat))
         })?;
         let order = DataOrder { seed: self.seed, len: dataset_len, repeat: self.repeat };
-        let per_epoch = slots.div_ceil(self.grad_accum) as u64;
         let total = match self.length {
             Length::Steps(n) => n,
-            Length::Epochs(e) => e.checked_mul(per_epoch).ok_or_else(|| Error::flag("--epochs", format!("{e} epochs of {per_epoch} steps overflow the step counter")))?,
+            // Samples flow across epoch boundaries (a step may span two), so E passes are
+            // ⌈E·len·repeat / K⌉ steps: every sample of every pass, at most K-1 more.
+            Length::Epochs(e) => e
+                .checked_mul(slots as u64)
+                .map(|samples| samples.div_ceil(self.grad_accum as u64))
+                .ok_or_else(|| Error::flag("--epochs", format!("{e} epochs of {slots} samples overflow the sample counter")))?,
         };
         if total.checked_mul(self.grad_accum as u64).is_none() {
             return Err(Error::flag("--grad-accum", format!("{total} steps × {} samples overflow the sample counter", self.grad_accum)));

@@ -1,0 +1,86 @@
+"""Helpers for tests that check flowstep against references written independently of
+flowstep_export's model, LoRA, step and loss code: DiffSynth-Studio's own WanModel and
+FlowMatchScheduler, PEFT's LoRA (as DiffSynth injects it), torch.optim, plain numpy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "models" / "tiny" / "artifacts"
+
+
+def flowstep_bin() -> Path:
+    path = Path(os.environ.get("FLOWSTEP_BIN", ROOT / "target" / "release" / "flowstep"))
+    if not path.exists():
+        if "FLOWSTEP_BIN" in os.environ:
+            pytest.fail(f"FLOWSTEP_BIN={path} does not exist")
+        pytest.skip("flowstep binary not built (scripts/test.sh builds it)")
+    return path
+
+
+def flowstep(*args, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(flowstep_bin()), *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def manifest(artifacts: Path) -> dict:
+    return json.loads((artifacts / "manifest.json").read_text())
+
+
+def diffsynth_base(artifacts: Path):
+    """DiffSynth's WanModel with the artifacts' base weights."""
+    from diffsynth.models.wan_video_dit import WanModel
+
+    m = manifest(artifacts)["model"]
+    dit = WanModel(dim=m["dim"], in_dim=m["in_dim"], ffn_dim=m["ffn_dim"], out_dim=m["out_dim"], text_dim=m["text_dim"],
+                   freq_dim=m["freq_dim"], eps=m["eps"], patch_size=tuple(m["patch_size"]), num_heads=m["num_heads"],
+                   num_layers=m["num_layers"], has_image_input=False)
+    dit.load_state_dict(load_file(str(artifacts / "base.safetensors")))
+    return dit
+
+
+def diffsynth_peft(artifacts: Path, lora: dict[str, torch.Tensor] | None = None):
+    """DiffSynth's WanModel + PEFT LoRA (rank/alpha/targets from the manifest), as DiffSynth's
+    training module injects it; LoRA tensors from `lora` (DiffSynth keys) or lora_init."""
+    import peft
+
+    info = manifest(artifacts)["lora"]
+    dit = diffsynth_base(artifacts)
+    dit = peft.inject_adapter_in_model(
+        peft.LoraConfig(r=info["rank"], lora_alpha=info["alpha"], target_modules=info["targets"]), dit)
+    state = lora if lora is not None else load_file(str(artifacts / "lora_init.safetensors"))
+    result = dit.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert not [k for k in result.missing_keys if "lora_" in k]
+    dit.requires_grad_(False)
+    return dit
+
+
+def unflatten(artifacts: Path, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {t["key"]: flat[t["offset"]:t["offset"] + int(torch.tensor(t["shape"]).prod())].reshape(t["shape"]).clone()
+            for t in manifest(artifacts)["lora"]["tensors"]}
+
+
+def flatten(artifacts: Path, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([tensors[t["key"]].detach().reshape(-1).float() for t in manifest(artifacts)["lora"]["tensors"]])
+
+
+def velocity(dit, x_t, timestep, context):
+    from diffsynth.pipelines.wan_video import model_fn_wan_video
+
+    return model_fn_wan_video(dit, latents=x_t, timestep=timestep, context=context)
+
+
+def final_state(run: Path) -> dict[str, torch.Tensor]:
+    """The newest checkpoint's tensors (float32 parameters and AdamW moments)."""
+    return load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "state.safetensors"))

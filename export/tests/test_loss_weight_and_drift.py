@@ -1,0 +1,88 @@
+"""The graphs' loss against the SFT loss written out here (not flowstep_export's sft_loss),
+with loss weights != 1; and the committed tiny artifacts against a fresh export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from safetensors.numpy import load_file
+
+from independent import ROOT, TINY, manifest
+
+
+def sessions():
+    return {name: ort.InferenceSession(str(TINY / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+            for name in ("training_model", "eval_model", "inference_model")}
+
+
+def run(sess, feeds):
+    return sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
+
+
+def test_graph_loss_is_weight_times_mean_squared_error():
+    rng = np.random.default_rng(0)
+    info = manifest(TINY)["lora"]
+    init = load_file(str(TINY / "lora_init.safetensors"))
+    flat = np.concatenate([
+        (init[t["key"]] if ".lora_A." in t["key"] else 0.05 * rng.standard_normal(t["shape"])).astype(np.float32).ravel()
+        for t in info["tensors"]])
+    feeds = {**load_file(str(TINY / "base.safetensors")), "lora_params": flat, "grad_accum": np.zeros_like(flat),
+             "x_t": rng.standard_normal((1, 16, 2, 8, 8)).astype(np.float32), "timestep": np.array([700.0], np.float32),
+             "context": rng.standard_normal((1, 16, 64)).astype(np.float32),
+             "target": rng.standard_normal((1, 16, 2, 8, 8)).astype(np.float32)}
+    s = sessions()
+    (v,) = run(s["inference_model"], feeds)
+    mse = np.mean((v.astype(np.float64) - feeds["target"].astype(np.float64)) ** 2)
+    grads = {}
+    for w in (0.37, 1.9, 0.0):
+        feeds["weight"] = np.array(w, np.float32)
+        loss, grads[w] = run(s["training_model"], feeds)
+        (eval_loss,) = run(s["eval_model"], feeds)
+        want = np.float32(w) * mse
+        assert abs(loss - want) <= 1e-5 * max(want, 1e-30) + (1e-12 if w == 0 else 0), (w, loss, want)
+        assert abs(eval_loss - want) <= 1e-5 * max(want, 1e-30) + (1e-12 if w == 0 else 0), (w, eval_loss, want)
+    # ∂(w·L)/∂θ = w·∂L/∂θ: linear in the weight, zero at weight 0.
+    g1, g2 = grads[0.37].astype(np.float64), grads[1.9].astype(np.float64)
+    assert np.abs(g1).max() > 0
+    assert np.max(np.abs(g1 * 1.9 - g2 * 0.37)) <= 1e-5 * np.abs(g2 * 0.37).max()
+    assert not grads[0.0].any()
+
+
+def without_timings(m: dict) -> dict:
+    m = dict(m)
+    m.pop("export", None)  # export seconds and the --base path: not part of the artifacts
+    return m
+
+
+def test_committed_tiny_artifacts_equal_a_fresh_export(tiny_artifacts):
+    """models/tiny/artifacts was written by the current exporter (rank 8, attention chunk 16,
+    seed 0, shipped base): a change to the export code that changes the graphs must come with
+    new artifacts (and goldens), or the Rust tests read stale files. Regenerate with
+    scripts/regenerate_models.sh."""
+    committed = sorted(p.name for p in TINY.iterdir())
+    assert committed == sorted(p.name for p in tiny_artifacts.iterdir())
+    for name in committed:
+        if name == "manifest.json":
+            fresh = without_timings(json.loads((tiny_artifacts / name).read_text()))
+            assert without_timings(json.loads((TINY / name).read_text())) == fresh
+        else:
+            assert (TINY / name).read_bytes() == (tiny_artifacts / name).read_bytes(), f"{name} differs from a fresh export"
+
+
+def test_committed_goldens_equal_regenerated_ones():
+    """models/tiny/golden.safetensors is what `python -m flowstep_export.goldens` computes from
+    the committed artifacts today (to float32 summation-order noise: thread counts differ)."""
+    from flowstep_export.goldens import make_goldens
+    from flowstep_export.validate import math_attention
+
+    committed = load_file(str(ROOT / "models" / "tiny" / "golden.safetensors"))
+    with math_attention():  # as `python -m flowstep_export.goldens` computes them
+        fresh = make_goldens(TINY)
+    assert sorted(committed) == sorted(fresh)
+    for k, v in fresh.items():
+        want = v.numpy().astype(np.float64)
+        err = np.abs(committed[k] - want).max() / max(np.abs(want).max(), 1e-30)
+        assert err < 1e-5, f"{k}: rel err {err:.1e}"

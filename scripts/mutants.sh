@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Opt-in mutation testing (slow; not part of scripts/test.sh or CI) of the training-step code:
+# src/scheduler.rs, sft.rs, optim.rs, executor/state.rs, checkpoint.rs, lora_io.rs, train.rs.
+# Needs cargo-mutants (`cargo install cargo-mutants --locked`). Each mutant is built in place
+# (release profile, reusing target/) and faces a fast subset: the library's unit tests and the
+# integration tests that train, plus the independent PyTorch reference loop
+# (tests/reference_loop.rs, through FLOWSTEP_PYTHON).
+#
+#   scripts/mutants.sh                    # every mutant (~590, many hours on 2 cores)
+#   scripts/mutants.sh --shard 0/12       # a slice; other cargo-mutants options pass through
+#   scripts/mutants.sh --list             # just list them
+#
+# Results go to mutants.out/ (outcomes.json, caught.txt, missed.txt, timeout.txt, unviable.txt).
+# Excluded: TrainingGraphs::state / pair / load return-value replacements (dozens of
+# `Ok((vec![..], ..))` variants of one accessor that every training test catches).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+command -v cargo-mutants >/dev/null || { echo "mutants.sh: install cargo-mutants: cargo install cargo-mutants --locked" >&2; exit 1; }
+scripts/setup_ort.sh >/dev/null
+export FLOWSTEP_PYTHON="$(scripts/setup_python.sh)/bin/python"
+if [[ -n "$(git status --porcelain --untracked-files=no)" ]]; then
+    echo "mutants.sh: commit or stash your changes first (mutants are applied in place)" >&2
+    exit 1
+fi
+files=(-f src/scheduler.rs -f src/sft.rs -f src/optim.rs -f src/executor/state.rs -f src/checkpoint.rs -f src/lora_io.rs -f src/train.rs)
+exec cargo mutants --in-place --no-shuffle "${files[@]}" \
+    --exclude-re 'TrainingGraphs::state -> |replace pair -> |TrainingGraphs::load -> ' \
+    --cargo-arg=--release --timeout "${MUTANTS_TIMEOUT:-240}" --build-timeout 600 "$@" \
+    -- --lib --test train --test faults --test scheduler_golden --test golden_graphs --test reference_loop \
+    -- --skip kill_and_resume --skip second_trainer --skip ctrl_c --skip bad_artifacts --skip bad_data

@@ -1,0 +1,84 @@
+//! `flowstep draws` (hidden): the random draws a `flowstep train` run with the same seed and
+//! options makes, written to a safetensors file so that an independent reference loop
+//! (export/tests/test_reference_loop.py) can replay them.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use flowstep::artifacts::Artifacts;
+use flowstep::data::{DataOrder, Dataset, SampleSpec};
+use flowstep::sft::{SftConfig, SftSampler};
+use flowstep::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, write_atomic};
+
+use super::{Globals, ModelArgs};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Dataset directory (as for train).
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+
+    /// Output .safetensors: `sample` [N] (index into the sorted dataset files),
+    /// `timestep_index` [N], `timestep` [N], and `noise.{i}` (ε of micro-step i).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+
+    /// Micro-steps (samples) to draw, from the start of training.
+    #[arg(long, value_name = "N")]
+    pub micro_steps: u64,
+
+    /// The train options that change the draws (same meaning and defaults as there).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    #[arg(long, default_value_t = 5.0)]
+    pub shift: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub min_timestep_boundary: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub max_timestep_boundary: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub noise_scale: f32,
+    #[arg(long)]
+    pub bf16_timestep: bool,
+}
+
+pub fn run(args: Args, _globals: &Globals) -> anyhow::Result<ExitCode> {
+    let artifacts = Artifacts::open(&args.model.artifacts)?;
+    let dataset = Dataset::open(&args.data, SampleSpec::for_model(&artifacts.manifest.model))?;
+    let sft = SftConfig {
+        shift: args.shift,
+        min_boundary: args.min_timestep_boundary,
+        max_boundary: args.max_timestep_boundary,
+        noise_scale: args.noise_scale,
+        bf16_timestep: args.bf16_timestep,
+        ..SftConfig::default()
+    };
+    let sampler = SftSampler::new(sft, args.seed)?;
+    let order = DataOrder { seed: args.seed, len: dataset.len(), repeat: args.repeat };
+    let n = args.micro_steps as usize;
+    let (mut samples, mut indices, mut timesteps, mut tensors) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for counter in 0..args.micro_steps {
+        let sample = order.sample(counter);
+        let shape = TensorFile::open(&dataset.files[sample])?
+            .info(flowstep::data::LATENTS)
+            .map(|i| i.shape)
+            .ok_or_else(|| anyhow::anyhow!("{}: no latents", dataset.files[sample].display()))?;
+        let draw = sampler.draw_timestep(counter);
+        let mut noise = vec![0.0f32; shape.iter().product()];
+        sampler.fill_noise(counter, &mut noise);
+        samples.push(sample as f32);
+        indices.push(draw.index as f32);
+        timesteps.push(draw.timestep);
+        tensors.push(OutTensor { name: format!("noise.{counter}"), shape, values: noise });
+    }
+    tensors.push(OutTensor { name: "sample".into(), shape: vec![n], values: samples });
+    tensors.push(OutTensor { name: "timestep_index".into(), shape: vec![n], values: indices });
+    tensors.push(OutTensor { name: "timestep".into(), shape: vec![n], values: timesteps });
+    write_atomic(&args.out, &encode(&tensors, SaveDtype::F32, None)?)?;
+    Ok(ExitCode::SUCCESS)
+}
