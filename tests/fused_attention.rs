@@ -119,3 +119,39 @@ fn cuda_on_fused_artifacts_is_refused_in_one_line() {
     let r = flowstep(&["eval", "--artifacts", &art, "--data", path_str(&data), "--device", "cuda"]);
     assert!(error_line(&r).contains("com.flowstep::FlashAttention"));
 }
+
+/// The bfloat16 kernels through ONNX Runtime: tests/golden/flash_attention_bf16.onnx runs both
+/// operators on bf16 inputs and, cast to float32, on the float32 kernels (which the training
+/// test above checks). They agree to bf16 precision: outputs are rounded to 8 significant bits
+/// (0.4%), and the bf16 backward also reads the rounded o; the ONNX reference evaluator's
+/// NumPy operators show the same 0.2-0.6% on this model. A wrong kernel is off by O(1).
+#[test]
+fn bf16_operators_match_float32_to_bf16_precision() {
+    use flowstep::runtime::{AttentionImpl, load_session};
+    use half::bf16;
+    use ort::value::Tensor;
+
+    init_ort();
+    let options = SessionOptions { attention: AttentionImpl::Fused, ..SessionOptions::cpu() };
+    let mut session = load_session(&repo().join("tests/golden/flash_attention_bf16.onnx"), &options).unwrap_or_else(|e| panic!("{e}"));
+    let input = |shape: [usize; 4], seed: u64| {
+        let data: Vec<bf16> = values(shape.iter().product(), seed).into_iter().map(|x| bf16::from_f32(3.0 * x)).collect();
+        Tensor::from_array((shape.to_vec(), data)).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let outputs = session
+        .run(ort::inputs!["q" => input([1, 5, 2, 8], 1), "k" => input([1, 7, 2, 8], 2), "v" => input([1, 7, 2, 8], 3), "do" => input([1, 5, 2, 8], 4)])
+        .unwrap_or_else(|e| panic!("{e}"));
+    for name in ["o", "lse", "dq", "dk", "dv"] {
+        let widened: Vec<f32> = if name == "lse" {
+            outputs[name].try_extract_tensor::<f32>().map(|(_, v)| v.to_vec())
+        } else {
+            outputs[name].try_extract_tensor::<bf16>().map(|(_, v)| v.iter().map(|x| x.to_f32()).collect())
+        }
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (_, want) = outputs[format!("{name}32").as_str()].try_extract_tensor::<f32>().unwrap_or_else(|e| panic!("{e}"));
+        let err = rel_err(&widened, want);
+        println!("{name}: bf16 vs f32 rel {err:.2e}");
+        assert!(err < 2e-2, "{name}: bf16 vs f32 rel err {err:.2e}");
+        assert!(want.iter().any(|x| x.abs() > 1e-3), "{name} is all zeros");
+    }
+}

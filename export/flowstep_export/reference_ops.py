@@ -53,3 +53,27 @@ class FlashAttentionGrad(OpRun):
 
 
 NEW_OPS = [FlashAttention, FlashAttentionGrad]
+
+
+def operator_test_model() -> "onnx.ModelProto":
+    """Both operators in bfloat16 and, on the same inputs cast to float32, in float32: lets the
+    Rust tests check flowstep's bf16 kernels against its f32 ones (tests/golden/)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
+    shapes = {"q": [1, 5, 2, 8], "k": [1, 7, 2, 8], "v": [1, 7, 2, 8], "do": [1, 5, 2, 8]}
+    nodes = [helper.make_node("Cast", [n], [f"{n}32"], to=f32) for n in shapes]
+    outputs = []
+    for suffix, elem in (("", bf16), ("32", f32)):
+        names = {n: f"{n}{suffix}" for n in ("q", "k", "v", "do", "o", "lse", "dq", "dk", "dv")}
+        nodes.append(helper.make_node("FlashAttention", [names["q"], names["k"], names["v"]], [names["o"], names["lse"]],
+                                      domain=DOMAIN, scale=0.35))
+        nodes.append(helper.make_node("FlashAttentionGrad", [names[n] for n in ("q", "k", "v", "o", "lse", "do")],
+                                      [names["dq"], names["dk"], names["dv"]], domain=DOMAIN, scale=0.35))
+        out_shapes = {"o": shapes["q"], "lse": [1, 2, 5], "dq": shapes["q"], "dk": shapes["k"], "dv": shapes["v"]}
+        outputs += [helper.make_tensor_value_info(names[n], f32 if n == "lse" else elem, s) for n, s in out_shapes.items()]
+    graph = helper.make_graph(nodes, "flash_attention_bf16_vs_f32",
+                              [helper.make_tensor_value_info(n, bf16, s) for n, s in shapes.items()], outputs)
+    # IR version 10: what the exporter writes and ONNX Runtime 1.31 reads (onnx 1.23 defaults to 14).
+    return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
