@@ -37,6 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lora-init", choices=("kaiming", "gaussian"), default="kaiming",
                    help="A initialisation; B always starts at zero (default: kaiming)")
     g = p.add_argument_group("memory and precision")
+    g.add_argument("--attention", choices=("chunked", "fused"), default="chunked",
+                   help="chunked: attention in standard ONNX ops (a Scan over query chunks), runs on every provider; "
+                        "fused: keep the com.flowstep FlashAttention/FlashAttentionGrad operators, which flowstep "
+                        "implements itself (CPU reference today; docs/fused-attention.md) (default: chunked)")
     g.add_argument("--attention-chunk", type=int, default=None, metavar="N",
                    help="queries per attention chunk: the backward recomputes each chunk's probabilities, so the "
                         "largest attention tensor is [heads, N, tokens] (default %d)" % DEFAULT_ATTENTION_CHUNK)
@@ -83,7 +87,7 @@ def main(argv=None) -> int:
                           targets=tuple(t for t in args.lora_targets.split(",") if t), init=args.lora_init)
         options = ExportOptions(out=args.out, base=args.base, seed=args.seed, lora=lora,
                                 ship_base=args.ship_base, graphs=graphs, gradient_checkpointing=args.gradient_checkpointing,
-                                precision=args.precision)
+                                precision=args.precision, attention=args.attention)
         if args.attention_chunk is not None:
             if args.attention_chunk < 1:
                 raise ValueError(f"--attention-chunk must be at least 1, got {args.attention_chunk}")

@@ -22,6 +22,8 @@ import torch
 from onnx.defs import OpSchema
 
 DOMAIN = "com.flowstep"
+# The ONNX operators of DOMAIN, as a fused export keeps them (trace.Lowering.attention).
+OPERATORS = ("FlashAttention", "FlashAttentionGrad")
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import DEFAULT_ATTENTION_CHUNK, trace
+from .attention import DOMAIN, OPERATORS
 from .configs import WanConfig
 from .lora import LoraConfig, base_state, inject_lora, lora_state
 from .manifest import write_manifest
@@ -42,10 +43,19 @@ class ExportOptions:
     # DiffSynth's use_gradient_checkpointing: recompute each block's forward in the backward.
     gradient_checkpointing: bool = False
     precision: str = "float32"  # or "bfloat16": base weights and activations; LoRA, loss and AdamW stay float32
+    # "chunked": standard-op Scan (any provider); "fused": com.flowstep operators the executor implements.
+    attention: str = "chunked"
 
     @property
     def lowering(self) -> trace.Lowering:
-        return trace.Lowering(self.attention_chunk, PRECISIONS[self.precision][1])
+        return trace.Lowering(self.attention_chunk, PRECISIONS[self.precision][1], attention=self.attention)
+
+    @property
+    def attention_manifest(self) -> dict:
+        """manifest.training.attention: what the executor must provide to run the graphs."""
+        if self.attention == "fused":
+            return {"impl": "fused", "domain": DOMAIN, "operators": list(OPERATORS)}
+        return {"impl": "chunked", "chunk": self.attention_chunk}
 
     @property
     def ort_disabled_optimizers(self) -> list[str]:
@@ -76,6 +86,8 @@ def build_model(config: WanConfig, options: ExportOptions) -> tuple[WanModel, li
     model = WanModel(config)
     if options.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if options.attention not in trace.ATTENTION_MODES:
+        raise ValueError(f"unknown attention {options.attention!r}; choose one of {', '.join(trace.ATTENTION_MODES)}")
     if options.base is not None:
         load_base_weights(model, options.base)
     else:
@@ -152,7 +164,7 @@ def export_artifacts(config: WanConfig, options: ExportOptions) -> dict:
     manifest = write_manifest(out, config, options.lora, layout, base, base_file, list(options.graphs),
                               extra={"export_seconds": timings, "base_source": str(options.base) if options.base else None},
                               training={"precision": options.precision,
-                                        "attention": {"impl": "chunked", "chunk": options.attention_chunk},
+                                        "attention": options.attention_manifest,
                                         "gradient_checkpointing": options.gradient_checkpointing,
                                         "onnxruntime_disabled_optimizers": options.ort_disabled_optimizers})
     return manifest

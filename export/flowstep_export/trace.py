@@ -19,7 +19,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from . import OPSET
-from .attention import TRANSLATION_TABLE
+from .attention import DOMAIN, OPERATORS, TRANSLATION_TABLE
 from .lower_attention import lower_attention
 
 aten = torch.ops.aten
@@ -70,17 +70,28 @@ class _GraphWrapper(torch.nn.Module):
         return tuple(self.gm(*args))
 
 
+ATTENTION_MODES = ("chunked", "fused")
+
+
 @dataclasses.dataclass(frozen=True)
 class Lowering:
     """How the exported graph is finished: attention chunk size (queries per chunk) and the
-    compute dtype (ONNX elem type)."""
+    compute dtype (ONNX elem type).
+
+    `attention` "chunked" lowers the attention operator pair to standard ops (a Scan over query
+    chunks, runs anywhere); "fused" keeps the `com.flowstep` FlashAttention / FlashAttentionGrad
+    nodes for an executor that implements them (docs/fused-attention.md)."""
     attention_chunk: int
     dtype: int = onnx.TensorProto.FLOAT
+    attention: str = "chunked"
 
 
 def export(gm: torch.fx.GraphModule, inputs: list[GraphInput], output_names: list[str], lowering: Lowering) -> onnx.ModelProto:
     """torch.onnx.export of a traced graph, with named inputs/outputs and dynamic latent axes;
-    the attention operators are lowered to standard ops (lower_attention.py)."""
+    the attention operators are lowered to standard ops (lower_attention.py) unless
+    `lowering.attention` is "fused"."""
+    if lowering.attention not in ATTENTION_MODES:
+        raise ValueError(f"unknown attention {lowering.attention!r}; choose one of {', '.join(ATTENTION_MODES)}")
     dims: dict[str, torch.export.Dim] = {}
 
     def dim(name: str):
@@ -107,10 +118,11 @@ def export(gm: torch.fx.GraphModule, inputs: list[GraphInput], output_names: lis
     )
     light_optimize(program.model)
     model = onnx.inliner.inline_local_functions(program.model_proto)
-    lower_attention(model, lowering.attention_chunk, lowering.dtype)
+    if lowering.attention == "chunked":
+        lower_attention(model, lowering.attention_chunk, lowering.dtype)
     strip_debug_metadata(model)
     rename_dynamic_dims(model, inputs)
-    check_standard_ops(model)
+    check_standard_ops(model, allowed=OPERATORS if lowering.attention == "fused" else ())
     return model
 
 
@@ -159,9 +171,11 @@ def strip_debug_metadata(model: onnx.ModelProto) -> None:
     model.producer_version = model.producer_version.split("+")[0]
 
 
-def check_standard_ops(model: onnx.ModelProto) -> None:
-    """Every node must be a standard ONNX op (domain ""), so any ORT build runs the graph."""
-    bad = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+def check_standard_ops(model: onnx.ModelProto, allowed: tuple[str, ...] = ()) -> None:
+    """Every node must be a standard ONNX op (domain ""), so any ORT build runs the graph;
+    `allowed` names the com.flowstep operators a fused export keeps."""
+    bad = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
+                  if n.domain not in ("", "ai.onnx") and not (n.domain == DOMAIN and n.op_type in allowed)})
     if bad or len(model.functions):
         raise RuntimeError(f"graph uses non-standard ops: {bad}, {len(model.functions)} local functions")
     onnx.checker.check_model(model, full_check=False)

@@ -27,6 +27,8 @@ pub struct TrainingInfo {
     /// Base weights' and activations' dtype; LoRA state, gradients and the loss are float32.
     #[serde(default = "float32")]
     pub precision: String,
+    /// `{"impl": "chunked", "chunk": N}` (standard ops) or `{"impl": "fused", "domain",
+    /// "operators"}` (flowstep's own kernels): read by `runtime::AttentionImpl::from_manifest`.
     #[serde(default)]
     pub attention: serde_json::Value,
     #[serde(default)]

@@ -52,6 +52,8 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     let session = super::init_runtime(globals, &args.device)?;
     let artifacts = Artifacts::open(&args.model.artifacts)?;
     let m = &artifacts.manifest;
+    // Refuse a device without kernels for these graphs before reading any input.
+    session.for_artifacts(m)?;
     let dataset = Dataset::open(&args.data, SampleSpec::for_model(&m.model))?;
     let mut model = WithLora::<LossGraph>::load(&artifacts, &session, args.model.base.as_deref(), args.lora.as_deref())?;
     let sampler = SftSampler::new(SftConfig { shift: args.shift, ..SftConfig::default() }, args.seed)?;

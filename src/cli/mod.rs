@@ -173,5 +173,6 @@ pub fn init_runtime(globals: &Globals, device: &DeviceArgs) -> anyhow::Result<fl
         cuda: flowstep::runtime::CudaOptions { arena_exact: !device.arena_power_of_two, memory_limit, tf32: device.tf32 },
         allow_cpu_fallback: device.allow_cpu_fallback,
         disabled_optimizers: Vec::new(),
+        attention: flowstep::runtime::AttentionImpl::Chunked,
     })
 }

@@ -102,6 +102,8 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     let session = super::init_runtime(globals, &args.device)?;
     let artifacts = Artifacts::open(&args.model.artifacts)?;
     let m = &artifacts.manifest;
+    // Refuse a device without kernels for these graphs before reading any input.
+    session.for_artifacts(m)?;
     let shape = latent_shape(&args, &m.model)?;
     let read_context = |path: &PathBuf| -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
         let (s, v) = TensorFile::open(path)?.read_f32("context")?;

@@ -2,10 +2,12 @@
 //! building sessions on the requested execution provider.
 
 mod device;
+pub mod fused_attention;
 mod library;
 mod placement;
 
 pub use device::{CudaOptions, Device};
+pub use fused_attention::AttentionImpl;
 pub use placement::{NodePlacement, arena_peak_bytes, cpu_nodes};
 pub use library::{OrtLibrary, environment, init, locate_library};
 
@@ -30,6 +32,8 @@ pub struct SessionOptions {
     /// ONNX Runtime graph optimizers to turn off, from the manifest: CSE would merge a graph's
     /// recomputation with its forward (DESIGN.md §6a).
     pub disabled_optimizers: Vec<String>,
+    /// From the manifest: fused graphs need flowstep's `com.flowstep` operators registered.
+    pub attention: AttentionImpl,
 }
 
 impl SessionOptions {
@@ -41,11 +45,13 @@ impl SessionOptions {
             cuda: CudaOptions::default(),
             allow_cpu_fallback: false,
             disabled_optimizers: Vec::new(),
+            attention: AttentionImpl::Chunked,
         }
     }
 
-    /// These options with the optimizers that `manifest` says must stay off; an error if the
-    /// graphs' precision has no kernels on this device.
+    /// These options with the optimizers that `manifest` says must stay off and the attention
+    /// operators it needs; an error if the graphs' precision or fused attention has no kernels
+    /// on this device. Cheap: call it before any work to refuse early.
     pub fn for_artifacts(&self, manifest: &crate::artifacts::Manifest) -> Result<Self> {
         if manifest.training.precision != "float32" && !self.device.is_gpu() {
             return Err(Error::Device(format!(
@@ -53,7 +59,12 @@ impl SessionOptions {
                 manifest.training.precision, manifest.model.name
             )));
         }
-        Ok(Self { disabled_optimizers: manifest.training.onnxruntime_disabled_optimizers.clone(), ..self.clone() })
+        let attention = AttentionImpl::from_manifest(&manifest.training.attention)
+            .map_err(|reason| Error::Config(format!("{} artifacts: {reason}", manifest.model.name)))?;
+        if attention == AttentionImpl::Fused {
+            fused_attention::check_device(self.device)?;
+        }
+        Ok(Self { disabled_optimizers: manifest.training.onnxruntime_disabled_optimizers.clone(), attention, ..self.clone() })
     }
 }
 
@@ -108,6 +119,14 @@ fn build_session(model: &Path, options: &SessionOptions) -> Result<Session> {
     }
     if options.device.is_gpu() {
         builder = config(builder, "session.record_ep_graph_assignment_info", "1")?;
+    }
+    if options.attention == AttentionImpl::Fused {
+        // for_artifacts refused GPU devices: only the CPU reference kernels exist.
+        fused_attention::check_device(options.device)?;
+        let domain = fused_attention::cpu_domain().map_err(Error::ort(format!("{during}: registering {}", fused_attention::DOMAIN)))?;
+        builder = builder
+            .with_operators(domain)
+            .map_err(|e| Error::Ort { during: format!("{during}: registering {}", fused_attention::DOMAIN), source: ort::Error::<()>::from(e) })?;
     }
     if let Some(provider) = options.device.execution_provider(&options.cuda) {
         builder = builder.with_execution_providers([provider]).map_err(|e| {

@@ -133,6 +133,8 @@ impl<'a, 'o> Trainer<'a, 'o> {
         config.validate()?;
         let artifacts = Artifacts::open(&config.artifacts)?;
         let manifest = &artifacts.manifest;
+        // Refuse a device without kernels for these graphs before reading any data.
+        config.session.for_artifacts(manifest)?;
         let spec = SampleSpec::for_model(&manifest.model);
         let dataset = Dataset::open(&config.data, spec.clone())?;
         let eval_set = config.eval_data.as_deref().map(|d| Dataset::open(d, spec.clone())).transpose()?;

@@ -1,0 +1,82 @@
+"""`--attention fused` (issue 13): the com.flowstep operator pair kept in the graphs, validated
+on the CPU through ONNX's reference evaluator with the NumPy operators of reference_ops.py."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from flowstep_export.configs import get_config
+from flowstep_export.reference_ops import FlashAttention, FlashAttentionGrad
+from test_long_sequences import export_tiny
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def custom_ops(path: Path) -> collections.Counter:
+    model = onnx.load(str(path))
+    assert all(n.op_type != "Scan" for n in model.graph.node)
+    assert {o.domain: o.version for o in model.opset_import}.get("com.flowstep") == 1
+    return collections.Counter(n.op_type for n in model.graph.node if n.domain == "com.flowstep")
+
+
+def test_reference_operators_equal_softmax_autograd():
+    """The NumPy operators against autograd through plain softmax attention (float64), with
+    Sq != Sk (cross-attention) and two heads."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, s, 2, 8, generator=g, dtype=torch.float64) for s in (7, 11, 11))
+    do = torch.randn(1, 7, 2, 8, generator=g, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    s = torch.einsum("bqhd,bkhd->bhqk", leaves[0], leaves[1]) * 0.3
+    o_ref = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), leaves[2])
+    grads_ref = torch.autograd.grad((o_ref * do).sum(), leaves)
+
+    f32 = [t.numpy().astype(np.float32) for t in (q, k, v, do)]
+    o, lse = FlashAttention.create(scale=0.3).run(*f32[:3])
+    assert lse.dtype == np.float32 and lse.shape == (1, 2, 7)
+    np.testing.assert_allclose(o, o_ref.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(lse, torch.logsumexp(s, -1).detach().numpy(), atol=1e-5)
+    grads = FlashAttentionGrad.create(scale=0.3).run(*f32[:3], o, lse, f32[3])
+    for got, want in zip(grads, grads_ref):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+
+
+def test_fused_export_validates_against_autograd(tmp_path):
+    out, report = export_tiny(tmp_path, attention="fused")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["attention"] == {"impl": "fused", "domain": "com.flowstep",
+                                                 "operators": ["FlashAttention", "FlashAttentionGrad"]}
+    # Loss, gradient and velocity at the example latent and one larger in every axis; the
+    # float32 agreement seen is ~4e-7, as for chunked graphs.
+    assert sorted(report) == sorted(f"{o}@{t}" for o in ("training.loss", "training.grad", "inference.velocity")
+                                    for t in ("3x8x8", "4x10x10"))
+    assert all(v["max_rel"] < 1e-5 for v in report.values()), report
+    attentions = 2 * get_config("tiny").num_layers  # self + cross per block
+    assert custom_ops(out / "training_model.onnx") == {"FlashAttention": attentions, "FlashAttentionGrad": attentions}
+    assert custom_ops(out / "inference_model.onnx") == {"FlashAttention": attentions}
+
+
+def test_committed_fused_twin_matches_committed_tiny():
+    """models/tiny-fused differs from models/tiny in the attention only (the Rust tests train both)."""
+    fused = json.loads((REPO / "models/tiny-fused/artifacts/manifest.json").read_text())
+    chunked = json.loads((REPO / "models/tiny/artifacts/manifest.json").read_text())
+    assert fused["training"]["attention"]["impl"] == "fused"
+    for key in ("model", "lora", "base_weights", "scheduler"):
+        assert fused[key] == chunked[key], key
+    for f in ("base.safetensors", "lora_init.safetensors", "optimizer_model.onnx"):
+        assert fused["files"][f] == chunked["files"][f], f
+    assert custom_ops(REPO / "models/tiny-fused/artifacts/training_model.onnx")["FlashAttentionGrad"] > 0
+
+
+def test_fused_bf16_export_validates(tmp_path):
+    """bf16 operator inputs (the CUDA kernels' dtype) through the reference evaluator: within
+    validate.BF16_RATIO of PyTorch's own bf16 error, and really bf16 (far from exact)."""
+    out, report = export_tiny(tmp_path, attention="fused", precision="bfloat16")
+    assert report["training.grad@3x8x8"]["max_rel"] > 1e-4
+    fused = [n for n in onnx.load(str(out / "training_model.onnx")).graph.node if n.domain == "com.flowstep"]
+    assert fused and all(n.op_type in ("FlashAttention", "FlashAttentionGrad") for n in fused)
