@@ -7,17 +7,6 @@ use std::path::Path;
 
 use common::*;
 
-fn patch_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let path = dir.join("manifest.json");
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
-    edit(&mut v);
-    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
-}
-
-fn sha256_hex(path: &Path) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(std::fs::read(path).unwrap_or_default()).iter().map(|b| format!("{b:02x}")).collect()
-}
 
 fn assert_no_output(out: &Path) {
     assert!(!out.join("checkpoints").exists() && !out.join("lora.safetensors").exists(), "partial output in {}", out.display());
@@ -254,17 +243,8 @@ fn second_trainer_on_same_out_is_refused() {
 #[test]
 fn disk_full_keeps_previous_checkpoint() {
     let dir = tempdir();
-    let mnt = dir.path().join("small");
-    std::fs::create_dir_all(&mnt).unwrap_or_default();
-    let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs", path_str(&mnt)]).status().is_ok_and(|s| s.success());
-    assert!(mounted, "this test needs `mount -t tmpfs` (root)");
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _guard = Unmount(&mnt);
+    let disk = SmallDisk::mount(dir.path());
+    let mnt = disk.0.clone();
     let art = tiny_artifacts();
     let data = dir.path().join("data");
     tiny_dataset(&data, 2, 1);
@@ -287,17 +267,8 @@ fn disk_full_keeps_previous_checkpoint() {
 #[test]
 fn disk_full_never_exposes_a_partial_checkpoint() {
     let dir = tempdir();
-    let mnt = dir.path().join("small");
-    std::fs::create_dir_all(&mnt).unwrap_or_default();
-    let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs", path_str(&mnt)]).status().is_ok_and(|s| s.success());
-    assert!(mounted, "this test needs `mount -t tmpfs` (root)");
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _guard = Unmount(&mnt);
+    let disk = SmallDisk::mount(dir.path());
+    let mnt = disk.0.clone();
     let art = tiny_artifacts();
     let data = dir.path().join("data");
     tiny_dataset(&data, 2, 1);

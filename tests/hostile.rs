@@ -11,17 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn patch_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let path = dir.join("manifest.json");
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
-    edit(&mut v);
-    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
-}
-
-fn sha256_hex(path: &Path) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(std::fs::read(path).unwrap_or_default()).iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// Runs flowstep, killing it after `secs`: a hostile input must fail, not hang.
 fn run_limited(args: &[&str], secs: u64) -> Output {

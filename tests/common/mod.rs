@@ -133,3 +133,36 @@ pub fn error_line(out: &std::process::Output) -> String {
     assert_eq!(line.len(), 1, "expected exactly one error line:\n{err}");
     line[0].to_string()
 }
+
+/// Rewrites `dir/manifest.json` through `edit` (to build broken or hostile artifacts).
+pub fn patch_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("manifest.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
+    edit(&mut v);
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
+}
+
+pub fn sha256_hex(path: &Path) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(std::fs::read(path).unwrap_or_default()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A 1 MiB tmpfs mounted at `dir/small` for disk-full tests (CI and developers run as
+/// root), unmounted on drop.
+pub struct SmallDisk(pub PathBuf);
+
+impl SmallDisk {
+    pub fn mount(dir: &Path) -> Self {
+        let mnt = dir.join("small");
+        std::fs::create_dir_all(&mnt).unwrap_or_default();
+        let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs", path_str(&mnt)]).status().is_ok_and(|s| s.success());
+        assert!(mounted, "this test needs `mount -t tmpfs` (root)");
+        Self(mnt)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
