@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use flowstep::artifacts::Artifacts;
 use flowstep::data::{DataOrder, Dataset, SampleSpec};
-use flowstep::sft::{SftConfig, SftSampler};
+use flowstep::sft::SftSampler;
 use flowstep::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, write_atomic};
 
 use super::{Globals, ModelArgs};
@@ -35,30 +35,14 @@ pub struct Args {
     pub seed: u64,
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
-    #[arg(long, default_value_t = 5.0)]
-    pub shift: f32,
-    #[arg(long, default_value_t = 0.0)]
-    pub min_timestep_boundary: f64,
-    #[arg(long, default_value_t = 1.0)]
-    pub max_timestep_boundary: f64,
-    #[arg(long, default_value_t = 1.0)]
-    pub noise_scale: f32,
-    #[arg(long)]
-    pub bf16_timestep: bool,
+    #[command(flatten)]
+    pub sft: super::SftArgs,
 }
 
 pub fn run(args: Args, _globals: &Globals) -> anyhow::Result<ExitCode> {
     let artifacts = Artifacts::open(&args.model.artifacts)?;
     let dataset = Dataset::open(&args.data, SampleSpec::for_model(&artifacts.manifest.model))?;
-    let sft = SftConfig {
-        shift: args.shift,
-        min_boundary: args.min_timestep_boundary,
-        max_boundary: args.max_timestep_boundary,
-        noise_scale: args.noise_scale,
-        bf16_timestep: args.bf16_timestep,
-        ..SftConfig::default()
-    };
-    let sampler = SftSampler::new(sft, args.seed)?;
+    let sampler = SftSampler::new(args.sft.config(), args.seed)?;
     let order = DataOrder { seed: args.seed, len: dataset.len(), repeat: args.repeat };
     let n = args.micro_steps as usize;
     let (mut samples, mut indices, mut timesteps, mut tensors) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

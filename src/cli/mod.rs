@@ -107,6 +107,44 @@ pub struct ModelArgs {
     pub base: Option<PathBuf>,
 }
 
+/// The options that shape a training step's draws (timestep, noise), shared by `train` and
+/// the hidden `draws` so that both draw the same.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SftArgs {
+    /// Timestep shift of the Wan scheduler.
+    #[arg(long, default_value_t = 5.0)]
+    pub shift: f32,
+
+    /// Lower timestep boundary as a fraction of the table (indices ⌊min·1000⌋ and up).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_timestep_boundary: f64,
+
+    /// Upper timestep boundary (exclusive, as a fraction; Wan2.2 high-noise expert: 0.417).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_timestep_boundary: f64,
+
+    /// Scale of the Gaussian noise ε.
+    #[arg(long, default_value_t = 1.0)]
+    pub noise_scale: f32,
+
+    /// Round the timestep to bfloat16 as DiffSynth does (exact parity; default: exact float32).
+    #[arg(long)]
+    pub bf16_timestep: bool,
+}
+
+impl SftArgs {
+    pub fn config(&self) -> flowstep::sft::SftConfig {
+        flowstep::sft::SftConfig {
+            shift: self.shift,
+            min_boundary: self.min_timestep_boundary,
+            max_boundary: self.max_timestep_boundary,
+            noise_scale: self.noise_scale,
+            bf16_timestep: self.bf16_timestep,
+            ..flowstep::sft::SftConfig::default()
+        }
+    }
+}
+
 /// Where the graphs run; shared by every command that runs them.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeviceArgs {

@@ -10,7 +10,6 @@ use flowstep::executor::AdamW;
 use flowstep::lora_io::LoraFormat;
 use flowstep::metrics::Progress;
 use flowstep::optim::LrSchedule;
-use flowstep::sft::SftConfig;
 use flowstep::tensor_file::SaveDtype;
 use flowstep::train::{Length, NonFinitePolicy, TrainConfig, train};
 
@@ -79,25 +78,8 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
 
-    /// Timestep shift of the Wan scheduler.
-    #[arg(long, default_value_t = 5.0)]
-    pub shift: f32,
-
-    /// Lower timestep boundary as a fraction of the table (indices ⌊min·1000⌋ and up).
-    #[arg(long, default_value_t = 0.0)]
-    pub min_timestep_boundary: f64,
-
-    /// Upper timestep boundary (exclusive, as a fraction; Wan2.2 high-noise expert: 0.417).
-    #[arg(long, default_value_t = 1.0)]
-    pub max_timestep_boundary: f64,
-
-    /// Scale of the Gaussian noise ε.
-    #[arg(long, default_value_t = 1.0)]
-    pub noise_scale: f32,
-
-    /// Round the timestep to bfloat16 as DiffSynth does (exact parity; default: exact float32).
-    #[arg(long)]
-    pub bf16_timestep: bool,
+    #[command(flatten)]
+    pub sft: super::SftArgs,
 
     /// Write a checkpoint every N steps (always one at the end).
     #[arg(long, value_name = "N")]
@@ -172,14 +154,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         adamw: AdamW { beta1: args.beta1, beta2: args.beta2, eps: args.eps, weight_decay: args.weight_decay },
         grad_accum: args.grad_accum,
         repeat: args.repeat,
-        sft: SftConfig {
-            shift: args.shift,
-            min_boundary: args.min_timestep_boundary,
-            max_boundary: args.max_timestep_boundary,
-            noise_scale: args.noise_scale,
-            bf16_timestep: args.bf16_timestep,
-            ..SftConfig::default()
-        },
+        sft: args.sft.config(),
         save_every: args.save_every,
         keep_checkpoints: args.keep_checkpoints,
         resume: args.resume,
