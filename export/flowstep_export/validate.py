@@ -125,12 +125,6 @@ def graph_runner(out: Path, precision: str, attention: str = "chunked"):
     return run
 
 
-def run_training_graph(artifacts: Path, inputs: dict[str, np.ndarray], threads: int = 0):
-    sess = session(artifacts / "training_model.onnx", threads)
-    names = [i.name for i in sess.get_inputs()]
-    return sess.run(None, {n: inputs[n] for n in names})
-
-
 # bf16 graphs are compared with a float32 PyTorch reference on the same (bf16) weights and may
 # differ from it by at most this multiple of PyTorch's own bf16 error, plus BF16_FLOOR (for
 # outputs where PyTorch's bf16 error happens to be tiny). Measured on tiny: ONNX bf16 0.0099
