@@ -1,6 +1,9 @@
 //! The cached dataset: a directory of safetensors samples (`latents` [C,F,H,W], `context`
 //! [L,D]), checked against the model, visited in a seeded per-epoch order.
 //!
+//! Samples may differ in frames, height and width (resolution and length buckets): each
+//! step trains on one sample, and the graphs' axes are dynamic.
+//!
 //! The order is a pure function of (seed, sample counter), so a resumed run needs only the
 //! counter to continue exactly where it stopped.
 
@@ -51,6 +54,16 @@ pub struct Dataset {
     pub spec: SampleSpec,
     /// Each file's size and modification time when the dataset was opened.
     stamps: Vec<(u64, Option<SystemTime>)>,
+    /// Each file's latent shape [C, F, H, W], from its header.
+    latent_shapes: Vec<Vec<usize>>,
+}
+
+/// The samples that share one latent shape.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Bucket {
+    /// [C, F, H, W]
+    pub latent_shape: Vec<usize>,
+    pub samples: usize,
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> Error {
@@ -83,11 +96,8 @@ impl Dataset {
             }
             stamps.push((meta.len(), meta.modified().ok()));
         }
-        let dataset = Self { dir: dir.to_path_buf(), files, spec, stamps };
-        for path in &dataset.files {
-            dataset.check_header(path)?;
-        }
-        Ok(dataset)
+        let latent_shapes = files.iter().map(|path| check_header(path, &spec)).collect::<Result<_>>()?;
+        Ok(Self { dir: dir.to_path_buf(), files, spec, stamps, latent_shapes })
     }
 
     pub fn len(&self) -> usize {
@@ -98,32 +108,15 @@ impl Dataset {
         self.files.is_empty()
     }
 
-    fn check_header(&self, path: &Path) -> Result<()> {
-        let file = TensorFile::open(path).map_err(|e| bad(path, format!("cannot read sample: {}", strip_path(&e, path))))?;
-        let s = &self.spec;
-        let latents = file.info(LATENTS).ok_or_else(|| bad(path, format!("missing tensor `{LATENTS}` ([C, F, H, W] VAE latents)")))?;
-        let context = file.info(CONTEXT).ok_or_else(|| bad(path, format!("missing tensor `{CONTEXT}` ([L, D] text embeddings)")))?;
-        for (name, info) in [(LATENTS, &latents), (CONTEXT, &context)] {
-            if !matches!(info.dtype, safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16) {
-                return Err(bad(path, format!("tensor `{name}` has dtype {:?}; expected F32, BF16 or F16", info.dtype)));
-            }
+    /// The latent shapes present, largest token count first, with how many samples each.
+    pub fn buckets(&self) -> Vec<Bucket> {
+        let mut counts = std::collections::BTreeMap::<&[usize], usize>::new();
+        for shape in &self.latent_shapes {
+            *counts.entry(shape).or_default() += 1;
         }
-        let l = &latents.shape;
-        if l.len() != 4 {
-            return Err(bad(path, format!("tensor `{LATENTS}` has shape {l:?}; expected 4 dims [C, F, H, W]")));
-        }
-        if l[0] != s.channels {
-            return Err(bad(path, format!("tensor `{LATENTS}` has {} channels; this model takes {}", l[0], s.channels)));
-        }
-        for (axis, (&n, &p)) in ["frames", "height", "width"].iter().zip(l[1..].iter().zip(&s.patch)) {
-            if n == 0 || n % p != 0 {
-                return Err(bad(path, format!("tensor `{LATENTS}` {axis} {n} is not a positive multiple of the patch size {p}")));
-            }
-        }
-        if context.shape != [s.text_len, s.text_dim] {
-            return Err(bad(path, format!("tensor `{CONTEXT}` has shape {:?}; this model takes [{}, {}]", context.shape, s.text_len, s.text_dim)));
-        }
-        Ok(())
+        let mut buckets: Vec<Bucket> = counts.into_iter().map(|(shape, samples)| Bucket { latent_shape: shape.to_vec(), samples }).collect();
+        buckets.sort_by_key(|b| std::cmp::Reverse(b.latent_shape.iter().product::<usize>()));
+        buckets
     }
 
     /// Reads a sample; non-finite values are an error naming the sample and tensor.
@@ -144,6 +137,34 @@ impl Dataset {
         }
         Ok(Sample { path: path.clone(), latents, latent_shape, context, context_shape })
     }
+}
+
+/// Checks a sample's header against the model; returns its latent shape.
+fn check_header(path: &Path, s: &SampleSpec) -> Result<Vec<usize>> {
+    let file = TensorFile::open(path).map_err(|e| bad(path, format!("cannot read sample: {}", strip_path(&e, path))))?;
+    let latents = file.info(LATENTS).ok_or_else(|| bad(path, format!("missing tensor `{LATENTS}` ([C, F, H, W] VAE latents)")))?;
+    let context = file.info(CONTEXT).ok_or_else(|| bad(path, format!("missing tensor `{CONTEXT}` ([L, D] text embeddings)")))?;
+    for (name, info) in [(LATENTS, &latents), (CONTEXT, &context)] {
+        if !matches!(info.dtype, safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16) {
+            return Err(bad(path, format!("tensor `{name}` has dtype {:?}; expected F32, BF16 or F16", info.dtype)));
+        }
+    }
+    let l = &latents.shape;
+    if l.len() != 4 {
+        return Err(bad(path, format!("tensor `{LATENTS}` has shape {l:?}; expected 4 dims [C, F, H, W]")));
+    }
+    if l[0] != s.channels {
+        return Err(bad(path, format!("tensor `{LATENTS}` has {} channels; this model takes {}", l[0], s.channels)));
+    }
+    for (axis, (&n, &p)) in ["frames", "height", "width"].iter().zip(l[1..].iter().zip(&s.patch)) {
+        if n == 0 || n % p != 0 {
+            return Err(bad(path, format!("tensor `{LATENTS}` {axis} {n} is not a positive multiple of the patch size {p}")));
+        }
+    }
+    if context.shape != [s.text_len, s.text_dim] {
+        return Err(bad(path, format!("tensor `{CONTEXT}` has shape {:?}; this model takes [{}, {}]", context.shape, s.text_len, s.text_dim)));
+    }
+    Ok(l.clone())
 }
 
 fn strip_path(e: &Error, path: &Path) -> String {

@@ -43,7 +43,7 @@ pub enum Command {
     /// Validate an artifacts directory (manifest, sha256s, graph inputs) and summarise it.
     Inspect(inspect::Args),
     /// Fine-tune the LoRA on a cached dataset (latents + text embeddings).
-    Train(train::Args),
+    Train(Box<train::Args>),
     /// Deterministic validation loss of a LoRA on a dataset.
     Eval(eval::Args),
     /// Generate latent videos (Euler, optional guidance) with or without a LoRA, and draw them.
@@ -67,7 +67,7 @@ pub fn run() -> ExitCode {
     let result = match cli.command {
         Command::Schedule(args) => schedule::run(args, &globals),
         Command::Inspect(args) => inspect::run(args, &globals),
-        Command::Train(args) => train::run(args, &globals),
+        Command::Train(args) => train::run(*args, &globals),
         Command::Eval(args) => eval::run(args, &globals),
         Command::Sample(args) => sample::run(args, &globals),
         Command::Draws(args) => draws::run(args, &globals),

@@ -11,7 +11,7 @@ use flowstep::lora_io::LoraFormat;
 use flowstep::metrics::Progress;
 use flowstep::optim::LrSchedule;
 use flowstep::tensor_file::SaveDtype;
-use flowstep::train::{Length, NonFinitePolicy, TrainConfig, train};
+use flowstep::train::{Length, NonFinitePolicy, SamplingConfig, TrainConfig, train};
 
 use super::{DeviceArgs, Globals, ModelArgs};
 
@@ -110,6 +110,22 @@ pub struct Args {
     #[arg(long, default_value_t = 8)]
     pub eval_timesteps: usize,
 
+    /// Write samples every N steps and after the last one, with the current LoRA, to
+    /// OUT/samples/step-XXXXXX/ (latents, PNG contact sheet, GIF per prompt). Sampling time
+    /// is reported apart and never counted in the step times. Needs --sample-prompts.
+    #[arg(long, value_name = "N", requires = "sample_prompts")]
+    pub sample_every: Option<u64>,
+
+    /// Prompts to sample: one per line, a context file (relative to this file) then optional
+    /// seed=N shape=F,H,W steps=N cfg=X shift=X negative=FILE; `#` starts a comment. The
+    /// shape defaults to the training data's largest bucket. Checked before training starts.
+    #[arg(long, value_name = "FILE", requires = "sample_every")]
+    pub sample_prompts: Option<PathBuf>,
+
+    /// Euler steps per training-time sample, where a prompt line gives none.
+    #[arg(long, default_value_t = 30, value_name = "N")]
+    pub sample_steps: usize,
+
     /// Key format of the final LoRA file.
     #[arg(long, value_enum, default_value_t = LoraFormat::Diffsynth)]
     pub lora_format: LoraFormat,
@@ -167,6 +183,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         lora_dtype: args.lora_dtype,
         on_nonfinite: args.on_nonfinite,
         skip_bad_samples: args.skip_bad_samples,
+        sampling: args.sample_every.zip(args.sample_prompts).map(|(every, prompts)| SamplingConfig { every, prompts, steps: args.sample_steps }),
         stop_after: args.stop_after,
     };
     let interrupt = Arc::new(AtomicBool::new(false));
@@ -198,11 +215,17 @@ fn print_summary(s: &flowstep::train::TrainSummary) {
     }
     eprintln!("time           {:.1} s total, {:.3} s/step ({:.2} it/s), host work {:.1}%", s.seconds, s.seconds_per_step,
         if s.seconds_per_step > 0.0 { 1.0 / s.seconds_per_step } else { 0.0 }, 100.0 * s.host_fraction);
+    let buckets: Vec<String> = s.buckets.iter().map(|b| format!("{} × {}", b.samples, b.latent_shape.iter().map(usize::to_string).collect::<Vec<_>>().join("×"))).collect();
+    eprintln!("data           {} samples, latents [C×F×H×W] {}", s.buckets.iter().map(|b| b.samples).sum::<usize>(), buckets.join(", "));
     if let Some(bytes) = s.graph_peak_bytes {
         eprintln!("graph memory   {:.2} GB peak in use by the graphs' working tensors (ONNX Runtime arenas)", bytes as f64 / 1e9);
     }
     if s.skipped_steps + s.skipped_samples > 0 {
         eprintln!("skipped        {} steps (non-finite), {} samples (NaN/Inf)", s.skipped_steps, s.skipped_samples);
+    }
+    if !s.samples.is_empty() {
+        eprintln!("samples        {} sets in {:.1} s (not in the step times), last {}", s.samples.len(), s.sample_seconds,
+            s.samples.last().map(|p| p.display().to_string()).unwrap_or_default());
     }
     if let Some(p) = &s.lora {
         eprintln!("LoRA           {}", p.display());

@@ -2,9 +2,11 @@
 //! through its phases. Everything a run reports goes out as events.
 
 mod run;
+mod samples;
 mod trainer;
 mod validate;
 
+pub use samples::SamplingConfig;
 pub use trainer::Trainer;
 
 use std::path::PathBuf;
@@ -12,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 
+use crate::data::Bucket;
 use crate::error::Result;
 use crate::eval::EvalConfig;
 use crate::executor::AdamW;
@@ -66,6 +69,8 @@ pub struct TrainConfig {
     pub lora_dtype: SaveDtype,
     pub on_nonfinite: NonFinitePolicy,
     pub skip_bad_samples: bool,
+    /// `--sample-every`: samples during training.
+    pub sampling: Option<SamplingConfig>,
     /// Stop after this many optimizer steps of this process (tests of resume).
     pub stop_after: Option<u64>,
 }
@@ -92,6 +97,12 @@ pub struct TrainSummary {
     /// Peak live memory of the graphs' working tensors in ONNX Runtime's arenas (device
     /// memory on a GPU), not what the arenas reserved.
     pub graph_peak_bytes: Option<u64>,
+    /// The training data's latent shapes and how many samples each.
+    pub buckets: Vec<Bucket>,
+    /// Sample directories written by this process (`--sample-every`), and the time they took
+    /// (not counted in the step times).
+    pub samples: Vec<PathBuf>,
+    pub sample_seconds: f64,
     pub lora: Option<PathBuf>,
     pub checkpoint: Option<PathBuf>,
     pub metrics: PathBuf,

@@ -1,13 +1,14 @@
 //! The trainer and its phases: start or resume, micro-step, apply, evaluate, checkpoint,
 //! finish. Each phase is one method; the loop that calls them lives in [`super::train`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use fs2::FileExt;
 
+use super::samples::{self, SampleWriter};
 use super::{NonFinitePolicy, TrainConfig, TrainSummary, run};
 use crate::artifacts::Artifacts;
 use crate::checkpoint::{self, CheckpointState, TrainerState};
@@ -78,11 +79,12 @@ impl Events<'_, '_> {
     }
 }
 
-/// Wall time split into graph and host work.
+/// Wall time split into graph and host work; sampling is timed apart from the steps.
 #[derive(Default)]
 struct Timing {
     step_seconds: f64,
     host_seconds: f64,
+    sample_seconds: f64,
 }
 
 /// The micro-steps of one optimizer step, summed.
@@ -104,6 +106,10 @@ pub struct Trainer<'a, 'o> {
     total_steps: u64,
     graphs: TrainingGraphs,
     eval_graph: Option<LossGraph>,
+    /// `--sample-every`: the inference graph and the prompts.
+    sample_writer: Option<SampleWriter>,
+    /// Sample directories written by this process.
+    sample_dirs: Vec<PathBuf>,
     /// Position, advanced sample by sample during a step.
     state: TrainerState,
     /// Position after the last finished step: what a rescue checkpoint saves.
@@ -111,7 +117,8 @@ pub struct Trainer<'a, 'o> {
     /// The step of the newest checkpoint on disk.
     saved_step: Option<u64>,
     start_step: u64,
-    batch: Option<Batch>,
+    /// Host input buffers, one per latent shape (bucket) met so far.
+    batches: HashMap<Vec<usize>, Batch>,
     events: Events<'a, 'o>,
     started: Instant,
     timing: Timing,
@@ -138,6 +145,13 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let spec = SampleSpec::for_model(&manifest.model);
         let dataset = Dataset::open(&config.data, spec.clone())?;
         let eval_set = config.eval_data.as_deref().map(|d| Dataset::open(d, spec.clone())).transpose()?;
+        let prompts = match &config.sampling {
+            Some(sampling) => {
+                let largest = &dataset.buckets()[0].latent_shape;
+                Some(samples::read_prompts(sampling, &manifest.model, [largest[1], largest[2], largest[3]])?)
+            }
+            None => None,
+        };
         let sampler = SftSampler::new(SftConfig { shift: config.sft.shift, ..config.sft.clone() }, config.seed)?;
         let (order, total_steps) = config.plan(dataset.len())?;
         let lock = lock_out(&config.out)?;
@@ -160,6 +174,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             Some(_) => Some(LossGraph::load(&artifacts, &config.session, &base)?),
             None => None,
         };
+        let sample_writer = prompts.map(|prompts| SampleWriter::load(&artifacts, &config.session, &base, prompts)).transpose()?;
         let p = artifacts.num_params();
         let mut state = TrainerState { step: 0, micro_steps: 0, skipped_steps: 0, skipped_samples: 0, run: run.clone() };
         let resumed_from = existing.last().filter(|_| config.resume).map(|(_, dir)| dir.clone());
@@ -190,11 +205,13 @@ impl<'a, 'o> Trainer<'a, 'o> {
             total_steps,
             graphs,
             eval_graph,
+            sample_writer,
+            sample_dirs: Vec::new(),
             committed: state.clone(),
             saved_step: resumed_from.as_ref().map(|_| start_step),
             state,
             start_step,
-            batch: None,
+            batches: HashMap::new(),
             events: Events { jsonl, recorder: Recorder::default(), observers },
             started,
             timing: Timing::default(),
@@ -270,6 +287,10 @@ impl<'a, 'o> Trainer<'a, 'o> {
             }
         }
         self.events.emit(TrainEvent::Step(&record))?;
+        let sample_due = self.config.sampling.as_ref().is_some_and(|s| s.every > 0 && step.is_multiple_of(s.every));
+        if sample_due || (self.done() && self.sample_writer.is_some()) {
+            self.sample(step)?;
+        }
         if self.config.save_every.is_some_and(|n| n > 0 && step.is_multiple_of(n)) && !self.done() {
             self.checkpoint()?;
         }
@@ -297,11 +318,10 @@ impl<'a, 'o> Trainer<'a, 'o> {
             }
             Err(e) => return Err(e),
         };
-        let reuse = self.batch.as_ref().is_some_and(|b| b.latent_shape() == sample.latent_shape && b.context_shape() == sample.context_shape);
-        if !reuse {
-            self.batch = Some(Batch::new(&sample.latent_shape, &sample.context_shape)?);
-        }
-        let Some(b) = self.batch.as_mut() else { return Ok(false) };
+        let b = match self.batches.entry(sample.latent_shape.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(Batch::new(&sample.latent_shape, &sample.context_shape)?),
+        };
         b.context.extract_tensor_mut().1.copy_from_slice(&sample.context);
         let sampler = &self.sampler;
         let draw = b.prepare(|x_t, target| sampler.prepare_into(counter, &sample.latents, x_t, target))?;
@@ -358,6 +378,19 @@ impl<'a, 'o> Trainer<'a, 'o> {
         Ok(Some(r.eval_loss))
     }
 
+    /// Samples every prompt with the current parameters into `OUT/samples/step-XXXXXX/`.
+    fn sample(&mut self, step: u64) -> Result<()> {
+        let Some(writer) = self.sample_writer.as_mut() else { return Ok(()) };
+        let started = Instant::now();
+        let dir = self.config.out.join("samples").join(format!("step-{step:06}"));
+        writer.write(self.graphs.params(), &dir)?;
+        let seconds = started.elapsed().as_secs_f64();
+        self.timing.sample_seconds += seconds;
+        self.events.emit(TrainEvent::Sampled { step, dir: &dir, seconds })?;
+        self.sample_dirs.push(dir);
+        Ok(())
+    }
+
     /// Saves the current state as a checkpoint and prunes old ones.
     fn checkpoint(&mut self) -> Result<PathBuf> {
         let (params, m, v) = self.graphs.state()?;
@@ -410,7 +443,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let steps = self.steps_this_run();
         let losses: Vec<f64> = self.events.recorder.steps.iter().map(|r| r.loss).filter(|l| l.is_finite()).collect();
         let tail = &losses[losses.len().saturating_sub(10)..];
-        let Timing { step_seconds, host_seconds } = self.timing;
+        let Timing { step_seconds, host_seconds, .. } = self.timing;
         let summary = TrainSummary {
             start_step: self.start_step,
             steps,
@@ -427,6 +460,9 @@ impl<'a, 'o> Trainer<'a, 'o> {
             seconds_per_step: if steps > 0 { step_seconds / steps as f64 } else { 0.0 },
             host_fraction: if step_seconds > 0.0 { host_seconds / step_seconds } else { 0.0 },
             graph_peak_bytes: self.graphs.arena_peak_bytes()?,
+            buckets: self.dataset.buckets(),
+            samples: self.sample_dirs.clone(),
+            sample_seconds: self.timing.sample_seconds,
             lora: lora_path,
             checkpoint: self.last_checkpoint.clone(),
             metrics: metrics_path,

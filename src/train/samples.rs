@@ -1,0 +1,140 @@
+//! Samples during training (`--sample-every N --sample-prompts FILE`): the inference graph,
+//! on the same base weights and the current LoRA parameters, run for each prompt of the file
+//! and written under `OUT/samples/step-XXXXXX/`.
+//!
+//! The prompt file has one prompt per line, `#` comments and blank lines ignored:
+//!
+//! ```text
+//! # context file (text-encoder output, relative to this file), then optional key=value
+//! purple-up.safetensors seed=1
+//! yellow-up.safetensors seed=2 shape=2,16,16 cfg=3 negative=empty.safetensors steps=20
+//! ```
+//!
+//! `seed` defaults to 0, `shape` (latent F,H,W) to the training data's largest bucket,
+//! `cfg` to 1 (no guidance), `negative` to an all-zero context, `steps` to `--sample-steps`,
+//! `shift` to 5 (as `flowstep sample`).
+
+use std::path::{Path, PathBuf};
+
+use ort::value::Tensor;
+
+use crate::artifacts::{Artifacts, ModelInfo};
+use crate::error::{Error, IoContext, Result};
+use crate::executor::{BaseWeights, VelocityGraph};
+use crate::render::Grid;
+use crate::runtime::SessionOptions;
+use crate::sample::{SampleConfig, sample};
+use crate::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, write_atomic};
+
+/// `--sample-every`, `--sample-prompts`, `--sample-steps`.
+#[derive(Debug, Clone)]
+pub struct SamplingConfig {
+    pub every: u64,
+    pub prompts: PathBuf,
+    pub steps: usize,
+}
+
+/// One line of the prompt file, its context files read.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub name: String,
+    pub context: Vec<f32>,
+    pub negative: Option<Vec<f32>>,
+    pub config: SampleConfig,
+}
+
+const DEFAULT_SHIFT: f32 = 5.0;
+
+fn bad_line(file: &Path, line: usize, reason: impl std::fmt::Display) -> Error {
+    Error::Config(format!("--sample-prompts {}:{line}: {reason}", file.display()))
+}
+
+fn read_context(path: &Path, model: &ModelInfo) -> Result<Vec<f32>> {
+    let (shape, values) = TensorFile::open(path)?.read_f32("context")?;
+    if shape != [model.text_len, model.text_dim] {
+        return Err(Error::Config(format!("{}: `context` has shape {shape:?}, this model takes [{}, {}]", path.display(), model.text_len, model.text_dim)));
+    }
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(Error::Config(format!("{}: `context` has NaN or infinite values", path.display())));
+    }
+    Ok(values)
+}
+
+/// Reads and checks the whole prompt file before training starts. `default_shape` is the
+/// latent F,H,W used where a line gives none.
+pub fn read_prompts(config: &SamplingConfig, model: &ModelInfo, default_shape: [usize; 3]) -> Result<Vec<Prompt>> {
+    let file = &config.prompts;
+    let text = std::fs::read_to_string(file).at(file)?;
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let mut prompts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line_no = i + 1;
+        let line = line.split('#').next().unwrap_or("").trim();
+        let mut words = line.split_whitespace();
+        let Some(context) = words.next() else { continue };
+        let (mut seed, mut shape, mut cfg_scale, mut negative, mut steps, mut shift) = (0, default_shape, 1.0f32, None, config.steps, DEFAULT_SHIFT);
+        for word in words {
+            let (key, value) = word.split_once('=').ok_or_else(|| bad_line(file, line_no, format!("`{word}`: expected key=value")))?;
+            let number = |what: &str| bad_line(file, line_no, format!("{key}={value}: expected {what}"));
+            match key {
+                "seed" => seed = value.parse().map_err(|_| number("a non-negative integer"))?,
+                "steps" => steps = value.parse().ok().filter(|&s| (1..=10_000).contains(&s)).ok_or_else(|| number("1 to 10000"))?,
+                "cfg" => cfg_scale = value.parse().ok().filter(|c: &f32| c.is_finite()).ok_or_else(|| number("a finite number"))?,
+                "shift" => shift = value.parse().ok().filter(|s: &f32| s.is_finite() && *s > 0.0).ok_or_else(|| number("a positive number"))?,
+                "negative" => negative = Some(read_context(&dir.join(value), model)?),
+                "shape" => {
+                    let dims: Vec<usize> = value.split(',').map(str::parse).collect::<std::result::Result<_, _>>().map_err(|_| number("F,H,W"))?;
+                    let p = model.patch_size;
+                    let ok = dims.len() == 3 && dims.iter().zip(p).all(|(&d, p)| d > 0 && d.is_multiple_of(p)) && dims.iter().product::<usize>() <= 1 << 24;
+                    if !ok {
+                        return Err(number(&format!("three positive multiples of the patch size {p:?}, at most 2^24 latent pixels")));
+                    }
+                    shape = [dims[0], dims[1], dims[2]];
+                }
+                _ => return Err(bad_line(file, line_no, format!("unknown key `{key}` (seed, shape, steps, cfg, shift, negative)"))),
+            }
+        }
+        let name = format!("{:02}-{}", prompts.len(), Path::new(context).file_stem().and_then(|s| s.to_str()).unwrap_or("prompt"));
+        let context = read_context(&dir.join(context), model)?;
+        let config = SampleConfig { steps, shift, cfg_scale, seed, shape: [model.in_dim, shape[0], shape[1], shape[2]] };
+        prompts.push(Prompt { name, context, negative, config });
+    }
+    if prompts.is_empty() {
+        return Err(Error::Config(format!("--sample-prompts {}: no prompts (one context file per line)", file.display())));
+    }
+    Ok(prompts)
+}
+
+/// The inference graph and the prompts, loaded once per run.
+pub struct SampleWriter {
+    graph: VelocityGraph,
+    prompts: Vec<Prompt>,
+    context_shape: [usize; 2],
+}
+
+impl SampleWriter {
+    pub fn load(artifacts: &Artifacts, options: &SessionOptions, base: &BaseWeights, prompts: Vec<Prompt>) -> Result<Self> {
+        let m = &artifacts.manifest.model;
+        Ok(Self { graph: VelocityGraph::load(artifacts, options, base)?, prompts, context_shape: [m.text_len, m.text_dim] })
+    }
+
+    /// Samples every prompt with `params` into `dir`: per prompt a `.safetensors` with the
+    /// latents [C, F, H, W], a `.png` contact sheet and a `.gif`; `samples.json` lists them.
+    pub fn write(&mut self, params: &Tensor<f32>, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).at(dir)?;
+        let mut listed = Vec::new();
+        for prompt in &self.prompts {
+            let video = sample(&mut self.graph, params, (&self.context_shape, &prompt.context), prompt.negative.as_deref(), &prompt.config)?;
+            let shape = prompt.config.shape;
+            let latents = OutTensor { name: "latents".into(), shape: shape.to_vec(), values: video.clone() };
+            write_atomic(&dir.join(format!("{}.safetensors", prompt.name)), &encode(&[latents], SaveDtype::F32, None)?)?;
+            let grid = Grid { videos: vec![video], shape, scale: (128 / shape[3].max(1)).clamp(1, 16) as u32 };
+            grid.write_png(&dir.join(format!("{}.png", prompt.name)))?;
+            grid.write_gif(&dir.join(format!("{}.gif", prompt.name)))?;
+            let c = &prompt.config;
+            listed.push(serde_json::json!({"name": prompt.name, "seed": c.seed, "shape": shape, "steps": c.steps, "cfg_scale": c.cfg_scale, "shift": c.shift}));
+        }
+        let json = serde_json::to_vec_pretty(&listed).map_err(|e| Error::Config(e.to_string()))?;
+        write_atomic(&dir.join("samples.json"), &json)
+    }
+}
