@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Re-exports the committed artifacts after a change to the exporter, with the exact options
 # the tests expect, and rewrites the PyTorch goldens:
-#   models/tiny/artifacts     tiny preset, LoRA rank 8, attention chunk 16 (so the Rust tests
-#                             run several chunks, padding included), base weights shipped
+#   models/tiny/artifacts     tiny preset, LoRA rank 8, attention chunk 12 (the Rust tests' 32 tokens
+#                             run as 3 chunks of 11, one padded row), base weights shipped
 #   models/tiny/golden.safetensors
 #   models/tiny-fused/artifacts  the same with --attention fused (com.flowstep operators), so
 #                             the Rust tests compare fused and chunked training
@@ -14,7 +14,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"; cd "$root"
 venv="$(scripts/setup_python.sh)"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
 cd export
-"$venv/bin/python" -m flowstep_export --model tiny --out "$tmp/tiny" --lora-rank 8 --attention-chunk 16 --ship-base -q >/dev/null
+"$venv/bin/python" -m flowstep_export --model tiny --out "$tmp/tiny" --lora-rank 8 --attention-chunk 12 --ship-base -q >/dev/null
 rm -rf ../models/tiny/artifacts && mv "$tmp/tiny" ../models/tiny/artifacts
 "$venv/bin/python" -m flowstep_export --model tiny --out "$tmp/tiny-fused" --lora-rank 8 --attention fused --ship-base -q >/dev/null
 rm -rf ../models/tiny-fused/artifacts && mkdir -p ../models/tiny-fused && mv "$tmp/tiny-fused" ../models/tiny-fused/artifacts

@@ -59,19 +59,25 @@ class _Builder:
 
 
 class _Chunking:
-    """The dynamic chunk geometry of one node: sequence length S, chunk c = min(chunk, S),
-    n = ceil(S / c) chunks, pad = n·c - S."""
+    """The dynamic chunk geometry of one node: sequence length S, n = ceil(S / chunk) chunks
+    of c = ceil(S / n) rows each (at most `chunk`), pad = n·c - S < n.
+
+    Balanced chunks keep the padding below one row per chunk: with c = chunk, 1,280 tokens in
+    chunks of 512 would compute 256 padded rows (20% more attention work)."""
 
     def __init__(self, b: _Builder, heads_first: str, chunk: int):
         # heads_first: any [B, H, S, D] tensor of the queries.
         self.b = b
         self.shape = b.op("Shape", [heads_first], "shape")
         self.seq = b.op("Slice", [self.shape, b.const([2]), b.const([3])], "seq")
-        self.chunk = b.op("Min", [b.const([chunk]), self.seq], "chunk")
-        one = b.const([1])
-        self.count = b.op("Div", [b.op("Sub", [b.op("Add", [self.seq, self.chunk]), one]), self.chunk], "num_chunks")
+        self.count = self._ceil_div(self.seq, b.const([chunk]), "num_chunks")
+        self.chunk = self._ceil_div(self.seq, self.count, "chunk")
         self.pad = b.op("Sub", [b.op("Mul", [self.count, self.chunk]), self.seq], "pad")
         self.batch_heads = b.op("Slice", [self.shape, b.const([0]), b.const([2])], "batch_heads")
+
+    def _ceil_div(self, a: str, d: str, hint: str) -> str:
+        b = self.b
+        return b.op("Div", [b.op("Sub", [b.op("Add", [a, d]), b.const([1])]), d], hint)
 
     def split(self, x: str, zeros_of: int | None = None, has_last_dim: bool = True) -> str:
         """[B, H, S(, D)] -> [n, B, H, c(, D)], padded with x's first rows, or with zeros of

@@ -8,6 +8,7 @@ import collections
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ def op_counts(path: Path) -> collections.Counter:
 
 def export_tiny(tmp_path, **options) -> tuple[Path, dict]:
     logging.getLogger("flowstep_export").setLevel(logging.ERROR)
-    opts = ExportOptions(out=tmp_path, lora=TINY_LORA, ship_base=True, seed=0, attention_chunk=16, **options)
+    opts = ExportOptions(out=tmp_path, lora=TINY_LORA, ship_base=True, seed=0, attention_chunk=12, **options)
     export_artifacts(get_config("tiny"), opts)
     # Each export validates itself; run it here too so a failure names the output and tolerance.
     return tmp_path, validate_artifacts(tmp_path, get_config("tiny"), opts)
@@ -133,7 +134,7 @@ def peak_rss_mb(cmd: list[str]) -> float:
 def test_training_peak_memory_grows_linearly_in_tokens(tmp_path):
     """One `flowstep train` step on the committed tiny artifacts at 2,048, 4,096 and 8,192
     tokens. Keeping attention probabilities for the backward would hold [2 heads, S, S]
-    float32 per layer: 537 MB at 8,192 tokens. Chunked attention (chunk 16) keeps O(S)."""
+    float32 per layer: 537 MB at 8,192 tokens. Chunked attention (chunk 12) keeps O(S)."""
     rss = {}
     for frames in (32, 64, 128):  # 16x16 latent -> 64 tokens per frame
         data = long_sample(tmp_path, frames)
@@ -145,3 +146,54 @@ def test_training_peak_memory_grows_linearly_in_tokens(tmp_path):
     # [2, S, S] matrix would make the second interval's cost per token 3x the first's.
     assert per_token_high < 1.5 * per_token_low + 0.005, rss
     assert rss[8192] - rss[2048] < 2 * 8192 * 8192 * 4 / 2**20 / 2, rss
+
+
+def _lowered_attention_pair(chunk: int) -> onnx.ModelProto:
+    """One FlashAttention + FlashAttentionGrad pair (dynamic query length), lowered, with the
+    chunk geometry exposed as extra outputs."""
+    from onnx import TensorProto, helper
+    from flowstep_export.attention import DOMAIN
+    from flowstep_export.lower_attention import lower_attention
+
+    f32 = TensorProto.FLOAT
+    dims = {"q": [1, "S", 2, 8], "k": [1, 11, 2, 8], "v": [1, 11, 2, 8], "do": [1, "S", 2, 8]}
+    nodes = [helper.make_node("FlashAttention", ["q", "k", "v"], ["o", "lse"], domain=DOMAIN, scale=0.3),
+             helper.make_node("FlashAttentionGrad", ["q", "k", "v", "o", "lse", "do"], ["dq", "dk", "dv"], domain=DOMAIN, scale=0.3)]
+    graph = helper.make_graph(nodes, "pair", [helper.make_tensor_value_info(n, f32, s) for n, s in dims.items()],
+                              [helper.make_tensor_value_info(n, f32, None) for n in ("o", "lse", "dq", "dk", "dv")])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+    assert lower_attention(model, chunk) == 2
+    forward_geometry = [o for n in model.graph.node if n.name.startswith("attention0/") for o in n.output
+                        if re.fullmatch(r"attention0/(num_chunks|chunk|pad)_\d+", o)]
+    model.graph.output.extend(helper.make_tensor_value_info(o, TensorProto.INT64, None) for o in forward_geometry)
+    return model
+
+
+@pytest.mark.parametrize("seq", range(1, 14))
+def test_lowered_attention_equals_autograd_for_every_padding(seq):
+    """The lowered pair (chunk 4) against float64 softmax autograd for 1..13 queries: one chunk,
+    exact multiples, and every amount of padding. Chunks are balanced: n = ceil(S/4) chunks of
+    ceil(S/n) rows, so fewer than n padded rows (1,280 tokens in chunks of 512: 3 x 427, not
+    3 x 512 with 256 wasted rows). float32 graph vs float64 reference: 2e-5."""
+    import onnxruntime as ort
+
+    model = _lowered_attention_pair(chunk=4)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(seq)
+    q, do = (torch.randn(1, seq, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, 11, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    feeds = {n: t.float().numpy() for n, t in dict(q=q, k=k, v=v, do=do).items()}
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    scores = torch.einsum("bqhd,bkhd->bhqk", leaves[0], leaves[1]) * 0.3
+    o = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), leaves[2])
+    want = dict(o=o, lse=scores.logsumexp(-1), **dict(zip(("dq", "dk", "dv"), torch.autograd.grad((o * do).sum(), leaves))))
+    for name, value in want.items():
+        np.testing.assert_allclose(outputs[name], value.detach().numpy(), atol=2e-5, err_msg=name)
+
+    geometry = {name.split("/")[1].rsplit("_", 1)[0]: int(value[0]) for name, value in outputs.items() if name.startswith("attention0/")}
+    count = -(-seq // 4)
+    rows = -(-seq // count)
+    assert geometry == {"num_chunks": count, "chunk": rows, "pad": count * rows - seq}
+    assert geometry["pad"] < count

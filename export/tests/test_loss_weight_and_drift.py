@@ -58,7 +58,7 @@ def without_timings(m: dict) -> dict:
 
 
 def test_committed_tiny_artifacts_equal_a_fresh_export(tiny_artifacts):
-    """models/tiny/artifacts was written by the current exporter (rank 8, attention chunk 16,
+    """models/tiny/artifacts was written by the current exporter (rank 8, attention chunk 12,
     seed 0, shipped base): a change to the export code that changes the graphs must come with
     new artifacts (and goldens), or the Rust tests read stale files. Regenerate with
     scripts/regenerate_models.sh."""
