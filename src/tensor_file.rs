@@ -113,6 +113,32 @@ impl TensorFile {
         Ok((shape.to_vec(), values))
     }
 
+    /// The file's `__metadata__` strings, if it has any.
+    pub fn metadata(&self) -> Option<&HashMap<String, String>> {
+        self.header.metadata().as_ref()
+    }
+
+    /// A one-element tensor of any float or integer dtype (a LoRA's `.alpha`: trainers
+    /// write it as float, bf16 or int64).
+    pub fn read_scalar(&self, name: &str) -> Result<f64> {
+        let (dtype, shape, data) = self.raw(name)?;
+        let value = match (dtype, data) {
+            (Dtype::F64, &[a, b, c, d, e, f, g, h]) => f64::from_le_bytes([a, b, c, d, e, f, g, h]),
+            (Dtype::F32, &[a, b, c, d]) => f32::from_le_bytes([a, b, c, d]) as f64,
+            (Dtype::BF16, &[a, b]) => bf16::from_le_bytes([a, b]).to_f64(),
+            (Dtype::F16, &[a, b]) => f16::from_le_bytes([a, b]).to_f64(),
+            (Dtype::I64, &[a, b, c, d, e, f, g, h]) => i64::from_le_bytes([a, b, c, d, e, f, g, h]) as f64,
+            (Dtype::I32, &[a, b, c, d]) => i32::from_le_bytes([a, b, c, d]) as f64,
+            _ => {
+                return Err(Error::Tensor {
+                    path: self.path.clone(),
+                    reason: format!("tensor `{name}` ({dtype:?}, shape {shape:?}) is not a single float or integer"),
+                });
+            }
+        };
+        Ok(value)
+    }
+
     /// A tensor as float32 (from F32, BF16 or F16), with its shape.
     pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let (dtype, shape, data) = self.raw(name)?;

@@ -1,21 +1,27 @@
-//! The flat LoRA buffer <-> named LoRA tensors, and LoRA files in the formats users' tools
-//! load: DiffSynth/PEFT (`blocks.0.self_attn.q.lora_A.default.weight`, no alpha key) and
-//! ComfyUI (`diffusion_model.blocks.0.self_attn.q.lora_A.weight` plus `.alpha`).
+//! The flat LoRA buffer <-> named LoRA tensors, and LoRA files: written in ComfyUI layout
+//! (`diffusion_model.blocks.0.self_attn.q.lora_A.weight` plus `.alpha`, which ComfyUI,
+//! diffusers, musubi-tuner's converter and DiffSynth all load) or DiffSynth's
+//! (`blocks.0.self_attn.q.lora_A.default.weight`, no alpha, which only DiffSynth loads);
+//! read in those and in diffusers' and musubi's layouts (`read`).
+
+mod read;
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use crate::artifacts::LoraInfo;
 use crate::error::{Error, Result};
-use crate::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, write_atomic};
+use crate::tensor_file::{OutTensor, SaveDtype, encode, write_atomic};
 
 /// Key layout of a written LoRA file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum LoraFormat {
-    /// DiffSynth-Studio / PEFT keys, as DiffSynth saves and loads them.
-    Diffsynth,
-    /// ComfyUI keys with a `diffusion_model.` prefix and per-module `.alpha`.
+    /// `diffusion_model.` keys and per-module `.alpha`: loads in ComfyUI, diffusers (Wan),
+    /// musubi-tuner (convert_lora.py) and DiffSynth-Studio.
     Comfyui,
+    /// DiffSynth-Studio keys (`.lora_A.default.weight`), alpha/rank baked into B: loads in
+    /// DiffSynth-Studio only.
+    Diffsynth,
 }
 
 const COMFY_PREFIX: &str = "diffusion_model.";
@@ -88,62 +94,17 @@ pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtyp
     write_atomic(path, &encode(&tensors, dtype, Some(meta))?)
 }
 
-/// Reads a LoRA file in either format into the flat buffer. A file whose alpha differs
-/// from the export's is rescaled (B · alpha_file/alpha_export); a different rank is an error.
+/// Reads a LoRA file into the flat buffer: DiffSynth-Studio, ComfyUI, diffusers/PEFT or
+/// musubi-tuner/kohya keys, rescaled to the export's alpha; anything else is refused.
 pub fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
-    let file = TensorFile::open(path)?;
-    let names = file.names();
-    let comfy = names.iter().any(|n| n.starts_with(COMFY_PREFIX));
-    let key_of = |k: &str| if comfy { comfy_key(k) } else { k.to_string() };
-    let mut known: std::collections::HashSet<String> = lora.tensors.iter().map(|t| key_of(&t.key)).collect();
-    if comfy {
-        known.extend(lora.tensors.iter().map(|t| format!("{COMFY_PREFIX}{}.alpha", module_of(&t.key))));
-    }
-    let unknown: Vec<&String> = names.iter().filter(|n| !known.contains(*n)).collect();
-    if let Some(first) = unknown.first() {
-        let more = if unknown.len() > 1 { format!(" and {} more", unknown.len() - 1) } else { String::new() };
-        return Err(Error::Tensor {
-            path: path.to_path_buf(),
-            reason: format!("has tensor `{first}`{more} that this model does not have (rank {}, targets {}); it was made for another model or export", lora.rank, lora.targets.join(",")),
-        });
-    }
-    let mut flat = vec![0.0f32; lora.num_params];
-    for t in &lora.tensors {
-        let key = key_of(&t.key);
-        let Some(info) = file.info(&key) else {
-            return Err(Error::Tensor { path: path.to_path_buf(), reason: format!("missing LoRA tensor `{key}` (rank {}, targets {})", lora.rank, lora.targets.join(",")) });
-        };
-        if info.shape != t.shape {
-            return Err(Error::Tensor {
-                path: path.to_path_buf(),
-                reason: format!("LoRA tensor `{key}` has shape {:?}, this export needs {:?} (rank {})", info.shape, t.shape, lora.rank),
-            });
-        }
-        let (_, mut values) = file.read_f32(&key)?;
-        if comfy && t.key.contains(".lora_B.") {
-            let alpha_key = format!("{COMFY_PREFIX}{}.alpha", module_of(&t.key));
-            if file.info(&alpha_key).is_some() {
-                let alpha = file.read_f32(&alpha_key)?.1.first().copied().unwrap_or(lora.alpha as f32) as f64;
-                let scale = (alpha / lora.alpha) as f32;
-                values.iter_mut().for_each(|v| *v *= scale);
-            }
-        }
-        if !comfy && t.key.contains(".lora_B.") && diffsynth_b_scale(lora) != 1.0 {
-            let scale = 1.0 / diffsynth_b_scale(lora);
-            values.iter_mut().for_each(|v| *v *= scale);
-        }
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Tensor { path: path.to_path_buf(), reason: format!("LoRA tensor `{key}` has a non-finite value at {i}") });
-        }
-        flat[t.offset..t.offset + t.numel()].copy_from_slice(&values);
-    }
-    Ok(flat)
+    read::load(path, lora)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::artifacts::LoraTensor;
+    use crate::tensor_file::TensorFile;
 
     fn info() -> LoraInfo {
         LoraInfo {
