@@ -197,37 +197,51 @@ def test_musubi_converter_round_trip(alpha_run, tmp_path):
     assert load_file(str(empty)) == {}
 
 
-def test_default_file_loads_in_comfyui(alpha_run):
-    """ComfyUI's own key map (comfy.lora.model_lora_keys_unet over a model whose state dict
-    has Wan's `diffusion_model.` names), load_lora (nothing left unloaded) and
-    calculate_weight: each patched weight is W + B·A·alpha/rank."""
+def comfyui_wan(alpha_run):
+    """ComfyUI's own Wan model (comfy.supported_models.WAN21_T2V, the export's config) with
+    the export's base weights, in a ModelPatcher, from the checkout at COMFYUI_DIR."""
     checkout = os.environ.get("COMFYUI_DIR")
     if not checkout:
         pytest.skip("COMFYUI_DIR (a ComfyUI checkout with its requirements installed) not set")
     sys.path.insert(0, checkout)
     try:
-        import comfy.lora
+        from comfy.cli_args import args
+        args.cpu = True  # before comfy.model_management reads it
+        import comfy.model_patcher
+        import comfy.sd
+        import comfy.supported_models
     finally:
         sys.path.remove(checkout)
+    m = manifest(alpha_run.art)["model"]
+    config = comfy.supported_models.WAN21_T2V({
+        "image_model": "wan2.1", "model_type": "t2v", "dim": m["dim"], "ffn_dim": m["ffn_dim"], "num_heads": m["num_heads"],
+        "num_layers": m["num_layers"], "in_dim": m["in_dim"], "out_dim": m["out_dim"], "text_dim": m["text_dim"],
+        "freq_dim": m["freq_dim"], "eps": m["eps"], "patch_size": tuple(m["patch_size"]), "window_size": (-1, -1),
+        "qk_norm": True, "cross_attn_norm": True})
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    base = load_file(str(alpha_run.art / "base.safetensors"))
+    model.diffusion_model.load_state_dict(base, strict=True)  # Wan's names are ComfyUI's names
+    cpu = torch.device("cpu")
+    return comfy.sd, comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu), base
 
+
+def test_default_file_loads_in_comfyui(alpha_run):
+    """ComfyUI's LoraLoaderModelOnly path (comfy.sd.load_lora_for_models: its key map,
+    lora_convert and load_lora) on its own Wan model: no key left unloaded, and the patched
+    weights are W + B·A·alpha/rank. DiffSynth keys patch nothing."""
+    sd, patcher, base = comfyui_wan(alpha_run)
     pairs = trained_pairs(alpha_run)
-    g = torch.Generator().manual_seed(0)
-    base = {f"diffusion_model.{m}.weight": torch.randn(b.shape[0], a.shape[1], generator=g) for m, (a, b) in pairs.items()}
-
-    class Wan(torch.nn.Module):
-        class model_config:  # noqa: N801 - the attribute ComfyUI reads
-            unet_config: dict = {}
-
-        def state_dict(self, *args, **kwargs):
-            return dict(base)
-
-    key_map = comfy.lora.model_lora_keys_unet(Wan(), {})
-    lora = load_file(str(default_file(alpha_run)))
     with warnings_of("") as messages:  # ComfyUI logs to the root logger
-        patches = comfy.lora.load_lora(lora, key_map)
-    assert not [m for m in messages if "lora key not loaded" in m], messages
-    assert sorted(patches) == sorted(base)
+        patched, _ = sd.load_lora_for_models(patcher, None, load_file(str(default_file(alpha_run))), 1.0, 0.0)
+    assert not [m for m in messages if "lora key not loaded" in m or "NOT LOADED" in m], messages
+    patched.patch_model()
+    weights = patched.model.diffusion_model.state_dict()
     for m, (a, b) in pairs.items():
-        key = f"diffusion_model.{m}.weight"
-        patched = comfy.lora.calculate_weight([(1.0, patches[key], 1.0, None, None)], base[key].clone(), key)
-        assert rel(patched - base[key], b @ a * (ALPHA / RANK)) < 1e-6, key
+        key = f"{m}.weight"
+        assert rel(weights[key] - base[key], b @ a * (ALPHA / RANK)) < 1e-5, key
+    patched.unpatch_model()
+
+    with warnings_of("") as messages:
+        sd.load_lora_for_models(patcher, None, load_file(str(alpha_run.runs["diffsynth", "f32"] / "lora.safetensors")), 1.0, 0.0)
+    assert len([m for m in messages if "lora key not loaded" in m]) == 2 * len(pairs), messages
