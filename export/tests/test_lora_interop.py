@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from independent import flowstep, manifest
+from independent import final_state, flowstep, manifest
 from lora_run import ALPHA, RANK
 
 # Wan module -> diffusers WanTransformer3DModel module, written out from diffusers' model code.
@@ -153,6 +153,27 @@ def test_files_diffusers_saves_load_in_flowstep(alpha_run, tmp_path):
         keys = load_file(str(path)).keys()
         assert len(keys) == 2 * len(pairs) and all(k.startswith(prefix) for k in keys), (name, sorted(keys)[:3])
         assert eval_loss(alpha_run, path) == want, name
+
+    # --init-lora reads the same parameters: one step from either file is the same step.
+    def first_step(init: Path, out: Path) -> tuple[float, torch.Tensor]:
+        flowstep("-q", "train", "--artifacts", alpha_run.art, "--data", alpha_run.data, "--out", out, "--steps", 1,
+                 "--seed", 2, "--init-lora", init)
+        loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+        return loss, final_state(out)["params"]
+
+    (bare,) = (tmp_path / "bare").glob("*.safetensors")
+    want_loss, want_params = first_step(default_file(alpha_run), tmp_path / "from-default")
+    got_loss, got_params = first_step(bare, tmp_path / "from-diffusers")
+    assert got_loss == want_loss and torch.equal(got_params, want_params)
+
+    # A diffusers file trained on self-attention only is refused, naming its layout and the gap.
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in load_file(str(bare)).items() if ".attn2." not in k}, str(partial))
+    result = flowstep("train", "--artifacts", alpha_run.art, "--data", alpha_run.data, "--out", tmp_path / "refused",
+                      "--steps", 1, "--init-lora", partial, check=False)
+    assert result.returncode != 0
+    assert "diffusers/PEFT LoRA has no `transformer.blocks.0.attn2.to_q.lora_A.weight`" in result.stderr, result.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 def musubi_convert(src: Path, dst: Path, target: str) -> subprocess.CompletedProcess:
