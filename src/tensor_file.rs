@@ -184,10 +184,11 @@ pub struct OutTensor {
 /// sorted keys, so the same tensors always give the same bytes (the safetensors crate's
 /// metadata map has a random iteration order).
 pub fn encode(tensors: &[OutTensor], dtype: SaveDtype, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
-    let (name, width) = match dtype {
-        SaveDtype::F32 => ("F32", 4),
-        SaveDtype::Bf16 => ("BF16", 2),
-    };
+    encode_with(tensors, |_| dtype, metadata)
+}
+
+/// `encode` with a dtype chosen per tensor (a bf16 LoRA file keeps its scalar alphas in f32).
+pub fn encode_with(tensors: &[OutTensor], dtype_of: impl Fn(&OutTensor) -> SaveDtype, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
     let mut header = serde_json::Map::new();
     if let Some(meta) = metadata {
         let sorted: std::collections::BTreeMap<String, String> = meta.into_iter().collect();
@@ -198,6 +199,10 @@ pub fn encode(tensors: &[OutTensor], dtype: SaveDtype, metadata: Option<HashMap<
         if t.values.len() != t.shape.iter().product::<usize>() {
             return Err(Error::Shape { name: t.name.clone(), expected: t.shape.clone(), got: vec![t.values.len()] });
         }
+        let (name, width) = match dtype_of(t) {
+            SaveDtype::F32 => ("F32", 4),
+            SaveDtype::Bf16 => ("BF16", 2),
+        };
         let end = offset + t.values.len() * width;
         header.insert(t.name.clone(), serde_json::json!({"dtype": name, "shape": t.shape, "data_offsets": [offset, end]}));
         offset = end;
@@ -211,7 +216,7 @@ pub fn encode(tensors: &[OutTensor], dtype: SaveDtype, metadata: Option<HashMap<
     bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&json);
     for t in tensors {
-        match dtype {
+        match dtype_of(t) {
             SaveDtype::F32 => t.values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes())),
             SaveDtype::Bf16 => t.values.iter().for_each(|v| bytes.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
         }

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use crate::artifacts::LoraInfo;
 use crate::error::{Error, Result};
-use crate::tensor_file::{OutTensor, SaveDtype, encode, write_atomic};
+use crate::tensor_file::{OutTensor, SaveDtype, encode_with, write_atomic};
 
 /// Key layout of a written LoRA file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -91,7 +91,9 @@ pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtyp
     for (k, v) in extra_meta {
         meta.insert(format!("flowstep.{k}"), v.clone());
     }
-    write_atomic(path, &encode(&tensors, dtype, Some(meta))?)
+    // Alphas stay f32 in a bf16 file: bf16 would round an alpha like 0.3 and change the scale.
+    let dtype_of = |t: &OutTensor| if t.name.ends_with(".alpha") { SaveDtype::F32 } else { dtype };
+    write_atomic(path, &encode_with(&tensors, dtype_of, Some(meta))?)
 }
 
 /// Reads a LoRA file into the flat buffer: DiffSynth-Studio, ComfyUI, diffusers/PEFT or
@@ -151,6 +153,22 @@ mod tests {
         let loaded = load(&path, &info())?; // the export's alpha is 2
         assert_eq!(loaded[..4], flat[..4], "A is not rescaled");
         assert_eq!(loaded[4..], [3.0, -1.0, 0.25, 6.0], "B · 4/2");
+        Ok(())
+    }
+
+    /// A bf16 ComfyUI file keeps each alpha in f32, so an alpha bf16 cannot hold (0.3)
+    /// reads back as the export's and B is not rescaled.
+    #[test]
+    fn bf16_files_keep_alpha_in_f32() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let info = LoraInfo { alpha: 0.3, ..info() };
+        let flat = [0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.125, 3.0]; // all exact in bf16
+        let path = dir.path().join("a.safetensors");
+        save(&path, &info, &flat, LoraFormat::Comfyui, SaveDtype::Bf16, &[])?;
+        let file = TensorFile::open(&path)?;
+        assert_eq!(file.info("diffusion_model.blocks.0.self_attn.q.alpha").map(|i| i.dtype), Some(safetensors::Dtype::F32));
+        assert_eq!(file.info("diffusion_model.blocks.0.self_attn.q.lora_B.weight").map(|i| i.dtype), Some(safetensors::Dtype::BF16));
+        assert_eq!(load(&path, &info)?, flat);
         Ok(())
     }
 
