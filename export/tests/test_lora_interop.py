@@ -104,13 +104,24 @@ def default_file(alpha_run) -> Path:
     return alpha_run.runs["comfyui", "f32"] / "lora.safetensors"
 
 
-def test_default_file_loads_in_diffusers_with_nothing_dropped(alpha_run):
+def file_pairs(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Wan module -> (A, B) as stored in a ComfyUI-layout file, as float32."""
+    file = load_file(str(path))
+    return {k.removeprefix("diffusion_model.").removesuffix(".lora_A.weight"): (v.float(), file[k.replace(".lora_A.", ".lora_B.")].float())
+            for k, v in file.items() if k.endswith(".lora_A.weight")}
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_default_file_loads_in_diffusers_with_nothing_dropped(alpha_run, dtype):
     """Every module of the default file becomes a PEFT layer in diffusers, with no warning,
-    and its delta equals flowstep's B·A·alpha/rank."""
-    transformer, messages = load_in_diffusers(default_file(alpha_run), alpha_run.art)
+    and its delta is B·A·alpha/rank: flowstep's trained parameters (f32 file), or the
+    file's own bf16 values (bf16, the default dtype)."""
+    path = alpha_run.runs["comfyui", dtype] / "lora.safetensors"
+    transformer, messages = load_in_diffusers(path, alpha_run.art)
     assert messages == []
     got = peft_deltas(transformer)
-    want = {diffusers_module(m): b @ a * (ALPHA / RANK) for m, (a, b) in trained_pairs(alpha_run).items()}
+    pairs = trained_pairs(alpha_run) if dtype == "f32" else file_pairs(path)
+    want = {diffusers_module(m): b @ a * (ALPHA / RANK) for m, (a, b) in pairs.items()}
     assert sorted(got) == sorted(want)
     for name, delta in want.items():
         assert rel(got[name], delta) < 1e-6, f"{name}: {rel(got[name], delta):.2e}"
@@ -247,14 +258,17 @@ def comfyui_wan(alpha_run):
     return comfy.sd, comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu), base
 
 
-def test_default_file_loads_in_comfyui(alpha_run):
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_default_file_loads_in_comfyui(alpha_run, dtype):
     """ComfyUI's LoraLoaderModelOnly path (comfy.sd.load_lora_for_models: its key map,
     lora_convert and load_lora) on its own Wan model: no key left unloaded, and the patched
-    weights are W + B·A·alpha/rank. DiffSynth keys patch nothing."""
+    weights are W + B·A·alpha/rank (trained parameters, or the bf16 file's own values).
+    DiffSynth keys patch nothing."""
     sd, patcher, base = comfyui_wan(alpha_run)
-    pairs = trained_pairs(alpha_run)
+    path = alpha_run.runs["comfyui", dtype] / "lora.safetensors"
+    pairs = trained_pairs(alpha_run) if dtype == "f32" else file_pairs(path)
     with warnings_of("") as messages:  # ComfyUI logs to the root logger
-        patched, _ = sd.load_lora_for_models(patcher, None, load_file(str(default_file(alpha_run))), 1.0, 0.0)
+        patched, _ = sd.load_lora_for_models(patcher, None, load_file(str(path)), 1.0, 0.0)
     assert not [m for m in messages if "lora key not loaded" in m or "NOT LOADED" in m], messages
     patched.patch_model()
     weights = patched.model.diffusion_model.state_dict()
