@@ -245,6 +245,9 @@ pub(super) fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
         let factor = alpha / lora.alpha;
         if factor != 1.0 {
             b.iter_mut().for_each(|v| *v *= factor as f32);
+            if let Some(i) = b.iter().position(|v| !v.is_finite()) {
+                return Err(fail(format!("LoRA tensor `{}` times its alpha scale {factor} is non-finite at {i}", keys[Part::B as usize].unwrap_or_default())));
+            }
         }
         flat[m.a.offset..m.a.offset + a.len()].copy_from_slice(&a);
         flat[m.b.offset..m.b.offset + b.len()].copy_from_slice(&b);
@@ -407,6 +410,11 @@ mod tests {
         check(write(d, "transformer.blocks.0.attn1.to_q.lora_A.weight", "transformer.blocks.0.attn1.to_q.lora_B.weight", None,
             Some(("lora_adapter_metadata", r#"{"r": 2, "lora_alpha": 2, "alpha_pattern": {"blocks.0.attn1.to_q": 4}}"#))),
             &["diffusers/PEFT", "alpha_pattern"]);
+        // An alpha whose scale overflows B.
+        let huge = write(d, "diffusion_model.blocks.0.self_attn.q.lora_down.weight", "diffusion_model.blocks.0.self_attn.q.lora_up.weight",
+            Some(("diffusion_model.blocks.0.self_attn.q.alpha", 1e10)), None);
+        let message = load(&huge, &LoraInfo { alpha: 1e-30, ..info() }).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("lora_up.weight` times its alpha scale") && message.contains("non-finite"), "{message}");
         // Not a LoRA at all.
         check(write(d, "latents", "context", None, None), &["not a LoRA in a layout flowstep reads", "(tensor `context` and 1 more)", "musubi-tuner/kohya"]);
         Ok(())
