@@ -54,7 +54,7 @@ nothing for the unknown word. Eval loss on held-out "purple up" videos: $before 
 (The toy base follows colour words but not motion words: its motion is not prompt-driven.)
   loss curve        $out/train/loss.png
   metrics           $out/train/metrics.jsonl
-  LoRA (DiffSynth)  $out/train/lora.safetensors
+  LoRA (ComfyUI)    $out/train/lora.safetensors
   samples, base     $out/samples-base/samples.png   (and .gif)
   samples, LoRA     $out/samples-lora/samples.png   (and .gif)
   known prompt      $out/samples-lora-known/samples.png

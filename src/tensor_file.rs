@@ -113,6 +113,32 @@ impl TensorFile {
         Ok((shape.to_vec(), values))
     }
 
+    /// The file's `__metadata__` strings, if it has any.
+    pub fn metadata(&self) -> Option<&HashMap<String, String>> {
+        self.header.metadata().as_ref()
+    }
+
+    /// A one-element tensor of any float or integer dtype (a LoRA's `.alpha`: trainers
+    /// write it as float, bf16 or int64).
+    pub fn read_scalar(&self, name: &str) -> Result<f64> {
+        let (dtype, shape, data) = self.raw(name)?;
+        let value = match (dtype, data) {
+            (Dtype::F64, &[a, b, c, d, e, f, g, h]) => f64::from_le_bytes([a, b, c, d, e, f, g, h]),
+            (Dtype::F32, &[a, b, c, d]) => f32::from_le_bytes([a, b, c, d]) as f64,
+            (Dtype::BF16, &[a, b]) => bf16::from_le_bytes([a, b]).to_f64(),
+            (Dtype::F16, &[a, b]) => f16::from_le_bytes([a, b]).to_f64(),
+            (Dtype::I64, &[a, b, c, d, e, f, g, h]) => i64::from_le_bytes([a, b, c, d, e, f, g, h]) as f64,
+            (Dtype::I32, &[a, b, c, d]) => i32::from_le_bytes([a, b, c, d]) as f64,
+            _ => {
+                return Err(Error::Tensor {
+                    path: self.path.clone(),
+                    reason: format!("tensor `{name}` ({dtype:?}, shape {shape:?}) is not a single float or integer"),
+                });
+            }
+        };
+        Ok(value)
+    }
+
     /// A tensor as float32 (from F32, BF16 or F16), with its shape.
     pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let (dtype, shape, data) = self.raw(name)?;
@@ -158,10 +184,11 @@ pub struct OutTensor {
 /// sorted keys, so the same tensors always give the same bytes (the safetensors crate's
 /// metadata map has a random iteration order).
 pub fn encode(tensors: &[OutTensor], dtype: SaveDtype, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
-    let (name, width) = match dtype {
-        SaveDtype::F32 => ("F32", 4),
-        SaveDtype::Bf16 => ("BF16", 2),
-    };
+    encode_with(tensors, |_| dtype, metadata)
+}
+
+/// `encode` with a dtype chosen per tensor (a bf16 LoRA file keeps its scalar alphas in f32).
+pub fn encode_with(tensors: &[OutTensor], dtype_of: impl Fn(&OutTensor) -> SaveDtype, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
     let mut header = serde_json::Map::new();
     if let Some(meta) = metadata {
         let sorted: std::collections::BTreeMap<String, String> = meta.into_iter().collect();
@@ -172,6 +199,10 @@ pub fn encode(tensors: &[OutTensor], dtype: SaveDtype, metadata: Option<HashMap<
         if t.values.len() != t.shape.iter().product::<usize>() {
             return Err(Error::Shape { name: t.name.clone(), expected: t.shape.clone(), got: vec![t.values.len()] });
         }
+        let (name, width) = match dtype_of(t) {
+            SaveDtype::F32 => ("F32", 4),
+            SaveDtype::Bf16 => ("BF16", 2),
+        };
         let end = offset + t.values.len() * width;
         header.insert(t.name.clone(), serde_json::json!({"dtype": name, "shape": t.shape, "data_offsets": [offset, end]}));
         offset = end;
@@ -185,7 +216,7 @@ pub fn encode(tensors: &[OutTensor], dtype: SaveDtype, metadata: Option<HashMap<
     bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&json);
     for t in tensors {
-        match dtype {
+        match dtype_of(t) {
             SaveDtype::F32 => t.values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes())),
             SaveDtype::Bf16 => t.values.iter().for_each(|v| bytes.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
         }

@@ -47,10 +47,11 @@ fn training_lowers_eval_loss_and_eval_is_deterministic() {
     assert_eq!(metrics.len(), 150);
     assert!(metrics.iter().all(|m| m.applied && m.loss.is_finite() && m.grad_norm > 0.0 && m.lr == 3e-3));
     assert!(out.join("loss.png").is_file());
-    // DiffSynth-format bf16 by default, with DiffSynth's key names.
+    // ComfyUI layout and bf16 by default: `diffusion_model.` keys and one alpha per module.
     let names = TensorFile::open(&lora).map(|f| f.names()).unwrap_or_else(|e| panic!("{e}"));
-    assert!(names.contains(&"blocks.0.self_attn.q.lora_A.default.weight".to_string()));
-    let info = TensorFile::open(&lora).map(|f| f.info("blocks.1.ffn.2.lora_B.default.weight")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(names.contains(&"diffusion_model.blocks.0.self_attn.q.lora_A.weight".to_string()));
+    assert!(names.contains(&"diffusion_model.blocks.1.ffn.2.alpha".to_string()));
+    let info = TensorFile::open(&lora).map(|f| f.info("diffusion_model.blocks.1.ffn.2.lora_B.weight")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(info.map(|i| i.dtype), Some(safetensors::Dtype::BF16));
 }
 

@@ -21,3 +21,11 @@ def tiny_artifacts(tiny_options) -> Path:
     logging.getLogger("flowstep_export").setLevel(logging.ERROR)
     export_artifacts(get_config("tiny"), tiny_options)
     return tiny_options.out
+
+
+@pytest.fixture(scope="session")
+def alpha_run(tmp_path_factory):
+    """lora_run.train_alpha_run, once for every LoRA file test."""
+    from lora_run import train_alpha_run
+
+    return train_alpha_run(tmp_path_factory.mktemp("alpha"))

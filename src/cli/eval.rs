@@ -20,7 +20,8 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
 
-    /// LoRA file to evaluate (DiffSynth or ComfyUI keys); default: the export's initial
+    /// LoRA file to evaluate (ComfyUI, DiffSynth-Studio, diffusers/PEFT or musubi-tuner/kohya
+    /// keys); default: the export's initial
     /// LoRA, which equals the base model (B = 0).
     #[arg(long, value_name = "FILE")]
     pub lora: Option<PathBuf>,

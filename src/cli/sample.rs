@@ -17,7 +17,8 @@ pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
 
-    /// LoRA file to apply (DiffSynth or ComfyUI keys); default: none (the base model).
+    /// LoRA file to apply (ComfyUI, DiffSynth-Studio, diffusers/PEFT or musubi-tuner/kohya
+    /// keys); default: none (the base model).
     #[arg(long, value_name = "FILE")]
     pub lora: Option<PathBuf>,
 

@@ -29,7 +29,9 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 
-    /// Start from this LoRA file (DiffSynth or ComfyUI keys) instead of lora_init.safetensors.
+    /// Start from this LoRA file instead of lora_init.safetensors: ComfyUI, DiffSynth-Studio,
+    /// diffusers/PEFT or musubi-tuner/kohya keys, rescaled to this export's alpha. It must
+    /// have the export's rank and modules (--lora-targets of the export).
     #[arg(long, value_name = "FILE")]
     pub init_lora: Option<PathBuf>,
 
@@ -126,8 +128,9 @@ pub struct Args {
     #[arg(long, default_value_t = 30, value_name = "N")]
     pub sample_steps: usize,
 
-    /// Key format of the final LoRA file.
-    #[arg(long, value_enum, default_value_t = LoraFormat::Diffsynth)]
+    /// Key layout of the final LoRA file: comfyui loads in ComfyUI, diffusers, musubi-tuner
+    /// (convert_lora.py) and DiffSynth-Studio; diffsynth in DiffSynth-Studio only.
+    #[arg(long, value_enum, default_value_t = LoraFormat::Comfyui)]
     pub lora_format: LoraFormat,
 
     /// Precision of the final LoRA file (training always keeps float32 master weights).

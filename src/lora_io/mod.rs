@@ -1,21 +1,27 @@
-//! The flat LoRA buffer <-> named LoRA tensors, and LoRA files in the formats users' tools
-//! load: DiffSynth/PEFT (`blocks.0.self_attn.q.lora_A.default.weight`, no alpha key) and
-//! ComfyUI (`diffusion_model.blocks.0.self_attn.q.lora_A.weight` plus `.alpha`).
+//! The flat LoRA buffer <-> named LoRA tensors, and LoRA files: written in ComfyUI layout
+//! (`diffusion_model.blocks.0.self_attn.q.lora_A.weight` plus `.alpha`, which ComfyUI,
+//! diffusers, musubi-tuner's converter and DiffSynth all load) or DiffSynth's
+//! (`blocks.0.self_attn.q.lora_A.default.weight`, no alpha, which only DiffSynth loads);
+//! read in those and in diffusers' and musubi's layouts (`read`).
+
+mod read;
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use crate::artifacts::LoraInfo;
 use crate::error::{Error, Result};
-use crate::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, write_atomic};
+use crate::tensor_file::{OutTensor, SaveDtype, encode_with, write_atomic};
 
 /// Key layout of a written LoRA file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum LoraFormat {
-    /// DiffSynth-Studio / PEFT keys, as DiffSynth saves and loads them.
-    Diffsynth,
-    /// ComfyUI keys with a `diffusion_model.` prefix and per-module `.alpha`.
+    /// `diffusion_model.` keys and per-module `.alpha`: loads in ComfyUI, diffusers (Wan),
+    /// musubi-tuner (convert_lora.py) and DiffSynth-Studio.
     Comfyui,
+    /// DiffSynth-Studio keys (`.lora_A.default.weight`), alpha/rank baked into B: loads in
+    /// DiffSynth-Studio only.
+    Diffsynth,
 }
 
 const COMFY_PREFIX: &str = "diffusion_model.";
@@ -85,65 +91,22 @@ pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtyp
     for (k, v) in extra_meta {
         meta.insert(format!("flowstep.{k}"), v.clone());
     }
-    write_atomic(path, &encode(&tensors, dtype, Some(meta))?)
+    // Alphas stay f32 in a bf16 file: bf16 would round an alpha like 0.3 and change the scale.
+    let dtype_of = |t: &OutTensor| if t.name.ends_with(".alpha") { SaveDtype::F32 } else { dtype };
+    write_atomic(path, &encode_with(&tensors, dtype_of, Some(meta))?)
 }
 
-/// Reads a LoRA file in either format into the flat buffer. A file whose alpha differs
-/// from the export's is rescaled (B · alpha_file/alpha_export); a different rank is an error.
+/// Reads a LoRA file into the flat buffer: DiffSynth-Studio, ComfyUI, diffusers/PEFT or
+/// musubi-tuner/kohya keys, rescaled to the export's alpha; anything else is refused.
 pub fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
-    let file = TensorFile::open(path)?;
-    let names = file.names();
-    let comfy = names.iter().any(|n| n.starts_with(COMFY_PREFIX));
-    let key_of = |k: &str| if comfy { comfy_key(k) } else { k.to_string() };
-    let mut known: std::collections::HashSet<String> = lora.tensors.iter().map(|t| key_of(&t.key)).collect();
-    if comfy {
-        known.extend(lora.tensors.iter().map(|t| format!("{COMFY_PREFIX}{}.alpha", module_of(&t.key))));
-    }
-    let unknown: Vec<&String> = names.iter().filter(|n| !known.contains(*n)).collect();
-    if let Some(first) = unknown.first() {
-        let more = if unknown.len() > 1 { format!(" and {} more", unknown.len() - 1) } else { String::new() };
-        return Err(Error::Tensor {
-            path: path.to_path_buf(),
-            reason: format!("has tensor `{first}`{more} that this model does not have (rank {}, targets {}); it was made for another model or export", lora.rank, lora.targets.join(",")),
-        });
-    }
-    let mut flat = vec![0.0f32; lora.num_params];
-    for t in &lora.tensors {
-        let key = key_of(&t.key);
-        let Some(info) = file.info(&key) else {
-            return Err(Error::Tensor { path: path.to_path_buf(), reason: format!("missing LoRA tensor `{key}` (rank {}, targets {})", lora.rank, lora.targets.join(",")) });
-        };
-        if info.shape != t.shape {
-            return Err(Error::Tensor {
-                path: path.to_path_buf(),
-                reason: format!("LoRA tensor `{key}` has shape {:?}, this export needs {:?} (rank {})", info.shape, t.shape, lora.rank),
-            });
-        }
-        let (_, mut values) = file.read_f32(&key)?;
-        if comfy && t.key.contains(".lora_B.") {
-            let alpha_key = format!("{COMFY_PREFIX}{}.alpha", module_of(&t.key));
-            if file.info(&alpha_key).is_some() {
-                let alpha = file.read_f32(&alpha_key)?.1.first().copied().unwrap_or(lora.alpha as f32) as f64;
-                let scale = (alpha / lora.alpha) as f32;
-                values.iter_mut().for_each(|v| *v *= scale);
-            }
-        }
-        if !comfy && t.key.contains(".lora_B.") && diffsynth_b_scale(lora) != 1.0 {
-            let scale = 1.0 / diffsynth_b_scale(lora);
-            values.iter_mut().for_each(|v| *v *= scale);
-        }
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Tensor { path: path.to_path_buf(), reason: format!("LoRA tensor `{key}` has a non-finite value at {i}") });
-        }
-        flat[t.offset..t.offset + t.numel()].copy_from_slice(&values);
-    }
-    Ok(flat)
+    read::load(path, lora)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::artifacts::LoraTensor;
+    use crate::tensor_file::TensorFile;
 
     fn info() -> LoraInfo {
         LoraInfo {
@@ -190,6 +153,22 @@ mod tests {
         let loaded = load(&path, &info())?; // the export's alpha is 2
         assert_eq!(loaded[..4], flat[..4], "A is not rescaled");
         assert_eq!(loaded[4..], [3.0, -1.0, 0.25, 6.0], "B · 4/2");
+        Ok(())
+    }
+
+    /// A bf16 ComfyUI file keeps each alpha in f32, so an alpha bf16 cannot hold (0.3)
+    /// reads back as the export's and B is not rescaled.
+    #[test]
+    fn bf16_files_keep_alpha_in_f32() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let info = LoraInfo { alpha: 0.3, ..info() };
+        let flat = [0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.125, 3.0]; // all exact in bf16
+        let path = dir.path().join("a.safetensors");
+        save(&path, &info, &flat, LoraFormat::Comfyui, SaveDtype::Bf16, &[])?;
+        let file = TensorFile::open(&path)?;
+        assert_eq!(file.info("diffusion_model.blocks.0.self_attn.q.alpha").map(|i| i.dtype), Some(safetensors::Dtype::F32));
+        assert_eq!(file.info("diffusion_model.blocks.0.self_attn.q.lora_B.weight").map(|i| i.dtype), Some(safetensors::Dtype::BF16));
+        assert_eq!(load(&path, &info)?, flat);
         Ok(())
     }
 
