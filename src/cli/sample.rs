@@ -1,13 +1,16 @@
-//! `flowstep sample`: generate latent videos with the inference graph and draw them.
+//! `flowstep sample`: generate latent videos with the inference graph, draw them, and decode
+//! them to RGB frames with Wan's VAE decoder when one is given.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use flowstep::artifacts::Artifacts;
+use flowstep::decode::{VaeDecoder, write_videos};
 use flowstep::executor::{VelocityGraph, WithLora};
 use flowstep::render::{Grid, centroid_motion, mean_rgb};
 use flowstep::sample::{SampleConfig, sample};
+use flowstep::video_files::Mp4;
 use flowstep::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, write_atomic};
 
 use super::{DeviceArgs, Globals, ModelArgs};
@@ -56,6 +59,17 @@ pub struct Args {
     /// Output directory: samples.safetensors, samples.png (frames left to right), samples.gif.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+
+    /// Decode the samples to RGB frames with Wan's VAE decoder exported by
+    /// `python -m flowstep_export.vae_decoder` (this DIR holds vae_decoder.json). Writes
+    /// videos.png (contact sheet), videos.gif, videos.safetensors (`frames` [N,3,T,H,W] in
+    /// [-1,1]) and, when `ffmpeg` is on PATH, video-XXX.mp4.
+    #[arg(long, value_name = "DIR")]
+    pub vae_decoder: Option<PathBuf>,
+
+    /// Frames per second of the decoded GIF and MP4 (Wan2.1 is trained at 16).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=240))]
+    pub fps: u32,
 
     /// Print each sample's centroid motion (dx, dy in latent pixels) and mean colour
     /// (channels 0-2): the toy world's measures of where the blob went and what colour it is.
@@ -112,6 +126,10 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     };
     let (ctx_shape, ctx) = read_context(&args.context)?;
     let negative = args.negative_context.as_ref().map(read_context).transpose()?.map(|(_, v)| v);
+    let mut decoder = args.vae_decoder.as_deref().map(|dir| VaeDecoder::open(dir, &session)).transpose()?;
+    if let Some(d) = &decoder {
+        anyhow::ensure!(d.z_dim() == shape[0], "--vae-decoder {}: the VAE takes {} latent channels, this model makes {}", d.dir.display(), d.z_dim(), shape[0]);
+    }
     let mut model = WithLora::<VelocityGraph>::load(&artifacts, &session, args.model.base.as_deref(), args.lora.as_deref())?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let mut videos = Vec::with_capacity(args.num_samples);
@@ -132,6 +150,14 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     write_atomic(&args.out.join("samples.safetensors"), &encode(&[tensor], SaveDtype::F32, None)?)?;
     let summary = serde_json::json!({"lora": args.lora, "context": args.context, "steps": args.steps, "cfg_scale": args.cfg_scale, "samples": motions});
     write_atomic(&args.out.join("samples.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    if let Some(decoder) = decoder.as_mut() {
+        let files = write_videos(decoder, &videos, shape, &args.out, args.fps)?;
+        match &files.mp4 {
+            Mp4::Written(paths) if !globals.quiet => eprintln!("decoded {} videos to {} (videos.png, videos.gif, {} MP4)", videos.len(), args.out.display(), paths.len()),
+            Mp4::Written(_) => {}
+            Mp4::NoFfmpeg(message) => eprintln!("warning: {message}"),
+        }
+    }
     let grid = Grid { videos, shape, scale: (128 / shape[3].max(1)).clamp(1, 16) as u32 };
     grid.write_png(&args.out.join("samples.png"))?;
     grid.write_gif(&args.out.join("samples.gif"))?;
