@@ -36,6 +36,7 @@ import torch
 from onnx import numpy_helper
 
 from . import OPSET
+from .deps import missing_module
 from .wan_vae import load_vae
 
 log = logging.getLogger("flowstep_export")
@@ -199,8 +200,7 @@ def main(argv=None) -> int:
     try:
         manifest = export_vae_decoder(args.vae, args.out)
     except ModuleNotFoundError as e:
-        print(f"error: the VAE export needs the Python module `{e.name}`: run scripts/setup_python.sh "
-              "(or pip install -r export/requirements.txt)", file=sys.stderr)
+        print(missing_module(e, "the VAE decoder export"), file=sys.stderr)
         return 1
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
