@@ -181,3 +181,29 @@ def test_missing_module_is_one_line(videos, encoders, tmp_path):
         r = subprocess.run([sys.executable, "-c", block.format(module) + code], capture_output=True, text=True, timeout=120)
         assert r.returncode == 1, r.stderr
         assert r.stderr.strip().count("\n") == 0 and f"`{module}`" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_encode_prompts_matches_the_prepared_context(encoders, tmp_path, capsys):
+    """Context files for `flowstep sample --context` hold what prepare stores for the same caption
+    (checked against DiffSynth's prompt embedder above)."""
+    from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer, WanTextEncoder
+    from diffsynth.pipelines.wan_video import WanVideoPipeline, WanVideoUnit_PromptEmbedder
+
+    from flowstep_export.encode_prompts import main as encode_main
+
+    prompts = [CAPTIONS["wide.mp4"], "the green square"]
+    assert encode_main([*prompts, "--out", str(tmp_path / "p"), "--text-encoder", str(encoders / "t5.pth"),
+                        "--tokenizer", str(encoders / "tokenizer"), "--text-len", str(TEXT_LEN), "--precision", "float32"]) == 0
+    pipe = WanVideoPipeline(device="cpu", torch_dtype=torch.float32)
+    pipe.tokenizer = HuggingfaceTokenizer(name=str(encoders / "tokenizer"), seq_len=TEXT_LEN, clean="whitespace")
+    pipe.text_encoder = WanTextEncoder(**text_encoder_config(pipe.tokenizer.vocab_size)).eval()
+    pipe.text_encoder.load_state_dict(torch.load(encoders / "t5.pth", weights_only=True))
+    for i, prompt in enumerate(prompts):
+        context = load_file(str(tmp_path / "p" / f"prompt-{i:03}.safetensors"))["context"]
+        with torch.no_grad():
+            reference = WanVideoUnit_PromptEmbedder().encode_prompt(pipe, prompt)[0]
+        assert context.dtype == torch.float32 and list(context.shape) == [TEXT_LEN, 64]
+        torch.testing.assert_close(context, reference, rtol=1e-4, atol=1e-5)
+    assert encode_main(["--out", str(tmp_path / "q"), "--text-encoder", str(encoders / "t5.pth"),
+                        "--tokenizer", str(encoders / "tokenizer")]) == 1
+    assert "no prompts" in capsys.readouterr().err
