@@ -166,11 +166,21 @@ impl VaeDecoder {
     }
 }
 
+/// What [`write_videos`] writes besides the contact sheet and the GIF.
+#[derive(Debug, Clone, Copy)]
+pub struct VideoOptions {
+    /// Frames per second of the GIF and MP4s.
+    pub fps: u32,
+    /// Also write the decoded frames as float32 (`videos.safetensors`; about 390 MB per
+    /// 81-frame 480×832 video).
+    pub save_frames: bool,
+}
+
 /// What [`write_videos`] wrote.
 #[derive(Debug)]
 pub struct VideoFiles {
-    /// `videos.safetensors`: `frames` [N, 3, T, H, W] float32 in [-1, 1].
-    pub tensors: PathBuf,
+    /// `videos.safetensors` (`frames` [N, 3, T, H, W] float32 in [-1, 1]) when asked for.
+    pub tensors: Option<PathBuf>,
     /// `videos.png`: one row per video, up to [`SHEET_FRAMES`] evenly spaced frames.
     pub contact_sheet: PathBuf,
     /// `videos.gif`: the videos side by side, every frame.
@@ -182,23 +192,29 @@ pub struct VideoFiles {
 /// Frames per video on the contact sheet.
 pub const SHEET_FRAMES: usize = 8;
 
-/// Decodes latent videos ([C, F, H, W] each) and writes them under `out`: the raw frames, a
-/// contact sheet, a GIF and, when `ffmpeg` is on PATH, one MP4 per video at `fps`.
-pub fn write_videos(decoder: &mut VaeDecoder, latents: &[Vec<f32>], shape: [usize; 4], out: &Path, fps: u32) -> Result<VideoFiles> {
+/// Decodes latent videos ([C, F, H, W] each) and writes them under `out`: a contact sheet
+/// (`videos.png`), a GIF (`videos.gif`), one MP4 per video (`video-XXX.mp4`) when `ffmpeg` is
+/// on PATH and, if asked, the raw frames. The function the trainer calls for its samples.
+pub fn write_videos(decoder: &mut VaeDecoder, latents: &[Vec<f32>], shape: [usize; 4], out: &Path, options: VideoOptions) -> Result<VideoFiles> {
     let videos = latents.iter().map(|l| decoder.decode(l, shape)).collect::<Result<Vec<_>>>()?;
     let first = videos.first().ok_or_else(|| Error::Config("no videos to decode".into()))?;
-    let tensors = out.join("videos.safetensors");
-    let frames = OutTensor {
-        name: "frames".into(),
-        shape: vec![videos.len(), 3, first.frames, first.height, first.width],
-        values: videos.iter().flat_map(|v| v.rgb.iter().copied()).collect(),
+    let tensors = if options.save_frames {
+        let path = out.join("videos.safetensors");
+        let frames = OutTensor {
+            name: "frames".into(),
+            shape: vec![videos.len(), 3, first.frames, first.height, first.width],
+            values: videos.iter().flat_map(|v| v.rgb.iter().copied()).collect(),
+        };
+        write_atomic(&path, &encode(&[frames], SaveDtype::F32, None)?)?;
+        Some(path)
+    } else {
+        None
     };
-    write_atomic(&tensors, &encode(&[frames], SaveDtype::F32, None)?)?;
     let contact_sheet = out.join("videos.png");
     write_contact_sheet(&videos, SHEET_FRAMES, &contact_sheet)?;
     let gif = out.join("videos.gif");
-    write_gif(&videos, fps, &gif)?;
-    let mp4 = write_mp4(&videos, fps, out, "video")?;
+    write_gif(&videos, options.fps, &gif)?;
+    let mp4 = write_mp4(&videos, options.fps, out, "video")?;
     Ok(VideoFiles { tensors, contact_sheet, gif, mp4 })
 }
 

@@ -13,6 +13,9 @@ use crate::error::{Error, Result};
 use crate::tensor_file::write_atomic;
 
 const GAP: u32 = 4;
+/// Widest frame in the GIF: larger videos are shrunk by a whole factor (832 -> 416), which keeps
+/// a 4-sample, 81-frame GIF to a few tens of MB.
+const GIF_MAX_WIDTH: usize = 480;
 const BACKGROUND: Rgba<u8> = Rgba([255, 255, 255, 255]);
 
 fn image_error(path: &Path) -> impl Fn(image::ImageError) -> Error + '_ {
@@ -53,10 +56,12 @@ pub fn write_contact_sheet(videos: &[Video], count: usize, path: &Path) -> Resul
     write_atomic(path, &png.into_inner())
 }
 
-/// Animated GIF: the videos side by side, every frame, looping.
+/// Animated GIF: the videos side by side, every frame, looping; frames wider than
+/// [`GIF_MAX_WIDTH`] are shrunk.
 pub fn write_gif(videos: &[Video], fps: u32, path: &Path) -> Result<()> {
     let Some(first) = videos.first() else { return Ok(()) };
-    let (w, h) = (first.width as u32, first.height as u32);
+    let shrink = first.width.div_ceil(GIF_MAX_WIDTH) as u32;
+    let (w, h) = (first.width as u32 / shrink, first.height as u32 / shrink);
     let width = videos.len() as u32 * (w + GAP) - GAP;
     let mut gif = Vec::new();
     let mut encoder = GifEncoder::new_with_speed(&mut gif, 10);
@@ -64,7 +69,11 @@ pub fn write_gif(videos: &[Video], fps: u32, path: &Path) -> Result<()> {
     for f in 0..first.frames {
         let mut img = RgbaImage::from_pixel(width, h, BACKGROUND);
         for (i, video) in videos.iter().enumerate() {
-            image::imageops::overlay(&mut img, &frame_image(video, f), (i as u32 * (w + GAP)) as i64, 0);
+            let mut frame = frame_image(video, f);
+            if shrink > 1 {
+                frame = image::imageops::resize(&frame, w, h, image::imageops::FilterType::Triangle);
+            }
+            image::imageops::overlay(&mut img, &frame, (i as u32 * (w + GAP)) as i64, 0);
         }
         let delay = Delay::from_numer_denom_ms(1000, fps.max(1));
         encoder.encode_frame(Frame::from_parts(img, 0, 0, delay)).map_err(image_error(path))?;
@@ -136,5 +145,15 @@ mod tests {
         assert_eq!(sheet_frames(81, 8), vec![0, 11, 23, 34, 46, 57, 69, 80]);
         assert_eq!(sheet_frames(5, 8), vec![0, 1, 2, 3, 4]);
         assert_eq!(sheet_frames(1, 8), vec![0]);
+    }
+
+    #[test]
+    fn wide_videos_are_shrunk_in_the_gif() {
+        let dir = tempfile::tempdir().unwrap();
+        let video = Video { frames: 2, height: 16, width: 960, rgb: vec![0.5; 3 * 2 * 16 * 960] };
+        let path = dir.path().join("v.gif");
+        write_gif(&[video.clone(), video], 16, &path).unwrap();
+        let gif = image::ImageReader::open(&path).unwrap().decode().unwrap();
+        assert_eq!((gif.width(), gif.height()), (2 * 480 + GAP, 8));
     }
 }

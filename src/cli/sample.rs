@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use flowstep::artifacts::Artifacts;
-use flowstep::decode::{VaeDecoder, write_videos};
+use flowstep::decode::{VaeDecoder, VideoOptions, write_videos};
 use flowstep::executor::{VelocityGraph, WithLora};
 use flowstep::render::{Grid, centroid_motion, mean_rgb};
 use flowstep::sample::{SampleConfig, sample};
@@ -62,10 +62,15 @@ pub struct Args {
 
     /// Decode the samples to RGB frames with Wan's VAE decoder exported by
     /// `python -m flowstep_export.vae_decoder` (this DIR holds vae_decoder.json). Writes
-    /// videos.png (contact sheet), videos.gif, videos.safetensors (`frames` [N,3,T,H,W] in
-    /// [-1,1]) and, when `ffmpeg` is on PATH, video-XXX.mp4.
+    /// videos.png (contact sheet: up to 8 frames per sample), videos.gif and, when `ffmpeg` is
+    /// on PATH, video-XXX.mp4 (H.264).
     #[arg(long, value_name = "DIR")]
     pub vae_decoder: Option<PathBuf>,
+
+    /// With --vae-decoder: also write the decoded frames, float32 in [-1, 1], to
+    /// videos.safetensors (`frames` [N, 3, T, H, W]; ~390 MB per 81-frame 480×832 video).
+    #[arg(long, requires = "vae_decoder")]
+    pub save_frames: bool,
 
     /// Frames per second of the decoded GIF and MP4 (Wan2.1 is trained at 16).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=240))]
@@ -151,7 +156,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     let summary = serde_json::json!({"lora": args.lora, "context": args.context, "steps": args.steps, "cfg_scale": args.cfg_scale, "samples": motions});
     write_atomic(&args.out.join("samples.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     if let Some(decoder) = decoder.as_mut() {
-        let files = write_videos(decoder, &videos, shape, &args.out, args.fps)?;
+        let files = write_videos(decoder, &videos, shape, &args.out, VideoOptions { fps: args.fps, save_frames: args.save_frames })?;
         match &files.mp4 {
             Mp4::Written(paths) if !globals.quiet => eprintln!("decoded {} videos to {} (videos.png, videos.gif, {} MP4)", videos.len(), args.out.display(), paths.len()),
             Mp4::Written(_) => {}
