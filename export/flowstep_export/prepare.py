@@ -40,7 +40,8 @@ class Item:
 
 
 def output_name(rel: Path) -> str:
-    return "__".join(rel.parts)
+    """`a/b.mp4` -> `a__b.mp4` (an absolute path in metadata.csv loses its root)."""
+    return "__".join(part for part in rel.parts if part != rel.anchor)
 
 
 def find_items(root: Path) -> list[Item]:

@@ -65,10 +65,13 @@ class DecoderChunk(torch.nn.Module):
         # only the first `used` slots are ever filled (counted on the first call).
         self.slots = count_conv3d(self.model.decoder)
         self.num_caches = 0
+        # The first call leaves 'Rep' in the temporal upsamplers' slots; the zeros that stand
+        # for it need the shape of those upsamplers' inputs, recorded here.
         self.rep_inputs: list[torch.Tensor] = []
-        for m in self.model.decoder.modules():
-            if isinstance(m, Resample) and m.mode == "upsample3d":
-                m.register_forward_pre_hook(lambda _m, args: self.rep_inputs.append(args[0]))
+        if first:
+            for m in self.model.decoder.modules():
+                if isinstance(m, Resample) and m.mode == "upsample3d":
+                    m.register_forward_pre_hook(lambda _m, args: self.rep_inputs.append(args[0]))
 
     def forward(self, latent, *caches):
         z_dim = self.mean.shape[0]

@@ -56,7 +56,8 @@ pub struct Args {
     #[arg(long, value_name = "F,H,W")]
     pub shape: String,
 
-    /// Output directory: samples.safetensors, samples.png (frames left to right), samples.gif.
+    /// Output directory: samples.safetensors (latents), samples.png and samples.gif (latent
+    /// channels 0-2 as colours, frames left to right); with --vae-decoder also the videos.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 
