@@ -6,6 +6,7 @@
 //! the `step` graph takes the caches and one more latent frame and returns four RGB frames and
 //! the new caches. Memory stays at one chunk whatever the video length.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use ort::session::{Session, SessionInputValue};
@@ -117,21 +118,79 @@ impl VaeDecoder {
         self.z_dim
     }
 
-    /// Decodes one latent video [C, F, H, W] to 1 + 4(F-1) RGB frames of 8H × 8W.
-    pub fn decode(&mut self, latents: &[f32], shape: [usize; 4]) -> Result<Video> {
+    /// Decodes one latent video [C, F, H, W] to 1 + 4(F-1) RGB frames of 8H × 8W in [-1, 1],
+    /// whole or in overlapping spatial tiles (DiffSynth's `tiled_decode`: less memory, blended
+    /// seams).
+    pub fn decode(&mut self, latents: &[f32], shape: [usize; 4], tile: Option<Tile>) -> Result<Video> {
         let [c, f, h, w] = shape;
-        if c != self.z_dim || f == 0 {
-            return Err(Error::Shape { name: "latents (VAE decoder input)".into(), expected: vec![self.z_dim, f, h, w], got: shape.to_vec() });
+        if c != self.z_dim || f == 0 || h == 0 || w == 0 {
+            return Err(Error::Shape { name: "latents (VAE decoder input)".into(), expected: vec![self.z_dim, f.max(1), h.max(1), w.max(1)], got: shape.to_vec() });
         }
-        let plane = h * w;
-        let (out_h, out_w) = (h * self.space_up, w * self.space_up);
+        let mut video = match tile {
+            None => self.decode_window(latents, shape, 0..h, 0..w)?,
+            Some(tile) => self.decode_tiled(latents, shape, tile)?,
+        };
+        if let Some(i) = video.rgb.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { step: 0, what: "decoded frame", value: video.rgb[i] as f64 });
+        }
+        video.rgb.iter_mut().for_each(|v| *v = v.clamp(-1.0, 1.0));
+        Ok(video)
+    }
+
+    /// DiffSynth's `tiled_decode`: each tile decoded alone, weighted by a mask that ramps
+    /// linearly over the overlap on sides that are not the video's edge, summed, divided by
+    /// the summed masks.
+    fn decode_tiled(&mut self, latents: &[f32], shape: [usize; 4], tile: Tile) -> Result<Video> {
+        let [_, f, h, w] = shape;
+        let up = self.space_up;
+        let (out_h, out_w) = (h * up, w * up);
+        let frames = 1 + self.time_up * (f - 1);
+        let plane = out_h * out_w;
+        let mut values = vec![0.0f32; 3 * frames * plane];
+        let mut weight = vec![0.0f32; plane];
+        let border = [(tile.size[0] - tile.stride[0]) * up, (tile.size[1] - tile.stride[1]) * up];
+        for (r0, r1) in tile_spans(h, tile.size[0], tile.stride[0]) {
+            for (c0, c1) in tile_spans(w, tile.size[1], tile.stride[1]) {
+                let part = self.decode_window(latents, shape, r0..r1, c0..c1)?;
+                let mask_y = ramp(part.height, r0 == 0, r1 >= h, border[0]);
+                let mask_x = ramp(part.width, c0 == 0, c1 >= w, border[1]);
+                let (y0, x0) = (r0 * up, c0 * up);
+                for y in 0..part.height {
+                    for x in 0..part.width {
+                        let m = mask_y[y].min(mask_x[x]);
+                        let at = (y0 + y) * out_w + x0 + x;
+                        for plane_index in 0..3 * frames {
+                            values[plane_index * plane + at] += part.rgb[(plane_index * part.height + y) * part.width + x] * m;
+                        }
+                        weight[at] += m;
+                    }
+                }
+            }
+        }
+        for (i, v) in values.iter_mut().enumerate() {
+            *v /= weight[i % plane];
+        }
+        Ok(Video { frames, height: out_h, width: out_w, rgb: values })
+    }
+
+    /// Streams the latent window `rows` × `cols` through the graphs: unclamped frames.
+    fn decode_window(&mut self, latents: &[f32], shape: [usize; 4], rows: Range<usize>, cols: Range<usize>) -> Result<Video> {
+        let [c, f, h, w] = shape;
+        let (th, tw) = (rows.len(), cols.len());
+        let (out_h, out_w) = (th * self.space_up, tw * self.space_up);
         let frames = 1 + self.time_up * (f - 1);
         let mut rgb = vec![0.0f32; 3 * frames * out_h * out_w];
         let mut caches: Vec<DynValue> = Vec::with_capacity(self.caches);
         let mut done = 0;
         for i in 0..f {
-            let chunk: Vec<f32> = (0..c).flat_map(|ch| latents[(ch * f + i) * plane..(ch * f + i + 1) * plane].iter().copied()).collect();
-            let latent = Tensor::from_array((vec![1, c, 1, h, w], chunk)).map_err(Error::ort("creating the VAE latent tensor"))?;
+            let mut chunk = Vec::with_capacity(c * th * tw);
+            for ch in 0..c {
+                for y in rows.clone() {
+                    let row = ((ch * f + i) * h + y) * w;
+                    chunk.extend_from_slice(&latents[row + cols.start..row + cols.end]);
+                }
+            }
+            let latent = Tensor::from_array((vec![1, c, 1, th, tw], chunk)).map_err(Error::ort("creating the VAE latent tensor"))?;
             let during = format!("decoding latent frame {i} with the VAE decoder");
             let mut outputs = if i == 0 {
                 self.first.run(vec![("latent".to_string(), SessionInputValue::from(latent))]).map_err(Error::ort(during.clone()))?
@@ -159,11 +218,46 @@ impl VaeDecoder {
                 caches.push(outputs.remove(&name).ok_or_else(|| Error::Config(format!("{during}: the graph has no `{name}` output")))?);
             }
         }
-        if let Some(i) = rgb.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite { step: 0, what: "decoded frame", value: rgb[i] as f64 });
-        }
         Ok(Video { frames, height: out_h, width: out_w, rgb })
     }
+}
+
+/// Spatial tiles in latent pixels: `size` [rows, cols], consecutive tiles `stride` apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tile {
+    pub size: [usize; 2],
+    pub stride: [usize; 2],
+}
+
+impl Tile {
+    /// Tiles that overlap by half, as DiffSynth's defaults (30×52 every 15×26).
+    pub fn half_overlap(size: [usize; 2]) -> Result<Self> {
+        if size.iter().any(|&s| s < 2) {
+            return Err(Error::Config(format!("each side must be at least 2 latent pixels, got {}x{}", size[0], size[1])));
+        }
+        Ok(Self { size, stride: size.map(|s| s / 2) })
+    }
+}
+
+/// DiffSynth's tile starts along one axis of length `n`: every `stride`, skipping a start
+/// whose previous tile already reaches the end; each span is cut at `n`.
+fn tile_spans(n: usize, size: usize, stride: usize) -> Vec<(usize, usize)> {
+    (0..n).step_by(stride).filter(|&s| !(s >= stride && s - stride + size >= n)).map(|s| (s, (s + size).min(n))).collect()
+}
+
+/// DiffSynth's `build_1d_mask`: 1, ramping (i+1)/border up from a side that is not the edge.
+fn ramp(len: usize, at_start: bool, at_end: bool, border: usize) -> Vec<f32> {
+    let mut x = vec![1.0f32; len];
+    for i in 0..border.min(len) {
+        let v = (i + 1) as f32 / border as f32;
+        if !at_start {
+            x[i] = v;
+        }
+        if !at_end {
+            x[len - 1 - i] = v;
+        }
+    }
+    x
 }
 
 /// What [`write_videos`] writes besides the contact sheet and the GIF.
@@ -174,6 +268,8 @@ pub struct VideoOptions {
     /// Also write the decoded frames as float32 (`videos.safetensors`; about 390 MB per
     /// 81-frame 480×832 video).
     pub save_frames: bool,
+    /// Decode in spatial tiles (less memory) instead of whole.
+    pub tile: Option<Tile>,
 }
 
 /// What [`write_videos`] wrote.
@@ -196,7 +292,7 @@ pub const SHEET_FRAMES: usize = 8;
 /// (`videos.png`), a GIF (`videos.gif`), one MP4 per video (`video-XXX.mp4`) when `ffmpeg` is
 /// on PATH and, if asked, the raw frames. The function the trainer calls for its samples.
 pub fn write_videos(decoder: &mut VaeDecoder, latents: &[Vec<f32>], shape: [usize; 4], out: &Path, options: VideoOptions) -> Result<VideoFiles> {
-    let videos = latents.iter().map(|l| decoder.decode(l, shape)).collect::<Result<Vec<_>>>()?;
+    let videos = latents.iter().map(|l| decoder.decode(l, shape, options.tile)).collect::<Result<Vec<_>>>()?;
     let first = videos.first().ok_or_else(|| Error::Config("no videos to decode".into()))?;
     let tensors = if options.save_frames {
         let path = out.join("videos.safetensors");
@@ -226,5 +322,16 @@ mod tests {
     fn pixel_conversion_matches_diffsynth() {
         // DiffSynth: ((x + 1) * 127.5).clip(0, 255).to(uint8), which truncates.
         assert_eq!([to_u8(-1.5), to_u8(-1.0), to_u8(0.0), to_u8(0.999), to_u8(1.0), to_u8(2.0)], [0, 0, 127, 254, 255, 255]);
+    }
+
+    #[test]
+    fn tiles_follow_diffsynth() {
+        // DiffSynth, 60×104 latents with its defaults (30, 52) / (15, 26).
+        assert_eq!(tile_spans(60, 30, 15), vec![(0, 30), (15, 45), (30, 60)]);
+        assert_eq!(tile_spans(104, 52, 26), vec![(0, 52), (26, 78), (52, 104)]);
+        assert_eq!(tile_spans(6, 4, 2), vec![(0, 4), (2, 6)]);
+        assert_eq!(tile_spans(3, 4, 2), vec![(0, 3)]);
+        assert_eq!(ramp(6, true, false, 3), vec![1.0, 1.0, 1.0, 1.0, 2.0 / 3.0, 1.0 / 3.0]);
+        assert_eq!(ramp(5, false, true, 2), vec![0.5, 1.0, 1.0, 1.0, 1.0]);
     }
 }

@@ -16,8 +16,9 @@ with its cache list passed in as tensors. Two graphs, because the first latent f
 differently: DiffSynth's temporal upsampling ('Rep' cache) skips it, so it gives one frame, not
 four. Every cache is exchanged as two frames; where DiffSynth keeps one frame (or 'Rep') the
 missing frame is zeros, which is what its causal padding adds in that case, so the result is
-the same. Both graphs read one shared weights file (external data). Output: RGB in [-1, 1],
-clamped as DiffSynth's `single_decode` does.
+the same. Both graphs read one shared weights file (external data). Output: RGB, unclamped:
+the caller clamps to [-1, 1] as DiffSynth's `single_decode` does, after blending when it decodes
+in spatial tiles (DiffSynth's `tiled_decode` blends first, then clamps).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class DecoderChunk(torch.nn.Module):
             elif c.shape[2] == 1:  # one frame kept: the missing one is the causal zero padding
                 c = torch.cat([torch.zeros_like(c), c], dim=2)
             caches_out.append(c)
-        return (out.clamp(-1, 1), *caches_out)
+        return (out, *caches_out)
 
 
 def _export(module: DecoderChunk, example: tuple, names_in: list[str], names_out: list[str]) -> onnx.ModelProto:
@@ -162,7 +163,7 @@ def export_vae_decoder(vae_path: Path, out: Path) -> dict:
         "format": FORMAT, "version": 1, "source": vae_path.name, "z_dim": z_dim, "dim": vae.model.dim,
         "upsampling": {"time": 4, "space": vae.upsampling_factor}, "caches": n,
         "graphs": {"first": FIRST, "step": STEP}, "weights": WEIGHTS,
-        "output": {"layout": "[1, 3, T, H, W] RGB", "range": [-1.0, 1.0]},
+        "output": {"layout": "[1, 3, T, H, W] RGB", "range": "unclamped; clamp to [-1, 1] after blending tiles"},
         "files": {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in (FIRST, STEP, WEIGHTS)},
     }
     # Export's own check: the streamed ONNX decode against DiffSynth's on the example latent.
@@ -178,7 +179,7 @@ def export_vae_decoder(vae_path: Path, out: Path) -> dict:
 
 
 def decode_with_onnx(out: Path, latent: np.ndarray, ort) -> np.ndarray:
-    """[1, z, F, h, w] latents -> [1, 3, 1+4(F-1), 8h, 8w] frames through the two graphs."""
+    """[1, z, F, h, w] latents -> [1, 3, 1+4(F-1), 8h, 8w] frames in [-1, 1] through the two graphs."""
     first = ort.InferenceSession(str(out / FIRST), providers=["CPUExecutionProvider"])
     step = ort.InferenceSession(str(out / STEP), providers=["CPUExecutionProvider"])
     results = first.run(None, {"latent": latent[:, :, :1]})
@@ -188,7 +189,7 @@ def decode_with_onnx(out: Path, latent: np.ndarray, ort) -> np.ndarray:
         results = step.run(None, feed)
         frames.append(results[0])
         caches = results[1:]
-    return np.concatenate(frames, axis=2)
+    return np.clip(np.concatenate(frames, axis=2), -1, 1)
 
 
 def main(argv=None) -> int:

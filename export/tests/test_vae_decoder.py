@@ -33,11 +33,11 @@ def decoder(tmp_path_factory):
     return d
 
 
-def sample(out, decoder_dir, path_env, shape="4,6,8", save_frames=True):
+def sample(out, decoder_dir, path_env, shape="4,6,8", save_frames=True, extra=()):
     env = {**os.environ, "PATH": str(path_env)}
     return subprocess.run([str(flowstep_bin()), "sample", "--artifacts", str(TINY), "--context", str(PROMPT), "--shape", shape,
                            "--num-samples", "2", "--steps", "2", "--seed", "3", "--out", str(out),
-                           "--vae-decoder", str(decoder_dir), "--fps", "8", *(["--save-frames"] if save_frames else [])],
+                           "--vae-decoder", str(decoder_dir), "--fps", "8", *(["--save-frames"] if save_frames else []), *extra],
                           capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -94,6 +94,22 @@ def test_sample_decodes_like_diffsynth(decoder, tmp_path):
         # H.264 is lossy (yuv420p subsampling of noise-like frames): only a loose match.
         ref = np.stack([np.asarray(im) for im in pipe.vae_output_to_video(reference[i:i + 1])]).astype(float)
         assert np.abs(np.stack(decoded).astype(float) - ref).mean() < 40
+
+
+def test_tiled_decode_like_diffsynth(decoder, tmp_path):
+    """--vae-tile 4,4 on 6×8 latents: 2×3 tiles overlapping by half, blended as DiffSynth's
+    tiled_decode with tile_size (4, 4) and tile_stride (2, 2)."""
+    out = tmp_path / "tiled"
+    r = sample(out, decoder / "decoder", tmp_path, extra=["--vae-tile", "4,4"])
+    assert r.returncode == 0, r.stderr
+    latents = load_file(str(out / "samples.safetensors"))["latents"]
+    frames = load_file(str(out / "videos.safetensors"))["frames"]
+    vae = reference_vae(decoder / "wan_2.1_vae.safetensors")
+    with torch.no_grad():
+        tiled = vae.decode(latents, device="cpu", tiled=True, tile_size=(4, 4), tile_stride=(2, 2))
+        whole = vae.decode(latents, device="cpu")
+    assert (tiled - whole).abs().max() > 0.05, "the tiles must matter for this test to mean anything"
+    torch.testing.assert_close(frames, tiled, rtol=0, atol=ATOL)
 
 
 def test_no_ffmpeg_is_one_warning_and_bad_decoder_dir_is_one_error(decoder, tmp_path):

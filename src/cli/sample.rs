@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use flowstep::artifacts::Artifacts;
-use flowstep::decode::{VaeDecoder, VideoOptions, write_videos};
+use flowstep::decode::{Tile, VaeDecoder, VideoOptions, write_videos};
 use flowstep::executor::{VelocityGraph, WithLora};
 use flowstep::render::{Grid, centroid_motion, mean_rgb};
 use flowstep::sample::{SampleConfig, sample};
@@ -73,6 +73,12 @@ pub struct Args {
     #[arg(long, requires = "vae_decoder")]
     pub save_frames: bool,
 
+    /// With --vae-decoder: decode in spatial tiles of H×W latent pixels overlapping by half and
+    /// blended, as DiffSynth's tiled decode (its default is 30,52). Bounds memory at any video
+    /// size (ONNX Runtime's CPU 3-D convolution needs ~5 GB for a 30×52 tile); default: whole.
+    #[arg(long, value_name = "H,W", requires = "vae_decoder")]
+    pub vae_tile: Option<String>,
+
     /// Frames per second of the decoded GIF and MP4 (Wan2.1 is trained at 16).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=240))]
     pub fps: u32,
@@ -110,6 +116,13 @@ fn latent_shape(args: &Args, model: &flowstep::artifacts::ModelInfo) -> anyhow::
     Ok(shape)
 }
 
+fn parse_tile(text: &str) -> anyhow::Result<Tile> {
+    let dims: Vec<usize> = text.split(',').map(|d| d.trim().parse()).collect::<Result<_, _>>()
+        .with_context(|| format!("--vae-tile {text}: expected H,W in latent pixels"))?;
+    let [h, w] = dims[..] else { anyhow::bail!("--vae-tile {text}: expected two numbers H,W") };
+    Tile::half_overlap([h, w]).map_err(|e| anyhow::anyhow!("--vae-tile {text}: {e}"))
+}
+
 pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.num_samples >= 1, "--num-samples: must be at least 1");
     anyhow::ensure!((1..=MAX_STEPS).contains(&args.steps), "--steps: must be 1 to {MAX_STEPS}, got {}", args.steps);
@@ -132,6 +145,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     };
     let (ctx_shape, ctx) = read_context(&args.context)?;
     let negative = args.negative_context.as_ref().map(read_context).transpose()?.map(|(_, v)| v);
+    let tile = args.vae_tile.as_deref().map(parse_tile).transpose()?;
     let mut decoder = args.vae_decoder.as_deref().map(|dir| VaeDecoder::open(dir, &session)).transpose()?;
     if let Some(d) = &decoder {
         anyhow::ensure!(d.z_dim() == shape[0], "--vae-decoder {}: the VAE takes {} latent channels, this model makes {}", d.dir.display(), d.z_dim(), shape[0]);
@@ -157,7 +171,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     let summary = serde_json::json!({"lora": args.lora, "context": args.context, "steps": args.steps, "cfg_scale": args.cfg_scale, "samples": motions});
     write_atomic(&args.out.join("samples.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     if let Some(decoder) = decoder.as_mut() {
-        let files = write_videos(decoder, &videos, shape, &args.out, VideoOptions { fps: args.fps, save_frames: args.save_frames })?;
+        let files = write_videos(decoder, &videos, shape, &args.out, VideoOptions { fps: args.fps, save_frames: args.save_frames, tile })?;
         match &files.mp4 {
             Mp4::Written(paths) if !globals.quiet => eprintln!("decoded {} videos to {} (videos.png, videos.gif, {} MP4)", videos.len(), args.out.display(), paths.len()),
             Mp4::Written(_) => {}
