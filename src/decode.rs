@@ -155,9 +155,9 @@ impl VaeDecoder {
                 let mask_y = ramp(part.height, r0 == 0, r1 >= h, border[0]);
                 let mask_x = ramp(part.width, c0 == 0, c1 >= w, border[1]);
                 let (y0, x0) = (r0 * up, c0 * up);
-                for y in 0..part.height {
-                    for x in 0..part.width {
-                        let m = mask_y[y].min(mask_x[x]);
+                for (y, my) in mask_y.iter().enumerate() {
+                    for (x, mx) in mask_x.iter().enumerate() {
+                        let m = my.min(*mx);
                         let at = (y0 + y) * out_w + x0 + x;
                         for plane_index in 0..3 * frames {
                             values[plane_index * plane + at] += part.rgb[(plane_index * part.height + y) * part.width + x] * m;
