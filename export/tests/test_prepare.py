@@ -59,7 +59,7 @@ def run_prepare(videos, encoders, out, capsys):
     return rc, captured.out, captured.err
 
 
-def diffsynth_reference(path, caption, frames, height, width, encoders):
+def diffsynth_reference(path, caption, frames, height, width, encoders, fps=None):
     """DiffSynth's pipeline units on the same file: LoadVideo + ImageCropAndResize, then
     WanVideoUnit_InputVideoEmbedder and WanVideoUnit_PromptEmbedder."""
     from diffsynth.core.data.operators import ImageCropAndResize, LoadVideo
@@ -70,7 +70,8 @@ def diffsynth_reference(path, caption, frames, height, width, encoders):
     if path.suffix == ".png":
         clip = [crop(Image.open(path).convert("RGB"))]
     else:
-        clip = LoadVideo(num_frames=frames, frame_processor=crop)(str(path))
+        resample = {} if fps is None else {"frame_rate": fps, "fix_frame_rate": True}
+        clip = LoadVideo(num_frames=frames, frame_processor=crop, **resample)(str(path))
     pipe = WanVideoPipeline(device="cpu", torch_dtype=torch.float32)
     pipe.scheduler.training = True  # DiffSynth's training path: the unit returns the clean input_latents
     pipe.vae = reference_vae(encoders / "vae.pth")
@@ -128,6 +129,25 @@ def test_prepare_matches_diffsynth_buckets_skips_and_resumes(videos, encoders, t
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["samples"] == 3
+
+
+def test_prepare_fps_resamples_as_diffsynth(videos, encoders, tmp_path, capsys):
+    """--fps 4 on an 11-frame 8 fps video: 1.375 s holds 5 frames at 4 fps, source frames
+    0, 2, 4, 6, 8, as DiffSynth's LoadVideo with fix_frame_rate."""
+    d = tmp_path / "one"
+    d.mkdir()
+    (d / "wide.mp4").symlink_to(videos / "wide.mp4")
+    (d / "wide.txt").write_text(CAPTIONS["wide.mp4"])
+    out = tmp_path / "data"
+    rc = prepare_main(["--videos", str(d), "--out", str(out), "--vae", str(encoders / "vae.pth"),
+                       "--text-encoder", str(encoders / "t5.pth"), "--tokenizer", str(encoders / "tokenizer"),
+                       "--resolution", "32x48", "--frames", "5,9", "--fps", "4", "--text-len", str(TEXT_LEN),
+                       "--dtype", "f32", "--precision", "float32", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    latents = load_file(str(out / "wide.mp4.safetensors"))["latents"]
+    reference, _ = diffsynth_reference(videos / "wide.mp4", CAPTIONS["wide.mp4"], 5, 32, 48, encoders, fps=4)
+    assert list(latents.shape) == [16, 2, 4, 6]
+    torch.testing.assert_close(latents, reference, rtol=1e-4, atol=1e-4)
 
 
 def test_prepare_bf16_default_and_metadata_csv(videos, encoders, tmp_path, capsys):
