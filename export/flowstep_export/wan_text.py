@@ -1,7 +1,9 @@
 """Wan's text encoder (umT5-XXL's encoder) from a user's checkpoint, with DiffSynth-Studio's classes.
 
 Accepts `models_t5_umt5-xxl-enc-bf16.pth` (Wan's release; keys `token_embedding.weight`,
-`blocks.N.attn.q.weight`, ...) or the same tensors in a .safetensors file. The sizes (vocabulary,
+`blocks.N.attn.q.weight`, ...), the same tensors in a .safetensors file, or the encoder with
+Hugging Face UMT5 names (`encoder.block.N.layer.0.SelfAttention.q.weight`, ComfyUI's
+`umt5_xxl_fp16.safetensors`), renamed here; float8 files are refused. The sizes (vocabulary,
 width, heads, layers) are read from the weights, so a small random encoder loads the same way.
 The tokenizer is the `google/umt5-xxl` folder shipped with Wan (any folder that
 `transformers.AutoTokenizer` loads), used through DiffSynth's `HuggingfaceTokenizer` with its
@@ -18,11 +20,43 @@ import torch
 from .wan_vae import read_state_dict
 
 
+# Hugging Face UMT5 encoder names -> Wan's (the same modules: gated-GELU FFN, a relative
+# position bias in every layer, RMS norms without bias).
+HF_NAMES = [
+    (r"^(?:shared|encoder\.embed_tokens)\.weight$", "token_embedding.weight"),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight$", r"blocks.\1.attn.\2.weight"),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight$", r"blocks.\1.pos_embedding.embedding.weight"),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight$", r"blocks.\1.norm1.weight"),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.weight$", r"blocks.\1.ffn.gate.0.weight"),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.weight$", r"blocks.\1.ffn.fc1.weight"),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.weight$", r"blocks.\1.ffn.fc2.weight"),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight$", r"blocks.\1.norm2.weight"),
+    (r"^encoder\.final_layer_norm\.weight$", "norm.weight"),
+]
+
+
+def from_hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Renames a Hugging Face UMT5 encoder state dict to Wan's; other keys are kept (and then
+    reported as unexpected)."""
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in HF_NAMES:
+            if re.match(pattern, key):
+                key = re.sub(pattern, replacement, key)
+                break
+        out[key] = value
+    return out
+
+
 def load_text_encoder(path: Path, dtype: torch.dtype):
     """DiffSynth's `WanTextEncoder` holding the weights of `path`, in eval mode."""
     from diffsynth.models.wan_video_text_encoder import WanTextEncoder
 
     state = read_state_dict(path)
+    if any(v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for v in state.values()):
+        raise ValueError(f"{path}: a float8 checkpoint; use the bf16/fp16 text encoder (Wan's models_t5_umt5-xxl-enc-bf16.pth)")
+    if "encoder.final_layer_norm.weight" in state:
+        state = from_hf_names(state)
     try:
         vocab, dim = state["token_embedding.weight"].shape
         dim_attn = state["blocks.0.attn.q.weight"].shape[0]

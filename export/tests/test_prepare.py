@@ -229,3 +229,28 @@ def test_encode_prompts_matches_the_prepared_context(encoders, tmp_path, capsys)
     assert encode_main(["--out", str(tmp_path / "q"), "--text-encoder", str(encoders / "t5.pth"),
                         "--tokenizer", str(encoders / "tokenizer")]) == 1
     assert "no prompts" in capsys.readouterr().err
+
+
+def test_hugging_face_umt5_names_load(encoders, tmp_path):
+    """ComfyUI's umt5_xxl_fp16.safetensors keeps Hugging Face's UMT5 names: renamed to Wan's, it
+    gives what transformers' own UMT5EncoderModel computes (an independent implementation)."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+    from flowstep_export.encode_prompts import main as encode_main
+
+    tokenizer = AutoTokenizer.from_pretrained(str(encoders / "tokenizer"))
+    torch.manual_seed(5)
+    hf = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2,
+                                     relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")).eval()
+    save_file({k: v.clone().contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "umt5.safetensors"))
+    prompt = "blue square over the green sky"
+    assert encode_main([prompt, "--out", str(tmp_path / "p"), "--text-encoder", str(tmp_path / "umt5.safetensors"),
+                        "--tokenizer", str(encoders / "tokenizer"), "--text-len", str(TEXT_LEN), "--precision", "float32"]) == 0
+    context = load_file(str(tmp_path / "p" / "prompt-000.safetensors"))["context"]
+    ids = tokenizer(prompt, padding="max_length", max_length=TEXT_LEN, return_tensors="pt")
+    with torch.no_grad():
+        reference = hf(input_ids=ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state[0]
+    n = int(ids.attention_mask.sum())
+    torch.testing.assert_close(context[:n], reference[:n], rtol=1e-4, atol=1e-5)
+    assert context[n:].abs().max() == 0
