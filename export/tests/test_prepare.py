@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from flowstep_export.prepare import main as prepare_main
-from test_convert_and_lora import TINY, flowstep_bin
+from independent import TINY, flowstep_bin
 from wan_fixtures import (TEXT_LEN, reference_vae, text_encoder_config, write_text_encoder, write_tokenizer, write_vae,
                           write_video)
 

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from flowstep_export.vae_decoder import main as export_main
-from test_convert_and_lora import TINY, flowstep_bin
+from independent import TINY, flowstep_bin
 from wan_fixtures import reference_vae, write_vae
 
 PROMPT = TINY.parent.parent / "toy" / "prompts" / "yellow-up.safetensors"  # a [16, 64] context
