@@ -8,6 +8,7 @@
 pub mod artifacts;
 pub mod checkpoint;
 pub mod data;
+pub mod decode;
 pub mod error;
 pub mod eval;
 pub mod executor;
@@ -22,5 +23,6 @@ pub mod scheduler;
 pub mod sft;
 pub mod tensor_file;
 pub mod train;
+pub mod video_files;
 
 pub use error::{Error, Result};

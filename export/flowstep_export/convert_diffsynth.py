@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .deps import missing_module
+
 LATENT_KEYS = ("input_latents",)
 CONTEXT_KEYS = ("context", "prompt_emb")
 
@@ -87,6 +89,10 @@ def main(argv=None) -> int:
             sample = convert_sample(path, dtype)
             rel = path.relative_to(args.cache).with_suffix("")
             save_file(sample, str(args.out / f"{i:06d}-{'_'.join(rel.parts)}.safetensors"))
+    except ModuleNotFoundError as e:
+        # DiffSynth's cache pickles PIL images and other objects: unpickling imports their modules.
+        print(missing_module(e, f"reading the DiffSynth cache ({path})"), file=sys.stderr)
+        return 1
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

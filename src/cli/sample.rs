@@ -1,13 +1,16 @@
-//! `flowstep sample`: generate latent videos with the inference graph and draw them.
+//! `flowstep sample`: generate latent videos with the inference graph, draw them, and decode
+//! them to RGB frames with Wan's VAE decoder when one is given.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use flowstep::artifacts::Artifacts;
+use flowstep::decode::{Tile, VaeDecoder, VideoOptions, write_videos};
 use flowstep::executor::{VelocityGraph, WithLora};
 use flowstep::render::{Grid, centroid_motion, mean_rgb};
 use flowstep::sample::{SampleConfig, sample};
+use flowstep::video_files::Mp4;
 use flowstep::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, write_atomic};
 
 use super::{DeviceArgs, Globals, ModelArgs};
@@ -54,9 +57,32 @@ pub struct Args {
     #[arg(long, value_name = "F,H,W")]
     pub shape: String,
 
-    /// Output directory: samples.safetensors, samples.png (frames left to right), samples.gif.
+    /// Output directory: samples.safetensors (latents), samples.png and samples.gif (latent
+    /// channels 0-2 as colours, frames left to right); with --vae-decoder also the videos.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+
+    /// Decode the samples to RGB frames with Wan's VAE decoder exported by
+    /// `python -m flowstep_export.vae_decoder` (this DIR holds vae_decoder.json). Writes
+    /// videos.png (contact sheet: up to 8 frames per sample), videos.gif and, when `ffmpeg` is
+    /// on PATH, video-XXX.mp4 (H.264).
+    #[arg(long, value_name = "DIR")]
+    pub vae_decoder: Option<PathBuf>,
+
+    /// With --vae-decoder: also write the decoded frames, float32 in [-1, 1], to
+    /// videos.safetensors (`frames` [N, 3, T, H, W]; ~390 MB per 81-frame 480×832 video).
+    #[arg(long, requires = "vae_decoder")]
+    pub save_frames: bool,
+
+    /// With --vae-decoder: decode in spatial tiles of H×W latent pixels overlapping by half and
+    /// blended, as DiffSynth's tiled decode (its default is 30,52). Bounds memory at any video
+    /// size (ONNX Runtime's CPU 3-D convolution needs ~5 GB for a 30×52 tile); default: whole.
+    #[arg(long, value_name = "H,W", requires = "vae_decoder")]
+    pub vae_tile: Option<String>,
+
+    /// Frames per second of the decoded GIF and MP4 (Wan2.1 is trained at 16).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=240))]
+    pub fps: u32,
 
     /// Print each sample's centroid motion (dx, dy in latent pixels) and mean colour
     /// (channels 0-2): the toy world's measures of where the blob went and what colour it is.
@@ -91,6 +117,13 @@ fn latent_shape(args: &Args, model: &flowstep::artifacts::ModelInfo) -> anyhow::
     Ok(shape)
 }
 
+fn parse_tile(text: &str) -> anyhow::Result<Tile> {
+    let dims: Vec<usize> = text.split(',').map(|d| d.trim().parse()).collect::<Result<_, _>>()
+        .with_context(|| format!("--vae-tile {text}: expected H,W in latent pixels"))?;
+    let [h, w] = dims[..] else { anyhow::bail!("--vae-tile {text}: expected two numbers H,W") };
+    Tile::half_overlap([h, w]).map_err(|e| anyhow::anyhow!("--vae-tile {text}: {e}"))
+}
+
 pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.num_samples >= 1, "--num-samples: must be at least 1");
     anyhow::ensure!((1..=MAX_STEPS).contains(&args.steps), "--steps: must be 1 to {MAX_STEPS}, got {}", args.steps);
@@ -113,6 +146,11 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     };
     let (ctx_shape, ctx) = read_context(&args.context)?;
     let negative = args.negative_context.as_ref().map(read_context).transpose()?.map(|(_, v)| v);
+    let tile = args.vae_tile.as_deref().map(parse_tile).transpose()?;
+    let mut decoder = args.vae_decoder.as_deref().map(|dir| VaeDecoder::open(dir, &session)).transpose()?;
+    if let Some(d) = &decoder {
+        anyhow::ensure!(d.z_dim() == shape[0], "--vae-decoder {}: the VAE takes {} latent channels, this model makes {}", d.dir.display(), d.z_dim(), shape[0]);
+    }
     let mut model = WithLora::<VelocityGraph>::load(&artifacts, &session, args.model.base.as_deref(), args.lora.as_deref())?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let mut videos = Vec::with_capacity(args.num_samples);
@@ -133,6 +171,14 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     write_atomic(&args.out.join("samples.safetensors"), &encode(&[tensor], SaveDtype::F32, None)?)?;
     let summary = serde_json::json!({"lora": args.lora, "context": args.context, "steps": args.steps, "cfg_scale": args.cfg_scale, "samples": motions});
     write_atomic(&args.out.join("samples.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    if let Some(decoder) = decoder.as_mut() {
+        let files = write_videos(decoder, &videos, shape, &args.out, VideoOptions { fps: args.fps, save_frames: args.save_frames, tile })?;
+        match &files.mp4 {
+            Mp4::Written(paths) if !globals.quiet => eprintln!("decoded {} videos to {} (videos.png, videos.gif, {} MP4)", videos.len(), args.out.display(), paths.len()),
+            Mp4::Written(_) => {}
+            Mp4::NoFfmpeg(message) => eprintln!("warning: {message}"),
+        }
+    }
     let grid = Grid { videos, shape, scale: (128 / shape[3].max(1)).clamp(1, 16) as u32 };
     grid.write_png(&args.out.join("samples.png"))?;
     grid.write_gif(&args.out.join("samples.gif"))?;

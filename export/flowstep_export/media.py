@@ -1,0 +1,147 @@
+"""Reading training videos and images into size buckets, as DiffSynth's data operators do.
+
+Videos (mp4, webm, mov, mkv, avi, gif) are decoded by ffmpeg through imageio (imageio-ffmpeg ships
+the binary); still images by Pillow. Each file goes to the resolution bucket nearest its aspect
+ratio, is resized so that it covers the bucket (bilinear) and centre-cropped, as DiffSynth's
+`ImageCropAndResize`; a video gets the longest frame bucket it can fill, frames taken from the
+start (or resampled to `fps`, as DiffSynth's `fix_frame_rate`). A still image is one frame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class Bucket:
+    height: int
+    width: int
+
+    def __str__(self) -> str:
+        return f"{self.height}x{self.width}"
+
+
+def parse_resolutions(values: list[str], multiple: int) -> list[Bucket]:
+    """`480x832` (HEIGHTxWIDTH), repeatable or comma-separated; each side a multiple of `multiple`."""
+    buckets = []
+    for item in (v.strip() for value in values for v in value.split(",")):
+        try:
+            height, width = (int(x) for x in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--resolution {item!r}: expected HEIGHTxWIDTH, e.g. 480x832") from None
+        if height <= 0 or width <= 0 or height % multiple or width % multiple:
+            raise ValueError(f"--resolution {item}: height and width must be positive multiples of {multiple} "
+                             "(the VAE's 8 times the DiT's patch 2)")
+        buckets.append(Bucket(height, width))
+    if not buckets:
+        raise ValueError("--resolution: give at least one HEIGHTxWIDTH")
+    return sorted(set(buckets), key=lambda b: (b.height * b.width, b.height))
+
+
+def parse_frames(values: list[str]) -> list[int]:
+    """Frame buckets, repeatable or comma-separated; each 4k+1 (Wan's VAE packs 4 frames after the first)."""
+    frames = []
+    for item in (v.strip() for value in values for v in value.split(",")):
+        try:
+            n = int(item)
+        except ValueError:
+            raise ValueError(f"--frames {item!r}: expected a number of frames such as 81") from None
+        if n < 1 or n % 4 != 1:
+            raise ValueError(f"--frames {n}: must be 4k+1 (1, 5, 9, ..., 81)")
+        frames.append(n)
+    if not frames:
+        raise ValueError("--frames: give at least one frame count")
+    return sorted(set(frames))
+
+
+def nearest_bucket(height: int, width: int, buckets: list[Bucket]) -> Bucket:
+    """The bucket whose aspect ratio is nearest (in log ratio); ties go to the larger bucket."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b.width / b.height) - ratio), -b.height * b.width))
+
+
+def crop_and_resize(image, bucket: Bucket):
+    """DiffSynth's ImageCropAndResize: scale to cover the bucket (bilinear), then centre-crop."""
+    from PIL import Image
+
+    width, height = image.size
+    scale = max(bucket.width / width, bucket.height / height)
+    image = image.resize((round(width * scale), round(height * scale)), Image.BILINEAR)
+    # torchvision's center_crop offsets.
+    top = int(round((image.height - bucket.height) / 2.0))
+    left = int(round((image.width - bucket.width) / 2.0))
+    return image.crop((left, top, left + bucket.width, top + bucket.height))
+
+
+def frame_ids(available: int, raw_fps: float, frames: int, fps: float | None) -> list[int]:
+    """Source frame indices for `frames` output frames: consecutive, or resampled to `fps`."""
+    if fps is None:
+        return list(range(frames))
+    return [min(int(round(i / fps * raw_fps)), available - 1) for i in range(frames)]
+
+
+@dataclass
+class Clip:
+    """Frames ready for the VAE: [3, T, H, W] float32 in [-1, 1]."""
+
+    pixels: np.ndarray
+    bucket: Bucket
+    source_frames: int
+
+
+def read_clip(path: Path, buckets: list[Bucket], frame_buckets: list[int], fps: float | None) -> Clip:
+    """Decodes `path` into its bucket. ValueError (one line) when it cannot be used."""
+    from PIL import Image
+
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except (OSError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot decode image: {e}") from None
+        bucket = nearest_bucket(image.height, image.width, buckets)
+        return Clip(to_pixels([crop_and_resize(image, bucket)]), bucket, 1)
+    import imageio.v2 as iio
+
+    try:
+        reader = iio.get_reader(path, format="FFMPEG")
+    except Exception as e:  # imageio raises plain Exceptions for undecodable files
+        raise ValueError(f"cannot decode video: {one_line(e)}") from None
+    try:
+        meta = reader.get_meta_data()
+        total = reader.count_frames()
+        raw_fps = float(meta.get("fps") or 0)
+        available = total if fps is None else math.floor(meta.get("duration", total / max(raw_fps, 1e-9)) * fps)
+        usable = [n for n in frame_buckets if n <= available]
+        if not usable:
+            raise ValueError(f"has {available} frames{'' if fps is None else f' at {fps:g} fps'}; the shortest frame bucket is {frame_buckets[0]}")
+        frames = max(usable)
+        if fps is not None and raw_fps <= 0:
+            raise ValueError("has no frame rate in its metadata, so --fps cannot resample it")
+        images = [Image.fromarray(reader.get_data(i)).convert("RGB") for i in frame_ids(total, raw_fps, frames, fps)]
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot decode video: {one_line(e)}") from None
+    finally:
+        reader.close()
+    bucket = nearest_bucket(images[0].height, images[0].width, buckets)
+    return Clip(to_pixels([crop_and_resize(im, bucket) for im in images]), bucket, total)
+
+
+def to_pixels(images) -> np.ndarray:
+    """PIL frames -> [3, T, H, W] in [-1, 1], as DiffSynth's `preprocess_video`."""
+    video = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # T H W C
+    return np.ascontiguousarray((video * (2 / 255) - 1).transpose(3, 0, 1, 2))
+
+
+def one_line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] if text else type(e).__name__

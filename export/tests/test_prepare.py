@@ -1,0 +1,256 @@
+"""`python -m flowstep_export.prepare` on generated videos with small random Wan encoders: the
+samples equal DiffSynth's own pipeline units on the same files (its video loader, crop, VAE and
+prompt embedder), land in two size buckets, skip bad files with one line, resume, and load in
+`flowstep eval`."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from flowstep_export.prepare import main as prepare_main
+from independent import TINY, flowstep_bin
+from wan_fixtures import (TEXT_LEN, reference_vae, text_encoder_config, write_text_encoder, write_tokenizer, write_vae,
+                          write_video)
+
+CAPTIONS = {"wide.mp4": "a red ball rolls left", "tall.webm": "blue square over the green sky", "still.png": "the night sky"}
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("encoders")
+    vocab = write_tokenizer(d / "tokenizer")
+    write_vae(d / "vae.pth")
+    write_text_encoder(d / "t5.pth", vocab)
+    return d
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("videos")
+    write_video(d / "wide.mp4", frames=11, height=40, width=56)  # landscape: 32x48 bucket, 9 frames
+    sub = d / "more"
+    sub.mkdir()
+    write_video(sub / "tall.webm", frames=6, height=56, width=40, codec="libvpx-vp9")  # portrait: 48x32, 5 frames
+    Image.fromarray((np.arange(30 * 44 * 3) % 251).astype(np.uint8).reshape(30, 44, 3)).save(d / "still.png")
+    for name, caption in CAPTIONS.items():
+        path = (sub if name == "tall.webm" else d) / name
+        path.with_suffix(".txt").write_text(caption + "\n")
+    (d / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    (d / "broken.txt").write_text("a red ball")
+    write_video(d / "uncaptioned.mp4", frames=5, height=32, width=48)
+    write_video(d / "short.mp4", frames=3, height=32, width=48)
+    (d / "short.txt").write_text("a ball")
+    return d
+
+
+def run_prepare(videos, encoders, out, capsys):
+    rc = prepare_main(["--videos", str(videos), "--out", str(out), "--vae", str(encoders / "vae.pth"),
+                       "--text-encoder", str(encoders / "t5.pth"), "--tokenizer", str(encoders / "tokenizer"),
+                       "--resolution", "32x48,48x32", "--frames", "5", "--frames", "9", "--text-len", str(TEXT_LEN),
+                       "--dtype", "f32", "--precision", "float32", "-q"])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def diffsynth_reference(path, caption, frames, height, width, encoders, fps=None):
+    """DiffSynth's pipeline units on the same file: LoadVideo + ImageCropAndResize, then
+    WanVideoUnit_InputVideoEmbedder and WanVideoUnit_PromptEmbedder."""
+    from diffsynth.core.data.operators import ImageCropAndResize, LoadVideo
+    from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer, WanTextEncoder
+    from diffsynth.pipelines.wan_video import WanVideoPipeline, WanVideoUnit_InputVideoEmbedder, WanVideoUnit_PromptEmbedder
+
+    crop = ImageCropAndResize(height=height, width=width)
+    if path.suffix == ".png":
+        clip = [crop(Image.open(path).convert("RGB"))]
+    else:
+        resample = {} if fps is None else {"frame_rate": fps, "fix_frame_rate": True}
+        clip = LoadVideo(num_frames=frames, frame_processor=crop, **resample)(str(path))
+    pipe = WanVideoPipeline(device="cpu", torch_dtype=torch.float32)
+    pipe.scheduler.training = True  # DiffSynth's training path: the unit returns the clean input_latents
+    pipe.vae = reference_vae(encoders / "vae.pth")
+    pipe.tokenizer = HuggingfaceTokenizer(name=str(encoders / "tokenizer"), seq_len=TEXT_LEN, clean="whitespace")
+    pipe.text_encoder = WanTextEncoder(**text_encoder_config(pipe.tokenizer.vocab_size)).eval()
+    pipe.text_encoder.load_state_dict(torch.load(encoders / "t5.pth", weights_only=True))
+    with torch.no_grad():
+        latents = WanVideoUnit_InputVideoEmbedder().process(
+            pipe, input_video=clip, noise=None, tiled=False, tile_size=None, tile_stride=None, vace_reference_image=None,
+            framewise_decoding=False, animate2_reference_image=None, animate2_reference_video=None)["input_latents"]
+        context = WanVideoUnit_PromptEmbedder().encode_prompt(pipe, caption)
+    return latents[0], context[0]
+
+
+def test_prepare_matches_diffsynth_buckets_skips_and_resumes(videos, encoders, tmp_path, capsys):
+    out = tmp_path / "data"
+    rc, stdout, stderr = run_prepare(videos, encoders, out, capsys)
+    assert rc == 0, stderr
+    assert "3 prepared, 0 already" in stdout and "3 skipped" in stdout, stdout
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 3 and "Traceback" not in stderr, stderr
+    assert any("broken.mp4: cannot decode video" in l for l in lines), stderr
+    assert any("uncaptioned.mp4: no caption" in l for l in lines), stderr
+    assert any("short.mp4: has 3 frames; the shortest frame bucket is 5" in l for l in lines), stderr
+
+    expected = {  # file: (source, frames, height, width)
+        "wide.mp4": (videos / "wide.mp4", 9, 32, 48),
+        "more__tall.webm": (videos / "more" / "tall.webm", 5, 48, 32),
+        "still.png": (videos / "still.png", 1, 32, 48),
+    }
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{k}.safetensors" for k in expected)
+    for name, (source, frames, height, width) in expected.items():
+        sample = load_file(str(out / f"{name}.safetensors"))
+        assert set(sample) == {"latents", "context"}
+        assert sample["latents"].dtype == torch.float32 and sample["context"].dtype == torch.float32
+        assert list(sample["latents"].shape) == [16, (frames - 1) // 4 + 1, height // 8, width // 8], name
+        assert list(sample["context"].shape) == [TEXT_LEN, 64]
+        caption = CAPTIONS[source.name]
+        ref_latents, ref_context = diffsynth_reference(source, caption, frames, height, width, encoders)
+        # Same float32 ops on the same pixels: only summation order may differ.
+        torch.testing.assert_close(sample["latents"], ref_latents, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sample["context"], ref_context, rtol=1e-4, atol=1e-5)
+        n_tokens = len(caption.split()) + 1  # words + </s>
+        assert sample["context"][n_tokens:].abs().max() == 0 and sample["context"][n_tokens - 1].abs().max() > 0
+        with safe_open(str(out / f"{name}.safetensors"), "pt") as f:
+            assert f.metadata()["caption"] == caption and f.metadata()["bucket"] == f"{height}x{width}"
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    rc, stdout, _ = run_prepare(videos, encoders, out, capsys)
+    assert rc == 0 and "0 prepared, 3 already" in stdout, stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+    # The dataset, two latent sizes mixed, is read by flowstep itself.
+    r = subprocess.run([str(flowstep_bin()), "-q", "eval", "--artifacts", str(TINY), "--data", str(out), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["samples"] == 3
+
+
+def test_prepare_fps_resamples_as_diffsynth(videos, encoders, tmp_path, capsys):
+    """--fps 4 on an 11-frame 8 fps video: 1.375 s holds 5 frames at 4 fps, source frames
+    0, 2, 4, 6, 8, as DiffSynth's LoadVideo with fix_frame_rate."""
+    d = tmp_path / "one"
+    d.mkdir()
+    (d / "wide.mp4").symlink_to(videos / "wide.mp4")
+    (d / "wide.txt").write_text(CAPTIONS["wide.mp4"])
+    out = tmp_path / "data"
+    rc = prepare_main(["--videos", str(d), "--out", str(out), "--vae", str(encoders / "vae.pth"),
+                       "--text-encoder", str(encoders / "t5.pth"), "--tokenizer", str(encoders / "tokenizer"),
+                       "--resolution", "32x48", "--frames", "5,9", "--fps", "4", "--text-len", str(TEXT_LEN),
+                       "--dtype", "f32", "--precision", "float32", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    latents = load_file(str(out / "wide.mp4.safetensors"))["latents"]
+    reference, _ = diffsynth_reference(videos / "wide.mp4", CAPTIONS["wide.mp4"], 5, 32, 48, encoders, fps=4)
+    assert list(latents.shape) == [16, 2, 4, 6]
+    torch.testing.assert_close(latents, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_bf16_default_and_metadata_csv(videos, encoders, tmp_path, capsys):
+    """DiffSynth's metadata.csv names the files and prompts; the default stored dtype is bf16."""
+    d = tmp_path / "csv"
+    d.mkdir()
+    write_video(d / "clip.mp4", frames=5, height=32, width=48)
+    (d / "metadata.csv").write_text('video,prompt\nclip.mp4,"a ball, rolling"\nmissing.mp4,gone\n')
+    out = tmp_path / "data"
+    rc = prepare_main(["--videos", str(d), "--out", str(out), "--vae", str(encoders / "vae.pth"),
+                       "--text-encoder", str(encoders / "t5.pth"), "--tokenizer", str(encoders / "tokenizer"),
+                       "--resolution", "32x48", "--frames", "5", "--text-len", str(TEXT_LEN), "-q"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "1 prepared" in captured.out and "1 skipped" in captured.out, captured
+    assert "missing.mp4: no such file" in captured.err
+    sample = load_file(str(out / "clip.mp4.safetensors"))
+    assert sample["latents"].dtype == torch.bfloat16 and list(sample["latents"].shape) == [16, 2, 4, 6]
+    with safe_open(str(out / "clip.mp4.safetensors"), "pt") as f:
+        assert f.metadata()["caption"] == "a ball, rolling"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--resolution", "30x48", "multiples of 16"),
+    ("--frames", "8", "must be 4k+1"),
+])
+def test_prepare_refuses_bad_buckets(videos, encoders, tmp_path, capsys, flag, value, message):
+    args = {"--resolution": "32x48", "--frames": "5", flag: value}
+    rc = prepare_main(["--videos", str(videos), "--out", str(tmp_path / "o"), "--vae", str(encoders / "vae.pth"),
+                       "--text-encoder", str(encoders / "t5.pth"), "--tokenizer", str(encoders / "tokenizer"),
+                       *[x for kv in args.items() for x in kv]])
+    err = capsys.readouterr().err
+    assert rc == 1 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_missing_module_is_one_line(videos, encoders, tmp_path, capsys, monkeypatch):
+    """A module that is not installed is named in one line, for prepare and for the DiffSynth
+    cache converter (whose .pth files pickle PIL images)."""
+    from flowstep_export.convert_diffsynth import main as convert_main
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shared = {"input_latents": torch.zeros(1, 16, 1, 2, 2), "input_video": [Image.new("RGB", (8, 8))]}
+    torch.save((shared, {"context": torch.zeros(1, 16, 64)}, {}), cache / "0.pth")
+    prepare_args = ["--videos", str(videos), "--out", str(tmp_path / "p"), "--vae", str(encoders / "vae.pth"),
+                    "--text-encoder", str(encoders / "t5.pth"), "--tokenizer", str(encoders / "tokenizer"),
+                    "--resolution", "32x48", "--frames", "5", "--text-len", str(TEXT_LEN), "-q"]
+    cases = [(("PIL", "PIL.Image"), lambda: convert_main([str(cache), str(tmp_path / "c")])),
+             (("imageio", "imageio.v2"), lambda: prepare_main(prepare_args))]
+    for modules, run in cases:
+        with monkeypatch.context() as m:
+            for name in modules:  # as if not installed: importing it raises ModuleNotFoundError
+                m.setitem(sys.modules, name, None)
+            assert run() == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"`{modules[0]}`" in err and "requirements.txt" in err, err
+
+
+def test_encode_prompts_matches_the_prepared_context(encoders, tmp_path, capsys):
+    """Context files for `flowstep sample --context` hold what prepare stores for the same caption
+    (checked against DiffSynth's prompt embedder above)."""
+    from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer, WanTextEncoder
+    from diffsynth.pipelines.wan_video import WanVideoPipeline, WanVideoUnit_PromptEmbedder
+
+    from flowstep_export.encode_prompts import main as encode_main
+
+    prompts = [CAPTIONS["wide.mp4"], "the green square"]
+    assert encode_main([*prompts, "--out", str(tmp_path / "p"), "--text-encoder", str(encoders / "t5.pth"),
+                        "--tokenizer", str(encoders / "tokenizer"), "--text-len", str(TEXT_LEN), "--precision", "float32"]) == 0
+    pipe = WanVideoPipeline(device="cpu", torch_dtype=torch.float32)
+    pipe.tokenizer = HuggingfaceTokenizer(name=str(encoders / "tokenizer"), seq_len=TEXT_LEN, clean="whitespace")
+    pipe.text_encoder = WanTextEncoder(**text_encoder_config(pipe.tokenizer.vocab_size)).eval()
+    pipe.text_encoder.load_state_dict(torch.load(encoders / "t5.pth", weights_only=True))
+    for i, prompt in enumerate(prompts):
+        context = load_file(str(tmp_path / "p" / f"prompt-{i:03}.safetensors"))["context"]
+        with torch.no_grad():
+            reference = WanVideoUnit_PromptEmbedder().encode_prompt(pipe, prompt)[0]
+        assert context.dtype == torch.float32 and list(context.shape) == [TEXT_LEN, 64]
+        torch.testing.assert_close(context, reference, rtol=1e-4, atol=1e-5)
+    assert encode_main(["--out", str(tmp_path / "q"), "--text-encoder", str(encoders / "t5.pth"),
+                        "--tokenizer", str(encoders / "tokenizer")]) == 1
+    assert "no prompts" in capsys.readouterr().err
+
+
+def test_hugging_face_umt5_names_load(encoders, tmp_path):
+    """ComfyUI's umt5_xxl_fp16.safetensors keeps Hugging Face's UMT5 names: renamed to Wan's, it
+    gives what transformers' own UMT5EncoderModel computes (an independent implementation)."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+    from flowstep_export.encode_prompts import main as encode_main
+
+    tokenizer = AutoTokenizer.from_pretrained(str(encoders / "tokenizer"))
+    torch.manual_seed(5)
+    hf = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2,
+                                     relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")).eval()
+    save_file({k: v.clone().contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "umt5.safetensors"))
+    prompt = "blue square over the green sky"
+    assert encode_main([prompt, "--out", str(tmp_path / "p"), "--text-encoder", str(tmp_path / "umt5.safetensors"),
+                        "--tokenizer", str(encoders / "tokenizer"), "--text-len", str(TEXT_LEN), "--precision", "float32"]) == 0
+    context = load_file(str(tmp_path / "p" / "prompt-000.safetensors"))["context"]
+    ids = tokenizer(prompt, padding="max_length", max_length=TEXT_LEN, return_tensors="pt")
+    with torch.no_grad():
+        reference = hf(input_ids=ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state[0]
+    n = int(ids.attention_mask.sum())
+    torch.testing.assert_close(context[:n], reference[:n], rtol=1e-4, atol=1e-5)
+    assert context[n:].abs().max() == 0

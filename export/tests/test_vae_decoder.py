@@ -1,0 +1,133 @@
+"""Wan's VAE decoder exported to ONNX and run by `flowstep sample --vae-decoder`: the decoded
+frames equal DiffSynth's `WanVideoVAE.decode` of the same latents with the same random weights,
+and the contact sheet, GIF and MP4 hold those frames."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import imageio.v2 as iio
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from flowstep_export.vae_decoder import main as export_main
+from independent import TINY, flowstep_bin
+from wan_fixtures import reference_vae, write_vae
+
+PROMPT = TINY.parent.parent / "toy" / "prompts" / "yellow-up.safetensors"  # a [16, 64] context
+# float32 on both sides: ONNX Runtime's convolutions sum in another order than PyTorch's. Measured
+# max |diff| ~5e-6 over ~40 layers; 1e-4 leaves room for other CPUs and is still 80 times smaller
+# than one 8-bit level (2/255). A wrong cache frame, padding or axis order gives errors of 0.1-1.
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vae")
+    write_vae(d / "wan_2.1_vae.safetensors", seed=1)  # ComfyUI's file layout: safetensors, original key names
+    assert export_main(["--vae", str(d / "wan_2.1_vae.safetensors"), "--out", str(d / "decoder")]) == 0
+    return d
+
+
+def sample(out, decoder_dir, path_env, shape="4,6,8", save_frames=True, extra=()):
+    env = {**os.environ, "PATH": str(path_env)}
+    return subprocess.run([str(flowstep_bin()), "sample", "--artifacts", str(TINY), "--context", str(PROMPT), "--shape", shape,
+                           "--num-samples", "2", "--steps", "2", "--seed", "3", "--out", str(out),
+                           "--vae-decoder", str(decoder_dir), "--fps", "8", *(["--save-frames"] if save_frames else []), *extra],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_sample_decodes_like_diffsynth(decoder, tmp_path):
+    manifest = json.loads((decoder / "decoder" / "vae_decoder.json").read_text())
+    assert manifest["check"]["max_abs_diff"] <= ATOL and manifest["caches"] > 0
+    # --device cuda: every node has a CUDA kernel in ONNX Runtime 1.31.1 (checked without a GPU).
+    from flowstep_export.cuda_coverage import main as cuda_coverage
+
+    assert cuda_coverage([str(decoder / "decoder" / g) for g in manifest["graphs"].values()]) == 0
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    import imageio_ffmpeg
+
+    (tools / "ffmpeg").symlink_to(imageio_ffmpeg.get_ffmpeg_exe())
+    out = tmp_path / "out"
+    r = sample(out, decoder / "decoder", tools)
+    assert r.returncode == 0, r.stderr
+    latents = load_file(str(out / "samples.safetensors"))["latents"]
+    assert list(latents.shape) == [2, 16, 4, 6, 8]
+    frames = load_file(str(out / "videos.safetensors"))["frames"]
+    # 4 latent frames -> 1 + 4·3 frames; 6x8 latents -> 48x64 pixels (not the export's example size).
+    assert list(frames.shape) == [2, 3, 13, 48, 64]
+
+    vae = reference_vae(decoder / "wan_2.1_vae.safetensors")
+    with torch.no_grad():
+        reference = vae.decode(latents, device="cpu")
+    assert reference.std() > 0.2 and (reference.abs() < 0.99).float().mean() > 0.5, "the test needs frames away from the clamp"
+    torch.testing.assert_close(frames, reference, rtol=0, atol=ATOL)
+
+    # The contact sheet: DiffSynth's uint8 conversion of the same frames (8 evenly spaced; 13 -> these).
+    from diffsynth.pipelines.wan_video import WanVideoPipeline
+
+    pipe = WanVideoPipeline(device="cpu", torch_dtype=torch.float32)
+    sheet = np.asarray(Image.open(out / "videos.png").convert("RGB")).astype(int)
+    picks = [0, 2, 3, 5, 7, 9, 10, 12]
+    for row in range(2):
+        ref_frames = pipe.vae_output_to_video(reference[row:row + 1])
+        for col, f in enumerate(picks):
+            y, x = row * (48 + 4), col * (64 + 4)
+            got = sheet[y:y + 48, x:x + 64]
+            diff = np.abs(got - np.asarray(ref_frames[f]).astype(int))
+            # Truncation to uint8 can flip one level where a value sits on a boundary.
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (row, f)
+
+    gif = Image.open(out / "videos.gif")
+    assert gif.n_frames == 13 and gif.size == (2 * 64 + 4, 48)
+    for i in range(2):
+        reader = iio.get_reader(out / f"video-{i:03}.mp4", format="FFMPEG")
+        decoded = [frame for frame in reader]
+        assert reader.get_meta_data()["fps"] == 8
+        reader.close()
+        assert len(decoded) == 13 and decoded[0].shape == (48, 64, 3)
+        # H.264 is lossy (yuv420p subsampling of noise-like frames): only a loose match.
+        ref = np.stack([np.asarray(im) for im in pipe.vae_output_to_video(reference[i:i + 1])]).astype(float)
+        assert np.abs(np.stack(decoded).astype(float) - ref).mean() < 40
+
+
+def test_tiled_decode_like_diffsynth(decoder, tmp_path):
+    """--vae-tile 4,4 on 6×8 latents: 2×3 tiles overlapping by half, blended as DiffSynth's
+    tiled_decode with tile_size (4, 4) and tile_stride (2, 2)."""
+    out = tmp_path / "tiled"
+    r = sample(out, decoder / "decoder", tmp_path, extra=["--vae-tile", "4,4"])
+    assert r.returncode == 0, r.stderr
+    latents = load_file(str(out / "samples.safetensors"))["latents"]
+    frames = load_file(str(out / "videos.safetensors"))["frames"]
+    vae = reference_vae(decoder / "wan_2.1_vae.safetensors")
+    with torch.no_grad():
+        tiled = vae.decode(latents, device="cpu", tiled=True, tile_size=(4, 4), tile_stride=(2, 2))
+        whole = vae.decode(latents, device="cpu")
+    assert (tiled - whole).abs().max() > 0.05, "the tiles must matter for this test to mean anything"
+    torch.testing.assert_close(frames, tiled, rtol=0, atol=ATOL)
+
+
+def test_no_ffmpeg_is_one_warning_and_bad_decoder_dir_is_one_error(decoder, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = sample(tmp_path / "a", decoder / "decoder", empty, shape="2,4,4", save_frames=False)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "a" / "videos.safetensors").exists()
+    warnings = [l for l in r.stderr.splitlines() if "MP4" in l]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: no MP4 written"), r.stderr
+    assert not list((tmp_path / "a").glob("*.mp4")) and (tmp_path / "a" / "videos.gif").is_file()
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(decoder / "decoder", tampered)
+    with open(tampered / "vae_decoder.weights", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x7f\x7f\x7f\x7f")
+    for bad, message in [(tampered, "sha256 differs"), (tmp_path / "empty", "vae_decoder.json")]:
+        r = sample(tmp_path / "b", bad, empty, shape="2,4,4")
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+        assert not (tmp_path / "b").exists(), "a bad decoder is refused before any work"
