@@ -230,6 +230,14 @@ pub struct Tile {
 }
 
 impl Tile {
+    /// `H,W` in latent pixels, overlapping by half.
+    pub fn parse(text: &str) -> Result<Self> {
+        let dims: Vec<usize> = text.split(',').map(|d| d.trim().parse()).collect::<std::result::Result<_, _>>()
+            .map_err(|_| Error::Config(format!("{text}: expected H,W in latent pixels")))?;
+        let [h, w] = dims[..] else { return Err(Error::Config(format!("{text}: expected two numbers H,W"))) };
+        Self::half_overlap([h, w])
+    }
+
     /// Tiles that overlap by half, as DiffSynth's defaults (30×52 every 15×26).
     pub fn half_overlap(size: [usize; 2]) -> Result<Self> {
         if size.iter().any(|&s| s < 2) {

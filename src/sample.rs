@@ -1,11 +1,16 @@
 //! Euler sampling through the inference graph with the scheduler's `step`, optionally
 //! with classifier-free guidance against a negative (or empty) context.
 
+use std::path::Path;
+
 use ort::value::Tensor;
 use rand::Rng;
 use rand_distr::StandardNormal;
 
-use crate::error::{Error, Result};
+use crate::decode::{VaeDecoder, VideoFiles, VideoOptions, write_videos};
+use crate::error::{Error, IoContext, Result};
+use crate::render::Grid;
+use crate::tensor_file::{OutTensor, SaveDtype, encode, write_atomic};
 use crate::executor::{Batch, VelocityGraph};
 use crate::scheduler::FlowMatchScheduler;
 use crate::sft::step_rng;
@@ -65,4 +70,20 @@ pub fn sample(graph: &mut VelocityGraph, params: &Tensor<f32>, context: (&[usize
         return Err(Error::NonFinite { step: config.steps as u64, what: "sampled latent", value: x[i] as f64 });
     }
     Ok(x)
+}
+
+/// Writes sampled latent videos ([C, F, H, W] each) under `out`: `samples.safetensors`
+/// (`latents` [N, C, F, H, W]), `samples.png` and `samples.gif` (latent channels 0-2 as
+/// colours, frames left to right) and, with a VAE decoder, the decoded videos
+/// ([`write_videos`]). `flowstep sample` and samples during training both write this layout.
+pub fn write_outputs(out: &Path, videos: Vec<Vec<f32>>, shape: [usize; 4], decoder: Option<(&mut VaeDecoder, VideoOptions)>) -> Result<Option<VideoFiles>> {
+    std::fs::create_dir_all(out).at(out)?;
+    let all: Vec<f32> = videos.iter().flatten().copied().collect();
+    let tensor = OutTensor { name: "latents".into(), shape: [videos.len()].into_iter().chain(shape).collect(), values: all };
+    write_atomic(&out.join("samples.safetensors"), &encode(&[tensor], SaveDtype::F32, None)?)?;
+    let decoded = decoder.map(|(decoder, options)| write_videos(decoder, &videos, shape, out, options)).transpose()?;
+    let grid = Grid { videos, shape, scale: (128 / shape[3].max(1)).clamp(1, 16) as u32 };
+    grid.write_png(&out.join("samples.png"))?;
+    grid.write_gif(&out.join("samples.gif"))?;
+    Ok(decoded)
 }

@@ -79,9 +79,10 @@ fn a_different_seed_visits_the_buckets_in_a_different_order() {
     assert!(a != other, "another seed must give another run");
 }
 
-/// `--sample-every` writes each prompt's sample under OUT/samples/step-XXXXXX/, from the
-/// current parameters: the last set equals what `flowstep sample` makes from the final LoRA
-/// file (float32, so the file holds exactly the trained parameters).
+/// `--sample-every` writes each prompt's sample under OUT/samples/step-XXXXXX/NN-name/ in
+/// `flowstep sample`'s layout, from the current parameters: the last set equals what
+/// `flowstep sample` makes from the final LoRA file (float32, so the file holds exactly the
+/// trained parameters).
 #[test]
 fn samples_during_training_match_flowstep_sample() {
     let dir = tempdir();
@@ -104,14 +105,14 @@ fn samples_during_training_match_flowstep_sample() {
     let dirs: Vec<String> = s["samples"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
     assert_eq!(dirs.len(), 2, "samples at steps 5 and 10: {s}");
     for step in ["step-000005", "step-000010"] {
-        for file in ["00-first.png", "00-first.gif", "00-first.safetensors", "01-second.png", "01-second.gif", "01-second.safetensors", "samples.json"] {
+        for file in ["00-first/samples.png", "00-first/samples.gif", "00-first/samples.safetensors", "01-second/samples.png", "01-second/samples.gif", "01-second/samples.safetensors", "prompts.json"] {
             assert!(out.join("samples").join(step).join(file).is_file(), "missing {step}/{file}");
         }
     }
     let read = |p: &Path| flowstep::tensor_file::TensorFile::open(p).and_then(|f| f.read_f32("latents")).unwrap_or_else(|e| panic!("{e}"));
-    let (early_shape, early) = read(&out.join("samples/step-000005/00-first.safetensors"));
-    let (shape, late) = read(&out.join("samples/step-000010/00-first.safetensors"));
-    assert_eq!(shape, [16, 2, 8, 8], "default shape: the largest training bucket");
+    let (early_shape, early) = read(&out.join("samples/step-000005/00-first/samples.safetensors"));
+    let (shape, late) = read(&out.join("samples/step-000010/00-first/samples.safetensors"));
+    assert_eq!(shape, [1, 16, 2, 8, 8], "default shape: the largest training bucket");
     assert_eq!(early_shape, shape);
     assert!(early != late, "the LoRA changed between steps 5 and 10, so must the samples");
 
@@ -125,7 +126,7 @@ fn samples_during_training_match_flowstep_sample() {
         let r = flowstep(&args);
         assert!(r.status.success(), "{}", stderr(&r));
         let index = if name == "first" { "00" } else { "01" };
-        let (_, during) = read(&out.join(format!("samples/step-000010/{index}-{name}.safetensors")));
+        let (_, during) = read(&out.join(format!("samples/step-000010/{index}-{name}/samples.safetensors")));
         let (_, after) = read(&sampled.join("samples.safetensors"));
         assert!(rel_err(&during, &after) < 1e-6, "{name}: training-time sample differs from flowstep sample: {}", rel_err(&during, &after));
     }

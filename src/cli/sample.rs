@@ -6,12 +6,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use flowstep::artifacts::Artifacts;
-use flowstep::decode::{Tile, VaeDecoder, VideoOptions, write_videos};
+use flowstep::decode::{Tile, VaeDecoder, VideoOptions};
 use flowstep::executor::{VelocityGraph, WithLora};
-use flowstep::render::{Grid, centroid_motion, mean_rgb};
-use flowstep::sample::{SampleConfig, sample};
+use flowstep::render::{centroid_motion, mean_rgb};
+use flowstep::sample::{SampleConfig, sample, write_outputs};
 use flowstep::video_files::Mp4;
-use flowstep::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, write_atomic};
+use flowstep::tensor_file::{TensorFile, write_atomic};
 
 use super::{DeviceArgs, Globals, ModelArgs};
 
@@ -117,13 +117,6 @@ fn latent_shape(args: &Args, model: &flowstep::artifacts::ModelInfo) -> anyhow::
     Ok(shape)
 }
 
-fn parse_tile(text: &str) -> anyhow::Result<Tile> {
-    let dims: Vec<usize> = text.split(',').map(|d| d.trim().parse()).collect::<Result<_, _>>()
-        .with_context(|| format!("--vae-tile {text}: expected H,W in latent pixels"))?;
-    let [h, w] = dims[..] else { anyhow::bail!("--vae-tile {text}: expected two numbers H,W") };
-    Tile::half_overlap([h, w]).map_err(|e| anyhow::anyhow!("--vae-tile {text}: {e}"))
-}
-
 pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.num_samples >= 1, "--num-samples: must be at least 1");
     anyhow::ensure!((1..=MAX_STEPS).contains(&args.steps), "--steps: must be 1 to {MAX_STEPS}, got {}", args.steps);
@@ -146,7 +139,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     };
     let (ctx_shape, ctx) = read_context(&args.context)?;
     let negative = args.negative_context.as_ref().map(read_context).transpose()?.map(|(_, v)| v);
-    let tile = args.vae_tile.as_deref().map(parse_tile).transpose()?;
+    let tile = args.vae_tile.as_deref().map(|t| Tile::parse(t).map_err(|e| anyhow::anyhow!("--vae-tile {e}"))).transpose()?;
     let mut decoder = args.vae_decoder.as_deref().map(|dir| VaeDecoder::open(dir, &session)).transpose()?;
     if let Some(d) = &decoder {
         anyhow::ensure!(d.z_dim() == shape[0], "--vae-decoder {}: the VAE takes {} latent channels, this model makes {}", d.dir.display(), d.z_dim(), shape[0]);
@@ -166,22 +159,15 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         motions.push(serde_json::json!({"seed": config.seed, "dx": dx, "dy": dy, "rgb": [r, g, b]}));
         videos.push(video);
     }
-    let all: Vec<f32> = videos.iter().flatten().copied().collect();
-    let tensor = OutTensor { name: "latents".into(), shape: [args.num_samples].into_iter().chain(shape).collect(), values: all };
-    write_atomic(&args.out.join("samples.safetensors"), &encode(&[tensor], SaveDtype::F32, None)?)?;
     let summary = serde_json::json!({"lora": args.lora, "context": args.context, "steps": args.steps, "cfg_scale": args.cfg_scale, "samples": motions});
     write_atomic(&args.out.join("samples.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
-    if let Some(decoder) = decoder.as_mut() {
-        let files = write_videos(decoder, &videos, shape, &args.out, VideoOptions { fps: args.fps, save_frames: args.save_frames, tile })?;
-        match &files.mp4 {
-            Mp4::Written(paths) if !globals.quiet => eprintln!("decoded {} videos to {} (videos.png, videos.gif, {} MP4)", videos.len(), args.out.display(), paths.len()),
-            Mp4::Written(_) => {}
-            Mp4::NoFfmpeg(message) => eprintln!("warning: {message}"),
-        }
+    let count = videos.len();
+    let decoding = decoder.as_mut().map(|d| (d, VideoOptions { fps: args.fps, save_frames: args.save_frames, tile }));
+    match write_outputs(&args.out, videos, shape, decoding)?.map(|files| files.mp4) {
+        Some(Mp4::Written(paths)) if !globals.quiet => eprintln!("decoded {count} videos to {} (videos.png, videos.gif, {} MP4)", args.out.display(), paths.len()),
+        Some(Mp4::NoFfmpeg(message)) => eprintln!("warning: {message}"),
+        _ => {}
     }
-    let grid = Grid { videos, shape, scale: (128 / shape[3].max(1)).clamp(1, 16) as u32 };
-    grid.write_png(&args.out.join("samples.png"))?;
-    grid.write_gif(&args.out.join("samples.gif"))?;
     if !globals.quiet {
         eprintln!("wrote {} samples to {} (samples.png, samples.gif, samples.safetensors)", args.num_samples, args.out.display());
     }

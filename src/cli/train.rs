@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use flowstep::decode::Tile;
 use flowstep::eval::EvalConfig;
 use flowstep::executor::AdamW;
 use flowstep::lora_io::LoraFormat;
@@ -128,6 +129,18 @@ pub struct Args {
     #[arg(long, default_value_t = 30, value_name = "N")]
     pub sample_steps: usize,
 
+    /// Decode the training-time samples to RGB with Wan's VAE decoder exported by
+    /// `python -m flowstep_export.vae_decoder` (as `flowstep sample --vae-decoder`): each
+    /// prompt's folder also gets videos.png (contact sheet), videos.gif and, when `ffmpeg` is
+    /// on PATH, an MP4.
+    #[arg(long, value_name = "DIR", requires = "sample_every")]
+    pub vae_decoder: Option<PathBuf>,
+
+    /// With --vae-decoder: decode in spatial tiles of H×W latent pixels overlapping by half
+    /// (DiffSynth's tiled decode; its default is 30,52), which bounds the decoder's memory.
+    #[arg(long, value_name = "H,W", requires = "vae_decoder")]
+    pub vae_tile: Option<String>,
+
     /// Key layout of the final LoRA file: comfyui loads in ComfyUI, diffusers, musubi-tuner
     /// (convert_lora.py) and DiffSynth-Studio; diffsynth in DiffSynth-Studio only.
     #[arg(long, value_enum, default_value_t = LoraFormat::Comfyui)]
@@ -160,6 +173,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         (None, Some(e)) => Length::Epochs(e),
         (None, None) => anyhow::bail!("give --steps N or --epochs E"),
     };
+    let vae_tile = args.vae_tile.as_deref().map(|t| Tile::parse(t).map_err(|e| anyhow::anyhow!("--vae-tile {e}"))).transpose()?;
     let config = TrainConfig {
         artifacts: args.model.artifacts,
         data: args.data,
@@ -186,7 +200,13 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         lora_dtype: args.lora_dtype,
         on_nonfinite: args.on_nonfinite,
         skip_bad_samples: args.skip_bad_samples,
-        sampling: args.sample_every.zip(args.sample_prompts).map(|(every, prompts)| SamplingConfig { every, prompts, steps: args.sample_steps }),
+        sampling: args.sample_every.zip(args.sample_prompts).map(|(every, prompts)| SamplingConfig {
+            every,
+            prompts,
+            steps: args.sample_steps,
+            vae_decoder: args.vae_decoder.clone(),
+            vae_tile,
+        }),
         stop_after: args.stop_after,
     };
     let interrupt = Arc::new(AtomicBool::new(false));

@@ -1,6 +1,7 @@
 //! Samples during training (`--sample-every N --sample-prompts FILE`): the inference graph,
 //! on the same base weights and the current LoRA parameters, run for each prompt of the file
-//! and written under `OUT/samples/step-XXXXXX/`.
+//! and written under `OUT/samples/step-XXXXXX/NN-<context name>/` in `flowstep sample`'s
+//! layout (latents, their colour pictures and, with `--vae-decoder`, the decoded videos).
 //!
 //! The prompt file has one prompt per line, `#` comments and blank lines ignored:
 //!
@@ -20,19 +21,25 @@ use ort::value::Tensor;
 
 use crate::artifacts::{Artifacts, ModelInfo};
 use crate::error::{Error, IoContext, Result};
+use crate::decode::{Tile, VaeDecoder, VideoOptions};
 use crate::executor::{BaseWeights, VelocityGraph};
-use crate::render::Grid;
 use crate::runtime::SessionOptions;
-use crate::sample::{SampleConfig, sample};
-use crate::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, write_atomic};
+use crate::sample::{SampleConfig, sample, write_outputs};
+use crate::tensor_file::{TensorFile, write_atomic};
+use crate::video_files::Mp4;
 
-/// `--sample-every`, `--sample-prompts`, `--sample-steps`.
+/// `--sample-every`, `--sample-prompts`, `--sample-steps`, `--vae-decoder`, `--vae-tile`.
 #[derive(Debug, Clone)]
 pub struct SamplingConfig {
     pub every: u64,
     pub prompts: PathBuf,
     pub steps: usize,
+    pub vae_decoder: Option<PathBuf>,
+    pub vae_tile: Option<Tile>,
 }
+
+/// Frames per second of the decoded GIFs and MP4s (Wan2.1 is trained at 16).
+const FPS: u32 = 16;
 
 /// One line of the prompt file, its context files read.
 #[derive(Debug, Clone)]
@@ -105,36 +112,47 @@ pub fn read_prompts(config: &SamplingConfig, model: &ModelInfo, default_shape: [
     Ok(prompts)
 }
 
-/// The inference graph and the prompts, loaded once per run.
+/// The inference graph, the prompts and the optional VAE decoder, loaded once per run.
 pub struct SampleWriter {
     graph: VelocityGraph,
     prompts: Vec<Prompt>,
     context_shape: [usize; 2],
+    decoder: Option<(VaeDecoder, VideoOptions)>,
 }
 
 impl SampleWriter {
-    pub fn load(artifacts: &Artifacts, options: &SessionOptions, base: &BaseWeights, prompts: Vec<Prompt>) -> Result<Self> {
+    pub fn load(artifacts: &Artifacts, options: &SessionOptions, base: &BaseWeights, prompts: Vec<Prompt>, config: &SamplingConfig) -> Result<Self> {
         let m = &artifacts.manifest.model;
-        Ok(Self { graph: VelocityGraph::load(artifacts, options, base)?, prompts, context_shape: [m.text_len, m.text_dim] })
+        let decoder = match &config.vae_decoder {
+            Some(dir) => {
+                let decoder = VaeDecoder::open(dir, options)?;
+                if decoder.z_dim() != m.out_dim {
+                    return Err(Error::Config(format!("--vae-decoder {}: the VAE takes {} latent channels, this model makes {}", dir.display(), decoder.z_dim(), m.out_dim)));
+                }
+                Some((decoder, VideoOptions { fps: FPS, save_frames: false, tile: config.vae_tile }))
+            }
+            None => None,
+        };
+        Ok(Self { graph: VelocityGraph::load(artifacts, options, base)?, prompts, context_shape: [m.text_len, m.text_dim], decoder })
     }
 
-    /// Samples every prompt with `params` into `dir`: per prompt a `.safetensors` with the
-    /// latents [C, F, H, W], a `.png` contact sheet and a `.gif`; `samples.json` lists them.
-    pub fn write(&mut self, params: &Tensor<f32>, dir: &Path) -> Result<()> {
+    /// Samples every prompt with `params` into `dir/NN-name/`; `dir/prompts.json` lists the
+    /// settings. Returns a warning to show when videos could not be written as MP4.
+    pub fn write(&mut self, params: &Tensor<f32>, dir: &Path) -> Result<Option<String>> {
         std::fs::create_dir_all(dir).at(dir)?;
         let mut listed = Vec::new();
+        let mut warning = None;
         for prompt in &self.prompts {
             let video = sample(&mut self.graph, params, (&self.context_shape, &prompt.context), prompt.negative.as_deref(), &prompt.config)?;
-            let shape = prompt.config.shape;
-            let latents = OutTensor { name: "latents".into(), shape: shape.to_vec(), values: video.clone() };
-            write_atomic(&dir.join(format!("{}.safetensors", prompt.name)), &encode(&[latents], SaveDtype::F32, None)?)?;
-            let grid = Grid { videos: vec![video], shape, scale: (128 / shape[3].max(1)).clamp(1, 16) as u32 };
-            grid.write_png(&dir.join(format!("{}.png", prompt.name)))?;
-            grid.write_gif(&dir.join(format!("{}.gif", prompt.name)))?;
+            let decoding = self.decoder.as_mut().map(|(d, o)| (d, *o));
+            if let Some(Mp4::NoFfmpeg(message)) = write_outputs(&dir.join(&prompt.name), vec![video], prompt.config.shape, decoding)?.map(|f| f.mp4) {
+                warning = Some(message);
+            }
             let c = &prompt.config;
-            listed.push(serde_json::json!({"name": prompt.name, "seed": c.seed, "shape": shape, "steps": c.steps, "cfg_scale": c.cfg_scale, "shift": c.shift}));
+            listed.push(serde_json::json!({"name": prompt.name, "seed": c.seed, "shape": c.shape, "steps": c.steps, "cfg_scale": c.cfg_scale, "shift": c.shift}));
         }
         let json = serde_json::to_vec_pretty(&listed).map_err(|e| Error::Config(e.to_string()))?;
-        write_atomic(&dir.join("samples.json"), &json)
+        write_atomic(&dir.join("prompts.json"), &json)?;
+        Ok(warning)
     }
 }

@@ -174,7 +174,10 @@ impl<'a, 'o> Trainer<'a, 'o> {
             Some(_) => Some(LossGraph::load(&artifacts, &config.session, &base)?),
             None => None,
         };
-        let sample_writer = prompts.map(|prompts| SampleWriter::load(&artifacts, &config.session, &base, prompts)).transpose()?;
+        let sample_writer = match (prompts, &config.sampling) {
+            (Some(prompts), Some(sampling)) => Some(SampleWriter::load(&artifacts, &config.session, &base, prompts, sampling)?),
+            _ => None,
+        };
         let p = artifacts.num_params();
         let mut state = TrainerState { step: 0, micro_steps: 0, skipped_steps: 0, skipped_samples: 0, run: run.clone() };
         let resumed_from = existing.last().filter(|_| config.resume).map(|(_, dir)| dir.clone());
@@ -383,8 +386,11 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let Some(writer) = self.sample_writer.as_mut() else { return Ok(()) };
         let started = Instant::now();
         let dir = self.config.out.join("samples").join(format!("step-{step:06}"));
-        writer.write(self.graphs.params(), &dir)?;
+        let warning = writer.write(self.graphs.params(), &dir)?;
         let seconds = started.elapsed().as_secs_f64();
+        if let Some(message) = warning.filter(|_| self.sample_dirs.is_empty()) {
+            self.events.emit(TrainEvent::Warning(message))?;
+        }
         self.timing.sample_seconds += seconds;
         self.events.emit(TrainEvent::Sampled { step, dir: &dir, seconds })?;
         self.sample_dirs.push(dir);
