@@ -29,3 +29,16 @@ def alpha_run(tmp_path_factory):
     from lora_run import train_alpha_run
 
     return train_alpha_run(tmp_path_factory.mktemp("alpha"))
+
+
+@pytest.fixture(scope="session")
+def vae_decoder(tmp_path_factory) -> Path:
+    """A random tiny Wan VAE (`wan_2.1_vae.safetensors`, ComfyUI's layout with the original key
+    names) and its decoder exported to `decoder/`: shared, the export takes ~45 s."""
+    from flowstep_export.vae_decoder import main as export_main
+    from wan_fixtures import write_vae
+
+    d = tmp_path_factory.mktemp("vae")
+    write_vae(d / "wan_2.1_vae.safetensors", seed=1)
+    assert export_main(["--vae", str(d / "wan_2.1_vae.safetensors"), "--out", str(d / "decoder")]) == 0
+    return d

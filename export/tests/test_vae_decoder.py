@@ -14,9 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from flowstep_export.vae_decoder import main as export_main
 from independent import TINY, flowstep_bin
-from wan_fixtures import reference_vae, write_vae
+from wan_fixtures import reference_vae
 
 PROMPT = TINY.parent.parent / "toy" / "prompts" / "yellow-up.safetensors"  # a [16, 64] context
 # float32 on both sides: ONNX Runtime's convolutions sum in another order than PyTorch's. Measured
@@ -26,11 +25,8 @@ ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def decoder(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vae")
-    write_vae(d / "wan_2.1_vae.safetensors", seed=1)  # ComfyUI's file layout: safetensors, original key names
-    assert export_main(["--vae", str(d / "wan_2.1_vae.safetensors"), "--out", str(d / "decoder")]) == 0
-    return d
+def decoder(vae_decoder):
+    return vae_decoder
 
 
 def sample(out, decoder_dir, path_env, shape="4,6,8", save_frames=True, extra=()):

@@ -1,0 +1,57 @@
+"""Issue 12's whole path on a clean checkout: short generated videos are prepared into a
+two-bucket dataset with random tiny Wan encoders (DiffSynth's classes), `flowstep train` trains
+the tiny DiT on it with samples during training, and the samples are decoded to frames by the
+exported VAE decoder."""
+
+import json
+import subprocess
+
+import imageio.v2 as iio
+import numpy as np
+from PIL import Image
+
+from flowstep_export.encode_prompts import main as encode_prompts
+from flowstep_export.prepare import main as prepare
+from independent import TINY, flowstep_bin
+from wan_fixtures import TEXT_LEN, write_text_encoder, write_tokenizer, write_video
+
+
+def test_videos_to_lora_and_back_to_videos(vae_decoder, tmp_path):
+    vocab = write_tokenizer(tmp_path / "tokenizer")
+    write_text_encoder(tmp_path / "t5.pth", vocab)
+    text = ["--text-encoder", str(tmp_path / "t5.pth"), "--tokenizer", str(tmp_path / "tokenizer"), "--text-len", str(TEXT_LEN)]
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(2):
+        write_video(videos / f"wide{i}.mp4", frames=10 + i, height=40, width=56)  # -> 32x48, 9 frames
+        (videos / f"wide{i}.txt").write_text("a red ball rolls left\n")
+        write_video(videos / f"tall{i}.mp4", frames=6, height=56, width=40)  # -> 48x32, 5 frames
+        (videos / f"tall{i}.txt").write_text("blue square over the green sky\n")
+    data = tmp_path / "data"
+    assert prepare(["--videos", str(videos), "--out", str(data), "--vae", str(vae_decoder / "wan_2.1_vae.safetensors"), *text,
+                    "--resolution", "32x48,48x32", "--frames", "5,9", "--dtype", "f32", "--precision", "float32", "-q"]) == 0
+    assert len(list(data.glob("*.safetensors"))) == 4
+
+    prompts = tmp_path / "prompts"
+    assert encode_prompts(["--out", str(prompts), *text, "--precision", "float32", "a red ball rolls left"]) == 0
+    (prompts / "prompts.txt").write_text("prompt-000.safetensors seed=3 steps=3\n")
+
+    out = tmp_path / "run"
+    r = subprocess.run([str(flowstep_bin()), "train", "--artifacts", str(TINY), "--data", str(data), "--out", str(out),
+                        "--steps", "4", "--seed", "1", "--lr", "1e-3", "--sample-every", "2",
+                        "--sample-prompts", str(prompts / "prompts.txt"), "--vae-decoder", str(vae_decoder / "decoder")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["buckets"] == [{"latent_shape": [16, 3, 4, 6], "samples": 2}, {"latent_shape": [16, 2, 6, 4], "samples": 2}]
+    assert [p.split("/")[-1] for p in summary["samples"]] == ["step-000002", "step-000004"]
+    assert (out / "lora.safetensors").is_file()
+
+    early, late = (out / "samples" / step / "00-prompt-000" for step in ("step-000002", "step-000004"))
+    for folder in (early, late):
+        # The largest bucket's shape by default: 3 latent frames of 4x6 -> 9 RGB frames of 32x48.
+        gif = iio.mimread(folder / "videos.gif")
+        assert len(gif) == 9 and gif[0].shape[:2] == (32, 48)
+        assert Image.open(folder / "videos.png").size[1] == 32
+        assert (folder / "samples.safetensors").is_file()
+    assert not np.array_equal(iio.mimread(early / "videos.gif")[4], iio.mimread(late / "videos.gif")[4]), "the LoRA moved between the two sample sets"
