@@ -108,10 +108,11 @@ mod tests {
     use crate::artifacts::LoraTensor;
     use crate::tensor_file::TensorFile;
 
-    fn info() -> LoraInfo {
+    /// One module (block 0's q), rank 2, with the export's `alpha`.
+    pub(crate) fn one_module(alpha: f64) -> LoraInfo {
         LoraInfo {
             rank: 2,
-            alpha: 2.0,
+            alpha,
             targets: vec!["q".into()],
             num_params: 8,
             tensors: vec![
@@ -119,6 +120,10 @@ mod tests {
                 LoraTensor { key: "blocks.0.self_attn.q.lora_B.default.weight".into(), shape: vec![2, 2], offset: 4 },
             ],
         }
+    }
+
+    fn info() -> LoraInfo {
+        one_module(2.0)
     }
 
     #[test]

@@ -308,16 +308,7 @@ mod tests {
 
     /// One module, rank 2, export alpha 4: flowstep's delta is B·A·2.
     fn info() -> LoraInfo {
-        LoraInfo {
-            rank: 2,
-            alpha: 4.0,
-            targets: vec!["q".into()],
-            num_params: 8,
-            tensors: vec![
-                LoraTensor { key: "blocks.0.self_attn.q.lora_A.default.weight".into(), shape: vec![2, 2], offset: 0 },
-                LoraTensor { key: "blocks.0.self_attn.q.lora_B.default.weight".into(), shape: vec![2, 2], offset: 4 },
-            ],
-        }
+        super::super::tests::one_module(4.0)
     }
 
     const A: [f32; 4] = [0.5, -1.0, 2.0, 0.25];
