@@ -55,6 +55,7 @@ pub fn evaluate(graph: &mut LossGraph, params: &Tensor<f32>, dataset: &Dataset, 
         }
         let Some(b) = batch.as_mut() else { continue };
         b.context.extract_tensor_mut().1.copy_from_slice(&sample.context);
+        b.set_conditioning(&sample.conditioning)?;
         for (j, &index) in indices.iter().enumerate() {
             let key = (i * indices.len() + j) as u64;
             let draw = b.prepare(|x_t, target| eval_sampler.prepare_at(key, index, &sample.latents, x_t, target))?;

@@ -80,7 +80,7 @@ fn latent_shape(args: &Args, model: &flowstep::artifacts::ModelInfo) -> anyhow::
     anyhow::ensure!(dims.len() == 3 && dims.iter().all(|&d| d > 0), "--shape {}: expected three positive numbers F,H,W", args.shape);
     let p = model.patch_size;
     anyhow::ensure!(dims[1].is_multiple_of(p[1]) && dims[2].is_multiple_of(p[2]), "--shape {}: height and width must be multiples of {}", args.shape, p[1]);
-    let shape = [model.in_dim, dims[0], dims[1], dims[2]];
+    let shape = [model.latent_channels(), dims[0], dims[1], dims[2]];
     let values = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).filter(|&v| v <= MAX_SAMPLE_VALUES);
     let Some(values) = values else {
         anyhow::bail!("--shape {}: more than {MAX_SAMPLE_VALUES} latent values per sample", args.shape);

@@ -303,6 +303,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
         }
         let Some(b) = self.batch.as_mut() else { return Ok(false) };
         b.context.extract_tensor_mut().1.copy_from_slice(&sample.context);
+        b.set_conditioning(&sample.conditioning)?;
         let sampler = &self.sampler;
         let draw = b.prepare(|x_t, target| sampler.prepare_into(counter, &sample.latents, x_t, target))?;
         b.set_scalars(draw.timestep, draw.weight);
