@@ -19,6 +19,24 @@ use crate::tensor_file::TensorFile;
 
 pub const LATENTS: &str = "latents";
 pub const CONTEXT: &str = "context";
+/// The timestep boundaries a converted DiffSynth cache was made with (convert_diffsynth.py).
+pub const BOUNDARIES_FILE: &str = "diffsynth_boundaries.json";
+
+/// The `[min, max)` timestep boundaries stored with a dataset converted from a DiffSynth cache
+/// (DiffSynth trains a cache with the boundaries it holds), or None when there are none.
+pub fn stored_boundaries(dir: &Path) -> Result<Option<(f64, f64)>> {
+    let path = dir.join(BOUNDARIES_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).at(&path)?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&path, format!("not valid JSON: {e}")))?;
+    let get = |key: &str| value.get(key).and_then(serde_json::Value::as_f64).filter(|v| (0.0..=1.0).contains(v));
+    match (get("min_timestep_boundary"), get("max_timestep_boundary")) {
+        (Some(lo), Some(hi)) if lo < hi => Ok(Some((lo, hi))),
+        _ => Err(bad(&path, "expected {\"min_timestep_boundary\": a, \"max_timestep_boundary\": b} with 0 <= a < b <= 1")),
+    }
+}
 
 /// One training sample, as float32.
 #[derive(Debug, Clone)]

@@ -141,6 +141,12 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         (None, Some(e)) => Length::Epochs(e),
         (None, None) => anyhow::bail!("give --steps N or --epochs E"),
     };
+    // The expert's default boundaries: the manifest is read (and checked) again by the trainer.
+    let artifacts = flowstep::artifacts::Artifacts::open(&args.model.artifacts)?;
+    let (sft, boundaries) = args.sft.config(&artifacts.manifest, &args.data)?;
+    if !globals.quiet && boundaries.source != "the default" {
+        eprintln!("timestep boundaries [{}, {}) from {}", boundaries.min, boundaries.max, boundaries.source);
+    }
     let config = TrainConfig {
         artifacts: args.model.artifacts,
         data: args.data,
@@ -154,7 +160,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         adamw: AdamW { beta1: args.beta1, beta2: args.beta2, eps: args.eps, weight_decay: args.weight_decay },
         grad_accum: args.grad_accum,
         repeat: args.repeat,
-        sft: args.sft.config(),
+        sft,
         save_every: args.save_every,
         keep_checkpoints: args.keep_checkpoints,
         resume: args.resume,
