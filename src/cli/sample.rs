@@ -4,10 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use flowstep::artifacts::Artifacts;
+use flowstep::artifacts::{Artifacts, ExpertRole, Manifest, ModelInfo};
+use flowstep::data::Conditioning;
 use flowstep::executor::{VelocityGraph, WithLora};
 use flowstep::render::{Grid, centroid_motion, mean_rgb};
-use flowstep::sample::{SampleConfig, sample};
+use flowstep::sample::{SampleConfig, Stage, sample};
 use flowstep::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, write_atomic};
 
 use super::{DeviceArgs, Globals, ModelArgs};
@@ -57,6 +58,25 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 
+    /// Image conditioning for an I2V/TI2V model: a .safetensors with the tensors its manifest
+    /// lists, as in a training sample at --shape's size (`y` [C_y, F, H, W] and `clip_feature`
+    /// [257, 1280] for I2V; `first_frame_latents` [C, 1, H, W] for TI2V, kept in frame 0).
+    #[arg(long, value_name = "FILE")]
+    pub condition: Option<PathBuf>,
+
+    /// The other expert of a Wan2.2 A14B pair (its artifacts directory): the high-noise expert
+    /// denoises while t ≥ the pair's switch timestep (875 T2V, 900 I2V), then the low-noise one.
+    #[arg(long, value_name = "DIR", help_heading = "Wan2.2 expert pair")]
+    pub expert_artifacts: Option<PathBuf>,
+
+    /// LoRA for the other expert (e.g. lora_low_noise.safetensors); default: none.
+    #[arg(long, value_name = "FILE", requires = "expert_artifacts", help_heading = "Wan2.2 expert pair")]
+    pub expert_lora: Option<PathBuf>,
+
+    /// Base checkpoint of the other expert when its artifacts do not ship one.
+    #[arg(long, value_name = "FILE", requires = "expert_artifacts", help_heading = "Wan2.2 expert pair")]
+    pub expert_base: Option<PathBuf>,
+
     /// Print each sample's centroid motion (dx, dy in latent pixels) and mean colour
     /// (channels 0-2): the toy world's measures of where the blob went and what colour it is.
     #[arg(long)]
@@ -90,6 +110,41 @@ fn latent_shape(args: &Args, model: &flowstep::artifacts::ModelInfo) -> anyhow::
     Ok(shape)
 }
 
+/// The conditioning tensors the model takes, read from `--condition` and checked against the
+/// latent shape; none for a text-to-video model.
+fn read_conditioning(path: Option<&std::path::Path>, model: &ModelInfo, shape: &[usize; 4]) -> anyhow::Result<Vec<Conditioning>> {
+    let Some(path) = path else {
+        anyhow::ensure!(model.conditioning.is_empty(), "{} ({}) needs image conditioning: pass --condition FILE.safetensors with {}",
+            model.name, model.variant, model.conditioning.iter().map(|c| format!("`{}` {}", c.name, c.describe())).collect::<Vec<_>>().join(", "));
+        return Ok(Vec::new());
+    };
+    anyhow::ensure!(!model.conditioning.is_empty(), "--condition: {} is a text-to-video model and takes no conditioning", model.name);
+    let file = TensorFile::open(path)?;
+    model.conditioning.iter().map(|c| {
+        let want = c.resolve(shape).with_context(|| format!("model.conditioning `{}` has an unknown dimension", c.name))?;
+        anyhow::ensure!(file.info(&c.name).is_some(), "{}: missing tensor `{}` {} that {} needs", path.display(), c.name, c.describe(), model.name);
+        let (got, values) = file.read_f32(&c.name)?;
+        anyhow::ensure!(got == want, "{}: `{}` has shape {got:?}; with --shape {:?} this model takes {want:?}", path.display(), c.name, &shape[1..]);
+        anyhow::ensure!(values.iter().all(|v| v.is_finite()), "{}: `{}` has NaN or Inf values", path.display(), c.name);
+        Ok(Conditioning { name: c.name.clone(), shape: got, values })
+    }).collect()
+}
+
+/// The other expert must complete the pair: the opposite role, the same switch timestep and
+/// the same inputs.
+fn check_pair(main: &Manifest, other: &Manifest, dir: &std::path::Path) -> anyhow::Result<()> {
+    let (Some(a), Some(b)) = (&main.expert, &other.expert) else {
+        anyhow::bail!("--expert-artifacts {}: both --artifacts and --expert-artifacts must be experts of a Wan2.2 A14B pair", dir.display());
+    };
+    anyhow::ensure!(a.role != b.role, "--expert-artifacts {}: both exports are the {} expert", dir.display(), a.role.as_str());
+    anyhow::ensure!(a.switch_timestep == b.switch_timestep, "--expert-artifacts {}: switch timestep {} differs from {}", dir.display(), b.switch_timestep, a.switch_timestep);
+    let (x, y) = (&main.model, &other.model);
+    let same = x.latent_channels() == y.latent_channels() && x.in_dim == y.in_dim && x.text_len == y.text_len
+        && x.text_dim == y.text_dim && x.patch_size == y.patch_size && x.conditioning == y.conditioning;
+    anyhow::ensure!(same, "--expert-artifacts {}: its model ({}) takes other inputs than {}", dir.display(), y.name, x.name);
+    Ok(())
+}
+
 pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.num_samples >= 1, "--num-samples: must be at least 1");
     anyhow::ensure!((1..=MAX_STEPS).contains(&args.steps), "--steps: must be 1 to {MAX_STEPS}, got {}", args.steps);
@@ -112,13 +167,40 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     };
     let (ctx_shape, ctx) = read_context(&args.context)?;
     let negative = args.negative_context.as_ref().map(read_context).transpose()?.map(|(_, v)| v);
+    let conditioning = read_conditioning(args.condition.as_deref(), &m.model, &shape)?;
+    let other = match &args.expert_artifacts {
+        Some(dir) => {
+            let a = Artifacts::open(dir)?;
+            check_pair(m, &a.manifest, dir)?;
+            session.for_artifacts(&a.manifest)?;
+            Some(a)
+        }
+        None => None,
+    };
+    if let (Some(e), None, false) = (&m.expert, &other, globals.quiet) {
+        eprintln!("warning: {} is the {} expert alone; pass the other expert with --expert-artifacts to sample as Wan2.2 does", m.model.name, e.role.as_str());
+    }
     let mut model = WithLora::<VelocityGraph>::load(&artifacts, &session, args.model.base.as_deref(), args.lora.as_deref())?;
+    let mut other_model = match &other {
+        Some(a) => Some(WithLora::<VelocityGraph>::load(a, &session, args.expert_base.as_deref(), args.expert_lora.as_deref())?),
+        None => None,
+    };
+    let mut stages = match (&mut other_model, &m.expert) {
+        (Some(o), Some(e)) => {
+            let (high, low) = if e.role == ExpertRole::HighNoise { (&mut model, o) } else { (o, &mut model) };
+            vec![
+                Stage { graph: &mut high.graph, params: &high.params, from_timestep: e.switch_timestep },
+                Stage { graph: &mut low.graph, params: &low.params, from_timestep: f32::NEG_INFINITY },
+            ]
+        }
+        _ => vec![Stage { graph: &mut model.graph, params: &model.params, from_timestep: f32::NEG_INFINITY }],
+    };
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let mut videos = Vec::with_capacity(args.num_samples);
     let mut motions = Vec::new();
     for i in 0..args.num_samples {
         let config = SampleConfig { steps: args.steps, shift: args.shift, cfg_scale: args.cfg_scale, seed: args.seed + i as u64, shape };
-        let video = sample(&mut model.graph, &model.params, (&ctx_shape, &ctx), negative.as_deref(), &config)?;
+        let video = sample(&mut stages, (&ctx_shape, &ctx), negative.as_deref(), &conditioning, &config)?;
         let (dx, dy) = centroid_motion(&video, shape);
         let [r, g, b] = mean_rgb(&video, shape);
         if args.report {
@@ -130,7 +212,8 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     let all: Vec<f32> = videos.iter().flatten().copied().collect();
     let tensor = OutTensor { name: "latents".into(), shape: [args.num_samples].into_iter().chain(shape).collect(), values: all };
     write_atomic(&args.out.join("samples.safetensors"), &encode(&[tensor], SaveDtype::F32, None)?)?;
-    let summary = serde_json::json!({"lora": args.lora, "context": args.context, "steps": args.steps, "cfg_scale": args.cfg_scale, "samples": motions});
+    let summary = serde_json::json!({"lora": args.lora, "expert_lora": args.expert_lora, "condition": args.condition, "context": args.context,
+        "steps": args.steps, "cfg_scale": args.cfg_scale, "samples": motions});
     write_atomic(&args.out.join("samples.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     let grid = Grid { videos, shape, scale: (128 / shape[3].max(1)).clamp(1, 16) as u32 };
     grid.write_png(&args.out.join("samples.png"))?;
