@@ -17,7 +17,7 @@ from .attention import DOMAIN, OPERATORS
 from .configs import WanConfig
 from .lora import LoraConfig, base_state, inject_lora, lora_state
 from .manifest import write_manifest
-from .model import WanModel, init_random
+from .model import WanModel, init_random, rope_tables
 from .steps import StepFunctions, adamw, flat_layout, flatten
 
 log = logging.getLogger("flowstep_export")
@@ -47,6 +47,10 @@ class ExportOptions:
     attention: str = "chunked"
     # Wan2.2 A14B: which expert of the pair ("high_noise" or "low_noise"); recorded in the manifest.
     expert: str | None = None
+    # Base weights uninitialised and never read (the pages are never touched): the graphs hold
+    # no weights, so a model too large for this machine's memory still exports; nothing can
+    # be validated.
+    shapes_only: bool = False
 
     @property
     def lowering(self) -> trace.Lowering:
@@ -85,13 +89,22 @@ def load_base_weights(model: WanModel, path: Path) -> None:
 
 
 def build_model(config: WanConfig, options: ExportOptions) -> tuple[WanModel, list[str]]:
-    model = WanModel(config)
+    if options.shapes_only:
+        if options.base is not None or options.ship_base:
+            raise ValueError("--shapes-only exports without weights: not with --base or --ship-base")
+        with torch.device("meta"):
+            model = WanModel(config)
+        model.rope = rope_tables(config.head_dim)  # constants of the graph: real tensors
+    else:
+        model = WanModel(config)
     if options.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if options.attention not in trace.ATTENTION_MODES:
         raise ValueError(f"unknown attention {options.attention!r}; choose one of {', '.join(trace.ATTENTION_MODES)}")
     if options.base is not None:
         load_base_weights(model, options.base)
+    elif options.shapes_only:
+        log.warning("--shapes-only: %s is traced with uninitialised base weights", config.name)
     else:
         log.warning("no --base given: %s is initialised randomly (seed %d)", config.name, options.seed)
         init_random(model, options.seed)
@@ -99,6 +112,11 @@ def build_model(config: WanConfig, options: ExportOptions) -> tuple[WanModel, li
     model.eval()
     model.gradient_checkpointing = options.gradient_checkpointing
     dtype = PRECISIONS[options.precision][0]
+    if options.shapes_only:  # meta parameters become CPU ones whose memory is never touched
+        for module in model.modules():
+            for pname, p in list(module._parameters.items()):
+                if p is not None and p.is_meta:
+                    module._parameters[pname] = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=False)
     for name, p in model.named_parameters():
         p.requires_grad_(False)
         if name not in lora_names:

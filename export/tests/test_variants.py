@@ -167,3 +167,17 @@ def test_expert_presets_refuse_a_missing_expert(tmp_path):
     with pytest.raises(ValueError, match="single model"):
         export_artifacts(get_config("tiny-ti2v"), ExportOptions(out=tmp_path / "y", expert="high_noise"))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_shapes_only_export_equals_a_weighted_one(tmp_path):
+    """--shapes-only (how the full-size presets export on a small machine) traces the same
+    graph as an export with weights: the graphs never hold weights."""
+    from independent import TINY
+
+    options = ExportOptions(out=tmp_path, lora=LoraConfig(rank=8), attention_chunk=16, shapes_only=True,
+                            graphs=("inference_model",))
+    export_artifacts(get_config("tiny"), options)
+    for name in ("inference_model.onnx", "lora_init.safetensors"):
+        assert (tmp_path / name).read_bytes() == (TINY / name).read_bytes(), name
+    with pytest.raises(ValueError, match="not with --base or --ship-base"):
+        export_artifacts(get_config("tiny"), ExportOptions(out=tmp_path / "x", shapes_only=True, ship_base=True))

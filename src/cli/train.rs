@@ -20,12 +20,14 @@ pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
 
-    /// Dataset directory: one .safetensors per sample with `latents` [C,F,H,W] and
-    /// `context` [L,D] (see `python -m flowstep_export.convert_diffsynth` for DiffSynth caches).
+    /// Dataset directory: one .safetensors per sample with `latents` [C,F,H,W], `context`
+    /// [L,D] and the conditioning an I2V/TI2V model takes (`y`, `clip_feature`,
+    /// `first_frame_latents`; see `python -m flowstep_export.convert_diffsynth` for DiffSynth caches).
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
 
-    /// Output directory: metrics.jsonl, checkpoints/, lora.safetensors, loss.png.
+    /// Output directory: metrics.jsonl, checkpoints/, loss.png and the LoRA: lora.safetensors,
+    /// or lora_high_noise / lora_low_noise.safetensors for a Wan2.2 A14B expert.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 
