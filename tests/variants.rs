@@ -119,6 +119,12 @@ fn a14b_experts_train_their_own_range_and_lora() {
         assert!(metrics.iter().all(|m| (m.timestep >= 875.0) == high), "{role}: {:?}", metrics.iter().map(|m| m.timestep).collect::<Vec<_>>());
     }
     assert_resume_bit_identical(&model("tiny-a14b/low_noise"), &data, &dir.path().join("resume"), "lora_low_noise.safetensors");
+    // eval evaluates an expert on its own range.
+    let out = flowstep(&["eval", "--artifacts", path_str(&model("tiny-a14b/high_noise")), "--data", path_str(&data), "--json", "--timesteps", "4"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
+    let ts: Vec<f64> = v["per_timestep"].as_array().map(|a| a.iter().filter_map(|p| p[0].as_f64()).collect()).unwrap_or_default();
+    assert!(ts.len() == 4 && ts.iter().all(|&t| t >= 875.0), "{ts:?}");
 }
 
 #[test]

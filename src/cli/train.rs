@@ -108,7 +108,7 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub eval_every: Option<u64>,
 
-    /// Timesteps per eval sample, evenly spaced over the table.
+    /// Timesteps per eval sample, evenly spaced over the timestep boundaries the run trains.
     #[arg(long, default_value_t = 8)]
     pub eval_timesteps: usize,
 
