@@ -216,3 +216,18 @@ def test_i2v_trains_and_samples_with_y_and_clip_feature(tiny_i2v, tmp_path):
     assert (a - b).abs().max() > 1e-4, "the image conditioning must change the sample"
     bad = flowstep(*args, "--out", tmp_path / "s3", check=False)
     assert bad.returncode == 1 and "--condition" in bad.stderr
+
+
+def test_i2v_a14b_expert_exports_and_flowstep_accepts_its_manifest(tmp_path):
+    """The Wan2.2 I2V-A14B shape (y without CLIP tokens, two experts at 0.358 / t = 900):
+    flowstep validates the manifest the export writes."""
+    options = ExportOptions(out=tmp_path, lora=LoraConfig(rank=4), attention_chunk=16, shapes_only=True,
+                            expert="low_noise", graphs=("training_model", "optimizer_model"))
+    export_artifacts(get_config("tiny-i2v-a14b"), options)
+    m = manifest(tmp_path)
+    assert m["expert"] == {"role": "low_noise", "min_timestep_boundary": 0.358, "max_timestep_boundary": 1.0,
+                           "switch_timestep": 900.0}
+    assert m["model"]["conditioning"] == [{"name": "y", "shape": [20, "frames", "height", "width"]}]
+    assert not any("img" in t["name"] for t in m["base_weights"]["tensors"])
+    result = flowstep("inspect", "--no-load", "--artifacts", tmp_path)
+    assert "expert      low_noise of a Wan2.2 pair: timestep boundaries [0.358, 1)" in result.stdout, result.stdout
