@@ -143,15 +143,15 @@ fn check_conditioning(a: &Artifacts) -> Result<()> {
     if names != want_names {
         return Err(bad(a, format!("model.conditioning lists {names:?}; a {} model takes {want_names:?}", md.variant)));
     }
-    if md.variant != "i2v" && md.in_dim != md.out_dim {
-        return Err(bad(a, format!("model.in_dim {} differs from out_dim {}; only i2v adds input channels (y)", md.in_dim, md.out_dim)));
+    if (md.variant == "i2v") != (md.in_dim != md.out_dim) || md.in_dim < md.out_dim {
+        return Err(bad(a, format!("model.in_dim {} and out_dim {} do not fit a {} model: only i2v adds input channels (y)", md.in_dim, md.out_dim, md.variant)));
     }
     for (c, (_, shape)) in md.conditioning.iter().zip(&expected) {
         let fits = match shape {
             Some(want) => &c.shape == want,
             None => c.shape.len() == 2 && c.shape.iter().all(|d| d.fixed().is_some_and(|n| n > 0 && n <= 1 << 20)),
         };
-        if !fits || (md.variant == "i2v" && md.in_dim <= md.out_dim) {
+        if !fits {
             return Err(bad(a, format!("model.conditioning `{}` has shape {}, which a {} model with in_dim {} and out_dim {} cannot take", c.name, c.describe(), md.variant, md.in_dim, md.out_dim)));
         }
     }
