@@ -172,3 +172,61 @@ fn manifest_conditioning_and_expert_are_validated() {
     patch_manifest(&c, |m| m["expert"]["min_timestep_boundary"] = serde_json::json!(0.2));
     assert!(inspect(&c).contains("high_noise expert covers [0, b)"), "{}", inspect(&c));
 }
+
+/// A static video (every frame the same image) of a per-sample colour pattern, and its first
+/// frame's latents.
+fn static_video(seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let (pattern, spatial) = (values(48, seed), values(64, seed + 1000));
+    let frame: Vec<f32> = (0..48 * 64).map(|j| 2.5 * pattern[j / 64] + 0.5 * spatial[j % 64]).collect();
+    let video = (0..48).flat_map(|c| frame[c * 64..(c + 1) * 64].repeat(3)).collect();
+    (video, frame)
+}
+
+fn eval_loss(artifacts: &Path, data: &Path, lora: Option<&Path>) -> f64 {
+    let mut args = vec!["eval", "--artifacts", path_str(artifacts), "--data", path_str(data), "--json", "--seed", "3"];
+    if let Some(l) = lora {
+        args.extend(["--lora", path_str(l)]);
+    }
+    let out = flowstep(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
+    v["eval_loss"].as_f64().unwrap_or(f64::NAN)
+}
+
+/// A TI2V LoRA does something measurable with its image: trained on static videos, it
+/// predicts held-out videos better from their own first frame than from another video's
+/// (same latents, same noise, only `first_frame_latents` differs). Measured: 0.06% apart
+/// before training (3.3435 vs 3.3455), 4.7% after 600 steps (3.047 vs 3.197).
+#[test]
+fn ti2v_lora_learns_to_use_its_first_frame() {
+    let dir = tempdir();
+    let art = model("tiny-ti2v");
+    let context = values(16 * 64, 4242);
+    let write = |dir: &Path, i: usize, video: Vec<f32>, first: Vec<f32>| {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{e}"));
+        write_sample(&dir.join(format!("{i:03}.safetensors")), &[
+            tensor("latents", &[48, 3, 8, 8], video),
+            tensor("context", &[16, 64], context.clone()),
+            tensor("first_frame_latents", &[48, 1, 8, 8], first),
+        ]);
+    };
+    let (train, own, other) = (dir.path().join("train"), dir.path().join("own"), dir.path().join("other"));
+    for i in 0..16 {
+        let (video, first) = static_video(i);
+        write(&train, i as usize, video, first);
+    }
+    for i in 0..6u64 {
+        let (video, first) = static_video(100 + i);
+        write(&own, i as usize, video.clone(), first);
+        write(&other, i as usize, video, static_video(100 + (i + 1) % 6).1);
+    }
+    let (before_own, before_other) = (eval_loss(&art, &own, None), eval_loss(&art, &other, None));
+    assert!((before_own / before_other - 1.0).abs() < 0.005, "before: {before_own} vs {before_other}");
+    let out = dir.path().join("run");
+    let r = flowstep(&["-q", "train", "--artifacts", path_str(&art), "--data", path_str(&train), "--out", path_str(&out),
+        "--steps", "600", "--lr", "5e-3", "--seed", "1"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let lora = out.join("lora.safetensors");
+    let (after_own, after_other) = (eval_loss(&art, &own, Some(&lora)), eval_loss(&art, &other, Some(&lora)));
+    assert!(after_own < 0.98 * after_other, "after: own first frame {after_own}, another's {after_other}");
+}
