@@ -1,5 +1,7 @@
 //! The cached dataset: a directory of safetensors samples (`latents` [C,F,H,W], `context`
-//! [L,D]), checked against the model, visited in a seeded per-epoch order.
+//! [L,D], and the conditioning an image-to-video model takes under DiffSynth's cache names:
+//! `y`, `clip_feature`, `first_frame_latents`), checked against the model, visited in a
+//! seeded per-epoch order.
 //!
 //! Samples may differ in frames, height and width (resolution and length buckets): each
 //! step trains on one sample, and the graphs' axes are dynamic.
@@ -14,12 +16,30 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use crate::artifacts::ModelInfo;
+use crate::artifacts::{ConditioningInput, FIRST_FRAME_LATENTS, ModelInfo};
 use crate::error::{Error, IoContext, Result};
 use crate::tensor_file::TensorFile;
 
 pub const LATENTS: &str = "latents";
 pub const CONTEXT: &str = "context";
+/// The timestep boundaries a converted DiffSynth cache was made with (convert_diffsynth.py).
+pub const BOUNDARIES_FILE: &str = "diffsynth_boundaries.json";
+
+/// The `[min, max)` timestep boundaries stored with a dataset converted from a DiffSynth cache
+/// (DiffSynth trains a cache with the boundaries it holds), or None when there are none.
+pub fn stored_boundaries(dir: &Path) -> Result<Option<(f64, f64)>> {
+    let path = dir.join(BOUNDARIES_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).at(&path)?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&path, format!("not valid JSON: {e}")))?;
+    let get = |key: &str| value.get(key).and_then(serde_json::Value::as_f64).filter(|v| (0.0..=1.0).contains(v));
+    match (get("min_timestep_boundary"), get("max_timestep_boundary")) {
+        (Some(lo), Some(hi)) if lo < hi => Ok(Some((lo, hi))),
+        _ => Err(bad(&path, "expected {\"min_timestep_boundary\": a, \"max_timestep_boundary\": b} with 0 <= a < b <= 1")),
+    }
+}
 
 /// One training sample, as float32.
 #[derive(Debug, Clone)]
@@ -29,6 +49,16 @@ pub struct Sample {
     pub latent_shape: Vec<usize>,
     pub context: Vec<f32>,
     pub context_shape: Vec<usize>,
+    /// The model's conditioning tensors, in the manifest's order.
+    pub conditioning: Vec<Conditioning>,
+}
+
+/// One conditioning tensor of a sample (`y`, `clip_feature`, `first_frame_latents`).
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
 }
 
 /// What a sample must look like for this model.
@@ -38,11 +68,43 @@ pub struct SampleSpec {
     pub patch: [usize; 3],
     pub text_len: usize,
     pub text_dim: usize,
+    /// The model's name and variant, for the error a sample without its conditioning gets.
+    pub model: String,
+    pub conditioning: Vec<ConditioningInput>,
 }
 
 impl SampleSpec {
     pub fn for_model(model: &ModelInfo) -> Self {
-        Self { channels: model.in_dim, patch: model.patch_size, text_len: model.text_len, text_dim: model.text_dim }
+        Self {
+            channels: model.latent_channels(),
+            patch: model.patch_size,
+            text_len: model.text_len,
+            text_dim: model.text_dim,
+            model: format!("{} ({})", model.name, model.variant),
+            conditioning: model.conditioning.clone(),
+        }
+    }
+
+    /// Checks a sample's conditioning tensors (name and shape, from a header) for latents of
+    /// shape `latent`: each the model takes must be there, with its shape.
+    pub fn check_conditioning(&self, latent: &[usize], shape_of: impl Fn(&str) -> Option<Vec<usize>>) -> std::result::Result<(), String> {
+        for c in &self.conditioning {
+            let want = c.resolve(latent).ok_or_else(|| format!("model.conditioning `{}` has an unknown dimension in {}", c.name, c.describe()))?;
+            let Some(got) = shape_of(&c.name) else {
+                return Err(format!(
+                    "missing tensor `{}` {} that the {} model needs (its image conditioning, under DiffSynth's cache name; \
+                     convert a DiffSynth cache made with --extra_inputs input_image)",
+                    c.name, c.describe(), self.model
+                ));
+            };
+            if got != want {
+                return Err(format!("tensor `{}` has shape {got:?}; with latents {latent:?} this model takes {want:?} ({})", c.name, c.describe()));
+            }
+        }
+        if self.conditioning.iter().any(|c| c.name == FIRST_FRAME_LATENTS) && latent.get(1).is_some_and(|&f| f < 2) {
+            return Err(format!("tensor `{LATENTS}` has 1 frame; first-frame conditioning trains on frames 1 and up, so it needs at least 2"));
+        }
+        Ok(())
     }
 }
 
@@ -132,10 +194,18 @@ impl Dataset {
         let (context_shape, context) = file.read_f32(CONTEXT)?;
         for (name, values) in [(LATENTS, &latents), (CONTEXT, &context)] {
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                return Err(Error::NonFiniteSample { path: path.clone(), tensor: name, index: i, value: values[i] });
+                return Err(Error::NonFiniteSample { path: path.clone(), tensor: name.into(), index: i, value: values[i] });
             }
         }
-        Ok(Sample { path: path.clone(), latents, latent_shape, context, context_shape })
+        let mut conditioning = Vec::with_capacity(self.spec.conditioning.len());
+        for c in &self.spec.conditioning {
+            let (shape, values) = file.read_f32(&c.name)?;
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(Error::NonFiniteSample { path: path.clone(), tensor: c.name.clone(), index: i, value: values[i] });
+            }
+            conditioning.push(Conditioning { name: c.name.clone(), shape, values });
+        }
+        Ok(Sample { path: path.clone(), latents, latent_shape, context, context_shape, conditioning })
     }
 }
 
@@ -164,6 +234,14 @@ fn check_header(path: &Path, s: &SampleSpec) -> Result<Vec<usize>> {
     if context.shape != [s.text_len, s.text_dim] {
         return Err(bad(path, format!("tensor `{CONTEXT}` has shape {:?}; this model takes [{}, {}]", context.shape, s.text_len, s.text_dim)));
     }
+    for c in &s.conditioning {
+        if let Some(info) = file.info(&c.name)
+            && !matches!(info.dtype, safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16)
+        {
+            return Err(bad(path, format!("tensor `{}` has dtype {:?}; expected F32, BF16 or F16", c.name, info.dtype)));
+        }
+    }
+    s.check_conditioning(l, |name| file.info(name).map(|i| i.shape)).map_err(|reason| bad(path, reason))?;
     Ok(l.clone())
 }
 

@@ -38,7 +38,7 @@ pub enum Error {
     Checkpoint { path: PathBuf, reason: String },
 
     #[error("{}: tensor `{tensor}` has a non-finite value ({value}) at flat index {index}", path.display())]
-    NonFiniteSample { path: PathBuf, tensor: &'static str, index: usize, value: f32 },
+    NonFiniteSample { path: PathBuf, tensor: String, index: usize, value: f32 },
 
     /// A failure while one sample ran through a graph.
     #[error("step {step}, sample {}: {source}", sample.display())]

@@ -34,9 +34,10 @@ pub struct EvalResult {
     pub per_timestep: Vec<(f32, f64)>,
 }
 
-/// The table indices evaluated: `⌊(j + ½)·N/K⌋`.
-pub fn eval_indices(table_len: usize, k: usize) -> Vec<usize> {
-    (0..k).map(|j| ((j as f64 + 0.5) * table_len as f64 / k as f64) as usize).collect()
+/// The table indices evaluated: `lo + ⌊(j + ½)·(hi - lo)/K⌋` over the sampler's index range
+/// `[lo, hi)`, so a Wan2.2 expert is evaluated on the timesteps it trains.
+pub fn eval_indices((lo, hi): (usize, usize), k: usize) -> Vec<usize> {
+    (0..k).map(|j| lo + ((j as f64 + 0.5) * (hi - lo) as f64 / k as f64) as usize).collect()
 }
 
 pub fn evaluate(graph: &mut LossGraph, params: &Tensor<f32>, dataset: &Dataset, sampler: &SftSampler, config: &EvalConfig) -> Result<EvalResult> {
@@ -44,7 +45,7 @@ pub fn evaluate(graph: &mut LossGraph, params: &Tensor<f32>, dataset: &Dataset, 
         return Err(Error::Config("evaluation needs at least one timestep".into()));
     }
     let eval_sampler = sampler.with_seed(config.seed);
-    let indices = eval_indices(eval_sampler.scheduler.len(), config.timesteps);
+    let indices = eval_indices(eval_sampler.index_range(), config.timesteps);
     let mut per_t = vec![0.0f64; indices.len()];
     let mut batch: Option<Batch> = None;
     for i in 0..dataset.len() {
@@ -55,6 +56,7 @@ pub fn evaluate(graph: &mut LossGraph, params: &Tensor<f32>, dataset: &Dataset, 
         }
         let Some(b) = batch.as_mut() else { continue };
         b.context.extract_tensor_mut().1.copy_from_slice(&sample.context);
+        b.set_conditioning(&sample.conditioning)?;
         for (j, &index) in indices.iter().enumerate() {
             let key = (i * indices.len() + j) as u64;
             let draw = b.prepare(|x_t, target| eval_sampler.prepare_at(key, index, &sample.latents, x_t, target))?;

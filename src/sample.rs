@@ -1,5 +1,6 @@
 //! Euler sampling through the inference graph with the scheduler's `step`, optionally
-//! with classifier-free guidance against a negative (or empty) context.
+//! with classifier-free guidance against a negative (or empty) context, with image
+//! conditioning, and with a Wan2.2 A14B expert pair switching at its boundary timestep.
 
 use std::path::Path;
 
@@ -7,10 +8,12 @@ use ort::value::Tensor;
 use rand::Rng;
 use rand_distr::StandardNormal;
 
+use crate::artifacts::{FIRST_FRAME_LATENTS, ModelInfo};
+use crate::data::Conditioning;
 use crate::decode::{VaeDecoder, VideoFiles, VideoOptions, write_videos};
 use crate::error::{Error, IoContext, Result};
 use crate::render::Grid;
-use crate::tensor_file::{OutTensor, SaveDtype, encode, write_atomic};
+use crate::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, write_atomic};
 use crate::executor::{Batch, VelocityGraph};
 use crate::scheduler::FlowMatchScheduler;
 use crate::sft::step_rng;
@@ -33,15 +36,39 @@ pub fn initial_noise(seed: u64, len: usize) -> Vec<f32> {
     (0..len).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()
 }
 
-/// Samples one latent video [C, F, H, W] for `context` ([L, D]).
-pub fn sample(graph: &mut VelocityGraph, params: &Tensor<f32>, context: (&[usize], &[f32]), negative: Option<&[f32]>, config: &SampleConfig) -> Result<Vec<f32>> {
+/// One denoiser of a sampling run: a velocity graph with its LoRA, used for the steps whose
+/// timestep is at least `from_timestep` (and below the previous stage's).
+pub struct Stage<'a> {
+    pub graph: &'a mut VelocityGraph,
+    pub params: &'a Tensor<f32>,
+    pub from_timestep: f32,
+}
+
+/// Writes the first-frame conditioning ([C, 1, H, W]) into frame 0 of `x` ([C, F, H, W]),
+/// as DiffSynth's TI2V pipeline does before the first step and after every step.
+fn put_first_frame(x: &mut [f32], shape: [usize; 4], first: &[f32]) {
+    let [c, f, h, w] = shape;
+    for ch in 0..c {
+        x[ch * f * h * w..][..h * w].copy_from_slice(&first[ch * h * w..][..h * w]);
+    }
+}
+
+/// Samples one latent video [C, F, H, W] for `context` ([L, D]) and the model's
+/// `conditioning`. `stages` run from high to low noise: each step uses the first stage whose
+/// `from_timestep` the timestep reaches (Wan2.2's expert switch); one stage for one model.
+pub fn sample(stages: &mut [Stage<'_>], context: (&[usize], &[f32]), negative: Option<&[f32]>, conditioning: &[Conditioning], config: &SampleConfig) -> Result<Vec<f32>> {
     if config.steps == 0 {
         return Err(Error::Config("--steps must be at least 1".into()));
     }
     let scheduler = FlowMatchScheduler::new(config.steps, 1.0, config.shift);
     let len: usize = config.shape.iter().product();
     let mut x = initial_noise(config.seed, len);
+    let first_frame = conditioning.iter().find(|c| c.name == FIRST_FRAME_LATENTS).map(|c| c.values.as_slice());
+    if let Some(first) = first_frame {
+        put_first_frame(&mut x, config.shape, first);
+    }
     let mut batch = Batch::new(&config.shape, context.0)?;
+    batch.set_conditioning(conditioning)?;
     let (mut v, mut v_neg) = (Vec::with_capacity(len), Vec::with_capacity(len));
     let guided = config.cfg_scale != 1.0;
     let zeros;
@@ -53,18 +80,24 @@ pub fn sample(graph: &mut VelocityGraph, params: &Tensor<f32>, context: (&[usize
         }
     };
     for &t in &scheduler.timesteps {
+        let Some(stage) = stages.iter_mut().find(|s| t >= s.from_timestep) else {
+            return Err(Error::Config(format!("no model to sample timestep {t}: the last stage starts at {:?}", stages.last().map(|s| s.from_timestep))));
+        };
         batch.x_t.extract_tensor_mut().1.copy_from_slice(&x);
         batch.set_scalars(t, 1.0);
         batch.context.extract_tensor_mut().1.copy_from_slice(context.1);
-        graph.velocity(params, &batch, config.shape[0], &mut v)?;
+        stage.graph.velocity(stage.params, &batch, config.shape[0], &mut v)?;
         if guided {
             batch.context.extract_tensor_mut().1.copy_from_slice(negative);
-            graph.velocity(params, &batch, config.shape[0], &mut v_neg)?;
+            stage.graph.velocity(stage.params, &batch, config.shape[0], &mut v_neg)?;
             for (p, n) in v.iter_mut().zip(&v_neg) {
                 *p = n + config.cfg_scale * (*p - n);
             }
         }
         scheduler.step(&v, t, &mut x);
+        if let Some(first) = first_frame {
+            put_first_frame(&mut x, config.shape, first);
+        }
     }
     if let Some(i) = x.iter().position(|v| !v.is_finite()) {
         return Err(Error::NonFinite { step: config.steps as u64, what: "sampled latent", value: x[i] as f64 });
@@ -86,4 +119,36 @@ pub fn write_outputs(out: &Path, videos: Vec<Vec<f32>>, shape: [usize; 4], decod
     grid.write_png(&out.join("samples.png"))?;
     grid.write_gif(&out.join("samples.gif"))?;
     Ok(decoded)
+}
+
+/// The image conditioning of an I2V/TI2V model for latents of `shape` [C, F, H, W], read from
+/// a file holding the tensors its manifest lists (`flowstep sample --condition`, a prompt
+/// line's `condition=`); none for a text-to-video model.
+pub fn read_conditioning(path: Option<&Path>, model: &ModelInfo, shape: &[usize; 4]) -> Result<Vec<Conditioning>> {
+    let needs = || model.conditioning.iter().map(|c| format!("`{}` {}", c.name, c.describe())).collect::<Vec<_>>().join(", ");
+    let Some(path) = path else {
+        if !model.conditioning.is_empty() {
+            return Err(Error::Config(format!("{} ({}) needs image conditioning: a condition file (--condition, condition=) with {}", model.name, model.variant, needs())));
+        }
+        return Ok(Vec::new());
+    };
+    if model.conditioning.is_empty() {
+        return Err(Error::Config(format!("{}: {} is a text-to-video model and takes no conditioning", path.display(), model.name)));
+    }
+    let file = TensorFile::open(path)?;
+    let bad = |reason: String| Error::Config(format!("{}: {reason}", path.display()));
+    model.conditioning.iter().map(|c| {
+        let want = c.resolve(shape).ok_or_else(|| bad(format!("model.conditioning `{}` has an unknown dimension", c.name)))?;
+        if file.info(&c.name).is_none() {
+            return Err(bad(format!("missing tensor `{}` {} that {} needs", c.name, c.describe(), model.name)));
+        }
+        let (got, values) = file.read_f32(&c.name)?;
+        if got != want {
+            return Err(bad(format!("`{}` has shape {got:?}; with latents {:?} this model takes {want:?}", c.name, &shape[1..])));
+        }
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(bad(format!("`{}` has NaN or Inf values", c.name)));
+        }
+        Ok(Conditioning { name: c.name.clone(), shape: got, values })
+    }).collect()
 }

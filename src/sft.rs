@@ -10,6 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
+use crate::artifacts::ExpertInfo;
 use crate::error::{Error, Result};
 use crate::scheduler::{FlowMatchScheduler, NUM_TRAIN_TIMESTEPS, round_to_bf16};
 
@@ -42,6 +43,34 @@ impl Default for SftConfig {
             bf16_timestep: false,
         }
     }
+}
+
+/// A run's timestep boundaries and where they came from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Boundaries {
+    pub min: f64,
+    pub max: f64,
+    pub source: &'static str,
+}
+
+/// The timestep boundaries of a run: each flag given wins; otherwise an expert's range from
+/// its manifest, or the boundaries a converted DiffSynth cache was made with, or [0, 1).
+/// An expert and a dataset that disagree (with a flag missing) are an error, not a choice.
+pub fn resolve_boundaries(flags: (Option<f64>, Option<f64>), expert: Option<&ExpertInfo>, stored: Option<(f64, f64)>) -> Result<Boundaries> {
+    let (default, source) = match (expert, stored) {
+        (Some(e), Some(s)) if (e.min_timestep_boundary, e.max_timestep_boundary) != s && (flags.0.is_none() || flags.1.is_none()) => {
+            return Err(Error::Config(format!(
+                "the dataset was cached by DiffSynth with timestep boundaries [{}, {}), but these artifacts are the {} expert, \
+                 trained on [{}, {}); pass --min-timestep-boundary and --max-timestep-boundary to choose",
+                s.0, s.1, e.role.as_str(), e.min_timestep_boundary, e.max_timestep_boundary
+            )));
+        }
+        (Some(e), _) => ((e.min_timestep_boundary, e.max_timestep_boundary), "the expert's manifest"),
+        (None, Some(s)) => (s, "the DiffSynth cache"),
+        (None, None) => ((0.0, 1.0), "the default"),
+    };
+    let source = if flags.0.is_some() || flags.1.is_some() { "the command line" } else { source };
+    Ok(Boundaries { min: flags.0.unwrap_or(default.0), max: flags.1.unwrap_or(default.1), source })
 }
 
 /// The scalar part of one step's draw.
@@ -287,5 +316,20 @@ mod tests {
     fn rejects_empty_boundaries() {
         assert!(SftSampler::new(SftConfig { min_boundary: 0.5, max_boundary: 0.5, ..SftConfig::default() }, 0).is_err());
         assert!(SftSampler::new(SftConfig { max_boundary: 1.5, ..SftConfig::default() }, 0).is_err());
+    }
+
+    #[test]
+    fn boundaries_resolve_flags_then_expert_then_cache() {
+        use crate::artifacts::{ExpertInfo, ExpertRole};
+        let high = ExpertInfo { role: ExpertRole::HighNoise, min_timestep_boundary: 0.0, max_timestep_boundary: 0.417, switch_timestep: 875.0 };
+        let b = |flags, expert, stored| resolve_boundaries(flags, expert, stored).map(|b| (b.min, b.max, b.source));
+        assert_eq!(b((None, None), None, None).ok(), Some((0.0, 1.0, "the default")));
+        assert_eq!(b((None, None), Some(&high), None).ok(), Some((0.0, 0.417, "the expert's manifest")));
+        assert_eq!(b((None, None), None, Some((0.358, 1.0))).ok(), Some((0.358, 1.0, "the DiffSynth cache")));
+        assert_eq!(b((None, None), Some(&high), Some((0.0, 0.417))).ok(), Some((0.0, 0.417, "the expert's manifest")));
+        assert_eq!(b((Some(0.1), None), Some(&high), None).ok(), Some((0.1, 0.417, "the command line")));
+        // A cache made for another range than the expert's: only both flags decide.
+        assert!(b((None, Some(0.5)), Some(&high), Some((0.417, 1.0))).is_err());
+        assert_eq!(b((Some(0.0), Some(0.5)), Some(&high), Some((0.417, 1.0))).ok(), Some((0.0, 0.5, "the command line")));
     }
 }

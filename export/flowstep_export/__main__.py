@@ -1,4 +1,4 @@
-"""python -m flowstep_export --model tiny|small|wan2.1-t2v-1.3b|wan2.1-t2v-14b --out DIR ..."""
+"""python -m flowstep_export --model PRESET --out DIR [--expert high_noise|low_noise] ..."""
 
 from __future__ import annotations
 
@@ -27,6 +27,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="artifacts directory to write")
     p.add_argument("--base", type=Path, help="Wan checkpoint (.safetensors, Wan/DiffSynth keys; a leading `model.` "
                    "is stripped). Without it the model is initialised randomly, with a warning.")
+    p.add_argument("--expert", choices=("high_noise", "low_noise"),
+                   help="Wan2.2 A14B presets (wan2.2-t2v-a14b, wan2.2-i2v-a14b, tiny-a14b, tiny-i2v-a14b): which "
+                        "expert of the pair this export is, each with its own --base checkpoint. The manifest records "
+                        "it with its timestep range (high_noise [0, b), low_noise [b, 1] of DiffSynth's table, "
+                        "b = 0.417 for T2V, 0.358 for I2V) and the timestep where sampling switches experts")
+    p.add_argument("--shapes-only", action="store_true",
+                   help="trace with uninitialised base weights that are never read (no memory for them), for a model "
+                        "too large for this machine; the graphs carry no weights either way, so flowstep trains them "
+                        "with --base later. Implies --no-validate; not with --base or --ship-base")
     p.add_argument("--ship-base", action="store_true", help="copy the base weights into the artifacts "
                    "(base.safetensors); for toy models. Otherwise flowstep reads the user's checkpoint.")
     g = p.add_argument_group("LoRA (DiffSynth defaults)")
@@ -87,7 +96,8 @@ def main(argv=None) -> int:
                           targets=tuple(t for t in args.lora_targets.split(",") if t), init=args.lora_init)
         options = ExportOptions(out=args.out, base=args.base, seed=args.seed, lora=lora,
                                 ship_base=args.ship_base, graphs=graphs, gradient_checkpointing=args.gradient_checkpointing,
-                                precision=args.precision, attention=args.attention)
+                                precision=args.precision, attention=args.attention, expert=args.expert,
+                                shapes_only=args.shapes_only)
         if args.attention_chunk is not None:
             if args.attention_chunk < 1:
                 raise ValueError(f"--attention-chunk must be at least 1, got {args.attention_chunk}")
@@ -95,7 +105,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         manifest = export_artifacts(config, options)
         seconds = time.perf_counter() - start
-        report = {} if args.no_validate else validate_artifacts(args.out, config, options)
+        report = {} if args.no_validate or args.shapes_only else validate_artifacts(args.out, config, options)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -17,7 +17,7 @@ from .attention import DOMAIN, OPERATORS
 from .configs import WanConfig
 from .lora import LoraConfig, base_state, inject_lora, lora_state
 from .manifest import write_manifest
-from .model import WanModel, init_random
+from .model import WanModel, init_random, rope_tables
 from .steps import StepFunctions, adamw, flat_layout, flatten
 
 log = logging.getLogger("flowstep_export")
@@ -45,6 +45,12 @@ class ExportOptions:
     precision: str = "float32"  # or "bfloat16": base weights and activations; LoRA, loss and AdamW stay float32
     # "chunked": standard-op Scan (any provider); "fused": com.flowstep operators the executor implements.
     attention: str = "chunked"
+    # Wan2.2 A14B: which expert of the pair ("high_noise" or "low_noise"); recorded in the manifest.
+    expert: str | None = None
+    # Base weights uninitialised and never read (the pages are never touched): the graphs hold
+    # no weights, so a model too large for this machine's memory still exports; nothing can
+    # be validated.
+    shapes_only: bool = False
 
     @property
     def lowering(self) -> trace.Lowering:
@@ -83,13 +89,22 @@ def load_base_weights(model: WanModel, path: Path) -> None:
 
 
 def build_model(config: WanConfig, options: ExportOptions) -> tuple[WanModel, list[str]]:
-    model = WanModel(config)
+    if options.shapes_only:
+        if options.base is not None or options.ship_base:
+            raise ValueError("--shapes-only exports without weights: not with --base or --ship-base")
+        with torch.device("meta"):
+            model = WanModel(config)
+        model.rope = rope_tables(config.head_dim)  # constants of the graph: real tensors
+    else:
+        model = WanModel(config)
     if options.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if options.attention not in trace.ATTENTION_MODES:
         raise ValueError(f"unknown attention {options.attention!r}; choose one of {', '.join(trace.ATTENTION_MODES)}")
     if options.base is not None:
         load_base_weights(model, options.base)
+    elif options.shapes_only:
+        log.warning("--shapes-only: %s is traced with uninitialised base weights", config.name)
     else:
         log.warning("no --base given: %s is initialised randomly (seed %d)", config.name, options.seed)
         init_random(model, options.seed)
@@ -97,6 +112,11 @@ def build_model(config: WanConfig, options: ExportOptions) -> tuple[WanModel, li
     model.eval()
     model.gradient_checkpointing = options.gradient_checkpointing
     dtype = PRECISIONS[options.precision][0]
+    if options.shapes_only:  # meta parameters become CPU ones whose memory is never touched
+        for module in model.modules():
+            for pname, p in list(module._parameters.items()):
+                if p is not None and p.is_meta:
+                    module._parameters[pname] = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=False)
     for name, p in model.named_parameters():
         p.requires_grad_(False)
         if name not in lora_names:
@@ -107,18 +127,31 @@ def build_model(config: WanConfig, options: ExportOptions) -> tuple[WanModel, li
 def example_inputs(config: WanConfig, seed: int, latent: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
     frames, height, width = latent or config.example_latent
     g = torch.Generator().manual_seed(seed + 1)
-    return {
-        "x_t": torch.randn((1, config.in_dim, frames, height, width), generator=g),
+    batch = {
+        "x_t": torch.randn((1, config.out_dim, frames, height, width), generator=g),
         "timestep": torch.tensor([937.5]),
         "context": torch.randn((1, config.text_len, config.text_dim), generator=g),
         "target": torch.randn((1, config.out_dim, frames, height, width), generator=g),
         "weight": torch.tensor(0.75),
     }
+    sizes = {"frames": frames, "height": height, "width": width}
+    for name, shape in config.conditioning:
+        batch[name] = torch.randn((1, *(sizes.get(d, d) for d in shape)), generator=g)
+    return batch
+
+
+def dynamic_axes(config: WanConfig, name: str) -> dict[int, str]:
+    """The symbolic latent axes of a batch input (graph axis -> contract name)."""
+    if name in ("x_t", "target"):
+        return LATENT_AXES
+    shape = dict(config.conditioning).get(name, ())
+    return {axis + 1: d for axis, d in enumerate(shape) if isinstance(d, str)}
 
 
 def export_artifacts(config: WanConfig, options: ExportOptions) -> dict:
     """Build, trace and export every graph; returns the manifest."""
     out = options.out
+    expert = config.expert_manifest(options.expert)  # before any work: a missing --expert is an error
     out.mkdir(parents=True, exist_ok=True)
     model, lora_names = build_model(config, options)
     lora = lora_state(model)
@@ -135,15 +168,16 @@ def export_artifacts(config: WanConfig, options: ExportOptions) -> dict:
         return [trace.GraphInput(name, base[name]) for name in base_names]
 
     def batch_inputs(names):
-        return [trace.GraphInput(n, batch[n].clone(), LATENT_AXES if n in ("x_t", "target") else {}) for n in names]
+        return [trace.GraphInput(n, batch[n].clone(), dynamic_axes(config, n)) for n in names]
 
-    loss_inputs = ["x_t", "timestep", "context", "target", "weight"]
+    conditioning = [name for name, _ in config.conditioning]
+    loss_inputs = ["x_t", "timestep", "context", "target", "weight", *conditioning]
     specs = {
         "training_model": lambda: (fns.training, [trace.GraphInput("lora_params", flat.clone()), trace.GraphInput("grad_accum", torch.zeros_like(flat))]
                                    + base_inputs() + batch_inputs(loss_inputs), TRAINING_OUTPUTS),
         "eval_model": lambda: (fns.eval, [trace.GraphInput("lora_params", flat.clone())] + base_inputs() + batch_inputs(loss_inputs), ["loss"]),
         "inference_model": lambda: (fns.inference, [trace.GraphInput("lora_params", flat.clone())] + base_inputs()
-                                    + batch_inputs(["x_t", "timestep", "context"]), ["velocity"]),
+                                    + batch_inputs(["x_t", "timestep", "context", *conditioning]), ["velocity"]),
         "optimizer_model": lambda: (adamw, optimizer_inputs(flat.numel()), OPTIMIZER_OUTPUTS),
     }
     timings = {}
@@ -161,7 +195,7 @@ def export_artifacts(config: WanConfig, options: ExportOptions) -> dict:
     if options.ship_base:
         base_file = "base.safetensors"
         save_file({k: v.contiguous() for k, v in base.items()}, str(out / base_file))
-    manifest = write_manifest(out, config, options.lora, layout, base, base_file, list(options.graphs),
+    manifest = write_manifest(out, config, options.lora, layout, base, base_file, list(options.graphs), expert,
                               extra={"export_seconds": timings, "base_source": str(options.base) if options.base else None},
                               training={"precision": options.precision,
                                         "attention": options.attention_manifest,

@@ -37,7 +37,8 @@ class LoRALinear(nn.Linear):
     """nn.Linear plus a LoRA branch; keeps `weight`/`bias` names, so base keys are unchanged."""
 
     def __init__(self, base: nn.Linear, rank: int, scaling: float):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        # The base Linear's own weight and bias are used: allocate none here (14B: ~60 GB).
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight = base.weight
         self.bias = base.bias
         self.scaling = scaling

@@ -44,7 +44,8 @@ def graph_signature(path: Path) -> dict:
 
 
 def write_manifest(out: Path, config: WanConfig, lora: LoraConfig, layout, base: dict[str, torch.Tensor],
-                   base_file: str | None, graphs: list[str], extra: dict | None = None, training: dict | None = None) -> dict:
+                   base_file: str | None, graphs: list[str], expert: dict | None = None, extra: dict | None = None,
+                   training: dict | None = None) -> dict:
     files = [f"{g}.onnx" for g in graphs] + ["lora_init.safetensors"] + ([base_file] if base_file else [])
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -63,6 +64,8 @@ def write_manifest(out: Path, config: WanConfig, lora: LoraConfig, layout, base:
         "exporter": {"opset": OPSET, "flowstep_export": __version__, "torch": torch.__version__.split("+")[0],
                      "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
+    if expert:  # absent: a single model, not one expert of a Wan2.2 A14B pair
+        manifest["expert"] = expert
     if extra:
         manifest["export"] = extra
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -1,6 +1,9 @@
-"""The Wan DiT (text-to-video), with DiffSynth-Studio's module and state-dict names.
+"""The Wan DiT (text-to-video, image-to-video, Wan2.2 TI2V), with DiffSynth-Studio's module
+and state-dict names.
 
-The computation equals DiffSynth's `model_fn_wan_video` + `WanModel` blocks; the forward is
+The computation equals DiffSynth's `model_fn_wan_video` + `WanModel` blocks in the
+configuration of each variant (has_image_input, require_vae_embedding,
+require_clip_embedding, seperated_timestep + fuse_vae_embedding_in_latents); the forward is
 written so that its forward and backward trace to portable ONNX (DESIGN.md §2):
 Linear layers on 2-D inputs, the patch embedding as a reshape and matmul, RoPE in real
 arithmetic with `unbind(-1)`, attention as explicit matmul/softmax, the sinusoidal time
@@ -132,7 +135,7 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float):
+    def __init__(self, dim: int, num_heads: int, eps: float, image_input: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
@@ -141,30 +144,43 @@ class CrossAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps=eps)
         self.norm_k = RMSNorm(dim, eps=eps)
+        if image_input:
+            # Wan2.1 I2V: the same queries also attend to the CLIP image tokens.
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps=eps)
 
-    def forward(self, x, context):
+    def forward(self, x, context, image=None):
         q = self.norm_q(linear(self.q, x))
         k = self.norm_k(linear(self.k, context))
         v = linear(self.v, context)
-        return linear(self.o, attention(q, k, v, self.num_heads))
+        out = attention(q, k, v, self.num_heads)
+        if image is not None:
+            k_img = self.norm_k_img(linear(self.k_img, image))
+            out = out + attention(q, k_img, linear(self.v_img, image), self.num_heads)
+        return linear(self.o, out)
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, eps: float):
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, eps: float, image_input: bool = False):
         super().__init__()
         self.self_attn = SelfAttention(dim, num_heads, eps)
-        self.cross_attn = CrossAttention(dim, num_heads, eps)
+        self.cross_attn = CrossAttention(dim, num_heads, eps, image_input)
         self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.norm3 = nn.LayerNorm(dim, eps=eps)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, context, t_mod, cos, sin):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation + t_mod).chunk(6, dim=1)
+    def forward(self, x, context, t_mod, cos, sin, image=None):
+        if t_mod.dim() == 4:  # per-token timesteps (TI2V): [1, S, 6, dim]
+            mods = [m.squeeze(2) for m in (self.modulation.unsqueeze(1) + t_mod).chunk(6, dim=2)]
+        else:
+            mods = (self.modulation + t_mod).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         h = layer_norm(self.norm1, x) * (1 + scale_msa) + shift_msa
         x = x + gate_msa * self.self_attn(h, cos, sin)
-        x = x + self.cross_attn(layer_norm(self.norm3, x), context)
+        x = x + self.cross_attn(layer_norm(self.norm3, x), context, image)
         h = layer_norm(self.norm2, x) * (1 + scale_mlp) + shift_mlp
         x = x + gate_mlp * linear_sequential(self.ffn, h)
         return x
@@ -184,12 +200,28 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
     def forward(self, x, t):
-        shift, scale = (self.modulation + t.unsqueeze(1)).chunk(2, dim=1)
+        if t.dim() == 3:  # per-token timesteps (TI2V): t is [1, S, dim]
+            shift, scale = (m.squeeze(2) for m in (self.modulation.unsqueeze(0) + t.unsqueeze(2)).chunk(2, dim=2))
+        else:
+            shift, scale = (self.modulation + t.unsqueeze(1)).chunk(2, dim=1)
         return linear(self.head, layer_norm(self.norm, x) * (1 + scale) + shift)
 
 
+class ImageEmbedding(nn.Module):
+    """DiffSynth's `MLP` (img_emb.proj): CLIP features [1, N, 1280] -> [1, N, dim]."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, dim),
+                                  nn.LayerNorm(dim))
+
+    def forward(self, x):
+        norm_in, fc1, act, fc2, norm_out = self.proj
+        return layer_norm(norm_out, linear(fc2, act(linear(fc1, layer_norm(norm_in, x)))))
+
+
 class WanModel(nn.Module):
-    """Wan2.1 DiT, text-to-video. State-dict keys equal DiffSynth's / Wan's."""
+    """Wan DiT. State-dict keys equal DiffSynth's / Wan's."""
 
     def __init__(self, config: WanConfig):
         super().__init__()
@@ -200,10 +232,13 @@ class WanModel(nn.Module):
         self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        image_input = config.image_tokens > 0
         self.blocks = nn.ModuleList(
-            DiTBlock(dim, config.num_heads, config.ffn_dim, config.eps) for _ in range(config.num_layers)
+            DiTBlock(dim, config.num_heads, config.ffn_dim, config.eps, image_input) for _ in range(config.num_layers)
         )
         self.head = Head(dim, config.out_dim, config.patch_size, config.eps)
+        if image_input:
+            self.img_emb = ImageEmbedding(config.clip_dim, dim)
         self.rope = rope_tables(config.head_dim)
         # DiffSynth's use_gradient_checkpointing: each block's forward is recomputed in backward.
         self.gradient_checkpointing = False
@@ -227,26 +262,51 @@ class WanModel(nn.Module):
         x = x.reshape(b, f, h, w, pf, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, c, f * pf, h * ph, w * pw)
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: [1, in_dim, F, H, W] noisy latents; timestep: [1]; context: [1, L, text_dim].
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *conditioning: torch.Tensor) -> torch.Tensor:
+        """x: [1, out_dim, F, H, W] noisy latents; timestep: [1]; context: [1, L, text_dim];
+        `conditioning`: the config's conditioning inputs in order, each with a batch axis
+        (i2v: y [1, in_dim - out_dim, F, H, W] and, with image tokens, clip_feature [1, 257, 1280];
+        ti2v: first_frame_latents [1, out_dim, 1, H, W]).
         Returns the predicted velocity [1, out_dim, F, H, W] in the weights' dtype; inputs are
         cast to it (float32 or bfloat16)."""
         config = self.config
         dtype = self.patch_embedding.weight.dtype
+        cond = {name: c.to(dtype) for (name, _), c in zip(config.conditioning, conditioning, strict=True)}
         x, context = x.to(dtype), context.to(dtype)
-        t = linear_sequential(self.time_embedding, sinusoidal_embedding_1d(config.freq_dim, timestep).to(dtype))
-        t_mod = self.time_projection(t).unflatten(1, (6, config.dim))
-        context = linear_sequential(self.text_embedding, context)
         pf, ph, pw = config.patch_size
         f, h, w = x.shape[2] // pf, x.shape[3] // ph, x.shape[4] // pw
+        if config.first_frame:
+            # DiffSynth's FlowMatchSFTLoss and sampler put the image's latents in frame 0.
+            x = torch.cat([cond["first_frame_latents"], x[:, :, 1:]], dim=2)
+            t, t_mod = self.first_frame_time(timestep, f, h, w, dtype)
+        else:
+            t = linear_sequential(self.time_embedding, sinusoidal_embedding_1d(config.freq_dim, timestep).to(dtype))
+            t_mod = self.time_projection(t).unflatten(1, (6, config.dim))
+        context = linear_sequential(self.text_embedding, context)
+        if "y" in cond:
+            x = torch.cat([x, cond["y"]], dim=1)
+        image = self.img_emb(cond["clip_feature"]) if "clip_feature" in cond else None
         tokens = self.patchify(x)
         cos, sin = (t.to(tokens.device) for t in rope_grid(self.rope, f, h, w))
         for block in self.blocks:
             if self.gradient_checkpointing:
-                tokens = torch.utils.checkpoint.checkpoint(block, tokens, context, t_mod, cos, sin, use_reentrant=False)
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, context, t_mod, cos, sin, image, use_reentrant=False)
             else:
-                tokens = block(tokens, context, t_mod, cos, sin)
+                tokens = block(tokens, context, t_mod, cos, sin, image)
         return self.unpatchify(self.head(tokens, t), f, h, w)
+
+    def first_frame_time(self, timestep, f: int, h: int, w: int, dtype):
+        """TI2V's per-token timesteps (DiffSynth's seperated_timestep with
+        fuse_vae_embedding_in_latents): the first frame's tokens at t = 0, the rest at t.
+        Both embeddings are computed once and selected per token: [1, S, dim], [1, S, 6, dim]."""
+        config = self.config
+        both = torch.cat([torch.zeros_like(timestep), timestep])
+        t2 = linear_sequential(self.time_embedding, sinusoidal_embedding_1d(config.freq_dim, both).to(dtype))
+        t_mod2 = self.time_projection(t2).unflatten(1, (6, config.dim))
+        first = (torch.arange(f * h * w, device=timestep.device) < h * w).reshape(-1, 1)
+        t = torch.where(first, t2[0], t2[1]).unsqueeze(0)
+        t_mod = torch.where(first.unsqueeze(-1), t_mod2[0], t_mod2[1]).unsqueeze(0)
+        return t, t_mod
 
 
 def init_random(model: WanModel, seed: int) -> None:
@@ -260,7 +320,8 @@ def init_random(model: WanModel, seed: int) -> None:
                 fan_in = p[0].numel()
                 bound = 1.0 / math.sqrt(fan_in)
                 p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=generator))
-            elif name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or ".norm3." in name:
+            elif (name.endswith(("norm_q.weight", "norm_k.weight", "norm_k_img.weight")) or ".norm3." in name
+                  or name.startswith(("img_emb.proj.0.", "img_emb.proj.4."))):
                 p.fill_(1.0) if name.endswith("weight") else p.zero_()
             else:
                 p.copy_(torch.empty(p.shape).uniform_(-0.02, 0.02, generator=generator))

@@ -42,8 +42,11 @@ def unflatten(flat: torch.Tensor, layout: list[LoraTensor]) -> tuple[torch.Tenso
     return tuple(flat[t.offset : t.offset + t.numel].reshape(t.shape) for t in layout)
 
 
-def sft_loss(velocity: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """FlowMatchSFTLoss: w(t) · mean((v - target)²) in float32."""
+def sft_loss(velocity: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, first_frame: bool = False) -> torch.Tensor:
+    """FlowMatchSFTLoss: w(t) · mean((v - target)²) in float32; with first-frame conditioning
+    (TI2V) frame 0 is the given image and stays out of the loss, as in DiffSynth."""
+    if first_frame:
+        velocity, target = velocity[:, :, 1:], target[:, :, 1:]
     return weight * torch.mean((velocity.float() - target.float()) ** 2)
 
 
@@ -57,8 +60,9 @@ class _LossAndGrad(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, lora_tensors, x_t, timestep, context, target, weight):
-        loss = sft_loss(self.model(x_t, timestep, context), target, weight)
+    def forward(self, lora_tensors, x_t, timestep, context, target, weight, *conditioning):
+        velocity = self.model(x_t, timestep, context, *conditioning)
+        loss = sft_loss(velocity, target, weight, self.model.config.first_frame)
         return loss, torch.autograd.grad(loss, lora_tensors)
 
 
@@ -76,11 +80,12 @@ class StepFunctions:
         params.update({t.key: v for t, v in zip(self.layout, lora_tensors)})
         return params
 
-    def _velocity(self, lora_tensors, base_tensors, x_t, timestep, context):
-        return functional_call(self.model, self._params(lora_tensors, base_tensors), (x_t, timestep, context))
+    def _velocity(self, lora_tensors, base_tensors, x_t, timestep, context, conditioning):
+        return functional_call(self.model, self._params(lora_tensors, base_tensors), (x_t, timestep, context, *conditioning))
 
     def training(self, lora_params, grad_accum, *rest):
-        """(lora_params, grad_accum, *base, x_t, timestep, context, target, weight) -> (loss, grad_accum_out)"""
+        """(lora_params, grad_accum, *base, x_t, timestep, context, target, weight, *conditioning)
+        -> (loss, grad_accum_out)"""
         nb = len(self.base_names)
         base, batch = rest[:nb], rest[nb:]
         # Differentiate w.r.t. the split tensors, not the flat vector: a flat-vector gradient
@@ -93,17 +98,17 @@ class StepFunctions:
         return loss.detach(), grad_accum + flat_grad
 
     def eval(self, lora_params, *rest):
-        """(lora_params, *base, x_t, timestep, context, target, weight) -> (loss,)"""
+        """(lora_params, *base, x_t, timestep, context, target, weight, *conditioning) -> (loss,)"""
         nb = len(self.base_names)
-        base, (x_t, timestep, context, target, weight) = rest[:nb], rest[nb:]
-        velocity = self._velocity(unflatten(lora_params, self.layout), base, x_t, timestep, context)
-        return (sft_loss(velocity, target, weight),)
+        base, (x_t, timestep, context, target, weight, *conditioning) = rest[:nb], rest[nb:]
+        velocity = self._velocity(unflatten(lora_params, self.layout), base, x_t, timestep, context, conditioning)
+        return (sft_loss(velocity, target, weight, self.model.config.first_frame),)
 
     def inference(self, lora_params, *rest):
-        """(lora_params, *base, x_t, timestep, context) -> (velocity,)"""
+        """(lora_params, *base, x_t, timestep, context, *conditioning) -> (velocity,)"""
         nb = len(self.base_names)
-        base, (x_t, timestep, context) = rest[:nb], rest[nb:]
-        velocity = self._velocity(unflatten(lora_params, self.layout), base, x_t, timestep, context)
+        base, (x_t, timestep, context, *conditioning) = rest[:nb], rest[nb:]
+        velocity = self._velocity(unflatten(lora_params, self.layout), base, x_t, timestep, context, conditioning)
         return (velocity.float(),)  # the contract's float32, whatever the compute dtype
 
 

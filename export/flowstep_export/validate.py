@@ -62,13 +62,19 @@ def eager_loss_and_grads(model, lora_keys, inputs) -> tuple[float, np.ndarray]:
     for k in lora_keys:
         params[k].requires_grad_(True)
     with math_attention():  # the backward too: checkpointing recomputes blocks there
-        velocity = model(torch.as_tensor(inputs["x_t"]), torch.as_tensor(inputs["timestep"]), torch.as_tensor(inputs["context"]))
-        loss = sft_loss(velocity, torch.as_tensor(inputs["target"]), torch.as_tensor(inputs["weight"]))
+        velocity = model(*model_inputs(model.config, inputs))
+        loss = sft_loss(velocity, torch.as_tensor(inputs["target"]), torch.as_tensor(inputs["weight"]), model.config.first_frame)
         loss.backward()
     grad = torch.cat([params[k].grad.reshape(-1) for k in lora_keys])
     for k in lora_keys:
         params[k].requires_grad_(False)
     return float(loss), grad.numpy()
+
+
+def model_inputs(config, batch) -> list[torch.Tensor]:
+    """The model's positional inputs from a batch dict: x_t, timestep, context, conditioning."""
+    names = ["x_t", "timestep", "context", *(name for name, _ in config.conditioning)]
+    return [torch.as_tensor(batch[n]) for n in names]
 
 
 def adamw_reference(params, grads, m, v, steps: int, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
@@ -167,7 +173,7 @@ def validate_artifacts(out: Path, config, options, rtol: float = 1e-4) -> dict:
 
     def velocity(m, batch):
         with torch.no_grad(), math_attention():
-            return m(*(torch.as_tensor(batch[k]) for k in ("x_t", "timestep", "context"))).float().numpy()
+            return m(*model_inputs(config, batch)).float().numpy()
 
     def check(name, got, reference32, reference_low):
         if not bf16:

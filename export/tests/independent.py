@@ -37,6 +37,19 @@ def manifest(artifacts: Path) -> dict:
     return json.loads((artifacts / "manifest.json").read_text())
 
 
+def diffsynth_flags(model: dict) -> dict:
+    """DiffSynth WanModel's variant flags for a manifest's model section, as DiffSynth's
+    configs/model_configs.py sets them: Wan2.1 I2V (has_image_input: CLIP tokens and `y`),
+    Wan2.2 I2V-A14B (`y` only: require_clip_embedding False), Wan2.2 TI2V-5B."""
+    names = [c["name"] for c in model.get("conditioning", [])]
+    if model["variant"] == "ti2v":
+        return dict(has_image_input=False, seperated_timestep=True, require_clip_embedding=False,
+                    require_vae_embedding=False, fuse_vae_embedding_in_latents=True)
+    if model["variant"] == "i2v":
+        return dict(has_image_input="clip_feature" in names, require_clip_embedding="clip_feature" in names)
+    return dict(has_image_input=False)
+
+
 def diffsynth_base(artifacts: Path):
     """DiffSynth's WanModel with the artifacts' base weights."""
     from diffsynth.models.wan_video_dit import WanModel
@@ -44,7 +57,7 @@ def diffsynth_base(artifacts: Path):
     m = manifest(artifacts)["model"]
     dit = WanModel(dim=m["dim"], in_dim=m["in_dim"], ffn_dim=m["ffn_dim"], out_dim=m["out_dim"], text_dim=m["text_dim"],
                    freq_dim=m["freq_dim"], eps=m["eps"], patch_size=tuple(m["patch_size"]), num_heads=m["num_heads"],
-                   num_layers=m["num_layers"], has_image_input=False)
+                   num_layers=m["num_layers"], **diffsynth_flags(m))
     dit.load_state_dict(load_file(str(artifacts / "base.safetensors")))
     return dit
 
@@ -75,10 +88,16 @@ def flatten(artifacts: Path, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([tensors[t["key"]].detach().reshape(-1).float() for t in manifest(artifacts)["lora"]["tensors"]])
 
 
-def velocity(dit, x_t, timestep, context):
+def velocity(dit, x_t, timestep, context, **conditioning):
+    """DiffSynth's model_fn_wan_video; TI2V's first_frame_latents go into frame 0 and switch on
+    its per-token timesteps, as DiffSynth's pipeline and FlowMatchSFTLoss do."""
     from diffsynth.pipelines.wan_video import model_fn_wan_video
 
-    return model_fn_wan_video(dit, latents=x_t, timestep=timestep, context=context)
+    if "first_frame_latents" in conditioning:
+        x_t = x_t.clone()
+        x_t[:, :, 0:1] = conditioning.pop("first_frame_latents")
+        conditioning["fuse_vae_embedding_in_latents"] = True
+    return model_fn_wan_video(dit, latents=x_t, timestep=timestep, context=context, **conditioning)
 
 
 def final_state(run: Path) -> dict[str, torch.Tensor]:

@@ -46,6 +46,30 @@ def test_convert_diffsynth_cache(tmp_path):
     assert convert_main([str(bad_dir), str(tmp_path / "x")]) == 1
 
 
+def test_convert_keeps_image_conditioning(tmp_path):
+    """An I2V cache's `y` and `clip_feature` and a TI2V cache's `first_frame_latents` are kept
+    under DiffSynth's names without the batch axis; full-range boundaries write no file."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    y, clip, first = torch.randn(1, 20, 2, 8, 8), torch.randn(1, 257, 1280), torch.randn(1, 48, 1, 8, 8)
+    shared = {"input_latents": torch.randn(1, 16, 2, 8, 8), "y": y, "clip_feature": clip,
+              "max_timestep_boundary": 1.0, "min_timestep_boundary": 0.0}
+    torch.save((shared, {"context": torch.randn(1, 16, 64)}, {}), cache / "i2v.pth")
+    out = tmp_path / "i2v"
+    assert convert_main([str(cache), str(out), "--dtype", "f32"]) == 0
+    (sample,) = (load_file(str(p)) for p in out.glob("*.safetensors"))
+    assert torch.equal(sample["y"], y[0]) and torch.equal(sample["clip_feature"], clip[0])
+    assert not (out / "diffsynth_boundaries.json").exists()
+    shared = {"input_latents": torch.randn(1, 48, 3, 8, 8), "first_frame_latents": first,
+              "fuse_vae_embedding_in_latents": True}
+    torch.save((shared, {"context": torch.randn(1, 16, 64)}, {}), cache / "i2v.pth")
+    out = tmp_path / "ti2v"
+    assert convert_main([str(cache), str(out), "--dtype", "f32"]) == 0
+    (sample,) = (load_file(str(p)) for p in out.glob("*.safetensors"))
+    assert sorted(sample) == ["context", "first_frame_latents", "latents"]
+    assert torch.equal(sample["first_frame_latents"], first[0])
+
+
 def diffsynth_wan(config):
     from diffsynth.models.wan_video_dit import WanModel
     return WanModel(dim=config.dim, in_dim=config.in_dim, ffn_dim=config.ffn_dim, out_dim=config.out_dim,

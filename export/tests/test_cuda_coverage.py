@@ -13,7 +13,8 @@ from flowstep_export import cuda_coverage, cuda_kernels
 REPO = Path(__file__).resolve().parents[2]
 EXPORT_DIR = REPO / "export"
 COMMITTED = sorted((REPO / "models" / "tiny" / "artifacts").glob("*.onnx")) + \
-    sorted((REPO / "models" / "toy" / "artifacts").glob("*.onnx"))
+    sorted((REPO / "models" / "toy" / "artifacts").glob("*.onnx")) + \
+    sorted((REPO / "models" / "tiny-ti2v" / "artifacts").glob("*.onnx"))
 BF16, F32, I64 = TensorProto.BFLOAT16, TensorProto.FLOAT, TensorProto.INT64
 
 

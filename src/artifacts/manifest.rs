@@ -20,6 +20,38 @@ pub struct Manifest {
     /// How the graphs compute (absent in exports before it existed: float32, no recompute).
     #[serde(default)]
     pub training: TrainingInfo,
+    /// Which expert of a Wan2.2 A14B pair this export is; absent for a single model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert: Option<ExpertInfo>,
+}
+
+/// One expert of a Wan2.2 A14B pair: its timestep range in DiffSynth's units (fractions of
+/// the training table, indices `[⌊min·N⌋, ⌊max·N⌋)`) and where sampling switches experts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExpertInfo {
+    pub role: ExpertRole,
+    pub min_timestep_boundary: f64,
+    pub max_timestep_boundary: f64,
+    /// Sampling uses the high-noise expert while `t ≥ switch_timestep` (DiffSynth's
+    /// `switch_DiT_boundary · 1000`).
+    pub switch_timestep: f32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpertRole {
+    HighNoise,
+    LowNoise,
+}
+
+impl ExpertRole {
+    /// The name ComfyUI users know the experts by (Wan2.2's `high_noise_model` / `low_noise_model`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExpertRole::HighNoise => "high_noise",
+            ExpertRole::LowNoise => "low_noise",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,6 +95,58 @@ pub struct ModelInfo {
     pub freq_dim: usize,
     pub patch_size: [usize; 3],
     pub eps: f64,
+    /// Inputs after x_t/timestep/context in every graph, per sample (no batch axis), under
+    /// DiffSynth's cache names: `y`, `clip_feature` (i2v), `first_frame_latents` (ti2v).
+    /// Absent: text-to-video.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditioning: Vec<ConditioningInput>,
+}
+
+impl ModelInfo {
+    /// Channels of the latents the model denoises (the VAE's: 16, or 48 for Wan2.2 TI2V);
+    /// `in_dim` also counts i2v's `y` channels.
+    pub fn latent_channels(&self) -> usize {
+        self.out_dim
+    }
+
+    /// The conditioning input named `name`, if this model takes it.
+    pub fn conditioning_input(&self, name: &str) -> Option<&ConditioningInput> {
+        self.conditioning.iter().find(|c| c.name == name)
+    }
+}
+
+/// A conditioning tensor a sample must carry: its name and shape, with `frames`, `height`
+/// and `width` standing for the sample's latent sizes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConditioningInput {
+    pub name: String,
+    pub shape: Vec<Dim>,
+}
+
+/// The first-frame conditioning of Wan2.2 TI2V: latent frame 0 is this image's latents.
+pub const FIRST_FRAME_LATENTS: &str = "first_frame_latents";
+
+impl ConditioningInput {
+    /// The concrete shape for latents `[C, F, H, W]`, or None for an unknown dimension name.
+    pub fn resolve(&self, latent: &[usize]) -> Option<Vec<usize>> {
+        self.shape
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => usize::try_from(*n).ok(),
+                Dim::Named(s) => match s.as_str() {
+                    "frames" => latent.get(1).copied(),
+                    "height" => latent.get(2).copied(),
+                    "width" => latent.get(3).copied(),
+                    _ => None,
+                },
+            })
+            .collect()
+    }
+
+    /// The shape as the manifest writes it, for error messages.
+    pub fn describe(&self) -> String {
+        format!("[{}]", self.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

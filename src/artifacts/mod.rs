@@ -4,7 +4,10 @@ mod files;
 mod manifest;
 mod validate;
 
-pub use manifest::{BaseWeights, Dim, FORMAT_VERSION, GraphSignature, IoSpec, LoraInfo, LoraTensor, Manifest, ModelInfo, NamedShape};
+pub use manifest::{
+    BaseWeights, ConditioningInput, Dim, ExpertInfo, ExpertRole, FIRST_FRAME_LATENTS, FORMAT_VERSION, GraphSignature, IoSpec, LoraInfo,
+    LoraTensor, Manifest, ModelInfo, NamedShape,
+};
 pub use files::{kind_of, sha256_file};
 pub use validate::check_session_io;
 

@@ -28,17 +28,21 @@ pub(super) fn check_manifest(a: &Artifacts) -> Result<()> {
         }
     }
     let base: Vec<&str> = m.base_weights.tensors.iter().map(|t| t.name.as_str()).collect();
+    let conditioning: Vec<&str> = m.model.conditioning.iter().map(|c| c.name.as_str()).collect();
     for (name, sig) in &m.graphs {
         let inputs: Vec<&str> = sig.inputs.iter().map(|i| i.name.as_str()).collect();
         let outputs: Vec<&str> = sig.outputs.iter().map(|i| i.name.as_str()).collect();
         let (want_in, want_out): (Vec<&str>, Vec<&str>) = match name.as_str() {
             super::TRAINING => (
-                ["lora_params", "grad_accum"].into_iter().chain(base.iter().copied()).chain(LOSS_INPUTS).collect(),
+                ["lora_params", "grad_accum"].into_iter().chain(base.iter().copied()).chain(LOSS_INPUTS).chain(conditioning.iter().copied()).collect(),
                 vec!["loss", "grad_accum_out"],
             ),
-            super::EVAL => (std::iter::once("lora_params").chain(base.iter().copied()).chain(LOSS_INPUTS).collect(), vec!["loss"]),
+            super::EVAL => (
+                std::iter::once("lora_params").chain(base.iter().copied()).chain(LOSS_INPUTS).chain(conditioning.iter().copied()).collect(),
+                vec!["loss"],
+            ),
             super::INFERENCE => (
-                std::iter::once("lora_params").chain(base.iter().copied()).chain(["x_t", "timestep", "context"]).collect(),
+                std::iter::once("lora_params").chain(base.iter().copied()).chain(["x_t", "timestep", "context"]).chain(conditioning.iter().copied()).collect(),
                 vec!["velocity"],
             ),
             super::OPTIMIZER => (OPTIMIZER_INPUTS.to_vec(), OPTIMIZER_OUTPUTS.to_vec()),
@@ -87,10 +91,20 @@ fn check_model(a: &Artifacts) -> Result<()> {
             return Err(bad(a, format!("model.{name} is {value}; expected 1 to {}", 1 << 20)));
         }
     }
+    check_conditioning(a)?;
     for (graph, sig) in &a.manifest.graphs {
         for spec in &sig.inputs {
+            if let Some(c) = md.conditioning_input(&spec.name) {
+                // The graph input is the per-sample shape with a batch axis of 1.
+                let want: Vec<Dim> = std::iter::once(Dim::Fixed(1)).chain(c.shape.iter().cloned()).collect();
+                if spec.shape != want {
+                    let got: Vec<String> = spec.shape.iter().map(|d| d.to_string()).collect();
+                    return Err(bad(a, format!("{graph} {} has shape [{}], model.conditioning says [1] + {}", spec.name, got.join(", "), c.describe())));
+                }
+                continue;
+            }
             let want: &[usize] = match spec.name.as_str() {
-                "x_t" | "target" => &[1, md.in_dim],
+                "x_t" | "target" => &[1, md.latent_channels()],
                 "context" => &[1, md.text_len, md.text_dim],
                 _ => continue,
             };
@@ -100,6 +114,64 @@ fn check_model(a: &Artifacts) -> Result<()> {
                 }
             }
         }
+    }
+    check_expert(a)
+}
+
+/// The conditioning inputs the variant takes (DESIGN.md §3): t2v none; i2v `y` with
+/// `in_dim - out_dim` channels at the latents' frames/height/width, and optionally
+/// `clip_feature`; ti2v `first_frame_latents` [out_dim, 1, height, width].
+fn check_conditioning(a: &Artifacts) -> Result<()> {
+    let md = &a.manifest.model;
+    let names: Vec<&str> = md.conditioning.iter().map(|c| c.name.as_str()).collect();
+    let named = |s: &str| Dim::Named(s.into());
+    let fixed = |n: usize| Dim::Fixed(n as i64);
+    let expected: Vec<(&str, Option<Vec<Dim>>)> = match md.variant.as_str() {
+        "t2v" => vec![],
+        "i2v" => {
+            let y = vec![fixed(md.in_dim.saturating_sub(md.out_dim)), named("frames"), named("height"), named("width")];
+            let mut e = vec![("y", Some(y))];
+            if names.contains(&"clip_feature") {
+                e.push(("clip_feature", None)); // [tokens, clip width]: fixed by the export
+            }
+            e
+        }
+        "ti2v" => vec![(super::FIRST_FRAME_LATENTS, Some(vec![fixed(md.out_dim), fixed(1), named("height"), named("width")]))],
+        other => return Err(bad(a, format!("model.variant is {other:?}; flowstep knows t2v, i2v and ti2v"))),
+    };
+    let want_names: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
+    if names != want_names {
+        return Err(bad(a, format!("model.conditioning lists {names:?}; a {} model takes {want_names:?}", md.variant)));
+    }
+    if (md.variant == "i2v") != (md.in_dim != md.out_dim) || md.in_dim < md.out_dim {
+        return Err(bad(a, format!("model.in_dim {} and out_dim {} do not fit a {} model: only i2v adds input channels (y)", md.in_dim, md.out_dim, md.variant)));
+    }
+    for (c, (_, shape)) in md.conditioning.iter().zip(&expected) {
+        let fits = match shape {
+            Some(want) => &c.shape == want,
+            None => c.shape.len() == 2 && c.shape.iter().all(|d| d.fixed().is_some_and(|n| n > 0 && n <= 1 << 20)),
+        };
+        if !fits {
+            return Err(bad(a, format!("model.conditioning `{}` has shape {}, which a {} model with in_dim {} and out_dim {} cannot take", c.name, c.describe(), md.variant, md.in_dim, md.out_dim)));
+        }
+    }
+    Ok(())
+}
+
+/// An expert's range is a sub-range of [0, 1] that starts at 0 (high noise) or ends at 1
+/// (low noise), and its switch timestep lies inside the table.
+fn check_expert(a: &Artifacts) -> Result<()> {
+    let Some(e) = &a.manifest.expert else { return Ok(()) };
+    let (lo, hi) = (e.min_timestep_boundary, e.max_timestep_boundary);
+    let edge_ok = match e.role {
+        super::ExpertRole::HighNoise => lo == 0.0,
+        super::ExpertRole::LowNoise => hi == 1.0,
+    };
+    if !((0.0..1.0).contains(&lo) && hi > lo && hi <= 1.0 && edge_ok) {
+        return Err(bad(a, format!("expert {} has timestep boundaries [{lo}, {hi}); a high_noise expert covers [0, b), a low_noise one [b, 1]", e.role.as_str())));
+    }
+    if !(e.switch_timestep.is_finite() && e.switch_timestep > 0.0 && e.switch_timestep < 1000.0) {
+        return Err(bad(a, format!("expert switch_timestep is {}; expected a timestep in (0, 1000)", e.switch_timestep)));
     }
     Ok(())
 }

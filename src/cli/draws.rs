@@ -22,7 +22,8 @@ pub struct Args {
     pub data: PathBuf,
 
     /// Output .safetensors: `sample` [N] (index into the sorted dataset files),
-    /// `timestep_index` [N], `timestep` [N], and `noise.{i}` (ε of micro-step i).
+    /// `timestep_index` [N], `timestep` [N], `timestep_range` [2] (the half-open index range
+    /// drawn from) and `noise.{i}` (ε of micro-step i).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
 
@@ -42,7 +43,8 @@ pub struct Args {
 pub fn run(args: Args, _globals: &Globals) -> anyhow::Result<ExitCode> {
     let artifacts = Artifacts::open(&args.model.artifacts)?;
     let dataset = Dataset::open(&args.data, SampleSpec::for_model(&artifacts.manifest.model))?;
-    let sampler = SftSampler::new(args.sft.config(), args.seed)?;
+    let (config, _) = args.sft.config(&artifacts.manifest, &args.data)?;
+    let sampler = SftSampler::new(config, args.seed)?;
     let order = DataOrder { seed: args.seed, len: dataset.len(), repeat: args.repeat };
     let n = args.micro_steps as usize;
     let (mut samples, mut indices, mut timesteps, mut tensors) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -63,6 +65,8 @@ pub fn run(args: Args, _globals: &Globals) -> anyhow::Result<ExitCode> {
     tensors.push(OutTensor { name: "sample".into(), shape: vec![n], values: samples });
     tensors.push(OutTensor { name: "timestep_index".into(), shape: vec![n], values: indices });
     tensors.push(OutTensor { name: "timestep".into(), shape: vec![n], values: timesteps });
+    let (lo, hi) = sampler.index_range();
+    tensors.push(OutTensor { name: "timestep_range".into(), shape: vec![2], values: vec![lo as f32, hi as f32] });
     write_atomic(&args.out, &encode(&tensors, SaveDtype::F32, None)?)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -30,7 +30,8 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
-    /// Timesteps per sample, evenly spaced over the 1000-step table.
+    /// Timesteps per sample, evenly spaced over the 1000-step table (a Wan2.2 expert: over its
+    /// own range from the manifest).
     #[arg(long, default_value_t = 8)]
     pub timesteps: usize,
 
@@ -57,7 +58,9 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     session.for_artifacts(m)?;
     let dataset = Dataset::open(&args.data, SampleSpec::for_model(&m.model))?;
     let mut model = WithLora::<LossGraph>::load(&artifacts, &session, args.model.base.as_deref(), args.lora.as_deref())?;
-    let sampler = SftSampler::new(SftConfig { shift: args.shift, ..SftConfig::default() }, args.seed)?;
+    // A Wan2.2 expert is evaluated on its own timestep range.
+    let (min_boundary, max_boundary) = m.expert.as_ref().map_or((0.0, 1.0), |e| (e.min_timestep_boundary, e.max_timestep_boundary));
+    let sampler = SftSampler::new(SftConfig { shift: args.shift, min_boundary, max_boundary, ..SftConfig::default() }, args.seed)?;
     let result = evaluate(&mut model.graph, &model.params, &dataset, &sampler, &EvalConfig { timesteps: args.timesteps, seed: args.seed })?;
     if args.json {
         println!("{}", serde_json::to_string(&result)?);

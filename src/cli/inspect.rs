@@ -29,6 +29,13 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     println!("artifacts   {} (format {})", artifacts.dir.display(), m.format_version);
     println!("model       {} ({}): dim {}, ffn {}, {} heads, {} layers, in {} out {}, text {}×{}",
         md.name, md.variant, md.dim, md.ffn_dim, md.num_heads, md.num_layers, md.in_dim, md.out_dim, md.text_len, md.text_dim);
+    if !md.conditioning.is_empty() {
+        println!("condition   {}", md.conditioning.iter().map(|c| format!("{} {}", c.name, c.describe())).collect::<Vec<_>>().join(", "));
+    }
+    if let Some(e) = &m.expert {
+        println!("expert      {} of a Wan2.2 pair: timestep boundaries [{}, {}), sampling switches at t = {}",
+            e.role.as_str(), e.min_timestep_boundary, e.max_timestep_boundary, e.switch_timestep);
+    }
     let base_values: usize = m.base_weights.tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
     println!("base        {} tensors, {:.1} M values, {}", m.base_weights.tensors.len(), base_values as f64 / 1e6,
         m.base_weights.file.as_deref().unwrap_or("not shipped: pass --base"));

@@ -115,13 +115,18 @@ pub struct SftArgs {
     #[arg(long, default_value_t = 5.0)]
     pub shift: f32,
 
-    /// Lower timestep boundary as a fraction of the table (indices ⌊min·1000⌋ and up).
-    #[arg(long, default_value_t = 0.0)]
-    pub min_timestep_boundary: f64,
+    /// Lower timestep boundary in DiffSynth's units: a fraction of the training table, not σ
+    /// (indices ⌊min·1000⌋ and up). Default: a Wan2.2 expert's own range from its manifest
+    /// (low_noise: 0.417 for T2V-A14B, 0.358 for I2V-A14B), else the boundaries a converted
+    /// DiffSynth cache was made with, else 0.
+    #[arg(long, value_name = "FRACTION")]
+    pub min_timestep_boundary: Option<f64>,
 
-    /// Upper timestep boundary (exclusive, as a fraction; Wan2.2 high-noise expert: 0.417).
-    #[arg(long, default_value_t = 1.0)]
-    pub max_timestep_boundary: f64,
+    /// Upper timestep boundary, exclusive (indices below ⌊max·1000⌋). Default: the expert's
+    /// range (high_noise: 0.417, i.e. t ≥ 875, for T2V-A14B; 0.358, t ≥ 900, for I2V-A14B),
+    /// else the DiffSynth cache's, else 1.
+    #[arg(long, value_name = "FRACTION")]
+    pub max_timestep_boundary: Option<f64>,
 
     /// Scale of the Gaussian noise ε.
     #[arg(long, default_value_t = 1.0)]
@@ -133,15 +138,21 @@ pub struct SftArgs {
 }
 
 impl SftArgs {
-    pub fn config(&self) -> flowstep::sft::SftConfig {
-        flowstep::sft::SftConfig {
+    /// The draws' settings for these artifacts and dataset: boundaries from the flags, else
+    /// the expert's manifest, else the dataset's DiffSynth cache (`sft::resolve_boundaries`).
+    pub fn config(&self, manifest: &flowstep::artifacts::Manifest, data: &std::path::Path) -> anyhow::Result<(flowstep::sft::SftConfig, flowstep::sft::Boundaries)> {
+        let stored = flowstep::data::stored_boundaries(data)?;
+        let flags = (self.min_timestep_boundary, self.max_timestep_boundary);
+        let b = flowstep::sft::resolve_boundaries(flags, manifest.expert.as_ref(), stored)?;
+        let config = flowstep::sft::SftConfig {
             shift: self.shift,
-            min_boundary: self.min_timestep_boundary,
-            max_boundary: self.max_timestep_boundary,
+            min_boundary: b.min,
+            max_boundary: b.max,
             noise_scale: self.noise_scale,
             bf16_timestep: self.bf16_timestep,
             ..flowstep::sft::SftConfig::default()
-        }
+        };
+        Ok((config, b))
     }
 }
 

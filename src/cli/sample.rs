@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use flowstep::artifacts::Artifacts;
+use flowstep::artifacts::{Artifacts, ExpertRole, Manifest};
 use flowstep::decode::{Tile, VaeDecoder, VideoOptions};
 use flowstep::executor::{VelocityGraph, WithLora};
 use flowstep::render::{centroid_motion, mean_rgb};
-use flowstep::sample::{SampleConfig, sample, write_outputs};
-use flowstep::video_files::Mp4;
+use flowstep::sample::{SampleConfig, Stage, read_conditioning, sample, write_outputs};
 use flowstep::tensor_file::{TensorFile, write_atomic};
+use flowstep::video_files::Mp4;
 
 use super::{DeviceArgs, Globals, ModelArgs};
 
@@ -84,6 +84,25 @@ pub struct Args {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=240))]
     pub fps: u32,
 
+    /// Image conditioning for an I2V/TI2V model: a .safetensors with the tensors its manifest
+    /// lists, as in a training sample at --shape's size (`y` [C_y, F, H, W] and `clip_feature`
+    /// [257, 1280] for I2V; `first_frame_latents` [C, 1, H, W] for TI2V, kept in frame 0).
+    #[arg(long, value_name = "FILE")]
+    pub condition: Option<PathBuf>,
+
+    /// The other expert of a Wan2.2 A14B pair (its artifacts directory): the high-noise expert
+    /// denoises while t ≥ the pair's switch timestep (875 T2V, 900 I2V), then the low-noise one.
+    #[arg(long, value_name = "DIR", help_heading = "Wan2.2 expert pair")]
+    pub expert_artifacts: Option<PathBuf>,
+
+    /// LoRA for the other expert (e.g. lora_low_noise.safetensors); default: none.
+    #[arg(long, value_name = "FILE", requires = "expert_artifacts", help_heading = "Wan2.2 expert pair")]
+    pub expert_lora: Option<PathBuf>,
+
+    /// Base checkpoint of the other expert when its artifacts do not ship one.
+    #[arg(long, value_name = "FILE", requires = "expert_artifacts", help_heading = "Wan2.2 expert pair")]
+    pub expert_base: Option<PathBuf>,
+
     /// Print each sample's centroid motion (dx, dy in latent pixels) and mean colour
     /// (channels 0-2): the toy world's measures of where the blob went and what colour it is.
     #[arg(long)]
@@ -107,7 +126,7 @@ fn latent_shape(args: &Args, model: &flowstep::artifacts::ModelInfo) -> anyhow::
     anyhow::ensure!(dims.len() == 3 && dims.iter().all(|&d| d > 0), "--shape {}: expected three positive numbers F,H,W", args.shape);
     let p = model.patch_size;
     anyhow::ensure!(dims[1].is_multiple_of(p[1]) && dims[2].is_multiple_of(p[2]), "--shape {}: height and width must be multiples of {}", args.shape, p[1]);
-    let shape = [model.in_dim, dims[0], dims[1], dims[2]];
+    let shape = [model.latent_channels(), dims[0], dims[1], dims[2]];
     let values = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).filter(|&v| v <= MAX_SAMPLE_VALUES);
     let Some(values) = values else {
         anyhow::bail!("--shape {}: more than {MAX_SAMPLE_VALUES} latent values per sample", args.shape);
@@ -115,6 +134,23 @@ fn latent_shape(args: &Args, model: &flowstep::artifacts::ModelInfo) -> anyhow::
     anyhow::ensure!(values.saturating_mul(args.num_samples) <= MAX_TOTAL_VALUES,
         "--num-samples: {} samples of shape {} hold more than {MAX_TOTAL_VALUES} values", args.num_samples, args.shape);
     Ok(shape)
+}
+
+/// The conditioning tensors the model takes, read from `--condition` and checked against the
+/// latent shape; none for a text-to-video model.
+/// The other expert must complete the pair: the opposite role, the same switch timestep and
+/// the same inputs.
+fn check_pair(main: &Manifest, other: &Manifest, dir: &std::path::Path) -> anyhow::Result<()> {
+    let (Some(a), Some(b)) = (&main.expert, &other.expert) else {
+        anyhow::bail!("--expert-artifacts {}: both --artifacts and --expert-artifacts must be experts of a Wan2.2 A14B pair", dir.display());
+    };
+    anyhow::ensure!(a.role != b.role, "--expert-artifacts {}: both exports are the {} expert", dir.display(), a.role.as_str());
+    anyhow::ensure!(a.switch_timestep == b.switch_timestep, "--expert-artifacts {}: switch timestep {} differs from {}", dir.display(), b.switch_timestep, a.switch_timestep);
+    let (x, y) = (&main.model, &other.model);
+    let same = x.latent_channels() == y.latent_channels() && x.in_dim == y.in_dim && x.text_len == y.text_len
+        && x.text_dim == y.text_dim && x.patch_size == y.patch_size && x.conditioning == y.conditioning;
+    anyhow::ensure!(same, "--expert-artifacts {}: its model ({}) takes other inputs than {}", dir.display(), y.name, x.name);
+    Ok(())
 }
 
 pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
@@ -139,18 +175,45 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     };
     let (ctx_shape, ctx) = read_context(&args.context)?;
     let negative = args.negative_context.as_ref().map(read_context).transpose()?.map(|(_, v)| v);
+    let conditioning = read_conditioning(args.condition.as_deref(), &m.model, &shape)?;
+    let other = match &args.expert_artifacts {
+        Some(dir) => {
+            let a = Artifacts::open(dir)?;
+            check_pair(m, &a.manifest, dir)?;
+            session.for_artifacts(&a.manifest)?;
+            Some(a)
+        }
+        None => None,
+    };
+    if let (Some(e), None, false) = (&m.expert, &other, globals.quiet) {
+        eprintln!("warning: {} is the {} expert alone; pass the other expert with --expert-artifacts to sample as Wan2.2 does", m.model.name, e.role.as_str());
+    }
     let tile = args.vae_tile.as_deref().map(|t| Tile::parse(t).map_err(|e| anyhow::anyhow!("--vae-tile {e}"))).transpose()?;
     let mut decoder = args.vae_decoder.as_deref().map(|dir| VaeDecoder::open(dir, &session)).transpose()?;
     if let Some(d) = &decoder {
         anyhow::ensure!(d.z_dim() == shape[0], "--vae-decoder {}: the VAE takes {} latent channels, this model makes {}", d.dir.display(), d.z_dim(), shape[0]);
     }
     let mut model = WithLora::<VelocityGraph>::load(&artifacts, &session, args.model.base.as_deref(), args.lora.as_deref())?;
+    let mut other_model = match &other {
+        Some(a) => Some(WithLora::<VelocityGraph>::load(a, &session, args.expert_base.as_deref(), args.expert_lora.as_deref())?),
+        None => None,
+    };
+    let mut stages = match (&mut other_model, &m.expert) {
+        (Some(o), Some(e)) => {
+            let (high, low) = if e.role == ExpertRole::HighNoise { (&mut model, o) } else { (o, &mut model) };
+            vec![
+                Stage { graph: &mut high.graph, params: &high.params, from_timestep: e.switch_timestep },
+                Stage { graph: &mut low.graph, params: &low.params, from_timestep: f32::NEG_INFINITY },
+            ]
+        }
+        _ => vec![Stage { graph: &mut model.graph, params: &model.params, from_timestep: f32::NEG_INFINITY }],
+    };
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let mut videos = Vec::with_capacity(args.num_samples);
     let mut motions = Vec::new();
     for i in 0..args.num_samples {
         let config = SampleConfig { steps: args.steps, shift: args.shift, cfg_scale: args.cfg_scale, seed: args.seed + i as u64, shape };
-        let video = sample(&mut model.graph, &model.params, (&ctx_shape, &ctx), negative.as_deref(), &config)?;
+        let video = sample(&mut stages, (&ctx_shape, &ctx), negative.as_deref(), &conditioning, &config)?;
         let (dx, dy) = centroid_motion(&video, shape);
         let [r, g, b] = mean_rgb(&video, shape);
         if args.report {
@@ -159,7 +222,8 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         motions.push(serde_json::json!({"seed": config.seed, "dx": dx, "dy": dy, "rgb": [r, g, b]}));
         videos.push(video);
     }
-    let summary = serde_json::json!({"lora": args.lora, "context": args.context, "steps": args.steps, "cfg_scale": args.cfg_scale, "samples": motions});
+    let summary = serde_json::json!({"lora": args.lora, "expert_lora": args.expert_lora, "condition": args.condition, "context": args.context,
+        "steps": args.steps, "cfg_scale": args.cfg_scale, "samples": motions});
     write_atomic(&args.out.join("samples.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     let count = videos.len();
     let decoding = decoder.as_mut().map(|d| (d, VideoOptions { fps: args.fps, save_frames: args.save_frames, tile }));

@@ -21,12 +21,14 @@ pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
 
-    /// Dataset directory: one .safetensors per sample with `latents` [C,F,H,W] and
-    /// `context` [L,D] (see `python -m flowstep_export.convert_diffsynth` for DiffSynth caches).
+    /// Dataset directory: one .safetensors per sample with `latents` [C,F,H,W], `context`
+    /// [L,D] and the conditioning an I2V/TI2V model takes (`y`, `clip_feature`,
+    /// `first_frame_latents`; see `python -m flowstep_export.convert_diffsynth` for DiffSynth caches).
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
 
-    /// Output directory: metrics.jsonl, checkpoints/, lora.safetensors, loss.png.
+    /// Output directory: metrics.jsonl, checkpoints/, loss.png and the LoRA: lora.safetensors,
+    /// or lora_high_noise / lora_low_noise.safetensors for a Wan2.2 A14B expert.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 
@@ -109,7 +111,7 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub eval_every: Option<u64>,
 
-    /// Timesteps per eval sample, evenly spaced over the table.
+    /// Timesteps per eval sample, evenly spaced over the timestep boundaries the run trains.
     #[arg(long, default_value_t = 8)]
     pub eval_timesteps: usize,
 
@@ -173,6 +175,12 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         (None, Some(e)) => Length::Epochs(e),
         (None, None) => anyhow::bail!("give --steps N or --epochs E"),
     };
+    // The expert's default boundaries: the manifest is read (and checked) again by the trainer.
+    let artifacts = flowstep::artifacts::Artifacts::open(&args.model.artifacts)?;
+    let (sft, boundaries) = args.sft.config(&artifacts.manifest, &args.data)?;
+    if !globals.quiet && boundaries.source != "the default" {
+        eprintln!("timestep boundaries [{}, {}) from {}", boundaries.min, boundaries.max, boundaries.source);
+    }
     let vae_tile = args.vae_tile.as_deref().map(|t| Tile::parse(t).map_err(|e| anyhow::anyhow!("--vae-tile {e}"))).transpose()?;
     let config = TrainConfig {
         artifacts: args.model.artifacts,
@@ -187,7 +195,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         adamw: AdamW { beta1: args.beta1, beta2: args.beta2, eps: args.eps, weight_decay: args.weight_decay },
         grad_accum: args.grad_accum,
         repeat: args.repeat,
-        sft: args.sft.config(),
+        sft,
         save_every: args.save_every,
         keep_checkpoints: args.keep_checkpoints,
         resume: args.resume,

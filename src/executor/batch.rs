@@ -6,13 +6,15 @@ use ort::value::Tensor;
 use super::host_tensor;
 use crate::error::{Error, Result};
 
-/// x_t, timestep, context, target and weight for one graph call (batch size 1).
+/// x_t, timestep, context, target and weight for one graph call (batch size 1), and the
+/// model's conditioning inputs (`y`, `clip_feature`, `first_frame_latents`) by name.
 pub struct Batch {
     pub x_t: Tensor<f32>,
     pub timestep: Tensor<f32>,
     pub context: Tensor<f32>,
     pub target: Tensor<f32>,
     pub weight: Tensor<f32>,
+    pub conditioning: Vec<(String, Tensor<f32>)>,
 }
 
 impl Batch {
@@ -25,7 +27,27 @@ impl Batch {
             context: host_tensor(&with_batch(context))?,
             target: host_tensor(&with_batch(latent))?,
             weight: host_tensor(&[])?,
+            conditioning: Vec::new(),
         })
+    }
+
+    /// Sets the conditioning inputs (per-sample shapes, a batch axis is added), reusing the
+    /// buffers when names and shapes are unchanged.
+    pub fn set_conditioning(&mut self, items: &[crate::data::Conditioning]) -> Result<()> {
+        let same = self.conditioning.len() == items.len()
+            && self.conditioning.iter().zip(items).all(|((name, t), c)| {
+                *name == c.name && t.shape().iter().skip(1).map(|&d| d as usize).eq(c.shape.iter().copied())
+            });
+        if !same {
+            self.conditioning = items
+                .iter()
+                .map(|c| Ok((c.name.clone(), host_tensor(&std::iter::once(1).chain(c.shape.iter().copied()).collect::<Vec<_>>())?)))
+                .collect::<Result<_>>()?;
+        }
+        for ((_, t), c) in self.conditioning.iter_mut().zip(items) {
+            t.extract_tensor_mut().1.copy_from_slice(&c.values);
+        }
+        Ok(())
     }
 
     pub fn latent_shape(&self) -> Vec<usize> {
@@ -56,6 +78,9 @@ impl Batch {
             if with_target {
                 binding.bind_input("target", &self.target)?;
                 binding.bind_input("weight", &self.weight)?;
+            }
+            for (name, tensor) in &self.conditioning {
+                binding.bind_input(name, tensor)?;
             }
             Ok::<(), ort::Error>(())
         })();

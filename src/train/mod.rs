@@ -110,6 +110,16 @@ pub struct TrainSummary {
 }
 
 /// Runs (or resumes) training to the end, an interrupt, or `stop_after` steps.
+/// The final LoRA's file name in `--out`: `lora.safetensors`, or for one expert of a Wan2.2
+/// A14B pair `lora_high_noise.safetensors` / `lora_low_noise.safetensors`, the names ComfyUI
+/// users give the two LoRAs of a pair (they load into the high- and low-noise model).
+pub fn lora_file_name(manifest: &crate::artifacts::Manifest) -> String {
+    match &manifest.expert {
+        Some(e) => format!("lora_{}.safetensors", e.role.as_str()),
+        None => "lora.safetensors".into(),
+    }
+}
+
 pub fn train(config: &TrainConfig, observers: &mut [&mut dyn Observer], interrupt: &AtomicBool) -> Result<TrainSummary> {
     let mut trainer = Trainer::start(config, observers)?;
     let mut interrupted = false;

@@ -13,7 +13,8 @@
 //!
 //! `seed` defaults to 0, `shape` (latent F,H,W) to the training data's largest bucket,
 //! `cfg` to 1 (no guidance), `negative` to an all-zero context, `steps` to `--sample-steps`,
-//! `shift` to 5 (as `flowstep sample`).
+//! `shift` to 5 (as `flowstep sample`). An image-to-video model needs `condition=FILE` (the
+//! tensors `flowstep sample --condition` takes, at the line's shape).
 
 use std::path::{Path, PathBuf};
 
@@ -24,7 +25,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::decode::{Tile, VaeDecoder, VideoOptions};
 use crate::executor::{BaseWeights, VelocityGraph};
 use crate::runtime::SessionOptions;
-use crate::sample::{SampleConfig, sample, write_outputs};
+use crate::data::Conditioning;
+use crate::sample::{SampleConfig, Stage, read_conditioning, sample, write_outputs};
 use crate::tensor_file::{TensorFile, write_atomic};
 use crate::video_files::Mp4;
 
@@ -47,6 +49,7 @@ pub struct Prompt {
     pub name: String,
     pub context: Vec<f32>,
     pub negative: Option<Vec<f32>>,
+    pub conditioning: Vec<Conditioning>,
     pub config: SampleConfig,
 }
 
@@ -80,6 +83,7 @@ pub fn read_prompts(config: &SamplingConfig, model: &ModelInfo, default_shape: [
         let mut words = line.split_whitespace();
         let Some(context) = words.next() else { continue };
         let (mut seed, mut shape, mut cfg_scale, mut negative, mut steps, mut shift) = (0, default_shape, 1.0f32, None, config.steps, DEFAULT_SHIFT);
+        let mut condition = None;
         for word in words {
             let (key, value) = word.split_once('=').ok_or_else(|| bad_line(file, line_no, format!("`{word}`: expected key=value")))?;
             let number = |what: &str| bad_line(file, line_no, format!("{key}={value}: expected {what}"));
@@ -89,6 +93,7 @@ pub fn read_prompts(config: &SamplingConfig, model: &ModelInfo, default_shape: [
                 "cfg" => cfg_scale = value.parse().ok().filter(|c: &f32| c.is_finite()).ok_or_else(|| number("a finite number"))?,
                 "shift" => shift = value.parse().ok().filter(|s: &f32| s.is_finite() && *s > 0.0).ok_or_else(|| number("a positive number"))?,
                 "negative" => negative = Some(read_context(&dir.join(value), model)?),
+                "condition" => condition = Some(dir.join(value)),
                 "shape" => {
                     let dims: Vec<usize> = value.split(',').map(str::parse).collect::<std::result::Result<_, _>>().map_err(|_| number("F,H,W"))?;
                     let p = model.patch_size;
@@ -98,13 +103,14 @@ pub fn read_prompts(config: &SamplingConfig, model: &ModelInfo, default_shape: [
                     }
                     shape = [dims[0], dims[1], dims[2]];
                 }
-                _ => return Err(bad_line(file, line_no, format!("unknown key `{key}` (seed, shape, steps, cfg, shift, negative)"))),
+                _ => return Err(bad_line(file, line_no, format!("unknown key `{key}` (seed, shape, steps, cfg, shift, negative, condition)"))),
             }
         }
         let name = format!("{:02}-{}", prompts.len(), Path::new(context).file_stem().and_then(|s| s.to_str()).unwrap_or("prompt"));
         let context = read_context(&dir.join(context), model)?;
-        let config = SampleConfig { steps, shift, cfg_scale, seed, shape: [model.in_dim, shape[0], shape[1], shape[2]] };
-        prompts.push(Prompt { name, context, negative, config });
+        let config = SampleConfig { steps, shift, cfg_scale, seed, shape: [model.latent_channels(), shape[0], shape[1], shape[2]] };
+        let conditioning = read_conditioning(condition.as_deref(), model, &config.shape).map_err(|e| bad_line(file, line_no, e))?;
+        prompts.push(Prompt { name, context, negative, conditioning, config });
     }
     if prompts.is_empty() {
         return Err(Error::Config(format!("--sample-prompts {}: no prompts (one context file per line)", file.display())));
@@ -126,8 +132,8 @@ impl SampleWriter {
         let decoder = match &config.vae_decoder {
             Some(dir) => {
                 let decoder = VaeDecoder::open(dir, options)?;
-                if decoder.z_dim() != m.out_dim {
-                    return Err(Error::Config(format!("--vae-decoder {}: the VAE takes {} latent channels, this model makes {}", dir.display(), decoder.z_dim(), m.out_dim)));
+                if decoder.z_dim() != m.latent_channels() {
+                    return Err(Error::Config(format!("--vae-decoder {}: the VAE takes {} latent channels, this model makes {}", dir.display(), decoder.z_dim(), m.latent_channels())));
                 }
                 Some((decoder, VideoOptions { fps: FPS, save_frames: false, tile: config.vae_tile }))
             }
@@ -143,7 +149,8 @@ impl SampleWriter {
         let mut listed = Vec::new();
         let mut warning = None;
         for prompt in &self.prompts {
-            let video = sample(&mut self.graph, params, (&self.context_shape, &prompt.context), prompt.negative.as_deref(), &prompt.config)?;
+            let mut stages = [Stage { graph: &mut self.graph, params, from_timestep: f32::NEG_INFINITY }];
+            let video = sample(&mut stages, (&self.context_shape, &prompt.context), prompt.negative.as_deref(), &prompt.conditioning, &prompt.config)?;
             let decoding = self.decoder.as_mut().map(|(d, o)| (d, *o));
             if let Some(Mp4::NoFfmpeg(message)) = write_outputs(&dir.join(&prompt.name), vec![video], prompt.config.shape, decoding)?.map(|f| f.mp4) {
                 warning = Some(message);

@@ -326,6 +326,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             std::collections::hash_map::Entry::Vacant(e) => e.insert(Batch::new(&sample.latent_shape, &sample.context_shape)?),
         };
         b.context.extract_tensor_mut().1.copy_from_slice(&sample.context);
+        b.set_conditioning(&sample.conditioning)?;
         let sampler = &self.sampler;
         let draw = b.prepare(|x_t, target| sampler.prepare_into(counter, &sample.latents, x_t, target))?;
         b.set_scalars(draw.timestep, draw.weight);
@@ -437,9 +438,14 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let mut lora_path = None;
         if self.done() {
             let (params, _, _) = self.graphs.state()?;
-            let path = config.out.join("lora.safetensors");
             let manifest = &self.artifacts.manifest;
-            let meta = [("steps", self.state.step.to_string()), ("seed", config.seed.to_string()), ("base_model", manifest.model.name.clone())];
+            let path = config.out.join(super::lora_file_name(manifest));
+            let mut meta = vec![("steps", self.state.step.to_string()), ("seed", config.seed.to_string()), ("base_model", manifest.model.name.clone())];
+            if let Some(e) = &manifest.expert {
+                let c = &self.sampler.config;
+                meta.push(("expert", e.role.as_str().to_string()));
+                meta.push(("timestep_boundaries", format!("[{}, {})", c.min_boundary, c.max_boundary)));
+            }
             lora_io::save(&path, &manifest.lora, &params, config.lora_format, config.lora_dtype, &meta)?;
             lora_path = Some(path);
         }
