@@ -9,7 +9,7 @@
 #   tests/golden/flash_attention_bf16.onnx  both com.flowstep operators, bf16 and f32
 #   models/toy/artifacts      toy preset from its own pretrained base, LoRA rank 16
 #   models/tiny-ti2v/artifacts   Wan2.2 TI2V at the tiny width (48 channels, first-frame
-#                             conditioning), rank 8, chunk 16, base shipped
+#                             conditioning), rank 8, chunk 12, base shipped
 #   models/tiny-a14b/{high_noise,low_noise}/artifacts  the Wan2.2 T2V-A14B expert pair at the
 #                             tiny width, one export per expert (seeds 1 and 2: own base weights)
 # export/tests/test_committed_artifacts.py fails when a fresh export differs from these files.
@@ -24,12 +24,12 @@ rm -rf ../models/tiny/artifacts && mv "$tmp/tiny" ../models/tiny/artifacts
 rm -rf ../models/tiny-fused/artifacts && mkdir -p ../models/tiny-fused && mv "$tmp/tiny-fused" ../models/tiny-fused/artifacts
 "$venv/bin/python" -c "import onnx, sys; from flowstep_export.reference_ops import operator_test_model; onnx.save(operator_test_model(), sys.argv[1])" ../tests/golden/flash_attention_bf16.onnx
 "$venv/bin/python" -m flowstep_export.goldens --artifacts ../models/tiny/artifacts --out ../models/tiny/golden.safetensors
-"$venv/bin/python" -m flowstep_export --model tiny-ti2v --out "$tmp/tiny-ti2v" --lora-rank 8 --attention-chunk 16 --ship-base -q >/dev/null
+"$venv/bin/python" -m flowstep_export --model tiny-ti2v --out "$tmp/tiny-ti2v" --lora-rank 8 --attention-chunk 12 --ship-base -q >/dev/null
 rm -rf ../models/tiny-ti2v/artifacts && mkdir -p ../models/tiny-ti2v && mv "$tmp/tiny-ti2v" ../models/tiny-ti2v/artifacts
 for expert in high_noise:1 low_noise:2; do
     role="${expert%%:*}"
     "$venv/bin/python" -m flowstep_export --model tiny-a14b --expert "$role" --seed "${expert##*:}" --out "$tmp/$role" \
-        --lora-rank 8 --attention-chunk 16 --ship-base -q >/dev/null
+        --lora-rank 8 --attention-chunk 12 --ship-base -q >/dev/null
     rm -rf "../models/tiny-a14b/$role/artifacts" && mkdir -p "../models/tiny-a14b/$role" && mv "$tmp/$role" "../models/tiny-a14b/$role/artifacts"
 done
 # The toy base is recorded in the manifest by the path it was exported from.
