@@ -181,15 +181,25 @@ impl Dataset {
         buckets
     }
 
-    /// Reads a sample; non-finite values are an error naming the sample and tensor.
-    pub fn load(&self, index: usize) -> Result<Sample> {
+    /// The sample's size and modification time are still those the run opened.
+    fn check_unchanged(&self, index: usize) -> Result<()> {
         let path = &self.files[index];
         let (len, modified) = self.stamps[index];
         let meta = std::fs::metadata(path).at(path)?;
         if meta.len() != len || meta.modified().ok() != modified {
             return Err(bad(path, format!("changed since the run opened the dataset ({len} bytes then, {} now); a sample must not change under a running job", meta.len())));
         }
-        let file = TensorFile::read(path, len).map_err(|e| bad(path, format!("cannot read sample: {}", strip_path(&e, path))))?;
+        Ok(())
+    }
+
+    /// Reads a sample; non-finite values are an error naming the sample and tensor.
+    pub fn load(&self, index: usize) -> Result<Sample> {
+        let path = &self.files[index];
+        self.check_unchanged(index)?;
+        let file = TensorFile::read(path, self.stamps[index].0).map_err(|e| {
+            // Rewritten while being read: say so, not what the half-written bytes look like.
+            self.check_unchanged(index).err().unwrap_or_else(|| bad(path, format!("cannot read sample: {}", strip_path(&e, path))))
+        })?;
         let (latent_shape, latents) = file.read_f32(LATENTS)?;
         let (context_shape, context) = file.read_f32(CONTEXT)?;
         for (name, values) in [(LATENTS, &latents), (CONTEXT, &context)] {
