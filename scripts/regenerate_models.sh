@@ -7,6 +7,8 @@
 #   models/tiny-fused/artifacts  the same with --attention fused (com.flowstep operators), so
 #                             the Rust tests compare fused and chunked training
 #   tests/golden/flash_attention_bf16.onnx  both com.flowstep operators, bf16 and f32
+#   tests/golden/flash_attention_pair_{bf16,fp16}.onnx  the operator pair at Wan's scale, any shape
+#                             (GPU parity test, tests/cuda_attention_parity.rs)
 #   models/toy/artifacts      toy preset from its own pretrained base, LoRA rank 16
 # export/tests/test_committed_artifacts.py fails when a fresh export differs from these files.
 set -euo pipefail
@@ -19,6 +21,13 @@ rm -rf ../models/tiny/artifacts && mv "$tmp/tiny" ../models/tiny/artifacts
 "$venv/bin/python" -m flowstep_export --model tiny --out "$tmp/tiny-fused" --lora-rank 8 --attention fused --ship-base -q >/dev/null
 rm -rf ../models/tiny-fused/artifacts && mkdir -p ../models/tiny-fused && mv "$tmp/tiny-fused" ../models/tiny-fused/artifacts
 "$venv/bin/python" -c "import onnx, sys; from flowstep_export.reference_ops import operator_test_model; onnx.save(operator_test_model(), sys.argv[1])" ../tests/golden/flash_attention_bf16.onnx
+"$venv/bin/python" - <<'PY'
+import onnx
+from onnx import TensorProto
+from flowstep_export.reference_ops import pair_model
+for name, elem in (("bf16", TensorProto.BFLOAT16), ("fp16", TensorProto.FLOAT16)):
+    onnx.save(pair_model(elem, 128 ** -0.5), f"../tests/golden/flash_attention_pair_{name}.onnx")
+PY
 "$venv/bin/python" -m flowstep_export.goldens --artifacts ../models/tiny/artifacts --out ../models/tiny/golden.safetensors
 # The toy base is recorded in the manifest by the path it was exported from.
 mkdir -p /tmp/toy2 && cp ../models/toy/artifacts/base.safetensors /tmp/toy2/base.safetensors
