@@ -188,12 +188,13 @@ pub(crate) fn shim() -> Result<&'static Shim, String> {
                 Err(e) => reasons.push(e),
             }
         }
-        let looked = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
-        Err(format!(
-            "cannot load {LIBRARY}, the cuDNN attention library of this cuda-attention build (looked in {looked}{}{}): \
-             put it next to the flowstep binary or set FLOWSTEP_SDPA_LIB",
-            if reasons.is_empty() { "" } else { "; " },
+        let why = if reasons.is_empty() {
+            format!("not found in {}", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))
+        } else {
             reasons.join("; ")
+        };
+        Err(format!(
+            "cannot load {LIBRARY}, the cuDNN attention library of this cuda-attention build ({why}): put it next to the flowstep binary or set FLOWSTEP_SDPA_LIB"
         ))
     })
     .as_ref()
