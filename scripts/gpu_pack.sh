@@ -2,7 +2,7 @@
 # Prepares .gpupack/ for scripts/gpu_bench.sh, whose two device calls each carry under 64 MiB:
 #   .gpupack/ortgpu.part00           first half of onnxruntime-gpu 1.31.1 (call 1)
 #   .gpupack/ortgpu.part01           second half (call 2)
-#   .gpupack/flowstep-cuda.tar.xz    (both calls, ~5 MB) flowstep built with --features cuda-attention,
+#   .gpupack/flowstep-cuda.tar.xz    (both calls, ~3 MB) flowstep built with --features cuda-attention,
 #                                    libflowstep_sdpa.so, the GPU parity test binary
 #                                    (tests/cuda_attention_parity.rs), and the 1.3B training + optimizer
 #                                    graphs with manifests listing only them: wan13b/ (chunked
@@ -38,7 +38,8 @@ if [[ ! -f "$fused/manifest.json" ]]; then
 fi
 cargo build --release --locked --features cuda-attention 2>&1 | tail -n 1
 parity=$(cargo test --release --locked --features cuda-attention --test cuda_attention_parity --no-run --message-format=json 2>/dev/null \
-    | python3 -c 'import json, sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+    | python3 -c 'import json, sys; print(next(m["executable"] for m in map(json.loads, sys.stdin)
+                                             if m.get("executable") and m["target"]["name"] == "cuda_attention_parity"))')
 stage="$(mktemp -d)"
 strip -o "$stage/flowstep" target/release/flowstep
 strip -o "$stage/libflowstep_sdpa.so" target/release/libflowstep_sdpa.so
