@@ -109,6 +109,10 @@ unpack
 prepare
 lora_init "$FS/wan13b"
 lora_init "$FS/wan13b-fused"
+if [[ ! -f .gpupack/ortgpu.part00 || ! -f /tmp/parity/self1560_bf16.safetensors ]]; then
+    echo "call 1 (scripts/gpu_bench.sh reference) did not run on this machine: no .gpupack/ortgpu.part00 or /tmp/parity"
+    exit 1
+fi
 mkdir -p /tmp/ort && cat .gpupack/ortgpu.part* | xz -d | tar x -C /tmp/ort
 NV="$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])')"
 export LD_LIBRARY_PATH="$(ls -d "$NV"/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}"
