@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# Prepares .gpupack/ for scripts/gpu_bench.sh, in two loads of under 64 MiB (one device call each):
-#   .gpupack/ortgpu.part00          first half of onnxruntime-gpu 1.31.1 (call 1, with the PyTorch reference)
-#   .gpupack/ortgpu.part01          second half (call 2, with flowstep)
-#   .gpupack/flowstep               the stripped release binary
-#   .gpupack/wan13b/                1.3B training + optimizer graphs and a manifest listing only them
+# Prepares .gpupack/ for scripts/gpu_bench.sh, whose two device calls each carry under 64 MiB:
+#   .gpupack/ortgpu.part00           first half of onnxruntime-gpu 1.31.1 (call 1)
+#   .gpupack/ortgpu.part01           second half (call 2)
+#   .gpupack/flowstep-cuda.tar.xz    (both calls, ~3 MB) flowstep built with --features cuda-attention,
+#                                    libflowstep_sdpa.so, the GPU parity test binary
+#                                    (tests/cuda_attention_parity.rs), and the 1.3B training + optimizer
+#                                    graphs with manifests listing only them: wan13b/ (chunked
+#                                    attention) and wan13b-fused/ (--attention fused)
 # The CUDA provider keeps only its sm_90 (H100/H200) code (scripts/prune_cuda_fatbin.py), so
 # it compresses to ~60 MB instead of 195 MB. The LoRA init and base weights are regenerated
 # there from the export's seed, and the LoRA init's sha256 written into the manifest.
-#   scripts/gpu_pack.sh [ARTIFACTS_DIR]   (default: the bf16, checkpointed 1.3B export of BENCHMARKS.md)
+#   CHUNKED=DIR FUSED=DIR scripts/gpu_pack.sh
+# Defaults: the bf16, checkpointed 1.3B exports under ~/.cache/flowstep/bench (BENCHMARKS.md);
+# the fused one is exported here if missing (~10 min on 2 CPU cores, 10 GB of memory).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"; cd "$root"
+bench="${FLOWSTEP_CACHE:-$HOME/.cache/flowstep}/bench"
+chunked="${CHUNKED:-$bench/wan13b-bf16-ck-c1024}"
+fused="${FUSED:-$bench/wan13b-bf16-ck-fused}"
 scripts/setup_ort.sh --gpu >/dev/null
+scripts/setup_cuda_headers.sh >/dev/null
 mkdir -p .gpupack
 if ! ls .gpupack/ortgpu.part01 >/dev/null 2>&1; then
     tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
@@ -21,18 +30,34 @@ if ! ls .gpupack/ortgpu.part01 >/dev/null 2>&1; then
     half=$(( ($(stat -c %s "$tmp/ortgpu.tar.xz") + 1) / 2 ))
     split -b "$half" -d "$tmp/ortgpu.tar.xz" .gpupack/ortgpu.part
 fi
-cargo build --release --locked 2>&1 | tail -n 1
-strip -o .gpupack/flowstep target/release/flowstep
-src="${1:-$HOME/.cache/flowstep/bench/wan13b-bf16-ck-c1024}"
-rm -rf .gpupack/wan13b && mkdir -p .gpupack/wan13b
-cp "$src"/training_model.onnx "$src"/optimizer_model.onnx .gpupack/wan13b/
-python3 - "$src" <<'PY'
+if [[ ! -f "$fused/manifest.json" ]]; then
+    venv="$(scripts/setup_python.sh)"
+    echo "gpu_pack: exporting the fused 1.3B graphs into $fused" >&2
+    (cd export && "$venv/bin/python" -m flowstep_export --model wan2.1-t2v-1.3b --out "$fused" --lora-rank 32 \
+        --precision bfloat16 --gradient-checkpointing --attention fused --graphs training_model,optimizer_model --no-validate -q)
+fi
+cargo build --release --locked --features cuda-attention 2>&1 | tail -n 1
+parity=$(cargo test --release --locked --features cuda-attention --test cuda_attention_parity --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import json, sys; print(next(m["executable"] for m in map(json.loads, sys.stdin)
+                                             if m.get("executable") and m["target"]["name"] == "cuda_attention_parity"))')
+stage="$(mktemp -d)"
+strip -o "$stage/flowstep" target/release/flowstep
+strip -o "$stage/libflowstep_sdpa.so" target/release/libflowstep_sdpa.so
+strip -o "$stage/cuda_attention_parity" "$parity"
+for pair in "wan13b:$chunked" "wan13b-fused:$fused"; do
+    name="${pair%%:*}" src="${pair#*:}"
+    mkdir -p "$stage/$name"
+    cp "$src"/training_model.onnx "$src"/optimizer_model.onnx "$stage/$name/"
+    python3 - "$src" "$stage/$name" <<'PY'
 import json, sys
 m = json.load(open(f"{sys.argv[1]}/manifest.json"))
 keep = ("training_model", "optimizer_model")
 m["graphs"] = {k: v for k, v in m["graphs"].items() if k in keep}
 m["files"] = {k: v for k, v in m["files"].items() if k in ("training_model.onnx", "optimizer_model.onnx", "lora_init.safetensors")}
 m["base_weights"]["file"] = None
-json.dump(m, open(".gpupack/wan13b/manifest.json", "w"), indent=1)
+json.dump(m, open(f"{sys.argv[2]}/manifest.json", "w"), indent=1)
 PY
+done
+tar -C "$stage" -cf - . | xz -T0 -9 > .gpupack/flowstep-cuda.tar.xz
+rm -rf "$stage" .gpupack/flowstep .gpupack/wan13b
 du -sh .gpupack/*

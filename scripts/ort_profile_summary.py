@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
 """Summarise ONNX Runtime profiles (`flowstep train --ort-profile PREFIX`): time per op type
-(Scan bodies counted apart, since a Scan's time includes its body's), and every node that ran
-on a provider other than the GPU one.
+(Scan bodies counted apart, since a Scan's time includes its body's), attention's share of the
+top-level kernel time (the fused FlashAttention/FlashAttentionGrad nodes, or the chunked
+attention Scans), and every node that ran on a provider other than the GPU one.
     scripts/ort_profile_summary.py PROFILE.json [...]"""
 
 import collections
 import json
 import sys
+
+# Top-level nodes that compute attention: fused exports' operators, chunked exports' Scans
+# (the only Scans in an export; their time includes their bodies').
+ATTENTION_OPS = ("FlashAttention", "FlashAttentionGrad", "Scan")
 
 
 def main() -> int:
@@ -28,6 +33,9 @@ def main() -> int:
     print(f"kernel time, top-level nodes: {total / 1e3:.1f} ms")
     for op, d in by_op.most_common(20):
         print(f"  {op:36s} {d / 1e3:10.1f} ms {100 * d / max(total, 1):5.1f}%  ({counts[op]} runs)")
+    attention = sum(by_op[op] for op in ATTENTION_OPS)
+    print(f"attention share of kernel time: {100 * attention / max(total, 1):.1f}% ({attention / 1e3:.1f} ms; "
+          f"{', '.join(op for op in ATTENTION_OPS if by_op[op])})")
     print("node runs per provider:", dict(providers))
     print("nodes not on CUDA:", dict(off_gpu) if off_gpu else "none")
     return 0

@@ -7,6 +7,8 @@
 #   models/tiny-fused/artifacts  the same with --attention fused (com.flowstep operators), so
 #                             the Rust tests compare fused and chunked training
 #   tests/golden/flash_attention_bf16.onnx  both com.flowstep operators, bf16 and f32
+#   tests/golden/flash_attention_pair_{bf16,fp16}.onnx  the operator pair at Wan's scale, any shape
+#                             (GPU parity test, tests/cuda_attention_parity.rs)
 #   models/toy/artifacts      toy preset from its own pretrained base, LoRA rank 16
 #   models/tiny-ti2v/artifacts   Wan2.2 TI2V at the tiny width (48 channels, first-frame
 #                             conditioning), rank 8, chunk 12, base shipped
@@ -23,6 +25,13 @@ rm -rf ../models/tiny/artifacts && mv "$tmp/tiny" ../models/tiny/artifacts
 "$venv/bin/python" -m flowstep_export --model tiny --out "$tmp/tiny-fused" --lora-rank 8 --attention fused --ship-base -q >/dev/null
 rm -rf ../models/tiny-fused/artifacts && mkdir -p ../models/tiny-fused && mv "$tmp/tiny-fused" ../models/tiny-fused/artifacts
 "$venv/bin/python" -c "import onnx, sys; from flowstep_export.reference_ops import operator_test_model; onnx.save(operator_test_model(), sys.argv[1])" ../tests/golden/flash_attention_bf16.onnx
+"$venv/bin/python" - <<'PY'
+import onnx
+from onnx import TensorProto
+from flowstep_export.reference_ops import pair_model
+for name, elem in (("bf16", TensorProto.BFLOAT16), ("fp16", TensorProto.FLOAT16)):
+    onnx.save(pair_model(elem, 128 ** -0.5), f"../tests/golden/flash_attention_pair_{name}.onnx")
+PY
 "$venv/bin/python" -m flowstep_export.goldens --artifacts ../models/tiny/artifacts --out ../models/tiny/golden.safetensors
 "$venv/bin/python" -m flowstep_export --model tiny-ti2v --out "$tmp/tiny-ti2v" --lora-rank 8 --attention-chunk 12 --ship-base -q >/dev/null
 rm -rf ../models/tiny-ti2v/artifacts && mkdir -p ../models/tiny-ti2v && mv "$tmp/tiny-ti2v" ../models/tiny-ti2v/artifacts

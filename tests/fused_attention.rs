@@ -1,7 +1,7 @@
 //! Fused attention (issue 13) on the CPU: `models/tiny-fused` (the tiny export with
 //! `--attention fused`, so its graphs hold `com.flowstep` FlashAttention / FlashAttentionGrad
 //! nodes) runs through flowstep's CPU reference operators and trains like the chunked
-//! `models/tiny`; GPU devices, which have no kernels yet, are refused in one line.
+//! `models/tiny`; devices this build has no kernels for are refused in one line.
 
 mod common;
 
@@ -99,8 +99,10 @@ fn fused_training_matches_chunked() {
     assert!(v_err < 1e-5, "velocity rel err {v_err:.2e}");
 }
 
-/// No CUDA kernels yet: `--device cuda` on fused artifacts is one line naming the operator and
-/// the device, before the provider is even tried and before any output is written.
+/// `--device cuda` on these (float32) fused artifacts has no kernels in either build (the
+/// default has none on CUDA, `cuda-attention` none in float32), nor does TensorRT: one line
+/// naming the operator and the device, before the provider is even tried and before any output
+/// is written.
 #[test]
 fn cuda_on_fused_artifacts_is_refused_in_one_line() {
     let dir = tempdir();

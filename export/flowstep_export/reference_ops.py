@@ -77,3 +77,21 @@ def operator_test_model() -> "onnx.ModelProto":
                               [helper.make_tensor_value_info(n, bf16, s) for n, s in shapes.items()], outputs)
     # IR version 10: what the exporter writes and ONNX Runtime 1.31 reads (onnx 1.23 defaults to 14).
     return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+
+
+def pair_model(elem: int, scale: float) -> "onnx.ModelProto":
+    """FlashAttention then FlashAttentionGrad on its o and lse, as a training graph chains them,
+    in one element type, any [B, S, H, D] shape: the GPU parity test runs it on the CUDA
+    kernels against PyTorch (tests/cuda_attention_parity.rs, tests/golden/)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    q, kv = ["B", "Sq", "H", "D"], ["B", "Sk", "H", "D"]
+    nodes = [helper.make_node("FlashAttention", ["q", "k", "v"], ["o", "lse"], domain=DOMAIN, scale=scale),
+             helper.make_node("FlashAttentionGrad", ["q", "k", "v", "o", "lse", "do"], ["dq", "dk", "dv"],
+                              domain=DOMAIN, scale=scale)]
+    inputs = [helper.make_tensor_value_info(n, elem, s) for n, s in (("q", q), ("k", kv), ("v", kv), ("do", q))]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT if n == "lse" else elem, s)
+               for n, s in (("o", q), ("lse", ["B", "H", "Sq"]), ("dq", q), ("dk", kv), ("dv", kv))]
+    graph = helper.make_graph(nodes, f"flash_attention_pair_{TensorProto.DataType.Name(elem).lower()}", inputs, outputs)
+    return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])

@@ -80,3 +80,29 @@ def test_fused_bf16_export_validates(tmp_path):
     assert report["training.grad@3x8x8"]["max_rel"] > 1e-4
     fused = [n for n in onnx.load(str(out / "training_model.onnx")).graph.node if n.domain == "com.flowstep"]
     assert fused and all(n.op_type in ("FlashAttention", "FlashAttentionGrad") for n in fused)
+
+
+def test_committed_pair_models_are_current_and_chain_the_operators():
+    """tests/golden/flash_attention_pair_*.onnx (the GPU parity test's models) are what
+    reference_ops.pair_model writes today, and on the reference evaluator they compute softmax
+    attention and its gradient at Wan's scale (fp16 inputs, float32 autograd on the same values)."""
+    from onnx import TensorProto
+    from onnx.reference import ReferenceEvaluator
+
+    from flowstep_export.reference_ops import NEW_OPS, pair_model
+
+    scale = 128 ** -0.5
+    for name, elem in (("bf16", TensorProto.BFLOAT16), ("fp16", TensorProto.FLOAT16)):
+        committed = (REPO / f"tests/golden/flash_attention_pair_{name}.onnx").read_bytes()
+        assert committed == pair_model(elem, scale).SerializeToString(), f"regenerate {name} (scripts/regenerate_models.sh)"
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, s, 2, 128, generator=g).half() for s in (5, 9, 9))
+    do = torch.randn(1, 5, 2, 128, generator=g).half()
+    got = ReferenceEvaluator(pair_model(TensorProto.FLOAT16, scale), new_ops=NEW_OPS).run(
+        None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "do": do.numpy()})
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+    p = (torch.einsum("bqhd,bkhd->bhqk", leaves[0], leaves[1]) * scale).softmax(-1)
+    o = torch.einsum("bhqk,bkhd->bqhd", p, leaves[2])
+    grads = torch.autograd.grad((o * do.float()).sum(), leaves)
+    for out, want in zip(got[:1] + got[2:], [o, *grads]):
+        np.testing.assert_allclose(out.astype(np.float32), want.detach().numpy(), rtol=0, atol=4e-3 * float(want.abs().max()))

@@ -6,8 +6,9 @@
 //! This is the CPU reference implementation, registered through ort's custom-operator API
 //! for float32 and bfloat16 inputs: plain math, one query row at a time, so nothing of size
 //! [H, Sq, Sk] exists; softmax statistics and every accumulation are float32. The CUDA
-//! kernels are not written yet (docs/fused-attention.md), so a GPU device is refused by
-//! [`check_device`] before any session is built.
+//! kernels (cuDNN's SDPA, bf16/fp16) are `super::cuda_attention`, built only with
+//! `--features cuda-attention`; [`check_device`] refuses, before any session is built, every
+//! device and precision that this build has no kernels for.
 
 use std::marker::PhantomData;
 
@@ -57,20 +58,45 @@ impl AttentionImpl {
     }
 }
 
-/// One line refusing a device this build has no fused attention kernels for.
-pub fn check_device(device: Device) -> Result<()> {
+/// One line refusing a device (and, on CUDA, a precision) this build has no fused attention
+/// kernels for; `precision` is the manifest's `training.precision`.
+pub fn check_device(device: Device, precision: &str) -> Result<()> {
+    let ops = format!("these artifacts use the fused attention operator {DOMAIN}::{FORWARD} (and {BACKWARD})");
+    let instead = format!("use --device cpu, or re-export with --attention chunked to run on {device}");
     match device {
         Device::Cpu => Ok(()),
-        Device::Cuda(_) | Device::TensorRt(_) => Err(Error::Device(format!(
-            "these artifacts use the fused attention operator {DOMAIN}::{FORWARD} (and {BACKWARD}), which this build of flowstep \
-             implements for cpu only, not {device} (its CUDA kernels are not written yet): use --device cpu, or re-export with \
-             --attention chunked to run on {device}"
+        Device::Cuda(_) if !cfg!(feature = "cuda-attention") => Err(Error::Device(format!(
+            "{ops}, which this build of flowstep implements for cpu only, not {device} (its CUDA kernels need a build with \
+             --features cuda-attention, docs/fused-attention.md): {instead}"
+        ))),
+        Device::Cuda(_) if !matches!(precision, "bfloat16" | "float16") => Err(Error::Device(format!(
+            "{ops} in {precision}, and the CUDA kernels (cuDNN's SDPA) run bfloat16 and float16 only, not {device} in {precision}: \
+             re-export with --precision bfloat16, or {instead}"
+        ))),
+        Device::Cuda(_) => Ok(()),
+        Device::TensorRt(_) => Err(Error::Device(format!(
+            "{ops}, which flowstep implements for cpu and cuda, not {device} (TensorRT would not run them on the CUDA stream): {instead}"
         ))),
     }
 }
 
+/// The operator domain to register on a session for `device` (which [`check_device`] accepted):
+/// on CUDA this opens the cuDNN shim first, so a missing library is one line at session build.
+pub fn domain_for(device: Device) -> Result<OperatorDomain> {
+    let registering = || format!("registering {DOMAIN} for {device}");
+    match device {
+        Device::Cpu => cpu_domain().map_err(Error::ort(registering())),
+        #[cfg(feature = "cuda-attention")]
+        Device::Cuda(_) => {
+            super::cuda_attention::shim().map_err(Error::Device)?;
+            super::cuda_attention::cuda_domain().map_err(Error::ort(registering()))
+        }
+        _ => check_device(device, "").and_then(|()| Err(Error::Device(format!("{}: no kernels", registering())))),
+    }
+}
+
 /// The operator domain for a CPU session: both operators, float32 and bfloat16.
-pub fn cpu_domain() -> ort::Result<OperatorDomain> {
+fn cpu_domain() -> ort::Result<OperatorDomain> {
     OperatorDomain::new(DOMAIN)?
         .add(Forward::<f32>(PhantomData))?
         .add(Forward::<bf16>(PhantomData))?
@@ -110,7 +136,7 @@ struct Forward<T>(PhantomData<fn() -> T>);
 struct Backward<T>(PhantomData<fn() -> T>);
 
 /// The `scale` attribute and the node name (for errors), read once per kernel.
-fn kernel_setup(op: &str, kctx: &KernelContext<'_>) -> ort::Result<(f32, String)> {
+pub(crate) fn kernel_setup(op: &str, kctx: &KernelContext<'_>) -> ort::Result<(f32, String)> {
     let node = kctx.node_name().unwrap_or_default();
     let scale = kctx
         .get::<f32>("scale")
@@ -415,9 +441,19 @@ mod tests {
     }
 
     #[test]
-    fn gpu_devices_are_refused_in_one_line() {
-        assert!(check_device(Device::Cpu).is_ok());
-        let message = check_device(Device::Cuda(0)).map_err(|e| e.to_string()).err().unwrap_or_default();
-        assert!(message.contains("com.flowstep::FlashAttention") && message.contains("cuda:0") && !message.contains('\n'), "{message}");
+    fn devices_without_kernels_are_refused_in_one_line() {
+        assert!(check_device(Device::Cpu, "float32").is_ok());
+        let refusal = |device, precision| check_device(device, precision).map_err(|e| e.to_string()).err().unwrap_or_default();
+        let one_line = |m: &str, named: &str| m.contains("com.flowstep::FlashAttention") && m.contains(named) && !m.contains('\n');
+        let trt = refusal(Device::TensorRt(1), "bfloat16");
+        assert!(one_line(&trt, "tensorrt:1") && trt.contains("--attention chunked"), "{trt}");
+        if cfg!(feature = "cuda-attention") {
+            assert!(check_device(Device::Cuda(0), "bfloat16").is_ok() && check_device(Device::Cuda(0), "float16").is_ok());
+            let fp32 = refusal(Device::Cuda(0), "float32");
+            assert!(one_line(&fp32, "cuda:0") && fp32.contains("float32") && fp32.contains("--precision bfloat16"), "{fp32}");
+        } else {
+            let cuda = refusal(Device::Cuda(0), "bfloat16");
+            assert!(one_line(&cuda, "cuda:0") && cuda.contains("--features cuda-attention"), "{cuda}");
+        }
     }
 }

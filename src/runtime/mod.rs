@@ -1,6 +1,8 @@
 //! ONNX Runtime set-up: finding and loading the shared library once per process, and
 //! building sessions on the requested execution provider.
 
+#[cfg(feature = "cuda-attention")]
+pub mod cuda_attention;
 mod device;
 pub mod fused_attention;
 mod library;
@@ -62,7 +64,7 @@ impl SessionOptions {
         let attention = AttentionImpl::from_manifest(&manifest.training.attention)
             .map_err(|reason| Error::Config(format!("{} artifacts: {reason}", manifest.model.name)))?;
         if attention == AttentionImpl::Fused {
-            fused_attention::check_device(self.device)?;
+            fused_attention::check_device(self.device, &manifest.training.precision)?;
         }
         Ok(Self { disabled_optimizers: manifest.training.onnxruntime_disabled_optimizers.clone(), attention, ..self.clone() })
     }
@@ -121,12 +123,11 @@ fn build_session(model: &Path, options: &SessionOptions) -> Result<Session> {
         builder = config(builder, "session.record_ep_graph_assignment_info", "1")?;
     }
     if options.attention == AttentionImpl::Fused {
-        // for_artifacts refused GPU devices: only the CPU reference kernels exist.
-        fused_attention::check_device(options.device)?;
-        let domain = fused_attention::cpu_domain().map_err(Error::ort(format!("{during}: registering {}", fused_attention::DOMAIN)))?;
-        builder = builder
-            .with_operators(domain)
-            .map_err(|e| Error::Ort { during: format!("{during}: registering {}", fused_attention::DOMAIN), source: ort::Error::<()>::from(e) })?;
+        let domain = fused_attention::domain_for(options.device)?;
+        builder = builder.with_operators(domain).map_err(|e| Error::Ort {
+            during: format!("{during}: registering {}", fused_attention::DOMAIN),
+            source: ort::Error::<()>::from(e),
+        })?;
     }
     if let Some(provider) = options.device.execution_provider(&options.cuda) {
         builder = builder.with_execution_providers([provider]).map_err(|e| {
