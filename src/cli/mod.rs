@@ -47,7 +47,7 @@ pub enum Command {
     /// Deterministic validation loss of a LoRA on a dataset.
     Eval(eval::Args),
     /// Generate latent videos (Euler, optional guidance) with or without a LoRA, and draw them.
-    Sample(sample::Args),
+    Sample(Box<sample::Args>),
     /// The timestep, noise and sample draws of a train run (for reference tests).
     #[command(hide = true)]
     Draws(draws::Args),
@@ -69,7 +69,7 @@ pub fn run() -> ExitCode {
         Command::Inspect(args) => inspect::run(args, &globals),
         Command::Train(args) => train::run(*args, &globals),
         Command::Eval(args) => eval::run(args, &globals),
-        Command::Sample(args) => sample::run(args, &globals),
+        Command::Sample(args) => sample::run(*args, &globals),
         Command::Draws(args) => draws::run(args, &globals),
     };
     match result {
