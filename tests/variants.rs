@@ -112,7 +112,7 @@ fn a14b_experts_train_their_own_range_and_lora() {
         let lora = out.join(format!("lora_{role}.safetensors"));
         assert!(lora.is_file() && !out.join("lora.safetensors").exists(), "{role}: LoRA named for its expert");
         let f = TensorFile::open(&lora).unwrap_or_else(|e| panic!("{e}"));
-        assert!(f.names().iter().any(|n| n == "blocks.0.self_attn.q.lora_A.default.weight"));
+        assert!(f.names().iter().any(|n| n == "diffusion_model.blocks.0.self_attn.q.lora_A.weight"), "the default ComfyUI layout");
         // The expert's default range from its manifest: high noise t ≥ 875, low noise below.
         let metrics = read_jsonl(&out.join("metrics.jsonl")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(metrics.len(), 12);
