@@ -69,7 +69,7 @@ def tiny_i2v(tmp_path_factory):
     """tiny-i2v is not committed (DiffSynth's img_emb is 1280 wide: 7 MB of base weights)."""
     logging.getLogger("flowstep_export").setLevel(logging.ERROR)
     options = ExportOptions(out=tmp_path_factory.mktemp("tiny-i2v"), lora=LoraConfig(rank=8), ship_base=True,
-                            attention_chunk=16, graphs=("training_model", "inference_model", "optimizer_model"))
+                            attention_chunk=12, graphs=("training_model", "inference_model", "optimizer_model"))
     export_artifacts(get_config("tiny-i2v"), options)
     return options.out
 
@@ -175,7 +175,7 @@ def test_shapes_only_export_equals_a_weighted_one(tmp_path):
     graph as an export with weights: the graphs never hold weights."""
     from independent import TINY
 
-    options = ExportOptions(out=tmp_path, lora=LoraConfig(rank=8), attention_chunk=16, shapes_only=True,
+    options = ExportOptions(out=tmp_path, lora=LoraConfig(rank=8), attention_chunk=12, shapes_only=True,
                             graphs=("inference_model",))
     export_artifacts(get_config("tiny"), options)
     for name in ("inference_model.onnx", "lora_init.safetensors"):
@@ -221,7 +221,7 @@ def test_i2v_trains_and_samples_with_y_and_clip_feature(tiny_i2v, tmp_path):
 def test_i2v_a14b_expert_exports_and_flowstep_accepts_its_manifest(tmp_path):
     """The Wan2.2 I2V-A14B shape (y without CLIP tokens, two experts at 0.358 / t = 900):
     flowstep validates the manifest the export writes."""
-    options = ExportOptions(out=tmp_path, lora=LoraConfig(rank=4), attention_chunk=16, shapes_only=True,
+    options = ExportOptions(out=tmp_path, lora=LoraConfig(rank=4), attention_chunk=12, shapes_only=True,
                             expert="low_noise", graphs=("training_model", "optimizer_model"))
     export_artifacts(get_config("tiny-i2v-a14b"), options)
     m = manifest(tmp_path)
