@@ -39,7 +39,8 @@ fi
 cargo build --release --locked --features cuda-attention 2>&1 | tail -n 1
 parity=$(cargo test --release --locked --features cuda-attention --test cuda_attention_parity --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json, sys; print(next(m["executable"] for m in map(json.loads, sys.stdin)
-                                             if m.get("executable") and m["target"]["name"] == "cuda_attention_parity"))')
+                                             if m.get("executable") and m["target"]["name"] == "cuda_attention_parity"))') \
+    || { echo "gpu_pack: building the GPU parity test failed; run: cargo test --release --features cuda-attention --test cuda_attention_parity --no-run" >&2; exit 1; }
 stage="$(mktemp -d)"
 strip -o "$stage/flowstep" target/release/flowstep
 strip -o "$stage/libflowstep_sdpa.so" target/release/libflowstep_sdpa.so
