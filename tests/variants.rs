@@ -105,10 +105,14 @@ fn a14b_experts_train_their_own_range_and_lora() {
     let dir = tempdir();
     let data = dir.path().join("data");
     tiny_dataset(&data, 3, 2);
+    let prompts = dir.path().join("prompts.txt");
+    write_sample(&dir.path().join("prompt.safetensors"), &[tensor("context", &[16, 64], values(16 * 64, 9))]);
+    std::fs::write(&prompts, "prompt.safetensors seed=1\n").unwrap_or_default();
     for (role, high) in [("high_noise", true), ("low_noise", false)] {
         let out = dir.path().join(role);
-        let r = train_cmd(&model(&format!("tiny-a14b/{role}")), &data, &out, 12, &[]);
+        let r = train_cmd(&model(&format!("tiny-a14b/{role}")), &data, &out, 12, &["--sample-every", "12", "--sample-prompts", path_str(&prompts), "--sample-steps", "2"]);
         assert!(r.status.success(), "{}", stderr(&r));
+        assert!(stderr(&r).contains(&format!("samples use the {role} expert alone")), "training-time samples of one expert say so: {}", stderr(&r));
         let lora = out.join(format!("lora_{role}.safetensors"));
         assert!(lora.is_file() && !out.join("lora.safetensors").exists(), "{role}: LoRA named for its expert");
         let f = TensorFile::open(&lora).unwrap_or_else(|e| panic!("{e}"));

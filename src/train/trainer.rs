@@ -228,6 +228,11 @@ impl<'a, 'o> Trainer<'a, 'o> {
         if config.resume && resumed_from.is_none() {
             trainer.events.emit(TrainEvent::Warning(format!("--resume: no checkpoint in {}; starting a fresh run", config.out.display())))?;
         }
+        if let (Some(expert), Some(_)) = (&trainer.artifacts.manifest.expert, &trainer.sample_writer) {
+            let message = format!("--sample-every: samples use the {} expert alone over every timestep: they show this LoRA's progress, \
+                 not what the Wan2.2 pair makes (flowstep sample --expert-artifacts)", expert.role.as_str());
+            trainer.events.emit(TrainEvent::Warning(message))?;
+        }
         trainer.events.emit(TrainEvent::Started { start_step, total_steps, resumed_from: resumed_from.as_deref() })?;
         if !changes.is_empty() {
             trainer.events.emit(TrainEvent::Warning(format!("resuming with changed hyperparameters: {}", changes.join(", "))))?;
