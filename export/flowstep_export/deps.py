@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
 
 def missing_module(e: ModuleNotFoundError, tool: str) -> str:
     name = (e.name or str(e)).split(".")[0]
     package = {"PIL": "pillow", "imageio_ffmpeg": "imageio-ffmpeg", "diffsynth": "diffsynth"}.get(name, name)
     return (f"error: {tool} needs the Python module `{name}` (package {package}), which is not installed: "
             "run scripts/setup_python.sh, or pip install -r export/requirements.txt")
+
+
+def run_reporting_errors(tool: str, work: Callable[[], T]) -> tuple[int, T | None]:
+    """Runs `work` for a command-line tool: returns (0, its result), or (1, None) after printing one
+    `error:` line for a missing module or a bad input (ValueError, RuntimeError, OSError)."""
+    try:
+        return 0, work()
+    except ModuleNotFoundError as e:
+        print(missing_module(e, tool), file=sys.stderr)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    return 1, None

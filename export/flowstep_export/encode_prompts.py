@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .deps import missing_module
+from .deps import run_reporting_errors
 
 
 def main(argv=None) -> int:
@@ -31,36 +31,34 @@ def main(argv=None) -> int:
                    help="encoder's compute precision (default bfloat16, as DiffSynth)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     args = p.parse_args(argv)
-    try:
-        prompts = list(args.prompts)
-        if args.from_file is not None:
-            if not args.from_file.is_file():
-                raise ValueError(f"--from-file {args.from_file}: no such file")
-            prompts += [line.strip() for line in args.from_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError("no prompts: give them as arguments or with --from-file")
-        import torch
-        from safetensors.torch import save_file
+    rc, _ = run_reporting_errors("encode_prompts", lambda: encode(args))
+    return rc
 
-        from .wan_text import encode_prompt, load_text_encoder, load_tokenizer
 
-        tokenizer = load_tokenizer(args.tokenizer, args.text_len)
-        encoder = load_text_encoder(args.text_encoder, torch.bfloat16 if args.precision == "bfloat16" else torch.float32)
-        encoder = encoder.to(args.device)
-        stored = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        args.out.mkdir(parents=True, exist_ok=True)
-        for i, prompt in enumerate(prompts):
-            context = encode_prompt(tokenizer, encoder, prompt, args.device).to("cpu", stored).contiguous()
-            path = args.out / f"prompt-{i:03}.safetensors"
-            save_file({"context": context}, str(path), metadata={"prompt": prompt})
-            print(f"{path}\t{prompt}")
-    except ModuleNotFoundError as e:
-        print(missing_module(e, "encode_prompts"), file=sys.stderr)
-        return 1
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+def encode(args) -> None:
+    """Writes one context file per prompt of `args` and prints its path and prompt."""
+    prompts = list(args.prompts)
+    if args.from_file is not None:
+        if not args.from_file.is_file():
+            raise ValueError(f"--from-file {args.from_file}: no such file")
+        prompts += [line.strip() for line in args.from_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompts: give them as arguments or with --from-file")
+    import torch
+    from safetensors.torch import save_file
+
+    from .wan_text import encode_prompt, load_text_encoder, load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer, args.text_len)
+    encoder = load_text_encoder(args.text_encoder, torch.bfloat16 if args.precision == "bfloat16" else torch.float32)
+    encoder = encoder.to(args.device)
+    stored = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, prompt in enumerate(prompts):
+        context = encode_prompt(tokenizer, encoder, prompt, args.device).to("cpu", stored).contiguous()
+        path = args.out / f"prompt-{i:03}.safetensors"
+        save_file({"context": context}, str(path), metadata={"prompt": prompt})
+        print(f"{path}\t{prompt}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .deps import missing_module
+from .deps import run_reporting_errors
 
 MULTIPLE = 16  # VAE /8 times the DiT's patch 2
 PRECISIONS = ("bfloat16", "float32")
@@ -183,14 +183,9 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    try:
-        counts = prepare(args)
-    except ModuleNotFoundError as e:
-        print(missing_module(e, "prepare"), file=sys.stderr)
-        return 1
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    rc, counts = run_reporting_errors("prepare", lambda: prepare(args))
+    if rc:
+        return rc
     print(f"{counts['prepared']} prepared, {counts['done_before']} already in {args.out}, {counts['skipped']} skipped "
           f"(of {counts['files']} files)")
     return 0 if counts["prepared"] + counts["done_before"] > 0 else 1

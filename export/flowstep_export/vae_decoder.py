@@ -37,7 +37,7 @@ import torch
 from onnx import numpy_helper
 
 from . import OPSET
-from .deps import missing_module
+from .deps import run_reporting_errors
 from .wan_vae import load_vae
 
 log = logging.getLogger("flowstep_export")
@@ -201,14 +201,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore")
-    try:
-        manifest = export_vae_decoder(args.vae, args.out)
-    except ModuleNotFoundError as e:
-        print(missing_module(e, "the VAE decoder export"), file=sys.stderr)
-        return 1
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    rc, manifest = run_reporting_errors("the VAE decoder export", lambda: export_vae_decoder(args.vae, args.out))
+    if rc:
+        return rc
     print(json.dumps({"out": str(args.out), "caches": manifest["caches"], "check": manifest["check"]}))
     return 0
 
