@@ -30,6 +30,9 @@ pub struct SampleConfig {
     pub shape: [usize; 4],
 }
 
+/// Timestep shift of the Wan scheduler for sampling, where none is given.
+pub const DEFAULT_SHIFT: f32 = 5.0;
+
 /// Initial noise for a seed, N(0, 1), independent of thread count.
 pub fn initial_noise(seed: u64, len: usize) -> Vec<f32> {
     let mut rng = step_rng(seed, u64::MAX - 1, 0);
@@ -151,4 +154,17 @@ pub fn read_conditioning(path: Option<&Path>, model: &ModelInfo, shape: &[usize;
         }
         Ok(Conditioning { name: c.name.clone(), shape: got, values })
     }).collect()
+}
+
+/// A prompt's `context` [text_len, text_dim] (text-encoder output) from a .safetensors file,
+/// checked against the model and for NaN/Inf.
+pub fn read_context(path: &Path, model: &ModelInfo) -> Result<Vec<f32>> {
+    let (shape, values) = TensorFile::open(path)?.read_f32("context")?;
+    if shape != [model.text_len, model.text_dim] {
+        return Err(Error::Config(format!("{}: `context` has shape {shape:?}, this model takes [{}, {}]", path.display(), model.text_len, model.text_dim)));
+    }
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(Error::Config(format!("{}: `context` has NaN or infinite values", path.display())));
+    }
+    Ok(values)
 }

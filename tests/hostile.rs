@@ -218,6 +218,8 @@ fn bad_numeric_flags_are_refused_naming_the_flag() {
         (vec!["--shape", "2,8,8", "--steps", "0"], "--steps"),
         (vec!["--shape", "2,8,8", "--cfg-scale", "NaN"], "--cfg-scale"),
         (vec!["--shape", "2,8,8", "--seed", &max], "--seed"),
+        (vec!["--shape", "2,8,8", "--vae-decoder", "missing", "--vae-tile", "1,1"], "--vae-tile"),
+        (vec!["--shape", "2,8,8", "--vae-decoder", "missing", "--vae-tile", "30"], "--vae-tile"),
     ] {
         assert_error(&run_limited(&[&sample[..], &extra[..]].concat(), 30), &[flag]);
         assert_untouched(&out);

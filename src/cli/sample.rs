@@ -9,8 +9,8 @@ use flowstep::artifacts::{Artifacts, ExpertRole, Manifest};
 use flowstep::decode::{Tile, VaeDecoder, VideoOptions};
 use flowstep::executor::{VelocityGraph, WithLora};
 use flowstep::render::{centroid_motion, mean_rgb};
-use flowstep::sample::{SampleConfig, Stage, read_conditioning, sample, write_outputs};
-use flowstep::tensor_file::{TensorFile, write_atomic};
+use flowstep::sample::{DEFAULT_SHIFT, SampleConfig, Stage, read_conditioning, read_context, sample, write_outputs};
+use flowstep::tensor_file::write_atomic;
 use flowstep::video_files::Mp4;
 
 use super::{DeviceArgs, Globals, ModelArgs};
@@ -42,7 +42,7 @@ pub struct Args {
     pub steps: usize,
 
     /// Timestep shift of the Wan scheduler.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = DEFAULT_SHIFT)]
     pub shift: f32,
 
     /// Seed of the first sample; sample i uses SEED + i.
@@ -77,8 +77,8 @@ pub struct Args {
     /// With --vae-decoder: decode in spatial tiles of H×W latent pixels overlapping by half and
     /// blended, as DiffSynth's tiled decode (its default is 30,52). Bounds memory at any video
     /// size (ONNX Runtime's CPU 3-D convolution needs ~5 GB for a 30×52 tile); default: whole.
-    #[arg(long, value_name = "H,W", requires = "vae_decoder")]
-    pub vae_tile: Option<String>,
+    #[arg(long, value_name = "H,W", requires = "vae_decoder", value_parser = Tile::parse)]
+    pub vae_tile: Option<Tile>,
 
     /// Frames per second of the decoded GIF and MP4 (Wan2.1 is trained at 16).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=240))]
@@ -168,13 +168,9 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     // Refuse a device without kernels for these graphs before reading any input.
     session.for_artifacts(m)?;
     let shape = latent_shape(&args, &m.model)?;
-    let read_context = |path: &PathBuf| -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
-        let (s, v) = TensorFile::open(path)?.read_f32("context")?;
-        anyhow::ensure!(s == [m.model.text_len, m.model.text_dim], "{}: `context` has shape {s:?}, this model takes [{}, {}]", path.display(), m.model.text_len, m.model.text_dim);
-        Ok((s, v))
-    };
-    let (ctx_shape, ctx) = read_context(&args.context)?;
-    let negative = args.negative_context.as_ref().map(read_context).transpose()?.map(|(_, v)| v);
+    let ctx_shape = [m.model.text_len, m.model.text_dim];
+    let ctx = read_context(&args.context, &m.model)?;
+    let negative = args.negative_context.as_deref().map(|p| read_context(p, &m.model)).transpose()?;
     let conditioning = read_conditioning(args.condition.as_deref(), &m.model, &shape)?;
     let other = match &args.expert_artifacts {
         Some(dir) => {
@@ -188,7 +184,6 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     if let (Some(e), None, false) = (&m.expert, &other, globals.quiet) {
         eprintln!("warning: {} is the {} expert alone; pass the other expert with --expert-artifacts to sample as Wan2.2 does", m.model.name, e.role.as_str());
     }
-    let tile = args.vae_tile.as_deref().map(|t| Tile::parse(t).map_err(|e| anyhow::anyhow!("--vae-tile {e}"))).transpose()?;
     let mut decoder = args.vae_decoder.as_deref().map(|dir| VaeDecoder::open(dir, &session)).transpose()?;
     if let Some(d) = &decoder {
         anyhow::ensure!(d.z_dim() == shape[0], "--vae-decoder {}: the VAE takes {} latent channels, this model makes {}", d.dir.display(), d.z_dim(), shape[0]);
@@ -226,7 +221,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         "steps": args.steps, "cfg_scale": args.cfg_scale, "samples": motions});
     write_atomic(&args.out.join("samples.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     let count = videos.len();
-    let decoding = decoder.as_mut().map(|d| (d, VideoOptions { fps: args.fps, save_frames: args.save_frames, tile }));
+    let decoding = decoder.as_mut().map(|d| (d, VideoOptions { fps: args.fps, save_frames: args.save_frames, tile: args.vae_tile }));
     match write_outputs(&args.out, videos, shape, decoding)?.map(|files| files.mp4) {
         Some(Mp4::Written(paths)) if !globals.quiet => eprintln!("decoded {count} videos to {} (videos.png, videos.gif, {} MP4)", args.out.display(), paths.len()),
         Some(Mp4::NoFfmpeg(message)) => eprintln!("warning: {message}"),

@@ -140,8 +140,8 @@ pub struct Args {
 
     /// With --vae-decoder: decode in spatial tiles of H×W latent pixels overlapping by half
     /// (DiffSynth's tiled decode; its default is 30,52), which bounds the decoder's memory.
-    #[arg(long, value_name = "H,W", requires = "vae_decoder")]
-    pub vae_tile: Option<String>,
+    #[arg(long, value_name = "H,W", requires = "vae_decoder", value_parser = Tile::parse)]
+    pub vae_tile: Option<Tile>,
 
     /// Key layout of the final LoRA file: comfyui loads in ComfyUI, diffusers, musubi-tuner
     /// (convert_lora.py) and DiffSynth-Studio; diffsynth in DiffSynth-Studio only.
@@ -181,7 +181,6 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     if !globals.quiet && boundaries.source != "the default" {
         eprintln!("timestep boundaries [{}, {}) from {}", boundaries.min, boundaries.max, boundaries.source);
     }
-    let vae_tile = args.vae_tile.as_deref().map(|t| Tile::parse(t).map_err(|e| anyhow::anyhow!("--vae-tile {e}"))).transpose()?;
     let config = TrainConfig {
         artifacts: args.model.artifacts,
         data: args.data,
@@ -213,7 +212,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
             prompts,
             steps: args.sample_steps,
             vae_decoder: args.vae_decoder.clone(),
-            vae_tile,
+            vae_tile: args.vae_tile,
         }),
         stop_after: args.stop_after,
     };

@@ -26,8 +26,8 @@ use crate::decode::{Tile, VaeDecoder, VideoOptions};
 use crate::executor::{BaseWeights, VelocityGraph};
 use crate::runtime::SessionOptions;
 use crate::data::Conditioning;
-use crate::sample::{SampleConfig, Stage, read_conditioning, sample, write_outputs};
-use crate::tensor_file::{TensorFile, write_atomic};
+use crate::sample::{DEFAULT_SHIFT, SampleConfig, Stage, read_conditioning, read_context, sample, write_outputs};
+use crate::tensor_file::write_atomic;
 use crate::video_files::Mp4;
 
 /// `--sample-every`, `--sample-prompts`, `--sample-steps`, `--vae-decoder`, `--vae-tile`.
@@ -53,21 +53,8 @@ pub struct Prompt {
     pub config: SampleConfig,
 }
 
-const DEFAULT_SHIFT: f32 = 5.0;
-
 fn bad_line(file: &Path, line: usize, reason: impl std::fmt::Display) -> Error {
     Error::Config(format!("--sample-prompts {}:{line}: {reason}", file.display()))
-}
-
-fn read_context(path: &Path, model: &ModelInfo) -> Result<Vec<f32>> {
-    let (shape, values) = TensorFile::open(path)?.read_f32("context")?;
-    if shape != [model.text_len, model.text_dim] {
-        return Err(Error::Config(format!("{}: `context` has shape {shape:?}, this model takes [{}, {}]", path.display(), model.text_len, model.text_dim)));
-    }
-    if values.iter().any(|v| !v.is_finite()) {
-        return Err(Error::Config(format!("{}: `context` has NaN or infinite values", path.display())));
-    }
-    Ok(values)
 }
 
 /// Reads and checks the whole prompt file before training starts. `default_shape` is the

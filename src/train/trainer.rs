@@ -295,8 +295,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             }
         }
         self.events.emit(TrainEvent::Step(&record))?;
-        let sample_due = self.config.sampling.as_ref().is_some_and(|s| s.every > 0 && step.is_multiple_of(s.every));
-        if sample_due || (self.done() && self.sample_writer.is_some()) {
+        if self.config.sampling.as_ref().is_some_and(|s| (s.every > 0 && step.is_multiple_of(s.every)) || self.done()) {
             self.sample(step)?;
         }
         if self.config.save_every.is_some_and(|n| n > 0 && step.is_multiple_of(n)) && !self.done() {
