@@ -109,9 +109,9 @@ def main(argv=None) -> int:
     p.add_argument("--artifacts", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
-    from .validate import math_attention
+    from .validate import stock_reference
 
-    with math_attention():  # PyTorch's own softmax attention, not the operator pair under test
+    with stock_reference():  # PyTorch's own softmax attention, not the operator pair under test
         goldens = make_goldens(args.artifacts)
     save_file(goldens, str(args.out), metadata={k: str(v) for k, v in LOOP_HPARAMS.items()})
     print(f"wrote {len(goldens)} tensors to {args.out}")

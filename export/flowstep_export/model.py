@@ -19,10 +19,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from . import pointwise
 from .attention import flash_attention
 from .configs import WanConfig
 
 ROPE_MAX_POSITIONS = 1024  # Wan's `precompute_freqs_cis_3d(head_dim)` default `end`
+
+# How LayerNorm, RMSNorm and GELU are differentiated: "hand-written" is pointwise.py's closed
+# forms, which the export traces (fewer graph nodes); "stock" is PyTorch's own ops, as
+# DiffSynth runs them eagerly (the PyTorch reference trainer, where fused kernels are faster).
+POINTWISE = "hand-written"
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -39,16 +45,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        if POINTWISE == "stock":
+            x32 = x.float()
+            return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return pointwise.rms_norm(x, self.weight, self.eps)
 
 
 def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """LayerNorm computed in float32, result in x's dtype: what PyTorch's bf16 kernel does
     internally, and the form ONNX Runtime's CUDA provider has a bf16-graph kernel for."""
-    weight = None if norm.weight is None else norm.weight.float()
-    bias = None if norm.bias is None else norm.bias.float()
-    return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps).to(x.dtype)
+    if POINTWISE == "stock":
+        weight = None if norm.weight is None else norm.weight.float()
+        bias = None if norm.bias is None else norm.bias.float()
+        return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps).to(x.dtype)
+    return pointwise.layer_norm(x, norm.weight, norm.bias, norm.eps)
+
+
+class GELU(nn.Module):
+    """nn.GELU(approximate="tanh") with pointwise.py's backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh") if POINTWISE == "stock" else pointwise.gelu_tanh(x)
 
 
 def rope_tables(head_dim: int, end: int = ROPE_MAX_POSITIONS, theta: float = 10000.0):
@@ -169,7 +186,7 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.norm3 = nn.LayerNorm(dim, eps=eps)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), GELU(), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x, context, t_mod, cos, sin, image=None):
@@ -229,7 +246,7 @@ class WanModel(nn.Module):
         self.config = config
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), GELU(), nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
         image_input = config.image_tokens > 0

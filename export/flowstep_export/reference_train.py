@@ -33,6 +33,7 @@ def build_torch(artifacts: Path, base_file: Path | None, device: str, dtype: tor
     manifest = json.loads((artifacts / "manifest.json").read_text())
     lora = manifest["lora"]
     wan.ATTENTION = "sdpa"
+    wan.POINTWISE = "stock"
     dit = wan.WanModel(get_config(manifest["model"]["name"]))
     inject_lora(dit, LoraConfig(rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"])))
     base = load_file(str(base_file or artifacts / manifest["base_weights"]["file"]))

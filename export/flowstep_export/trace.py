@@ -26,7 +26,7 @@ aten = torch.ops.aten
 
 
 def _pow_tensor_scalar(x, exponent):
-    """Autograd emits pow(x, 1.0) and GELU-tanh's backward pow(x, 2|3): multiply instead."""
+    """Autograd emits pow(x, 1.0), decompositions pow(x, 2|3): multiply instead."""
     if exponent == 1:
         return x.clone()
     if exponent == 2:

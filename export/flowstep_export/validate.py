@@ -44,13 +44,15 @@ def session(path: Path, threads: int = 0) -> ort.InferenceSession:
 
 
 @contextlib.contextmanager
-def math_attention():
-    """Eager references use explicit softmax attention, not the operator pair under test."""
-    saved, wan.ATTENTION = wan.ATTENTION, "math"
+def stock_reference():
+    """Eager references use explicit softmax attention and PyTorch's own norms and GELU, not
+    the operator pair and hand-written backwards under test."""
+    saved = wan.ATTENTION, wan.POINTWISE
+    wan.ATTENTION, wan.POINTWISE = "math", "stock"
     try:
         yield
     finally:
-        wan.ATTENTION = saved
+        wan.ATTENTION, wan.POINTWISE = saved
 
 
 def eager_loss_and_grads(model, lora_keys, inputs) -> tuple[float, np.ndarray]:
@@ -61,7 +63,7 @@ def eager_loss_and_grads(model, lora_keys, inputs) -> tuple[float, np.ndarray]:
         p.grad = None
     for k in lora_keys:
         params[k].requires_grad_(True)
-    with math_attention():  # the backward too: checkpointing recomputes blocks there
+    with stock_reference():  # the backward too: checkpointing recomputes blocks there
         velocity = model(*model_inputs(model.config, inputs))
         loss = sft_loss(velocity, torch.as_tensor(inputs["target"]), torch.as_tensor(inputs["weight"]), model.config.first_frame)
         loss.backward()
@@ -172,7 +174,7 @@ def validate_artifacts(out: Path, config, options, rtol: float = 1e-4) -> dict:
     keys = [t.key for t in layout]
 
     def velocity(m, batch):
-        with torch.no_grad(), math_attention():
+        with torch.no_grad(), stock_reference():
             return m(*model_inputs(config, batch)).float().numpy()
 
     def check(name, got, reference32, reference_low):

@@ -11,7 +11,7 @@ from flowstep_export.configs import get_config
 from flowstep_export.export import build_model, example_inputs
 from flowstep_export.lora import base_state, lora_state
 from flowstep_export.steps import flat_layout, flatten
-from flowstep_export.validate import adamw_reference, eager_loss_and_grads, manifest_matches_graphs, math_attention, session
+from flowstep_export.validate import adamw_reference, eager_loss_and_grads, manifest_matches_graphs, stock_reference, session
 
 # Relative to the largest magnitude of each output. float32 on both sides with different
 # summation orders; observed agreement is ~1e-6 (loss ~1e-7), so 1e-4 still catches any
@@ -80,7 +80,7 @@ def test_inference_graph_equals_forward(tiny_artifacts, setup, latent):
     batch = {k: v.numpy() for k, v in example_inputs(config, 13, latent).items()}
     sess = session(tiny_artifacts / "inference_model.onnx")
     (velocity,) = sess.run(None, feed(sess, {**base, **batch, "lora_params": flat}))
-    with torch.no_grad(), math_attention():
+    with torch.no_grad(), stock_reference():
         ref = model(*(torch.as_tensor(batch[k]) for k in ("x_t", "timestep", "context"))).numpy()
     assert velocity.shape == (1, config.out_dim, *latent)
     assert rel_err(velocity, ref) < RTOL
