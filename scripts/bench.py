@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -25,6 +26,15 @@ from safetensors.torch import save_file  # noqa: E402
 
 CACHE = Path(os.environ.get("FLOWSTEP_CACHE", Path.home() / ".cache" / "flowstep")) / "bench"
 FLOWSTEP = ROOT / "target" / "release" / "flowstep"
+
+
+def exporter_key() -> str:
+    """A hash of the exporter's sources: cached exports are reused only while it is unchanged
+    (a stale export would benchmark an old graph)."""
+    h = hashlib.sha256()  # as scripts/gpu_pack.sh computes it
+    for path in sorted((ROOT / "export" / "flowstep_export").rglob("*.py"), key=lambda p: str(p).encode()):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:10]
 
 # name -> (export preset, latent [F, H, W], steps, rank)
 CONFIGS = {
@@ -49,7 +59,7 @@ def peak_rss_gb(cmd) -> tuple[float, str]:
 
 def ensure_artifacts(name: str) -> Path:
     preset, latent, _, rank = CONFIGS[name]
-    out = CACHE / f"artifacts-{preset}-r{rank}"
+    out = CACHE / f"artifacts-{preset}-r{rank}-{exporter_key()}"
     if not (out / "manifest.json").exists():
         print(f"exporting {preset} (once, cached in {out}) ...", flush=True)
         run([sys.executable, "-m", "flowstep_export", "--model", preset, "--out", str(out), "--lora-rank", str(rank),
@@ -146,7 +156,7 @@ LONG_FRAMES = {4: 4, 8: 3, 16: 3}
 
 
 def ensure_long_artifacts(checkpointing: bool) -> Path:
-    out = CACHE / f"artifacts-small-r32-chunked{'-ckpt' if checkpointing else ''}"
+    out = CACHE / f"artifacts-small-r32-chunked{'-ckpt' if checkpointing else ''}-{exporter_key()}"
     if not (out / "manifest.json").exists():
         print(f"exporting {out.name} (once) ...", flush=True)
         flags = ["--gradient-checkpointing"] if checkpointing else []
@@ -155,9 +165,11 @@ def ensure_long_artifacts(checkpointing: bool) -> Path:
     return out
 
 
-def long_sequences(threads: int) -> str:
+def long_sequences(threads: int, only_frames: list[int]) -> str:
     rows = []
     for frames, steps in LONG_FRAMES.items():
+        if frames not in only_frames:
+            continue
         data = CACHE / f"data-small-long-{frames}"
         if not data.exists():
             data.mkdir(parents=True)
@@ -193,9 +205,11 @@ def main() -> int:
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--write", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--long", action="store_true", help="only the long-sequence table (small at 4k/8k/16k tokens); prints it")
+    p.add_argument("--long-frames", default=",".join(map(str, LONG_FRAMES)),
+                   help="with --long: which rows, as latent frames of 64x64 (4 = 4,096 tokens, 16 = 16,384)")
     args = p.parse_args()
     if args.long:
-        print(long_sequences(args.threads))
+        print(long_sequences(args.threads, [int(f) for f in args.long_frames.split(",")]))
         return 0
     peak = matmul_peak_gflops(args.threads)
     rows = []

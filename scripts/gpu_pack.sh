@@ -11,13 +11,15 @@
 # it compresses to ~60 MB instead of 195 MB. The LoRA init and base weights are regenerated
 # there from the export's seed, and the LoRA init's sha256 written into the manifest.
 #   CHUNKED=DIR FUSED=DIR scripts/gpu_pack.sh
-# Defaults: the bf16, checkpointed 1.3B exports under ~/.cache/flowstep/bench (BENCHMARKS.md);
-# the fused one is exported here if missing (~10 min on 2 CPU cores, 10 GB of memory).
+# Defaults: the bf16, checkpointed 1.3B exports under ~/.cache/flowstep/bench (BENCHMARKS.md),
+# keyed by a hash of the exporter's sources and exported here when missing (~10 min each on 2
+# CPU cores, 10 GB of memory): an export from an older exporter is never packed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"; cd "$root"
 bench="${FLOWSTEP_CACHE:-$HOME/.cache/flowstep}/bench"
-chunked="${CHUNKED:-$bench/wan13b-bf16-ck-c1024}"
-fused="${FUSED:-$bench/wan13b-bf16-ck-fused}"
+key="$(find export/flowstep_export -name '*.py' | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-10)"
+chunked="${CHUNKED:-$bench/wan13b-bf16-ck-c1024-$key}"
+fused="${FUSED:-$bench/wan13b-bf16-ck-fused-$key}"
 scripts/setup_ort.sh --gpu >/dev/null
 scripts/setup_cuda_headers.sh >/dev/null
 mkdir -p .gpupack
@@ -30,12 +32,15 @@ if ! ls .gpupack/ortgpu.part01 >/dev/null 2>&1; then
     half=$(( ($(stat -c %s "$tmp/ortgpu.tar.xz") + 1) / 2 ))
     split -b "$half" -d "$tmp/ortgpu.tar.xz" .gpupack/ortgpu.part
 fi
-if [[ ! -f "$fused/manifest.json" ]]; then
+for pair in "$chunked:--attention-chunk 1024" "$fused:--attention fused"; do
+    dir="${pair%%:*}" flags="${pair#*:}"
+    [[ -f "$dir/manifest.json" ]] && continue
     venv="$(scripts/setup_python.sh)"
-    echo "gpu_pack: exporting the fused 1.3B graphs into $fused" >&2
-    (cd export && "$venv/bin/python" -m flowstep_export --model wan2.1-t2v-1.3b --out "$fused" --lora-rank 32 \
-        --precision bfloat16 --gradient-checkpointing --attention fused --graphs training_model,optimizer_model --no-validate -q)
-fi
+    echo "gpu_pack: exporting the 1.3B graphs ($flags) into $dir" >&2
+    # shellcheck disable=SC2086
+    (cd export && "$venv/bin/python" -m flowstep_export --model wan2.1-t2v-1.3b --out "$dir" --lora-rank 32 \
+        --precision bfloat16 --gradient-checkpointing $flags --graphs training_model,optimizer_model --no-validate -q)
+done
 cargo build --release --locked --features cuda-attention 2>&1 | tail -n 1
 parity=$(cargo test --release --locked --features cuda-attention --test cuda_attention_parity --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json, sys; print(next(m["executable"] for m in map(json.loads, sys.stdin)
