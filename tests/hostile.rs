@@ -165,6 +165,37 @@ fn lora_section_is_validated_before_anything_runs() {
     }, &["num_params"]);
 }
 
+/// An export from before the optimizer graph counted its non-finite updated parameters
+/// (`params_nonfinite`) is refused before anything runs, in one line that says to re-export:
+/// whether the manifest is that old export's too (the contract check at open) or lists the
+/// new output over the old graph (the check of the loaded session). The old graph is
+/// models/tiny's optimizer_model.onnx as committed at a0bead8, the last export without it.
+#[test]
+fn optimizer_graphs_without_params_nonfinite_are_refused() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 1, 1);
+    let out = dir.path().join("out");
+    let old_graph = repo().join("tests/golden/optimizer_model_before_params_nonfinite.onnx");
+    let case = |name: &str, old_manifest: bool, expect: &[&str]| {
+        let art = copy_artifacts(&dir.path().join(name));
+        let graph = art.join("optimizer_model.onnx");
+        std::fs::copy(&old_graph, &graph).unwrap_or_else(|e| panic!("{e}"));
+        patch_manifest(&art, |m| {
+            m["files"]["optimizer_model.onnx"] = serde_json::json!(sha256_hex(&graph));
+            if old_manifest && let Some(outputs) = m["graphs"]["optimizer_model"]["outputs"].as_array_mut() {
+                outputs.retain(|o| o["name"] != "params_nonfinite");
+            }
+        });
+        let expect: Vec<&str> = ["optimizer_model", "params_nonfinite", "re-export with this version's flowstep_export"].iter().chain(expect).copied().collect();
+        assert_error(&train_limited(&art, &data, &out, 2, &[]), &expect);
+        assert_untouched(&out);
+        assert_error(&run_limited(&["inspect", "--artifacts", path_str(&art)], 30), &expect);
+    };
+    case("old-export", true, &["has no output `params_nonfinite`"]);
+    case("old-graph", false, &["graph has 4 outputs, the manifest lists 5", "the graph has no `params_nonfinite`"]);
+}
+
 // ── 2. Flags are checked before any work, naming the flag ──────────────────────────────
 
 #[test]

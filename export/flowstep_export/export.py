@@ -25,7 +25,7 @@ log = logging.getLogger("flowstep_export")
 TRAINING_OUTPUTS = ["loss", "grad_accum_out"]
 OPTIMIZER_INPUTS = ["params", "grads", "m", "v", "lr", "beta1", "beta2", "eps", "weight_decay",
                     "bias_correction1", "bias_correction2", "grad_scale"]
-OPTIMIZER_OUTPUTS = ["params_out", "m_out", "v_out", "grad_norm"]
+OPTIMIZER_OUTPUTS = ["params_out", "m_out", "v_out", "grad_norm", "params_nonfinite"]
 LATENT_AXES = {2: "frames", 3: "height", 4: "width"}
 PRECISIONS = {"float32": (torch.float32, onnx.TensorProto.FLOAT), "bfloat16": (torch.bfloat16, onnx.TensorProto.BFLOAT16)}
 

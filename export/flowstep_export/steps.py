@@ -114,7 +114,14 @@ class StepFunctions:
 
 def adamw(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, grad_scale):
     """torch.optim.AdamW (decoupled decay, bias-corrected moments, eps outside the sqrt) on
-    flat buffers; `grad_norm` is the L2 norm of the gradient actually applied."""
+    flat buffers; `grad_norm` is the L2 norm of the gradient actually applied.
+
+    `params_nonfinite` counts the updated parameters that are NaN or ±Inf (float32; exact up
+    to 2^24, and 0 exactly when every one is finite): the trainer keeps an update only when it
+    is 0, so it never copies the parameters off the device to look. A finite gradient can
+    still overflow the update (huge lr or weight decay). IsNaN and IsInf are explicit ONNX ops
+    (ATen keeps isnan/isinf undecomposed; isfinite would decompose to `x == x` tests), with
+    float kernels in ONNX Runtime's CUDA provider, and nothing folds them away."""
     g = grads * grad_scale
     grad_norm = torch.sqrt(torch.sum(g * g))
     params = params * (1.0 - lr * weight_decay)
@@ -122,4 +129,5 @@ def adamw(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, bias_correct
     v = v * beta2 + g * g * (1.0 - beta2)
     denom = torch.sqrt(v) / torch.sqrt(bias_correction2) + eps
     params = params - (lr / bias_correction1) * (m / denom)
-    return params, m, v, grad_norm
+    params_nonfinite = torch.sum((torch.isnan(params) | torch.isinf(params)).to(torch.float32))
+    return params, m, v, grad_norm, params_nonfinite

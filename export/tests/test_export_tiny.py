@@ -98,7 +98,8 @@ def test_optimizer_graph_equals_torch_adamw(tiny_artifacts):
         scalars = {"lr": lr, "beta1": betas[0], "beta2": betas[1], "eps": eps, "weight_decay": wd,
                    "bias_correction1": 1 - betas[0] ** step, "bias_correction2": 1 - betas[1] ** step, "grad_scale": 0.5}
         feeds = {"params": p, "grads": 2 * g, "m": m, "v": v, **{k: np.array(x, np.float32) for k, x in scalars.items()}}
-        p, m, v, norm = sess.run(None, feeds)
+        p, m, v, norm, nonfinite = sess.run(None, feeds)
+        assert nonfinite.dtype == np.float32 and nonfinite.shape == () and float(nonfinite) == 0.0
         assert abs(float(norm) - float(np.linalg.norm(g.astype(np.float64)))) < 1e-4 * float(np.linalg.norm(g))
     ref_p, ref_m, ref_v = adamw_reference(params, grads, None, None, 3, lr, betas, eps, wd)
     # Parameters move by ~lr per step; agreement to 1e-6 of that step is float32 rounding.
@@ -108,6 +109,42 @@ def test_optimizer_graph_equals_torch_adamw(tiny_artifacts):
     # 1.3e-5 relative off torch's double 0.001, and so is v's update. The applied step
     # (params, above) is unaffected at float32 precision.
     assert rel_err(v, ref_v) < 2e-5
+
+
+def test_optimizer_graph_counts_non_finite_updated_parameters(tiny_artifacts):
+    """`params_nonfinite` counts NaN and ±Inf among params_out, whatever made them: bad
+    parameters going in, or a finite gradient whose update overflows (lr·wd = 3e39); the
+    trainer keeps an update only when it is 0. Run with ONNX Runtime's full graph
+    optimizations, as the trainer does."""
+    sess = session(tiny_artifacts / "optimizer_model.onnx")
+    assert [o.name for o in sess.get_outputs()][-1] == "params_nonfinite"
+    n = sess.get_inputs()[0].shape[0]
+    rng = np.random.default_rng(1)
+    scalars = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01,
+               "bias_correction1": 0.1, "bias_correction2": 0.001, "grad_scale": 1.0}
+
+    def count(params, **overrides):
+        feeds = {"params": params, "grads": rng.standard_normal(n).astype(np.float32),
+                 "m": np.zeros(n, np.float32), "v": np.zeros(n, np.float32),
+                 **{k: np.array(overrides.get(k, x), np.float32) for k, x in scalars.items()}}
+        p_out, _, _, norm, nonfinite = sess.run(None, feeds)
+        assert np.isfinite(norm)
+        assert float(nonfinite) == np.count_nonzero(~np.isfinite(p_out)), (nonfinite, p_out)
+        return float(nonfinite)
+
+    params = rng.standard_normal(n).astype(np.float32)
+    assert count(params) == 0.0
+    bad = params.copy()
+    bad[[3, 100, n - 1]] = [np.nan, np.inf, -np.inf]
+    assert count(bad) == 3.0
+    # A finite input that the update takes past float32's range.
+    big = params.copy()
+    big[7] = np.float32(3.4e38)
+    assert count(big, weight_decay=-1.0, lr=0.5) == 1.0
+    # Huge lr and weight decay: 1 - lr·wd overflows, so every parameter is ±Inf or NaN (0·Inf).
+    zeros_too = params.copy()
+    zeros_too[:10] = 0.0
+    assert count(zeros_too, lr=3e38, weight_decay=10.0) == float(n)
 
 
 def test_manifest_matches_graphs(tiny_artifacts):

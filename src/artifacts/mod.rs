@@ -31,7 +31,9 @@ pub const OPTIMIZER_INPUTS: [&str; 12] = [
     "params", "grads", "m", "v", "lr", "beta1", "beta2", "eps", "weight_decay",
     "bias_correction1", "bias_correction2", "grad_scale",
 ];
-pub const OPTIMIZER_OUTPUTS: [&str; 4] = ["params_out", "m_out", "v_out", "grad_norm"];
+/// `params_nonfinite` counts the NaN/±Inf entries of `params_out` (float32 scalar); the
+/// trainer keeps an update only when it is 0 (DESIGN.md §1).
+pub const OPTIMIZER_OUTPUTS: [&str; 5] = ["params_out", "m_out", "v_out", "grad_norm", "params_nonfinite"];
 
 /// A validated artifacts directory.
 #[derive(Debug, Clone)]

@@ -56,7 +56,12 @@ pub(super) fn check_manifest(a: &Artifacts) -> Result<()> {
             )));
         }
         if outputs != want_out {
-            return Err(bad(a, format!("{name} outputs are {outputs:?}, expected {want_out:?}")));
+            let what = if name == super::OPTIMIZER && !outputs.contains(&"params_nonfinite") {
+                format!("{name} has no output `params_nonfinite` (its count of non-finite updated parameters, which exports before it lack)")
+            } else {
+                format!("{name} outputs are {outputs:?}, expected {want_out:?}")
+            };
+            return Err(bad(a, format!("{what}; re-export with this version's flowstep_export")));
         }
         let lora_dims = ["lora_params", "grad_accum", "grad_accum_out", "params", "grads", "m", "v", "params_out", "m_out", "v_out"];
         for spec in sig.inputs.iter().chain(&sig.outputs).filter(|s| lora_dims.contains(&s.name.as_str())) {
@@ -247,7 +252,21 @@ pub fn check_session_io(a: &Artifacts, graph: &str, session: &Session) -> Result
     let path = a.dir.join(&sig.file);
     let check = |kind: &str, specs: &[IoSpec], actual: Vec<(String, ValueType)>| -> Result<()> {
         if specs.len() != actual.len() {
-            return Err(Error::Manifest { path: path.clone(), reason: format!("graph has {} {kind}s, the manifest lists {}", actual.len(), specs.len()) });
+            // Name what is missing on either side (a few: a training graph has thousands of inputs).
+            let names = |v: &mut dyn Iterator<Item = &str>| v.take(3).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+            let in_graph: HashSet<&str> = actual.iter().map(|(n, _)| n.as_str()).collect();
+            let in_manifest: HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+            let lacks = names(&mut specs.iter().map(|s| s.name.as_str()).filter(|n| !in_graph.contains(n)));
+            let extra = names(&mut actual.iter().map(|(n, _)| n.as_str()).filter(|n| !in_manifest.contains(n)));
+            let mut reason = format!("graph has {} {kind}s, the manifest lists {}", actual.len(), specs.len());
+            if !lacks.is_empty() {
+                reason += &format!("; the graph has no {lacks}");
+            }
+            if !extra.is_empty() {
+                reason += &format!("; the manifest does not list {extra}");
+            }
+            reason += "; the graph and the manifest are from different exports: re-export with this version's flowstep_export";
+            return Err(Error::Manifest { path: path.clone(), reason });
         }
         for (spec, (name, ty)) in specs.iter().zip(actual) {
             let mismatch = |what: String| Error::Manifest { path: path.clone(), reason: format!("{kind} `{name}`: {what}") };

@@ -90,14 +90,6 @@ impl DeviceMemory {
         value.downcast::<ort::value::TensorValueType<half::bf16>>().map_err(Error::ort(during))
     }
 
-    /// True when every value is finite (read in place on the CPU, copied from a GPU).
-    pub fn all_finite(&self, tensor: &Tensor<f32>) -> Result<bool> {
-        if self.device.is_gpu() {
-            return Ok(self.read(tensor)?.iter().all(|v| v.is_finite()));
-        }
-        Ok(tensor.extract_tensor().1.iter().all(|v| v.is_finite()))
-    }
-
     /// A device tensor's values on the host.
     pub fn read(&self, tensor: &Tensor<f32>) -> Result<Vec<f32>> {
         if self.device.is_gpu() {

@@ -2,7 +2,9 @@
 //!
 //! Parameters and AdamW moments live in two buffers each, used alternately (ping-pong):
 //! the optimizer reads buffer `cur` and writes `1 - cur`, so nothing model-sized is copied
-//! and a rejected update (non-finite gradient) is discarded by not flipping `cur`.
+//! and a rejected update (non-finite gradient or updated parameters) is discarded by not
+//! flipping `cur`. The optimizer graph counts the non-finite updated parameters itself
+//! (`params_nonfinite`), so deciding costs two host scalars, not a copy of the parameters.
 //! Gradients accumulate in the training graph itself (`grad_accum_out = grad_accum + ∂L/∂θ`)
 //! across two buffers plus a zero buffer that starts each accumulation window.
 
@@ -55,6 +57,7 @@ pub struct TrainingGraphs {
     micro: usize,
     loss_out: Tensor<f32>,
     grad_norm_out: Tensor<f32>,
+    params_nonfinite_out: Tensor<f32>,
     scalars: [Tensor<f32>; 8],
 }
 
@@ -90,6 +93,7 @@ impl TrainingGraphs {
             num_params: p,
             loss_out: host_tensor(&[])?,
             grad_norm_out: host_tensor(&[])?,
+            params_nonfinite_out: host_tensor(&[])?,
             scalars: [host_tensor(&[])?, host_tensor(&[])?, host_tensor(&[])?, host_tensor(&[])?, host_tensor(&[])?, host_tensor(&[])?, host_tensor(&[])?, host_tensor(&[])?],
             memory,
             training,
@@ -195,7 +199,7 @@ impl TrainingGraphs {
             t.extract_tensor_mut().1[0] = v as f32;
         }
         let next = 1 - self.cur;
-        let Self { opt_binding: b, params, m, v, grads, scalars, grad_norm_out, micro, .. } = self;
+        let Self { opt_binding: b, params, m, v, grads, scalars, grad_norm_out, params_nonfinite_out, micro, .. } = self;
         let grads = &grads[(*micro - 1) % 2];
         let (params_in, params_out) = pair(params, next);
         let (m_in, m_out) = pair(m, next);
@@ -212,6 +216,7 @@ impl TrainingGraphs {
             b.bind_output("m_out", m_out)?;
             b.bind_output("v_out", v_out)?;
             b.bind_output("grad_norm", &mut *grad_norm_out)?;
+            b.bind_output("params_nonfinite", &mut *params_nonfinite_out)?;
             Ok::<(), ort::Error>(())
         })()
         .map_err(Error::ort("binding the optimizer step"))?;
@@ -219,8 +224,10 @@ impl TrainingGraphs {
         self.optimizer.run_binding(b).map_err(Error::ort("running the optimizer graph"))?;
         self.micro = 0;
         let grad_norm = self.grad_norm_out.extract_tensor().1[0];
-        // A finite gradient can still overflow the update (huge lr or weight decay).
-        let applied = grad_norm.is_finite() && self.memory.all_finite(&self.params[next])?;
+        // A finite gradient can still overflow the update (huge lr or weight decay); the
+        // graph counts the updated parameters that are not finite.
+        let params_nonfinite = self.params_nonfinite_out.extract_tensor().1[0];
+        let applied = grad_norm.is_finite() && params_nonfinite == 0.0;
         if applied {
             self.cur = next;
         }
