@@ -4,15 +4,17 @@ Autograd's own backward of these traces to far more elementwise nodes than the m
 native_layer_norm_backward's decomposition re-derives x̂ and scales by N twice, RMSNorm's goes
 through pow/mean/expand, and GELU's recomputes tanh with its own chain of ten constants. Each
 node is a full pass over a [tokens, dim] (GELU: [tokens, ffn_dim]) tensor, on the CPU and on
-the GPU alike. The backwards here are the textbook closed forms, in float32 like the forwards
-(Wan and DiffSynth normalise in float32; PyTorch's bf16 GELU kernel computes in float32):
+the GPU alike. The backwards here are the textbook closed forms, in float32 (Wan and DiffSynth
+normalise in float32; PyTorch's bf16 GELU backward kernel computes in float32):
 
     LayerNorm, y = x̂·w + b, x̂ = (x − μ)·r:   dx = r·(g − mean(g)) − (x − μ)·r³·mean(g·(x − μ)),  g = dy·w
     RMSNorm,   y = x·r·w,  r = 1/√(mean(x²) + ε):  dx = r·g − x·r³·mean(g·x),  g = dy·w
     GELU,      y = x·σ(v), v = x·(c₀ + c₁x²):      dx = dy·(σ + x·σ·(1 − σ)·(c₀ + 3c₁x²))
 
-(0.5·(1 + tanh(u)) = σ(2u), so c₀ = 2√(2/π), c₁ = 0.044715·c₀.) Each saves only its input in
-its own dtype (autograd kept a float32 copy of a bf16 input). Gradients of the norms' own
+(0.5·(1 + tanh(u)) = σ(2u), so c₀ = 2√(2/π), c₁ = 0.044715·c₀.) Each saves only its input.
+In a bf16 export the norms' backward cast of x to float32 is merged by CSE with the forward's,
+so that float32 copy lives until the backward, as it did with autograd's own backward; GELU's
+forward runs in x's dtype, so its backward cast stays separate. Gradients of the norms' own
 weights are computed only when asked for (LoRA leaves them frozen).
 """
 
