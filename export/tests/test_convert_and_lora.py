@@ -1,10 +1,7 @@
 """DiffSynth interop: its cached samples convert to flowstep's format, and the LoRA files
 flowstep writes load in DiffSynth's own LoRA loader with the same effect."""
 
-import json
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,17 +10,7 @@ from safetensors.torch import load_file, save_file
 from flowstep_export.convert_diffsynth import main as convert_main
 from flowstep_export.goldens import load_model
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "models" / "tiny" / "artifacts"
-
-
-def flowstep_bin() -> Path:
-    path = Path(os.environ.get("FLOWSTEP_BIN", ROOT / "target" / "release" / "flowstep"))
-    if not path.exists():
-        if "FLOWSTEP_BIN" in os.environ:
-            pytest.fail(f"FLOWSTEP_BIN={path} does not exist")
-        pytest.skip("flowstep binary not built (scripts/test.sh builds it)")
-    return path
+from independent import TINY, flowstep_bin
 
 
 def test_convert_diffsynth_cache(tmp_path):

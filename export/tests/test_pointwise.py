@@ -3,8 +3,6 @@
 the reference's own rounding is negligible: the float32 functions must agree to float32
 precision (rtol 1e-5 on values of order 1)."""
 
-from pathlib import Path
-
 import onnx
 import pytest
 import torch
@@ -13,7 +11,7 @@ import torch.nn.functional as F
 from flowstep_export import pointwise
 from flowstep_export.configs import get_config
 
-TINY = Path(__file__).resolve().parents[2] / "models/tiny/artifacts"
+from independent import TINY
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
