@@ -71,7 +71,6 @@ fn to_u8(x: f32) -> u8 {
 
 /// The two decoder sessions of a `vae_decoder.json` directory.
 pub struct VaeDecoder {
-    pub dir: PathBuf,
     first: Session,
     step: Session,
     z_dim: usize,
@@ -85,14 +84,18 @@ fn bad(path: &Path, reason: impl Into<String>) -> Error {
 }
 
 impl VaeDecoder {
-    /// Reads `dir/vae_decoder.json`, checks every file's sha256 and loads both graphs.
-    pub fn open(dir: &Path, options: &SessionOptions) -> Result<Self> {
+    /// Reads `dir/vae_decoder.json`, checks that the VAE takes `latent_channels` (the model's)
+    /// and every file's sha256, and loads both graphs.
+    pub fn open(dir: &Path, options: &SessionOptions, latent_channels: usize) -> Result<Self> {
         let path = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&path)
             .map_err(|e| bad(&path, format!("cannot read the VAE decoder manifest ({e}); make the directory with python -m flowstep_export.vae_decoder")))?;
         let m: Manifest = serde_json::from_str(&text).map_err(|e| bad(&path, format!("not a VAE decoder manifest: {e}")))?;
         if m.format != FORMAT || m.version != 1 {
             return Err(bad(&path, format!("format {} version {}; this flowstep reads {FORMAT} version 1", m.format, m.version)));
+        }
+        if m.z_dim != latent_channels {
+            return Err(Error::Config(format!("--vae-decoder {}: the VAE takes {} latent channels, this model makes {latent_channels}", dir.display(), m.z_dim)));
         }
         for name in [&m.graphs.first, &m.graphs.step, &m.weights] {
             let expected = m.files.get(name).ok_or_else(|| bad(&path, format!("`files` has no sha256 for {name}")))?;
@@ -110,12 +113,7 @@ impl VaeDecoder {
         if first.inputs().len() != 1 || step.inputs().len() != expected_inputs || step.outputs().len() != expected_inputs {
             return Err(bad(&path, format!("graphs do not match the manifest's {} caches", m.caches)));
         }
-        Ok(Self { dir: dir.to_path_buf(), first, step, z_dim: m.z_dim, caches: m.caches, time_up: m.upsampling.time, space_up: m.upsampling.space })
-    }
-
-    /// Latent channels the decoder takes (16 for Wan2.1).
-    pub fn z_dim(&self) -> usize {
-        self.z_dim
+        Ok(Self { first, step, z_dim: m.z_dim, caches: m.caches, time_up: m.upsampling.time, space_up: m.upsampling.space })
     }
 
     /// Decodes one latent video [C, F, H, W] to 1 + 4(F-1) RGB frames of 8H × 8W in [-1, 1],

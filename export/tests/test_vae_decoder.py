@@ -123,7 +123,12 @@ def test_no_ffmpeg_is_one_warning_and_bad_decoder_dir_is_one_error(decoder, tmp_
     with open(tampered / "vae_decoder.weights", "r+b") as f:
         f.seek(100)
         f.write(b"\x7f\x7f\x7f\x7f")
-    for bad, message in [(tampered, "sha256 differs"), (tmp_path / "empty", "vae_decoder.json")]:
+    other_model = tmp_path / "other_model"  # a VAE for 48-channel latents (Wan2.2's), not this model's 16
+    shutil.copytree(decoder / "decoder", other_model)
+    manifest = json.loads((other_model / "vae_decoder.json").read_text())
+    (other_model / "vae_decoder.json").write_text(json.dumps({**manifest, "z_dim": 48}))
+    for bad, message in [(tampered, "sha256 differs"), (tmp_path / "empty", "vae_decoder.json"),
+                         (other_model, "the VAE takes 48 latent channels, this model makes 16")]:
         r = sample(tmp_path / "b", bad, empty, shape="2,4,4")
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
         assert not (tmp_path / "b").exists(), "a bad decoder is refused before any work"

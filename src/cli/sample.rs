@@ -184,10 +184,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     if let (Some(e), None, false) = (&m.expert, &other, globals.quiet) {
         eprintln!("warning: {} is the {} expert alone; pass the other expert with --expert-artifacts to sample as Wan2.2 does", m.model.name, e.role.as_str());
     }
-    let mut decoder = args.vae_decoder.as_deref().map(|dir| VaeDecoder::open(dir, &session)).transpose()?;
-    if let Some(d) = &decoder {
-        anyhow::ensure!(d.z_dim() == shape[0], "--vae-decoder {}: the VAE takes {} latent channels, this model makes {}", d.dir.display(), d.z_dim(), shape[0]);
-    }
+    let mut decoder = args.vae_decoder.as_deref().map(|dir| VaeDecoder::open(dir, &session, shape[0])).transpose()?;
     let mut model = WithLora::<VelocityGraph>::load(&artifacts, &session, args.model.base.as_deref(), args.lora.as_deref())?;
     let mut other_model = match &other {
         Some(a) => Some(WithLora::<VelocityGraph>::load(a, &session, args.expert_base.as_deref(), args.expert_lora.as_deref())?),

@@ -117,13 +117,7 @@ impl SampleWriter {
     pub fn load(artifacts: &Artifacts, options: &SessionOptions, base: &BaseWeights, prompts: Vec<Prompt>, config: &SamplingConfig) -> Result<Self> {
         let m = &artifacts.manifest.model;
         let decoder = match &config.vae_decoder {
-            Some(dir) => {
-                let decoder = VaeDecoder::open(dir, options)?;
-                if decoder.z_dim() != m.latent_channels() {
-                    return Err(Error::Config(format!("--vae-decoder {}: the VAE takes {} latent channels, this model makes {}", dir.display(), decoder.z_dim(), m.latent_channels())));
-                }
-                Some((decoder, VideoOptions { fps: FPS, save_frames: false, tile: config.vae_tile }))
-            }
+            Some(dir) => Some((VaeDecoder::open(dir, options, m.latent_channels())?, VideoOptions { fps: FPS, save_frames: false, tile: config.vae_tile })),
             None => None,
         };
         Ok(Self { graph: VelocityGraph::load(artifacts, options, base)?, prompts, context_shape: [m.text_len, m.text_dim], decoder })
