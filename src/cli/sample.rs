@@ -136,8 +136,6 @@ fn latent_shape(args: &Args, model: &flowstep::artifacts::ModelInfo) -> anyhow::
     Ok(shape)
 }
 
-/// The conditioning tensors the model takes, read from `--condition` and checked against the
-/// latent shape; none for a text-to-video model.
 /// The other expert must complete the pair: the opposite role, the same switch timestep and
 /// the same inputs.
 fn check_pair(main: &Manifest, other: &Manifest, dir: &std::path::Path) -> anyhow::Result<()> {

@@ -65,8 +65,8 @@ pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtyp
         return Err(Error::Tensor { path: path.to_path_buf(), reason: format!("not written: LoRA parameter {i} is {} (not finite in {dtype:?})", flat[i]) });
     }
     let mut tensors = unflatten(lora, flat)?;
-    if format == LoraFormat::Diffsynth && diffsynth_b_scale(lora) != 1.0 {
-        let scale = diffsynth_b_scale(lora);
+    let scale = diffsynth_b_scale(lora);
+    if format == LoraFormat::Diffsynth && scale != 1.0 {
         tensors.iter_mut().filter(|t| t.name.contains(".lora_B.")).for_each(|t| t.values.iter_mut().for_each(|v| *v *= scale));
     }
     if format == LoraFormat::Comfyui {
