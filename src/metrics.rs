@@ -24,7 +24,11 @@ pub struct StepRecord {
     pub timestep: f32,
     pub weight: f32,
     pub lr: f64,
+    /// L2 norm of the step's averaged gradient, before clipping.
     pub grad_norm: f32,
+    /// With `--max-grad-norm`: the norm of the gradient the update used, after clipping.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub grad_norm_clipped: Option<f32>,
     /// False when the step was skipped (non-finite loss or gradient).
     pub applied: bool,
     /// Wall time of the step.

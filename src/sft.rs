@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use crate::artifacts::ExpertInfo;
 use crate::error::{Error, Result};
 use crate::scheduler::{FlowMatchScheduler, NUM_TRAIN_TIMESTEPS, round_to_bf16};
+use crate::timesteps::{LossWeighting, TimestepSampling};
 
 /// Elements per independently seeded noise chunk (the unit of parallel work).
 const NOISE_CHUNK: usize = 1 << 16;
@@ -30,6 +31,9 @@ pub struct SftConfig {
     pub noise_scale: f32,
     /// Round the timestep to bfloat16 before use, as DiffSynth does (294 distinct values).
     pub bf16_timestep: bool,
+    /// How the timestep is drawn ([`crate::timesteps`]).
+    pub sampling: TimestepSampling,
+    pub loss_weighting: LossWeighting,
 }
 
 impl Default for SftConfig {
@@ -41,6 +45,8 @@ impl Default for SftConfig {
             max_boundary: 1.0,
             noise_scale: 1.0,
             bf16_timestep: false,
+            sampling: TimestepSampling::Uniform,
+            loss_weighting: LossWeighting::Diffsynth,
         }
     }
 }
@@ -92,6 +98,8 @@ pub struct SftSampler {
     pub config: SftConfig,
     pub seed: u64,
     index_range: (usize, usize),
+    /// For the continuous modes: the σ range of the boundaries, [σ(hi), σ(lo)], with σ(N) = 0.
+    sigma_range: (f64, f64),
 }
 
 impl SftSampler {
@@ -110,8 +118,13 @@ impl SftSampler {
         if !(config.noise_scale.is_finite() && config.shift.is_finite() && config.shift > 0.0) {
             return Err(Error::Config("noise scale and shift must be finite, shift > 0".into()));
         }
+        if config.bf16_timestep && config.sampling.is_continuous() {
+            return Err(Error::flag("--bf16-timestep", format!("rounds DiffSynth's table timesteps; --timestep-sampling {} draws no table entry", config.sampling)));
+        }
         let scheduler = FlowMatchScheduler::training(n, 1.0, config.shift);
-        Ok(Self { scheduler, config, seed, index_range: (lo, hi) })
+        let sigma_at = |i: usize| scheduler.sigmas.get(i).map_or(0.0, |&s| s as f64);
+        let sigma_range = (sigma_at(hi), sigma_at(lo));
+        Ok(Self { scheduler, config, seed, index_range: (lo, hi), sigma_range })
     }
 
     /// The same draws under another seed (evaluation noise).
@@ -124,10 +137,29 @@ impl SftSampler {
         self.index_range
     }
 
+    /// The uniform variate in [0, 1) that musubi's modes map to step `step`'s timestep
+    /// (DiffSynth's `uniform` draws its index from the same stream instead).
+    pub fn timestep_variate(&self, step: u64) -> f32 {
+        step_rng(self.seed, step, TIMESTEP_STREAM).random::<f32>()
+    }
+
     /// The timestep, σ and weight of step `step`.
     pub fn draw_timestep(&self, step: u64) -> TimestepDraw {
-        let mut rng = step_rng(self.seed, step, TIMESTEP_STREAM);
-        let index = rng.random_range(self.index_range.0..self.index_range.1);
+        let (lo, hi) = self.index_range;
+        let sampling = self.config.sampling;
+        let index = match sampling {
+            TimestepSampling::Uniform => step_rng(self.seed, step, TIMESTEP_STREAM).random_range(lo..hi),
+            _ => {
+                let u = self.timestep_variate(step);
+                if let Some(t) = sampling.continuous_t(u) {
+                    return self.continuous_draw(t);
+                }
+                // musubi: indices = (u·(t_max − t_min) + t_min).long(); a fraction that rounds
+                // to 1 in f64 stays inside the range.
+                let fraction = sampling.table_fraction(u).unwrap_or(0.0);
+                ((fraction * (hi - lo) as f64 + lo as f64).floor() as usize).min(hi - 1)
+            }
+        };
         let mut timestep = self.scheduler.timesteps[index];
         if self.config.bf16_timestep {
             timestep = round_to_bf16(timestep);
@@ -140,8 +172,25 @@ impl SftSampler {
 
     /// The draw for table index `index` fed as `timestep`, with σ and w(t) of entry `entry`.
     fn draw_at(&self, index: usize, timestep: f32, entry: usize) -> TimestepDraw {
-        let weight = self.scheduler.weights.as_ref().map_or(1.0, |w| w[entry]);
-        TimestepDraw { index, timestep, sigma: self.scheduler.sigmas[entry], weight }
+        TimestepDraw { index, timestep, sigma: self.scheduler.sigmas[entry], weight: self.weight(entry) }
+    }
+
+    /// A continuous t of musubi's modes, scaled into the boundaries' σ range: σ = t and the
+    /// model is fed 1000·t + 1, as musubi; `index` is the nearest table entry (its weight).
+    fn continuous_draw(&self, t: f64) -> TimestepDraw {
+        let (min, max) = self.sigma_range;
+        let t = t * (max - min) + min;
+        let sigma = t as f32;
+        let index = self.scheduler.index_of(1000.0 * sigma);
+        TimestepDraw { index, timestep: (t * 1000.0 + 1.0) as f32, sigma, weight: self.weight(index) }
+    }
+
+    /// w(t) of table entry `entry` under the run's loss weighting.
+    fn weight(&self, entry: usize) -> f32 {
+        match self.config.loss_weighting {
+            LossWeighting::Diffsynth => self.scheduler.weights.as_ref().map_or(1.0, |w| w[entry]),
+            LossWeighting::None => 1.0,
+        }
     }
 
     /// ε ~ N(0, 1)·noise_scale for one chunk of step `key`'s noise.

@@ -12,6 +12,11 @@ AdamW away from its scale invariance, so a wrong accumulation scale moves the pa
 Measured: flowstep vs reference differ by <= 2e-7 in the parameters (lr 1e-3); an
 optimizer step count that includes skipped steps (bias correction) moves them by 3e-4,
 a missing 1/K gradient scale by 5e-4.
+
+`--max-grad-norm` runs the same draws against the same loop with musubi-tuner's
+`accelerator.clip_grad_norm_` (torch.nn.utils.clip_grad_norm_ on the accumulated gradient,
+after the 1/K scaling), at a max norm below every step's norm (clipping at each step) and at
+one between them (some steps clipped, some not: an unclamped factor would scale those up).
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ STEPS, K, LR, WARMUP, MIN_RATIO, EPS, WD, SEED = 8, 2, 1e-3, 3, 0.1, 1e-6, 0.01,
 PARAM_ATOL = 1e-5  # 1% of one step at lr 1e-3; observed 2e-7, planted bugs 3e-4 and more
 
 
+def train(data, out, *extra):
+    flowstep("-q", "train", "--artifacts", TINY, "--data", data, "--out", out, "--steps", STEPS, "--grad-accum", K,
+             "--lr", LR, "--lr-schedule", f"cosine:{WARMUP}:{MIN_RATIO}", "--eps", EPS, "--weight-decay", WD,
+             "--on-nonfinite", "skip", "--lora-dtype", "f32", "--seed", SEED, *extra)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("refloop")
@@ -44,17 +56,15 @@ def run(tmp_path_factory):
     save_file({"latents": torch.full((16, 2, 8, 8), 3e38), "context": torch.randn(16, 64, generator=g)},
               str(data / "sample-huge.safetensors"))
     out = tmp / "run"
-    flowstep("-q", "train", "--artifacts", TINY, "--data", data, "--out", out, "--steps", STEPS, "--grad-accum", K,
-             "--lr", LR, "--lr-schedule", f"cosine:{WARMUP}:{MIN_RATIO}", "--eps", EPS, "--weight-decay", WD,
-             "--on-nonfinite", "skip", "--lora-dtype", "f32", "--seed", SEED)
+    metrics = train(data, out)
     flowstep("draws", "--artifacts", TINY, "--data", data, "--out", tmp / "draws.safetensors",
              "--micro-steps", STEPS * K, "--seed", SEED)
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return SimpleNamespace(data=data, out=out, draws=load_file(str(tmp / "draws.safetensors")), metrics=metrics)
 
 
-def reference_loop(data, draws):
-    """DiffSynth's recipe in PyTorch; returns (per-step records, flat parameters)."""
+def reference_loop(data, draws, max_grad_norm=None):
+    """DiffSynth's recipe in PyTorch, with musubi-tuner's gradient clipping when
+    `max_grad_norm` is given; returns (per-step records, flat parameters)."""
     from diffsynth.diffusion import loss as diffsynth_loss
     from diffsynth.diffusion.flow_match import FlowMatchScheduler
     from diffsynth.pipelines.wan_video import model_fn_wan_video
@@ -90,13 +100,18 @@ def reference_loop(data, draws):
             (loss / K).backward()
             losses.append(loss.item())
         applied = all(math.isfinite(v) for v in losses)
-        grad_norm = None
+        grad_norm = clipped_norm = None
         if applied:
             grad_norm = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in params])).item()
+            if max_grad_norm is not None:
+                # musubi-tuner: accelerator.clip_grad_norm_(params, args.max_grad_norm) after accumulation;
+                # it returns the norm before clipping.
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+            clipped_norm = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in params])).item()
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr_schedule.step()
-        records.append({"step": step + 1, "applied": applied, "lr": lr, "grad_norm": grad_norm,
+        records.append({"step": step + 1, "applied": applied, "lr": lr, "grad_norm": grad_norm, "clipped_norm": clipped_norm,
                         "loss": sum(losses) / K if applied else None})
     return records, flatten(TINY, dict(dit.named_parameters()))
 
@@ -135,3 +150,26 @@ def test_first_step_after_warmup_uses_base_rate(run):
     assert lrs[:WARMUP] == pytest.approx([LR * (s + 1) / WARMUP for s in range(WARMUP)], rel=1e-15)
     assert lrs[WARMUP] == LR, f"step {WARMUP + 1} (first after a {WARMUP}-step warm-up) has lr {lrs[WARMUP]}"
     assert all(lr < LR for lr in lrs[WARMUP + 1:])
+
+
+@pytest.mark.parametrize("where", ["below every norm", "between the norms"])
+def test_clipping_matches_torch_clip_grad_norm(run, tmp_path, where):
+    norms = sorted(m["grad_norm"] for m in run.metrics if m["applied"])
+    max_norm = norms[0] / 2 if where == "below every norm" else (norms[0] + norms[-1]) / 2
+    metrics = train(run.data, tmp_path / "run", "--max-grad-norm", max_norm)
+    records, ref_params = reference_loop(run.data, run.draws, max_grad_norm=max_norm)
+    assert [m["applied"] for m in metrics] == [r["applied"] for r in records]
+    clipped = [r["grad_norm"] > max_norm for r in records if r["applied"]]
+    assert all(clipped) if where == "below every norm" else any(clipped) and not all(clipped), clipped
+    for m, r in zip(metrics, records):
+        if r["applied"]:
+            assert m["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-5), m
+            assert m["grad_norm_clipped"] == pytest.approx(r["clipped_norm"], rel=1e-5), m
+            assert m["grad_norm_clipped"] <= max_norm * (1 + 1e-5) or m["grad_norm_clipped"] == m["grad_norm"], m
+        else:
+            assert m["grad_norm"] is None and m["grad_norm_clipped"] is None, m
+    params = final_state(tmp_path / "run")["params"]
+    unclipped = final_state(run.out)["params"]
+    assert (unclipped - ref_params).abs().max() > 20 * PARAM_ATOL, "clipping must move the parameters for this to mean anything"
+    err = (params - ref_params).abs().max().item()
+    assert err < PARAM_ATOL, f"flowstep vs reference parameters with clipping at {max_norm}: max |diff| {err:.2e}"

@@ -2,6 +2,7 @@
 
 mod draws;
 mod eval;
+mod export_flags;
 mod inspect;
 mod sample;
 mod schedule;
@@ -62,7 +63,17 @@ pub struct Globals {
 }
 
 pub fn run() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => match export_flags::hint(&err) {
+            Some(line) => {
+                eprintln!("error: {line}");
+                // clap's status for a usage error.
+                return ExitCode::from(2);
+            }
+            None => err.exit(),
+        },
+    };
     let globals = Globals { ort_lib: cli.ort_lib, verbose: cli.verbose, quiet: cli.quiet };
     let result = match cli.command {
         Command::Schedule(args) => schedule::run(args, &globals),
@@ -135,6 +146,40 @@ pub struct SftArgs {
     /// Round the timestep to bfloat16 as DiffSynth does (exact parity; default: exact float32).
     #[arg(long)]
     pub bf16_timestep: bool,
+
+    /// How each step's timestep is drawn. uniform: DiffSynth-Studio's draw, a table index
+    /// uniform in the timestep boundaries. The others are musubi-tuner's (30c658c4), each
+    /// from one uniform variate through the normal quantile: sigmoid (t = sigmoid(scale·z)) and
+    /// shift (that t shifted by --discrete-flow-shift) draw a continuous t with σ = t and the
+    /// model fed 1000·t + 1, as musubi, t scaled into the boundaries' σ range; logit_normal is
+    /// musubi's `--timestep_sampling sigma --weighting_scheme logit_normal`: table index
+    /// ⌊sigmoid(mean + std·z)·(range)⌋ within the boundaries (musubi's table is unshifted: pass
+    /// --shift 1 for its exact σ).
+    #[arg(long, value_enum, default_value = "uniform", value_name = "MODE")]
+    pub timestep_sampling: flowstep::timesteps::SamplingMode,
+
+    /// sigmoid and shift: the scale of z in sigmoid(scale·z) (musubi's default 1).
+    #[arg(long, value_name = "X")]
+    pub sigmoid_scale: Option<f64>,
+
+    /// shift: the shift applied to the sigmoid draw, t' = s·t/(1 + (s − 1)·t) (musubi's
+    /// default 1; musubi's Wan guides use 3). Not --shift, which shapes DiffSynth's table.
+    #[arg(long, value_name = "S")]
+    pub discrete_flow_shift: Option<f64>,
+
+    /// logit_normal: the mean of the normal before the sigmoid (default 0).
+    #[arg(long, value_name = "M", allow_negative_numbers = true)]
+    pub logit_mean: Option<f64>,
+
+    /// logit_normal: its standard deviation (default 1).
+    #[arg(long, value_name = "S")]
+    pub logit_std: Option<f64>,
+
+    /// The loss weight w(t): diffsynth (DiffSynth's table weight of the timestep's entry) or
+    /// none (1, musubi-tuner's weighting_scheme none). Default: diffsynth with uniform, so that
+    /// the default step is DiffSynth's exactly; none with musubi's modes, as musubi.
+    #[arg(long, value_enum, value_name = "W")]
+    pub loss_weighting: Option<flowstep::timesteps::LossWeighting>,
 }
 
 impl SftArgs {
@@ -144,12 +189,21 @@ impl SftArgs {
         let stored = flowstep::data::stored_boundaries(data)?;
         let flags = (self.min_timestep_boundary, self.max_timestep_boundary);
         let b = flowstep::sft::resolve_boundaries(flags, manifest.expert.as_ref(), stored)?;
+        let params = flowstep::timesteps::SamplingParams {
+            sigmoid_scale: self.sigmoid_scale,
+            discrete_flow_shift: self.discrete_flow_shift,
+            logit_mean: self.logit_mean,
+            logit_std: self.logit_std,
+        };
+        let sampling = flowstep::timesteps::TimestepSampling::from_flags(self.timestep_sampling, params)?;
         let config = flowstep::sft::SftConfig {
             shift: self.shift,
             min_boundary: b.min,
             max_boundary: b.max,
             noise_scale: self.noise_scale,
             bf16_timestep: self.bf16_timestep,
+            sampling,
+            loss_weighting: self.loss_weighting.unwrap_or(flowstep::timesteps::LossWeighting::default_for(&sampling)),
             ..flowstep::sft::SftConfig::default()
         };
         Ok((config, b))

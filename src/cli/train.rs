@@ -75,6 +75,13 @@ pub struct Args {
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
 
+    /// Clip the gradient to this total L2 norm before each update, as torch's clip_grad_norm_
+    /// (the norm of the averaged gradient of all --grad-accum samples; factor
+    /// X/(norm+1e-6), at most 1). Default off, as DiffSynth-Studio; musubi-tuner clips at
+    /// 1.0 by default. metrics.jsonl then has grad_norm (before) and grad_norm_clipped.
+    #[arg(long, value_name = "X")]
+    pub max_grad_norm: Option<f64>,
+
     /// Samples per optimizer step; gradients are summed in the graph and scaled by 1/K.
     #[arg(long, default_value_t = 1, value_name = "K")]
     pub grad_accum: usize,
@@ -98,8 +105,8 @@ pub struct Args {
     #[arg(long)]
     pub resume: bool,
 
-    /// With --resume: accept a changed --lr, --lr-schedule, --steps of a cosine schedule or
-    /// AdamW setting (otherwise refused); the change is printed and written to metrics.jsonl.
+    /// With --resume: accept a changed --lr, --lr-schedule, --steps of a cosine schedule,
+    /// --max-grad-norm or AdamW setting (otherwise refused); the change is printed and written to metrics.jsonl.
     #[arg(long, requires = "resume")]
     pub allow_changed_hyperparameters: bool,
 
@@ -192,6 +199,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         lr: args.lr,
         schedule: args.lr_schedule,
         adamw: AdamW { beta1: args.beta1, beta2: args.beta2, eps: args.eps, weight_decay: args.weight_decay },
+        max_grad_norm: args.max_grad_norm,
         grad_accum: args.grad_accum,
         repeat: args.repeat,
         sft,

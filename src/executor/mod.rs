@@ -3,6 +3,7 @@
 
 mod base;
 mod batch;
+mod grad_clip;
 mod graphs;
 mod loader;
 mod state;

@@ -11,6 +11,7 @@
 use ort::session::{IoBinding, Session};
 use ort::value::Tensor;
 
+use super::grad_clip::{GradClip, clip_coefficient};
 use super::{Batch, BaseWeights, DeviceMemory, host_tensor};
 use crate::artifacts::{Artifacts, OPTIMIZER, TRAINING, check_session_io};
 use crate::error::{Error, Result};
@@ -35,7 +36,10 @@ impl Default for AdamW {
 /// What one optimizer call did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OptimizerOutcome {
+    /// L2 norm of the accumulated gradient scaled by 1/micro-steps, before clipping.
     pub grad_norm: f32,
+    /// L2 norm of the gradient the update used (after clipping; equal without it).
+    pub clipped_grad_norm: f32,
     /// False when the gradient or the updated parameters were not finite and the update
     /// was discarded.
     pub applied: bool,
@@ -59,6 +63,8 @@ pub struct TrainingGraphs {
     grad_norm_out: Tensor<f32>,
     params_nonfinite_out: Tensor<f32>,
     scalars: [Tensor<f32>; 8],
+    /// `--max-grad-norm`: the norm graph, when clipping is on.
+    clip: Option<GradClip>,
 }
 
 const SCALAR_NAMES: [&str; 8] =
@@ -100,6 +106,7 @@ impl TrainingGraphs {
             optimizer,
             train_binding,
             opt_binding,
+            clip: None,
         };
         Ok((graphs, base))
     }
@@ -141,6 +148,13 @@ impl TrainingGraphs {
         &self.params[self.cur]
     }
 
+    /// Clips the gradient of every later update to total norm `max_norm` (torch's
+    /// `clip_grad_norm_`), computing the norm on this graphs' device.
+    pub fn clip_grad_norm(&mut self, max_norm: f64, options: &SessionOptions) -> Result<()> {
+        self.clip = Some(GradClip::load(max_norm, options)?);
+        Ok(())
+    }
+
     /// Micro-steps accumulated since the last optimizer step.
     pub fn accumulated(&self) -> usize {
         self.micro
@@ -178,13 +192,22 @@ impl TrainingGraphs {
         self.micro = 0;
     }
 
-    /// AdamW over the accumulated gradient (scaled by 1/micro-steps); `step` is the 1-based
-    /// optimizer step for bias correction. A non-finite gradient norm or updated parameter
-    /// leaves the state as it was.
+    /// AdamW over the accumulated gradient (scaled by 1/micro-steps, then clipped when
+    /// clipping is on); `step` is the 1-based optimizer step for bias correction. A
+    /// non-finite gradient norm or updated parameter leaves the state as it was.
     pub fn apply(&mut self, step: u64, lr: f64, hp: &AdamW) -> Result<OptimizerOutcome> {
         if self.micro == 0 {
             return Err(Error::Config("optimizer step with no accumulated gradient".into()));
         }
+        let average = 1.0 / self.micro as f64;
+        // The clip factor scales the averaged gradient, as clip_grad_norm_ after accumulation.
+        let (grad_norm, grad_scale) = match self.clip.as_mut() {
+            Some(clip) => {
+                let norm = clip.norm(&self.grads[(self.micro - 1) % 2])? * average;
+                (Some(norm as f32), average * clip_coefficient(norm, clip.max_norm))
+            }
+            None => (None, average),
+        };
         let values = [
             lr,
             hp.beta1,
@@ -193,7 +216,7 @@ impl TrainingGraphs {
             hp.weight_decay,
             1.0 - hp.beta1.powf(step as f64),
             1.0 - hp.beta2.powf(step as f64),
-            1.0 / self.micro as f64,
+            grad_scale,
         ];
         for (t, v) in self.scalars.iter_mut().zip(values) {
             t.extract_tensor_mut().1[0] = v as f32;
@@ -223,15 +246,15 @@ impl TrainingGraphs {
         let b = &self.opt_binding;
         self.optimizer.run_binding(b).map_err(Error::ort("running the optimizer graph"))?;
         self.micro = 0;
-        let grad_norm = self.grad_norm_out.extract_tensor().1[0];
+        let clipped_grad_norm = self.grad_norm_out.extract_tensor().1[0];
         // A finite gradient can still overflow the update (huge lr or weight decay); the
         // graph counts the updated parameters that are not finite.
         let params_nonfinite = self.params_nonfinite_out.extract_tensor().1[0];
-        let applied = grad_norm.is_finite() && params_nonfinite == 0.0;
+        let applied = clipped_grad_norm.is_finite() && params_nonfinite == 0.0;
         if applied {
             self.cur = next;
         }
-        Ok(OptimizerOutcome { grad_norm, applied })
+        Ok(OptimizerOutcome { grad_norm: grad_norm.unwrap_or(clipped_grad_norm), clipped_grad_norm, applied })
     }
 }
 

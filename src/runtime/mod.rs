@@ -74,6 +74,31 @@ impl SessionOptions {
 /// is an error, never a silent fall back to CPU, and on a GPU provider so is a compute node
 /// that lands on the CPU (unless `allow_cpu_fallback`).
 pub fn load_session(model: &Path, options: &SessionOptions) -> Result<Session> {
+    load_graph(GraphSource::File(model), options)
+}
+
+/// A graph flowstep carries in its binary (`assets/`), loaded like an exported one.
+pub fn load_embedded_session(name: &'static str, bytes: &'static [u8], options: &SessionOptions) -> Result<Session> {
+    load_graph(GraphSource::Embedded { name, bytes }, options)
+}
+
+/// Where a graph comes from; `Display` names it in errors.
+#[derive(Clone, Copy)]
+enum GraphSource<'a> {
+    File(&'a Path),
+    Embedded { name: &'static str, bytes: &'static [u8] },
+}
+
+impl std::fmt::Display for GraphSource<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GraphSource::File(path) => write!(f, "{}", path.display()),
+            GraphSource::Embedded { name, .. } => write!(f, "flowstep's built-in {name}"),
+        }
+    }
+}
+
+fn load_graph(model: GraphSource<'_>, options: &SessionOptions) -> Result<Session> {
     let session = build_session(model, options)?;
     if options.device.is_gpu() && !options.allow_cpu_fallback {
         let compute: Vec<String> = cpu_nodes(&session)?.into_iter().filter(|n| !n.is_shape_arithmetic()).map(|n| n.to_string()).collect();
@@ -81,7 +106,7 @@ pub fn load_session(model: &Path, options: &SessionOptions) -> Result<Session> {
             return Err(Error::Device(format!(
                 "{} has {} compute node(s) that {} cannot run, which ONNX Runtime would put on the CPU: {}{} \
                  (re-export for this provider, or pass --allow-cpu-fallback to run them on the CPU anyway)",
-                model.display(),
+                model,
                 compute.len(),
                 options.device,
                 compute.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
@@ -92,8 +117,8 @@ pub fn load_session(model: &Path, options: &SessionOptions) -> Result<Session> {
     Ok(session)
 }
 
-fn build_session(model: &Path, options: &SessionOptions) -> Result<Session> {
-    let during = format!("loading {}", model.display());
+fn build_session(model: GraphSource<'_>, options: &SessionOptions) -> Result<Session> {
+    let during = format!("loading {model}");
     let mut builder = Session::builder(environment()?)
         .map_err(Error::ort(during.clone()))?
         .with_optimization_level(GraphOptimizationLevel::Level3)
@@ -137,11 +162,14 @@ fn build_session(model: &Path, options: &SessionOptions) -> Result<Session> {
             } else {
                 "GPU providers need the onnxruntime-gpu library: scripts/setup_ort.sh --gpu, then --ort-lib .ort/gpu/libonnxruntime.so"
             };
-            Error::Device(format!("cannot use {} for {}: {message} ({hint})", options.device, model.display()))
+            Error::Device(format!("cannot use {} for {model}: {message} ({hint})", options.device))
         })?;
     }
-    builder.commit_from_file(model).map_err(|e| Error::Manifest {
-        path: model.to_path_buf(),
-        reason: format!("ONNX Runtime cannot load this graph: {e}"),
-    })
+    match model {
+        GraphSource::File(path) => builder.commit_from_file(path).map_err(|e| Error::Manifest {
+            path: path.to_path_buf(),
+            reason: format!("ONNX Runtime cannot load this graph: {e}"),
+        }),
+        GraphSource::Embedded { bytes, .. } => builder.commit_from_memory(bytes).map_err(Error::ort(during)),
+    }
 }

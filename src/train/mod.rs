@@ -53,6 +53,9 @@ pub struct TrainConfig {
     pub lr: f64,
     pub schedule: LrSchedule,
     pub adamw: AdamW,
+    /// `--max-grad-norm`: clip the averaged gradient to this total L2 norm (torch's
+    /// clip_grad_norm_); None does not clip.
+    pub max_grad_norm: Option<f64>,
     pub grad_accum: usize,
     pub repeat: usize,
     pub sft: SftConfig,

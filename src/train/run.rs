@@ -10,6 +10,7 @@ use super::TrainConfig;
 use crate::artifacts::{Artifacts, OPTIMIZER, TRAINING};
 use crate::error::{Error, Result};
 use crate::optim::LrSchedule;
+use crate::timesteps::{LossWeighting, TimestepSampling};
 
 /// The run as stored in `trainer.json` (`run`): `identity` never changes across resumes,
 /// `hyperparameters` only with `--allow-changed-hyperparameters`. Keys are flag names.
@@ -24,11 +25,15 @@ pub(super) fn describe(config: &TrainConfig, artifacts: &Artifacts, dataset_len:
         "eps": config.adamw.eps,
         "weight-decay": config.adamw.weight_decay,
     });
+    // Recorded only when on, so that checkpoints from before the option resume unchanged.
+    if let Some(max) = config.max_grad_norm {
+        hyper["max-grad-norm"] = json!(max);
+    }
     // A cosine schedule is stretched over the whole run: its length is a hyperparameter.
     if matches!(config.schedule, LrSchedule::Cosine { .. }) {
         hyper["steps"] = json!(total_steps);
     }
-    let run = json!({
+    let mut run = json!({
         "identity": {
             "artifacts": format!("{}+{}", sha(TRAINING), sha(OPTIMIZER)),
             "seed": config.seed,
@@ -43,6 +48,11 @@ pub(super) fn describe(config: &TrainConfig, artifacts: &Artifacts, dataset_len:
         },
         "hyperparameters": hyper,
     });
+    // Recorded only off DiffSynth's default, so that checkpoints from before these options resume.
+    if sft.sampling != TimestepSampling::Uniform || sft.loss_weighting != LossWeighting::Diffsynth {
+        run["identity"]["timestep-sampling"] = json!(sft.sampling.to_string());
+        run["identity"]["loss-weighting"] = json!(sft.loss_weighting);
+    }
     // Through text and back, so floats compare as a checkpoint's parsed values do.
     serde_json::from_str(&run.to_string()).map_err(|e| Error::Config(e.to_string()))
 }

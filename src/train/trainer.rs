@@ -170,6 +170,9 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let base_path = config.base.clone();
         let a = artifacts.clone();
         let (mut graphs, base) = TrainingGraphs::load(&artifacts, &config.session, |m| load_base_weights(&a, base_path.as_deref(), m))?;
+        if let Some(max) = config.max_grad_norm {
+            graphs.clip_grad_norm(max, &config.session)?;
+        }
         let eval_graph = match &eval_set {
             Some(_) => Some(LossGraph::load(&artifacts, &config.session, &base)?),
             None => None,
@@ -267,7 +270,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
                 micro += 1;
             }
         }
-        let (applied, grad_norm) = self.apply(lr, &mut acc)?;
+        let (applied, grad_norm, clipped_grad_norm) = self.apply(lr, &mut acc)?;
         let seconds = step_start.elapsed().as_secs_f64();
         self.timing.step_seconds += seconds;
         self.timing.host_seconds += seconds - acc.graph_seconds;
@@ -280,6 +283,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             weight: draw.weight,
             lr,
             grad_norm,
+            grad_norm_clipped: self.config.max_grad_norm.map(|_| clipped_grad_norm),
             applied,
             seconds,
             eval_loss: None,
@@ -345,8 +349,9 @@ impl<'a, 'o> Trainer<'a, 'o> {
     }
 
     /// The optimizer update over the accumulated gradient, or its rejection under the
-    /// non-finite policy. Returns (applied, gradient norm) and advances the step.
-    fn apply(&mut self, lr: f64, acc: &mut Accumulated) -> Result<(bool, f32)> {
+    /// non-finite policy. Returns (applied, gradient norm, norm after clipping) and advances
+    /// the step.
+    fn apply(&mut self, lr: f64, acc: &mut Accumulated) -> Result<(bool, f32, f32)> {
         let outcome = if acc.finite {
             let t = Instant::now();
             let optimizer_step = self.state.step - self.state.skipped_steps + 1;
@@ -359,6 +364,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
         };
         let applied = outcome.is_some_and(|o| o.applied);
         let grad_norm = outcome.map_or(f32::NAN, |o| o.grad_norm);
+        let clipped_grad_norm = outcome.map_or(f32::NAN, |o| o.clipped_grad_norm);
         if !applied {
             match self.config.on_nonfinite {
                 NonFinitePolicy::Stop => {
@@ -375,7 +381,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
         }
         self.state.step += 1;
         self.committed = self.state.clone();
-        Ok((applied, grad_norm))
+        Ok((applied, grad_norm, clipped_grad_norm))
     }
 
     /// The deterministic eval loss of the current parameters, when the run has eval data.

@@ -34,6 +34,9 @@ impl TrainConfig {
         if !(wd.is_finite() && wd >= 0.0) {
             return Err(Error::flag("--weight-decay", format!("must be a number ≥ 0, got {wd}")));
         }
+        if let Some(max) = self.max_grad_norm {
+            positive("--max-grad-norm", max)?;
+        }
         at_least_one("--grad-accum", self.grad_accum as u64)?;
         at_least_one("--repeat", self.repeat as u64)?;
         match self.length {
