@@ -1,5 +1,6 @@
-//! Opt-in: runs the independent PyTorch reference checks (export/tests/test_reference_loop.py
-//! and the bf16 rounding test) against this build's `flowstep` binary, when FLOWSTEP_PYTHON
+//! Opt-in: runs the independent PyTorch reference checks (export/tests/test_reference_loop.py,
+//! test_timestep_sampling.py against musubi-tuner's sampling code and the bf16 rounding
+//! test) against this build's `flowstep` binary, when FLOWSTEP_PYTHON
 //! names the pinned environment's python. scripts/mutants.sh sets it, so that mutants of the
 //! training loop face the reference; scripts/test.sh runs the same files under pytest, so
 //! without the variable this test only says that it did nothing.
@@ -14,7 +15,7 @@ fn pytorch_reference_checks() {
     };
     let export = Path::new(env!("CARGO_MANIFEST_DIR")).join("export");
     let out = std::process::Command::new(python)
-        .args(["-m", "pytest", "-q", "-x", "tests/test_reference_loop.py", "tests/test_lora_alpha_and_files.py::test_bf16_rounding_of_ties"])
+        .args(["-m", "pytest", "-q", "-x", "tests/test_reference_loop.py", "tests/test_timestep_sampling.py", "tests/test_lora_alpha_and_files.py::test_bf16_rounding_of_ties"])
         .current_dir(&export)
         .env("FLOWSTEP_BIN", env!("CARGO_BIN_EXE_flowstep"))
         .output()
