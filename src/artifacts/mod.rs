@@ -1,4 +1,4 @@
-//! An artifacts directory: the manifest, its files and their checks (DESIGN.md §3).
+//! An artifacts directory: the manifest, its files and their checks (docs/DESIGN.md §3).
 
 mod files;
 mod manifest;
@@ -32,7 +32,7 @@ pub const OPTIMIZER_INPUTS: [&str; 12] = [
     "bias_correction1", "bias_correction2", "grad_scale",
 ];
 /// `params_nonfinite` counts the NaN/±Inf entries of `params_out` (float32 scalar); the
-/// trainer keeps an update only when it is 0 (DESIGN.md §1).
+/// trainer keeps an update only when it is 0 (docs/DESIGN.md §3.5).
 pub const OPTIMIZER_OUTPUTS: [&str; 5] = ["params_out", "m_out", "v_out", "grad_norm", "params_nonfinite"];
 
 /// A validated artifacts directory.

@@ -1,4 +1,4 @@
-//! Command-line surface (DESIGN.md §7): global flags, one file per command.
+//! Command-line surface (docs/DESIGN.md §7): global flags, one file per command.
 
 mod draws;
 mod eval;
