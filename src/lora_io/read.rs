@@ -237,7 +237,9 @@ pub(super) fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
                 if !alpha.is_finite() {
                     return Err(fail(format!("LoRA alpha `{key}` is {alpha}")));
                 }
-                alpha
+                // kohya's and musubi-tuner's LoRAModule: `alpha = lora_dim if alpha is None or
+                // alpha == 0`, i.e. scale 1; a literal 0 would switch the LoRA off.
+                if alpha == 0.0 && layout == Layout::Musubi { lora.rank as f64 } else { alpha }
             }
             None => file_alpha,
         };
@@ -345,6 +347,8 @@ mod tests {
             (write(d, "diffusion_model.blocks.0.self_attn.q.lora_down.weight", "diffusion_model.blocks.0.self_attn.q.lora_up.weight", Some(("diffusion_model.blocks.0.self_attn.q.alpha", 1.0)), None), 0.5),
             // ComfyUI without alpha (musubi's `--target other` output): scale 1.
             (write(d, "diffusion_model.blocks.0.self_attn.q.lora_A.weight", "diffusion_model.blocks.0.self_attn.q.lora_B.weight", None, None), 1.0),
+            // musubi/kohya with alpha 0, which musubi reads as alpha = rank: scale 1.
+            (write(d, "lora_unet_blocks_0_self_attn_q.lora_down.weight", "lora_unet_blocks_0_self_attn_q.lora_up.weight", Some(("lora_unet_blocks_0_self_attn_q.alpha", 0.0)), None), 1.0),
             // musubi/kohya with alpha 8: scale 4.
             (write(d, "lora_unet_blocks_0_self_attn_q.lora_down.weight", "lora_unet_blocks_0_self_attn_q.lora_up.weight", Some(("lora_unet_blocks_0_self_attn_q.alpha", 8.0)), None), 4.0),
             // diffusers without metadata: scale 1.
