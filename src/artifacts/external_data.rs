@@ -81,12 +81,11 @@ fn walk(buf: &[u8], message: Message, depth: usize, out: &mut Vec<String>) -> st
                     (Message::Entry, 1) => key = Some(String::from_utf8_lossy(body).into_owned()),
                     (Message::Entry, 2) => value = Some(String::from_utf8_lossy(body).into_owned()),
                     _ => {
-                        if let Some(inner) = child(message, field) {
-                            if let Some((k, v)) = walk(body, inner, depth + 1, out)?
-                                && k == "location"
-                            {
-                                out.push(v);
-                            }
+                        if let Some(inner) = child(message, field)
+                            && let Some((k, v)) = walk(body, inner, depth + 1, out)?
+                            && k == "location"
+                        {
+                            out.push(v);
                         }
                     }
                 }

@@ -347,8 +347,6 @@ mod tests {
             (write(d, "diffusion_model.blocks.0.self_attn.q.lora_down.weight", "diffusion_model.blocks.0.self_attn.q.lora_up.weight", Some(("diffusion_model.blocks.0.self_attn.q.alpha", 1.0)), None), 0.5),
             // ComfyUI without alpha (musubi's `--target other` output): scale 1.
             (write(d, "diffusion_model.blocks.0.self_attn.q.lora_A.weight", "diffusion_model.blocks.0.self_attn.q.lora_B.weight", None, None), 1.0),
-            // musubi/kohya with alpha 0, which musubi reads as alpha = rank: scale 1.
-            (write(d, "lora_unet_blocks_0_self_attn_q.lora_down.weight", "lora_unet_blocks_0_self_attn_q.lora_up.weight", Some(("lora_unet_blocks_0_self_attn_q.alpha", 0.0)), None), 1.0),
             // musubi/kohya with alpha 8: scale 4.
             (write(d, "lora_unet_blocks_0_self_attn_q.lora_down.weight", "lora_unet_blocks_0_self_attn_q.lora_up.weight", Some(("lora_unet_blocks_0_self_attn_q.alpha", 8.0)), None), 4.0),
             // diffusers without metadata: scale 1.
@@ -361,6 +359,9 @@ mod tests {
             assert_eq!(flat[..4], A, "{}: A is kept as stored", path.display());
             assert_eq!(flat[4..], b_for(scale), "{}", path.display());
         }
+        // musubi/kohya with alpha 0, which musubi reads as alpha = rank: scale 1.
+        let zero = write(d, "lora_unet_blocks_0_self_attn_q.lora_down.weight", "lora_unet_blocks_0_self_attn_q.lora_up.weight", Some(("lora_unet_blocks_0_self_attn_q.alpha", 0.0)), None);
+        assert_eq!(load(&zero, &info())?[4..], b_for(1.0));
         // Pipeline-level diffusers metadata (fields prefixed) with rsLoRA: scale 4/√2.
         let path = write(d, "transformer.blocks.0.attn1.to_q.lora_A.weight", "transformer.blocks.0.attn1.to_q.lora_B.weight", None,
             Some(("lora_adapter_metadata", r#"{"transformer.r": 2, "transformer.lora_alpha": 4, "transformer.use_rslora": true}"#)));
