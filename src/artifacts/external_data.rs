@@ -114,7 +114,7 @@ pub fn check_listed(path: &Path, name: &str, manifest: &Path, files: &BTreeMap<S
     // SAFETY: read only; a graph changing under the check fails its sha256 at load instead.
     let bytes = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
     let bad = |reason: String| Error::Manifest { path: manifest.to_path_buf(), reason };
-    let found = locations(&bytes).map_err(|e| bad(format!("{name} is not a readable ONNX graph: {e}")))?;
+    let found = locations(&bytes).map_err(|e| bad(format!("{name}: cannot load it as an ONNX graph ({e})")))?;
     let folder = Path::new(name).parent().unwrap_or(Path::new(""));
     for location in found {
         let listed = folder.join(&location);
