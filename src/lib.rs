@@ -21,6 +21,7 @@ pub mod runtime;
 pub mod sample;
 pub mod scheduler;
 pub mod sft;
+pub mod small_file;
 pub mod tensor_file;
 pub mod train;
 pub mod video_files;
