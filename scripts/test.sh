@@ -18,3 +18,6 @@ cargo test --release --locked -- --test-threads=2
 echo "== pytest (export/)"
 export FLOWSTEP_BIN="$root/target/release/flowstep"
 (cd export && "$venv/bin/python" -m pytest -q)
+
+echo "== pytest under other PyTorch CPU kernels and thread counts"
+scripts/test_cpu_variants.sh

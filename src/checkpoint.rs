@@ -16,6 +16,8 @@ use crate::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, sync_dir, wri
 pub const STATE_FILE: &str = "state.safetensors";
 pub const TRAINER_FILE: &str = "trainer.json";
 pub const SUMS_FILE: &str = "SHA256SUMS";
+/// `trainer.json` and `SHA256SUMS` are a few kB.
+const MAX_RECORD_BYTES: u64 = 1 << 20;
 
 /// Everything besides the tensors that a resumed run needs to continue exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -128,7 +130,7 @@ fn verify(dir: &Path) -> Result<()> {
     if !sums_path.is_file() {
         return Err(bad(format!("has no {SUMS_FILE}, so it cannot be verified (written by an older flowstep, or damaged)")));
     }
-    let sums = std::fs::read_to_string(&sums_path).at(&sums_path)?;
+    let sums = crate::small_file::read_text(&sums_path, "checkpoint's checksum list", MAX_RECORD_BYTES)?;
     for file in [STATE_FILE, TRAINER_FILE] {
         let want = sums.lines().find_map(|l| l.strip_suffix(file).and_then(|h| h.strip_suffix("  ")));
         let Some(want) = want else { return Err(bad(format!("{SUMS_FILE} lists no checksum for {file}"))) };
@@ -144,7 +146,7 @@ fn verify(dir: &Path) -> Result<()> {
 pub fn load(dir: &Path, num_params: usize) -> Result<(TrainerState, CheckpointState)> {
     verify(dir)?;
     let trainer_path = dir.join(TRAINER_FILE);
-    let text = std::fs::read_to_string(&trainer_path).at(&trainer_path)?;
+    let text = crate::small_file::read_text(&trainer_path, "checkpoint's trainer record", MAX_RECORD_BYTES)?;
     let trainer: TrainerState = serde_json::from_str(&text)
         .map_err(|e| Error::Checkpoint { path: trainer_path.clone(), reason: format!("unreadable: {e}") })?;
     let file = TensorFile::open(&dir.join(STATE_FILE))?;

@@ -22,6 +22,8 @@ use crate::tensor_file::TensorFile;
 
 pub const LATENTS: &str = "latents";
 pub const CONTEXT: &str = "context";
+/// Every conditioning tensor a DiffSynth cache may carry, whichever model it was made for.
+const CONDITIONING_NAMES: [&str; 3] = ["y", "clip_feature", FIRST_FRAME_LATENTS];
 /// The timestep boundaries a converted DiffSynth cache was made with (convert_diffsynth.py).
 pub const BOUNDARIES_FILE: &str = "diffsynth_boundaries.json";
 
@@ -29,10 +31,10 @@ pub const BOUNDARIES_FILE: &str = "diffsynth_boundaries.json";
 /// (DiffSynth trains a cache with the boundaries it holds), or None when there are none.
 pub fn stored_boundaries(dir: &Path) -> Result<Option<(f64, f64)>> {
     let path = dir.join(BOUNDARIES_FILE);
-    if !path.exists() {
+    if std::fs::symlink_metadata(&path).is_err() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).at(&path)?;
+    let text = crate::small_file::read_text(&path, "timestep boundaries of a converted DiffSynth cache", 1 << 16)?;
     let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&path, format!("not valid JSON: {e}")))?;
     let get = |key: &str| value.get(key).and_then(serde_json::Value::as_f64).filter(|v| (0.0..=1.0).contains(v));
     match (get("min_timestep_boundary"), get("max_timestep_boundary")) {
@@ -252,6 +254,18 @@ fn check_header(path: &Path, s: &SampleSpec) -> Result<Vec<usize>> {
         }
     }
     s.check_conditioning(l, |name| file.info(name).map(|i| i.shape)).map_err(|reason| bad(path, reason))?;
+    // A cache made for another variant (an I2V cache on a T2V model) would train without the
+    // conditioning it was made with: refused rather than silently ignored.
+    if let Some(extra) = CONDITIONING_NAMES.iter().find(|n| file.info(n).is_some() && !s.conditioning.iter().any(|c| c.name == **n)) {
+        let takes = if s.conditioning.is_empty() { "takes no image conditioning".to_string() } else {
+            format!("takes only {}", s.conditioning.iter().map(|c| format!("`{}`", c.name)).collect::<Vec<_>>().join(", "))
+        };
+        return Err(bad(path, format!(
+            "has conditioning tensor `{extra}`, but the {} model {takes}: this sample was made for another variant (an I2V/TI2V cache); \
+             train it with that variant's export, or remove `{extra}`",
+            s.model
+        )));
+    }
     Ok(l.clone())
 }
 

@@ -13,7 +13,7 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
 use serde::Deserialize;
 
-use crate::artifacts::sha256_file;
+use crate::artifacts::{check_external_data, resolve_inside, sha256_file};
 use crate::error::{Error, Result};
 use crate::runtime::{SessionOptions, load_session};
 use crate::tensor_file::{OutTensor, SaveDtype, encode, write_atomic};
@@ -21,6 +21,12 @@ use crate::video_files::{Mp4, write_contact_sheet, write_gif, write_mp4};
 
 pub const MANIFEST: &str = "vae_decoder.json";
 const FORMAT: &str = "flowstep.vae_decoder";
+/// A decoder manifest is about 1 kB.
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+const MAX_CACHES: usize = 4096;
+const MAX_UPSAMPLING: usize = 64;
+/// Decoded RGB values per video: 2^32 float32s (16 GiB) is 40× an 81-frame 720p Wan video.
+pub const MAX_DECODED_VALUES: usize = 1 << 32;
 
 #[derive(Debug, Deserialize)]
 struct Manifest {
@@ -83,13 +89,19 @@ fn bad(path: &Path, reason: impl Into<String>) -> Error {
     Error::Manifest { path: path.to_path_buf(), reason: reason.into() }
 }
 
+/// An error's message without its leading `path: `.
+fn strip_path(e: &Error, path: &Path) -> String {
+    let s = e.to_string();
+    s.strip_prefix(&format!("{}: ", path.display())).map(str::to_string).unwrap_or(s)
+}
+
 impl VaeDecoder {
     /// Reads `dir/vae_decoder.json`, checks that the VAE takes `latent_channels` (the model's)
     /// and every file's sha256, and loads both graphs.
     pub fn open(dir: &Path, options: &SessionOptions, latent_channels: usize) -> Result<Self> {
         let path = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| bad(&path, format!("cannot read the VAE decoder manifest ({e}); make the directory with python -m flowstep_export.vae_decoder")))?;
+        let text = crate::small_file::read_text(&path, "VAE decoder manifest", MAX_MANIFEST_BYTES)
+            .map_err(|e| bad(&path, format!("cannot read the VAE decoder manifest ({}); make the directory with python -m flowstep_export.vae_decoder", strip_path(&e, &path))))?;
         let m: Manifest = serde_json::from_str(&text).map_err(|e| bad(&path, format!("not a VAE decoder manifest: {e}")))?;
         if m.format != FORMAT || m.version != 1 {
             return Err(bad(&path, format!("format {} version {}; this flowstep reads {FORMAT} version 1", m.format, m.version)));
@@ -97,23 +109,49 @@ impl VaeDecoder {
         if m.z_dim != latent_channels {
             return Err(Error::Config(format!("--vae-decoder {}: the VAE takes {} latent channels, this model makes {latent_channels}", dir.display(), m.z_dim)));
         }
+        // These numbers size the decoded frames and the graphs' inputs: Wan's VAEs upsample
+        // 4× in time, 8× or 16× in space, and keep a few dozen caches.
+        let ranges = [("caches", m.caches, MAX_CACHES), ("upsampling.time", m.upsampling.time, MAX_UPSAMPLING), ("upsampling.space", m.upsampling.space, MAX_UPSAMPLING)];
+        for (name, value, max) in ranges {
+            if !(1..=max).contains(&value) {
+                return Err(bad(&path, format!("{name} is {value}; expected 1 to {max}")));
+            }
+        }
+        let place = "the VAE decoder directory";
+        let mut resolved = std::collections::BTreeMap::new();
         for name in [&m.graphs.first, &m.graphs.step, &m.weights] {
             let expected = m.files.get(name).ok_or_else(|| bad(&path, format!("`files` has no sha256 for {name}")))?;
-            let file = dir.join(name);
-            if !file.is_file() {
-                return Err(bad(&path, format!("lists {name}, which is missing")));
-            }
+            let file = resolve_inside(dir, place, &path, name)?;
             if &sha256_file(&file)? != expected {
                 return Err(bad(&file, "sha256 differs from vae_decoder.json: the file changed since the export"));
             }
+            resolved.insert(name.clone(), file);
         }
-        let first = load_session(&dir.join(&m.graphs.first), options)?;
-        let step = load_session(&dir.join(&m.graphs.step), options)?;
+        for name in [&m.graphs.first, &m.graphs.step] {
+            check_external_data(&resolved[name], name, &path, &m.files)?;
+        }
+        let first = load_session(&resolved[&m.graphs.first], options)?;
+        let step = load_session(&resolved[&m.graphs.step], options)?;
         let expected_inputs = m.caches + 1;
         if first.inputs().len() != 1 || step.inputs().len() != expected_inputs || step.outputs().len() != expected_inputs {
             return Err(bad(&path, format!("graphs do not match the manifest's {} caches", m.caches)));
         }
         Ok(Self { first, step, z_dim: m.z_dim, caches: m.caches, time_up: m.upsampling.time, space_up: m.upsampling.space })
+    }
+
+    /// Checks that latents of `shape` [C, F, H, W] decode to at most [`MAX_DECODED_VALUES`]
+    /// RGB values: called before any work, so a size that cannot be held is refused up front.
+    pub fn check_shape(&self, shape: [usize; 4]) -> Result<()> {
+        let [_, f, h, w] = shape;
+        let frames = f.checked_sub(1).and_then(|f| f.checked_mul(self.time_up)).and_then(|n| n.checked_add(1));
+        let values = [3, h, self.space_up, w, self.space_up].into_iter().try_fold(frames.unwrap_or(usize::MAX), |acc, d| acc.checked_mul(d));
+        match values {
+            Some(n) if n <= MAX_DECODED_VALUES => Ok(()),
+            _ => Err(Error::Config(format!(
+                "latents {:?} decode to more than {MAX_DECODED_VALUES} RGB values ({}× time, {}× space upsampling): too large to hold",
+                &shape[1..], self.time_up, self.space_up
+            ))),
+        }
     }
 
     /// Decodes one latent video [C, F, H, W] to 1 + 4(F-1) RGB frames of 8H × 8W in [-1, 1],
@@ -124,6 +162,7 @@ impl VaeDecoder {
         if c != self.z_dim || f == 0 || h == 0 || w == 0 {
             return Err(Error::Shape { name: "latents (VAE decoder input)".into(), expected: vec![self.z_dim, f.max(1), h.max(1), w.max(1)], got: shape.to_vec() });
         }
+        self.check_shape(shape)?;
         let mut video = match tile {
             None => self.decode_window(latents, shape, 0..h, 0..w)?,
             Some(tile) => self.decode_tiled(latents, shape, tile)?,

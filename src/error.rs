@@ -48,6 +48,10 @@ pub enum Error {
     #[error("sample {}: {source}", sample.display())]
     InSample { sample: PathBuf, source: Box<Error> },
 
+    /// A training loss that came out NaN/Inf, with the sample that gave it.
+    #[error("step {step}, sample {}: the loss is not finite ({value})", sample.display())]
+    NonFiniteLoss { step: u64, sample: PathBuf, value: f32 },
+
     #[error("step {step}: {what} is not finite ({value})")]
     NonFinite { step: u64, what: &'static str, value: f64 },
 

@@ -62,7 +62,12 @@ pub fn evaluate(graph: &mut LossGraph, params: &Tensor<f32>, dataset: &Dataset, 
             let draw = b.prepare(|x_t, target| eval_sampler.prepare_at(key, index, &sample.latents, x_t, target))?;
             b.set_scalars(draw.timestep, draw.weight);
             let in_sample = |e| Error::InSample { sample: sample.path.clone(), source: Box::new(e) };
-            per_t[j] += graph.loss(params, b).map_err(in_sample)? as f64;
+            let loss = graph.loss(params, b).map_err(in_sample)?;
+            if !loss.is_finite() {
+                let reason = format!("the eval loss at timestep {} is not finite ({loss}): the LoRA or the base weights give NaN/Inf", draw.timestep);
+                return Err(in_sample(Error::Config(reason)));
+            }
+            per_t[j] += loss as f64;
         }
     }
     let n = dataset.len() as f64;

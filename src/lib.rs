@@ -1,7 +1,7 @@
 //! flowstep: LoRA fine-tuning of the Wan video DiT on ONNX Runtime.
 //!
 //! The Python package in `export/` turns the model into portable ONNX training graphs
-//! (DESIGN.md §3); this crate drives them: the flow-matching step math in ndarray, the
+//! (docs/DESIGN.md §3); this crate drives them: the flow-matching step math on float32 slices, the
 //! ONNX Runtime sessions, the training loop, checkpoints and LoRA files.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
@@ -21,6 +21,7 @@ pub mod runtime;
 pub mod sample;
 pub mod scheduler;
 pub mod sft;
+pub mod small_file;
 pub mod tensor_file;
 pub mod timesteps;
 pub mod train;

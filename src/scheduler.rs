@@ -187,7 +187,7 @@ mod tests {
         (a - b).abs() <= rel * b.abs().max(1e-6)
     }
 
-    /// The reference table of DESIGN.md §4 (N = 1000, shift 5).
+    /// The reference table of docs/DESIGN.md §4 (N = 1000, shift 5).
     #[test]
     fn design_reference_table() {
         let s = FlowMatchScheduler::training(1000, 1.0, 5.0);

@@ -243,20 +243,94 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
-/// Removes the temp files `write_atomic` leaves in `dir` when a process is killed mid-write
-/// (`.NAME.tmp-PID`). Only call it while holding the directory's lock.
+/// Removes the temp files `write_atomic` and the directories [`Staging`] leave in `dir` when a
+/// process is killed mid-write (`.NAME.tmp-PID`). Only call it while holding the directory's lock.
 pub fn clean_temp(dir: &Path) -> Result<usize> {
     let mut removed = 0;
     for entry in std::fs::read_dir(dir).at(dir)? {
         let path = entry.at(dir)?.path();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let is_temp = name.starts_with('.') && name.rsplit_once(".tmp-").is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
-        if is_temp && path.is_file() {
+        let meta = std::fs::symlink_metadata(&path).at(&path)?;
+        if is_temp && meta.is_file() {
             std::fs::remove_file(&path).at(&path)?;
+            removed += 1;
+        } else if is_temp && meta.is_dir() {
+            std::fs::remove_dir_all(&path).at(&path)?;
             removed += 1;
         }
     }
     Ok(removed)
+}
+
+/// A directory of outputs that appear under their final names only when all are written:
+/// they go into a hidden sibling (`.NAME.tmp-PID`), and [`Staging::commit`] moves them into
+/// `NAME` (created if needed; entries of the same name are replaced, others kept). Dropped
+/// without a commit (an error on the way), the sibling and everything in it is removed.
+pub struct Staging {
+    tmp: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl Staging {
+    pub fn new(target: &Path) -> Result<Self> {
+        let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).at(parent)?;
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        if std::fs::symlink_metadata(&tmp).is_ok() {
+            std::fs::remove_dir_all(&tmp).at(&tmp)?;
+        }
+        std::fs::create_dir(&tmp).at(&tmp)?;
+        Ok(Self { tmp, target: target.to_path_buf(), committed: false })
+    }
+
+    /// Where to write the outputs.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Moves every output to its final name.
+    pub fn commit(mut self) -> Result<()> {
+        if std::fs::symlink_metadata(&self.target).is_err() {
+            std::fs::rename(&self.tmp, &self.target).at(&self.target)?;
+        } else {
+            let entries = std::fs::read_dir(&self.tmp).at(&self.tmp)?.map(|e| e.map(|e| e.path())).collect::<std::io::Result<Vec<_>>>().at(&self.tmp)?;
+            // Every name is checked before anything moves: an output only replaces one of its
+            // own kind (a file a file; a directory, such as a step sampled again, a directory).
+            let mut replaced_dirs = Vec::new();
+            for staged in &entries {
+                let dest = self.target.join(staged.file_name().unwrap_or_default());
+                let (Ok(have), Ok(want)) = (std::fs::symlink_metadata(&dest), std::fs::symlink_metadata(staged)) else { continue };
+                if have.is_dir() != want.is_dir() || have.file_type().is_symlink() {
+                    return Err(Error::Data { path: dest, reason: format!("is {}, where an output goes; move it away", crate::artifacts::kind_of(&have)) });
+                }
+                if have.is_dir() {
+                    replaced_dirs.push(dest);
+                }
+            }
+            for dest in replaced_dirs {
+                std::fs::remove_dir_all(&dest).at(&dest)?;
+            }
+            for staged in entries {
+                let dest = self.target.join(staged.file_name().unwrap_or_default());
+                std::fs::rename(&staged, &dest).at(&dest)?;
+            }
+            std::fs::remove_dir(&self.tmp).at(&self.tmp)?;
+        }
+        self.committed = true;
+        let parent = self.target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        sync_dir(parent)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
 }
 
 /// fsync a directory so a rename in it is durable.

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 
-/// DESIGN.md §4's reference table, from `flowstep schedule --steps 1000 --shift 5 --csv`.
+/// docs/DESIGN.md §4's reference table, from `flowstep schedule --steps 1000 --shift 5 --csv`.
 #[test]
 fn schedule_csv_reproduces_design_table() {
     let out = flowstep(&["schedule", "--steps", "1000", "--shift", "5", "--csv"]);
@@ -14,7 +14,7 @@ fn schedule_csv_reproduces_design_table() {
     assert_eq!(lines.next(), Some("index,sigma,timestep,weight"));
     let rows: Vec<Vec<f64>> = lines.map(|l| l.split(',').map(|x| x.parse().unwrap_or(f64::NAN)).collect()).collect();
     assert_eq!(rows.len(), 1000);
-    // (index, sigma, t, w) as printed in DESIGN.md, to the digits printed there.
+    // (index, sigma, t, w) as printed in docs/DESIGN.md §4, to the digits printed there.
     let table = [
         (0, 1.0, 1000.0, 0.0),
         (1, 0.99980, 999.80, 0.00128),

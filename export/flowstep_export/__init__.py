@@ -1,6 +1,6 @@
 """flowstep_export: the Wan DiT with LoRA, exported to portable ONNX training artifacts.
 
-The artifacts (DESIGN.md §3) are a training graph (loss and flat LoRA gradient), an eval
+The artifacts (docs/DESIGN.md §3) are a training graph (loss and flat LoRA gradient), an eval
 graph, an AdamW optimizer graph, an inference graph and a manifest; every node is a
 standard ONNX op, so any ONNX Runtime build and execution provider runs them.
 """

@@ -16,6 +16,11 @@ with them; when they are not the full range [0, 1] they are written to
 OUT/diffsynth_boundaries.json, which `flowstep train` reads (samples that disagree are an
 error).
 
+The cache files are pickles, and a pickle can run any command when it is loaded: they are read
+with torch's `weights_only` unpickler, which builds only tensors and plain values. The PIL
+frames DiffSynth stores beside the tensors load as inert stand-ins (never decoded); a file that
+needs anything else is refused. The samples appear in OUT only when every one converted.
+
 python -m flowstep_export.convert_diffsynth CACHE_DIR OUT_DIR [--dtype bf16|f32]
 """
 
@@ -23,13 +28,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .deps import missing_module
+from .deps import run_reporting_errors
+from .files import check_tensor_storage, load_torch_file, require_regular_file, save_tensors, warn_if_outside, write_text
 
 LATENT_KEYS = ("input_latents",)
 CONTEXT_KEYS = ("context", "prompt_emb")
@@ -37,6 +45,17 @@ CONTEXT_KEYS = ("context", "prompt_emb")
 CONDITIONING = {"y": 4, "clip_feature": 2, "first_frame_latents": 4}
 BOUNDARY_KEYS = ("min_timestep_boundary", "max_timestep_boundary")
 BOUNDARIES_FILE = "diffsynth_boundaries.json"
+
+
+class SkippedImage:
+    """Stands in for the PIL images (`input_video` frames, `input_image`) in DiffSynth's cache:
+    flowstep never uses them, and decoding a stranger's image state could allocate any size."""
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+STAND_INS = ((SkippedImage, "PIL.Image.Image"),)
 
 
 def find(obj, keys):
@@ -73,11 +92,14 @@ def boundaries(path: Path, data) -> tuple[float, float]:
         v = find_value(data, key)
         if v is None:
             v = default
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
             v = v.item()
-        if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
             raise ValueError(f"{path}: `{key}` is {v!r}; expected a fraction in [0, 1]")
         values.append(float(v))
+    if not values[0] < values[1]:
+        raise ValueError(f"{path}: min_timestep_boundary {values[0]:g} is not below max_timestep_boundary {values[1]:g}; "
+                         "such a cache trains on no timestep")
     return values[0], values[1]
 
 
@@ -91,13 +113,13 @@ def available_keys(obj) -> list[str]:
 
 def convert_sample(path: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
     """The sample's tensors in flowstep's names and shapes, and its timestep boundaries."""
-    # DiffSynth pickles whole dicts (not only tensors), so weights_only cannot be used:
-    # convert only caches you made yourself.
-    data = torch.load(path, map_location="cpu", weights_only=False)
+    data = load_torch_file(path, STAND_INS)
     latents, context = find(data, LATENT_KEYS), find(data, CONTEXT_KEYS)
     if latents is None or context is None:
         missing = "input_latents" if latents is None else "context"
         raise ValueError(f"{path}: no `{missing}` tensor; keys found: {available_keys(data)}")
+    check_tensor_storage(path, "input_latents", latents)
+    check_tensor_storage(path, "context", context)
     if latents.dim() == 5:
         if latents.shape[0] != 1:
             raise ValueError(f"{path}: input_latents has batch {latents.shape[0]}; flowstep samples hold one video")
@@ -117,11 +139,49 @@ def convert_sample(path: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tens
             t = t[0]
         if t.dim() != dims:
             raise ValueError(f"{path}: expected {name} with {dims} dims (no batch axis), got {list(t.shape)}")
+        check_tensor_storage(path, name, t)
         out[name] = t.to(dtype).contiguous()
     for name, t in out.items():
         if not torch.isfinite(t.float()).all():
             raise ValueError(f"{path}: `{name}` has NaN or Inf values")
     return out, boundaries(path, data)
+
+
+def convert(cache: Path, out: Path, dtype: torch.dtype) -> tuple[int, list[str], tuple[float, float]]:
+    """Converts every sample of `cache` into `out`: returns (samples, conditioning kept, boundaries).
+    The samples are written into a temporary folder in `out` and moved to their final names only
+    once all converted, so a failure leaves no partial dataset."""
+    if not cache.is_dir():
+        raise ValueError(f"{cache}: not a directory")
+    files = sorted(cache.rglob("*.pth"))
+    if not files:
+        raise ValueError(f"no .pth files under {cache}")
+    for path in files:
+        require_regular_file(path)
+        warn_if_outside(path, cache, str(path))
+    out.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=".convert_diffsynth-", dir=out))
+    try:
+        stored, names = {}, []
+        for i, path in enumerate(files):
+            sample, bounds = convert_sample(path, dtype)
+            stored.setdefault(bounds, path)
+            if len(stored) > 1:
+                (a, first), (b, _) = stored.items()
+                raise ValueError(f"{path}: timestep boundaries {list(b)} differ from {list(a)} in {first}; "
+                                 "convert the caches of each run separately")
+            rel = path.relative_to(cache).with_suffix("")
+            names.append(f"{i:06d}-{'_'.join(rel.parts)}.safetensors")
+            save_tensors(sample, temp / names[-1])
+        (bounds,) = stored
+        (out / BOUNDARIES_FILE).unlink(missing_ok=True)  # from an earlier conversion into OUT
+        for name in names:
+            os.replace(temp / name, out / name)
+        if bounds != (0.0, 1.0):
+            write_text(out / BOUNDARIES_FILE, json.dumps(dict(zip(BOUNDARY_KEYS, bounds))) + "\n")
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return len(files), sorted(set(sample) - {"latents", "context"}), bounds
 
 
 def main(argv=None) -> int:
@@ -131,37 +191,12 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path, help="flowstep dataset directory to write")
     p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16", help="stored precision (default bf16, as cached)")
     args = p.parse_args(argv)
-    files = sorted(args.cache.rglob("*.pth"))
-    if not files:
-        print(f"error: no .pth files under {args.cache}", file=sys.stderr)
-        return 1
-    args.out.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    try:
-        stored = {}
-        for i, path in enumerate(files):
-            sample, bounds = convert_sample(path, dtype)
-            stored.setdefault(bounds, path)
-            if len(stored) > 1:
-                (a, first), (b, _) = stored.items()
-                raise ValueError(f"{path}: timestep boundaries {list(b)} differ from {list(a)} in {first}; "
-                                 "convert the caches of each run separately")
-            rel = path.relative_to(args.cache).with_suffix("")
-            save_file(sample, str(args.out / f"{i:06d}-{'_'.join(rel.parts)}.safetensors"))
-        (bounds,) = stored
-        if bounds != (0.0, 1.0):
-            (args.out / BOUNDARIES_FILE).write_text(json.dumps(dict(zip(BOUNDARY_KEYS, bounds))) + "\n")
-        else:
-            (args.out / BOUNDARIES_FILE).unlink(missing_ok=True)  # from an earlier conversion into OUT
-    except ModuleNotFoundError as e:
-        # DiffSynth's cache pickles PIL images and other objects: unpickling imports their modules.
-        print(missing_module(e, f"reading the DiffSynth cache ({path})"), file=sys.stderr)
-        return 1
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    kept = sorted(set(sample) - {"latents", "context"})
-    print(f"converted {len(files)} samples to {args.out}" + (f" with {', '.join(kept)}" if kept else "")
+    rc, result = run_reporting_errors("convert_diffsynth", lambda: convert(args.cache, args.out, dtype))
+    if rc:
+        return rc
+    count, kept, bounds = result
+    print(f"converted {count} samples to {args.out}" + (f" with {', '.join(kept)}" if kept else "")
           + (f"; DiffSynth's timestep boundaries {list(bounds)} in {BOUNDARIES_FILE}" if bounds != (0.0, 1.0) else ""))
     return 0
 

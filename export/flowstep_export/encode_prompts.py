@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 from .deps import run_reporting_errors
+from .files import read_text, require_regular_file, save_tensors
+from .prepare import MAX_TEXT_LEN, check_text_len
 
 
 def main(argv=None) -> int:
@@ -25,7 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path, help="folder for the context files")
     p.add_argument("--text-encoder", required=True, type=Path, help="umT5 encoder: models_t5_umt5-xxl-enc-bf16.pth")
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer folder (Wan's google/umt5-xxl)")
-    p.add_argument("--text-len", type=int, default=512, help="prompt tokens (default 512, Wan's; the DiT's text_len)")
+    p.add_argument("--text-len", type=int, default=512,
+                   help=f"prompt tokens (default 512, Wan's; the DiT's text_len; at most {MAX_TEXT_LEN})")
     p.add_argument("--dtype", choices=("bf16", "f32"), default="f32", help="stored precision (default f32)")
     p.add_argument("--precision", choices=("bfloat16", "float32"), default="bfloat16",
                    help="encoder's compute precision (default bfloat16, as DiffSynth)")
@@ -37,27 +40,31 @@ def main(argv=None) -> int:
 
 def encode(args) -> None:
     """Writes one context file per prompt of `args` and prints its path and prompt."""
+    check_text_len(args.text_len)
     prompts = list(args.prompts)
     if args.from_file is not None:
-        if not args.from_file.is_file():
-            raise ValueError(f"--from-file {args.from_file}: no such file")
-        prompts += [line.strip() for line in args.from_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = read_text(args.from_file, f"--from-file {args.from_file}")
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError("no prompts: give them as arguments or with --from-file")
+    require_regular_file(args.text_encoder, f"--text-encoder {args.text_encoder}")
     import torch
-    from safetensors.torch import save_file
 
     from .wan_text import encode_prompt, load_text_encoder, load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer, args.text_len)
-    encoder = load_text_encoder(args.text_encoder, torch.bfloat16 if args.precision == "bfloat16" else torch.float32)
+    encoder = load_text_encoder(args.text_encoder, torch.bfloat16 if args.precision == "bfloat16" else torch.float32,
+                                f"--text-encoder {args.text_encoder}")
     encoder = encoder.to(args.device)
     stored = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     args.out.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(prompts):
         context = encode_prompt(tokenizer, encoder, prompt, args.device).to("cpu", stored).contiguous()
+        if not torch.isfinite(context).all():
+            raise ValueError(f"prompt {i + 1} ({prompt!r}): the text encoder ({args.text_encoder.name}) gave NaN or Inf "
+                             "values; nothing written for it")
         path = args.out / f"prompt-{i:03}.safetensors"
-        save_file({"context": context}, str(path), metadata={"prompt": prompt})
+        save_tensors({"context": context}, path, metadata={"prompt": prompt})
         print(f"{path}\t{prompt}")
 
 

@@ -1,4 +1,4 @@
-"""Export a Wan DiT + LoRA into an artifacts directory (DESIGN.md §3)."""
+"""Export a Wan DiT + LoRA into an artifacts directory (docs/DESIGN.md §3)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class ExportOptions:
     @property
     def ort_disabled_optimizers(self) -> list[str]:
         """ONNX Runtime optimizers the executor must turn off: CSE would merge checkpointing's
-        recompute with the forward (DESIGN.md §6a)."""
+        recompute with the forward (docs/DESIGN.md §6a)."""
         return ["CommonSubexpressionElimination"] if self.gradient_checkpointing else []
 
 

@@ -7,7 +7,7 @@ its softmax is exact. The backward recomputes each chunk's probabilities from q,
 saved log-sum-exp (FlashAttention's recompute) and accumulates dK and dV as Scan state.
 
 Two things would silently undo the recompute if this were written as unrolled plain ops
-(DESIGN.md §6a): common-subexpression elimination merging the backward's recomputation with
+(docs/DESIGN.md §6a): common-subexpression elimination merging the backward's recomputation with
 the forward, and an execution order that computes every chunk before consuming any. A Scan
 body is a separate graph that runs one iteration at a time, so neither can happen.
 

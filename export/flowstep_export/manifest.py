@@ -1,4 +1,4 @@
-"""manifest.json: everything the Rust executor needs, validated on load (DESIGN.md §3)."""
+"""manifest.json: everything the Rust executor needs, validated on load (docs/DESIGN.md §3)."""
 
 from __future__ import annotations
 

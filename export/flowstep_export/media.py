@@ -15,8 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import one_line
+
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Bounds on the numbers that size the pixel arrays: far above Wan's 1280x720, 81 frames.
+MAX_SIDE = 4096
+MAX_FRAMES = 1025
+MAX_SOURCE_PIXELS = 1 << 26  # 8K UHD is 33 M pixels
+# A file is resized to cover its bucket, then cropped; an aspect ratio so far from every
+# bucket's that the resized frame exceeds this many buckets would crop away nearly all of it
+# (and a 1x65535 image would be resized to tens of millions of pixels).
+MAX_COVER = 8
 
 
 @dataclass(frozen=True)
@@ -36,9 +46,9 @@ def parse_resolutions(values: list[str], multiple: int) -> list[Bucket]:
             height, width = (int(x) for x in item.lower().split("x"))
         except ValueError:
             raise ValueError(f"--resolution {item!r}: expected HEIGHTxWIDTH, e.g. 480x832") from None
-        if height <= 0 or width <= 0 or height % multiple or width % multiple:
-            raise ValueError(f"--resolution {item}: height and width must be positive multiples of {multiple} "
-                             "(the VAE's 8 times the DiT's patch 2)")
+        if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE) or height % multiple or width % multiple:
+            raise ValueError(f"--resolution {item}: height and width must be multiples of {multiple} "
+                             f"(the VAE's 8 times the DiT's patch 2) from {multiple} to {MAX_SIDE}")
         buckets.append(Bucket(height, width))
     if not buckets:
         raise ValueError("--resolution: give at least one HEIGHTxWIDTH")
@@ -53,8 +63,8 @@ def parse_frames(values: list[str]) -> list[int]:
             n = int(item)
         except ValueError:
             raise ValueError(f"--frames {item!r}: expected a number of frames such as 81") from None
-        if n < 1 or n % 4 != 1:
-            raise ValueError(f"--frames {n}: must be 4k+1 (1, 5, 9, ..., 81)")
+        if not 1 <= n <= MAX_FRAMES or n % 4 != 1:
+            raise ValueError(f"--frames {n}: must be 4k+1 (1, 5, 9, ..., 81), at most {MAX_FRAMES}")
         frames.append(n)
     if not frames:
         raise ValueError("--frames: give at least one frame count")
@@ -65,6 +75,22 @@ def nearest_bucket(height: int, width: int, buckets: list[Bucket]) -> Bucket:
     """The bucket whose aspect ratio is nearest (in log ratio); ties go to the larger bucket."""
     ratio = math.log(width / height)
     return min(buckets, key=lambda b: (abs(math.log(b.width / b.height) - ratio), -b.height * b.width))
+
+
+def bucket_for(width: int, height: int, buckets: list[Bucket]) -> Bucket:
+    """The bucket a `width`x`height` frame goes to; ValueError (one line) when it is too large or
+    too far from every bucket's aspect ratio. Checked before anything is decoded or resized."""
+    if width < 1 or height < 1:
+        raise ValueError(f"is {width}x{height}: no pixels")
+    if width * height > MAX_SOURCE_PIXELS:
+        raise ValueError(f"is {width}x{height}, more than {MAX_SOURCE_PIXELS >> 20} M pixels")
+    bucket = nearest_bucket(height, width, buckets)
+    scale = max(bucket.width / width, bucket.height / height)
+    covered = round(width * scale) * round(height * scale)
+    if covered > MAX_COVER * bucket.height * bucket.width:
+        raise ValueError(f"is {width}x{height}: covering the nearest bucket {bucket} would resize it to "
+                         f"{round(width * scale)}x{round(height * scale)} and crop away all but 1/{covered // (bucket.height * bucket.width)}")
+    return bucket
 
 
 def crop_and_resize(image, bucket: Bucket):
@@ -102,11 +128,11 @@ def read_clip(path: Path, buckets: list[Bucket], frame_buckets: list[int], fps: 
 
     if path.suffix.lower() in IMAGE_SUFFIXES:
         try:
-            with Image.open(path) as img:
+            with Image.open(path) as img:  # reads the header only
+                bucket = bucket_for(img.width, img.height, buckets)
                 image = img.convert("RGB")
         except (OSError, Image.DecompressionBombError) as e:
-            raise ValueError(f"cannot decode image: {e}") from None
-        bucket = nearest_bucket(image.height, image.width, buckets)
+            raise ValueError(f"cannot decode image: {one_line(e)}") from None
         return Clip(to_pixels([crop_and_resize(image, bucket)]), bucket, 1)
     import imageio.v2 as iio
 
@@ -116,6 +142,7 @@ def read_clip(path: Path, buckets: list[Bucket], frame_buckets: list[int], fps: 
         raise ValueError(f"cannot decode video: {one_line(e)}") from None
     try:
         meta = reader.get_meta_data()
+        bucket = bucket_for(*meta["size"], buckets)
         total = reader.count_frames()
         raw_fps = float(meta.get("fps") or 0)
         available = total if fps is None else math.floor(meta.get("duration", total / max(raw_fps, 1e-9)) * fps)
@@ -132,7 +159,6 @@ def read_clip(path: Path, buckets: list[Bucket], frame_buckets: list[int], fps: 
         raise ValueError(f"cannot decode video: {one_line(e)}") from None
     finally:
         reader.close()
-    bucket = nearest_bucket(images[0].height, images[0].width, buckets)
     return Clip(to_pixels([crop_and_resize(im, bucket) for im in images]), bucket, total)
 
 
@@ -140,8 +166,3 @@ def to_pixels(images) -> np.ndarray:
     """PIL frames -> [3, T, H, W] in [-1, 1], as DiffSynth's `preprocess_video`."""
     video = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # T H W C
     return np.ascontiguousarray((video * (2 / 255) - 1).transpose(3, 0, 1, 2))
-
-
-def one_line(e: Exception) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] if text else type(e).__name__

@@ -4,7 +4,7 @@ and state-dict names.
 The computation equals DiffSynth's `model_fn_wan_video` + `WanModel` blocks in the
 configuration of each variant (has_image_input, require_vae_embedding,
 require_clip_embedding, seperated_timestep + fuse_vae_embedding_in_latents); the forward is
-written so that its forward and backward trace to portable ONNX (DESIGN.md §2):
+written so that its forward and backward trace to portable ONNX (docs/DESIGN.md §2):
 Linear layers on 2-D inputs, the patch embedding as a reshape and matmul, RoPE in real
 arithmetic with `unbind(-1)`, attention as explicit matmul/softmax, the sinusoidal time
 embedding in float32, and the RoPE grid built inside the graph from the latent size.

@@ -14,12 +14,18 @@ relative to DIR, and a `prompt` column) or, without it, from a `.txt` beside eac
 stored as bf16 (or float32 with --dtype f32); T, H, W are the file's frame and resolution
 bucket. A file already in DATA is skipped, so an interrupted run continues where it stopped; a
 file that cannot be used gets one line, is skipped and counted.
+
+Only files under DIR are read: a metadata.csv path that leaves DIR stops the run, and a link in
+DIR to a file outside it gets a warning naming the target. Captions and metadata.csv are UTF-8
+(a BOM is dropped); any other encoding is an error naming the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
+import math
 import os
 import sys
 import time
@@ -27,9 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .deps import run_reporting_errors
+from .files import file_problem, read_text, require_regular_file, save_tensors, warn_if_outside
 
 MULTIPLE = 16  # VAE /8 times the DiT's patch 2
 PRECISIONS = ("bfloat16", "float32")
+FPS_RANGE = (0.01, 1000.0)
+MAX_TEXT_LEN = 4096  # Wan's is 512
 
 
 @dataclass
@@ -39,9 +48,60 @@ class Item:
     name: str  # output file stem, from the path relative to --videos
 
 
+def escape_part(part: str) -> str:
+    """A path part with `%` and the underscores that could be confused with the separator `__`
+    (runs of two or more, and any at the part's start or end) percent-encoded."""
+    part = part.replace("%", "%25")
+    out = []
+    for i, c in enumerate(part):
+        lone = 0 < i < len(part) - 1 and part[i - 1] != "_" and part[i + 1] != "_"
+        out.append(c if c != "_" or lone else "%5F")
+    return "".join(out)
+
+
 def output_name(rel: Path) -> str:
-    """`a/b.mp4` -> `a__b.mp4` (an absolute path in metadata.csv loses its root)."""
-    return "__".join(part for part in rel.parts if part != rel.anchor)
+    """`a/b.mp4` -> `a__b.mp4`; injective (`a__b.mp4` -> `a%5F%5Fb.mp4`) and never hidden
+    (`.x.mp4` -> `%2Ex.mp4`)."""
+    name = "__".join(escape_part(part) for part in rel.parts)
+    return "%2E" + name[1:] if name.startswith(".") else name
+
+
+def inside(root: Path, value: str, label: str) -> Path:
+    """`value` (a metadata.csv path) relative to `root`, normalised; ValueError when it leaves root."""
+    base = Path(os.path.abspath(root))
+    path = Path(os.path.normpath(os.path.join(base, value)))
+    if not value or path == base or not path.is_relative_to(base):
+        raise ValueError(f"{label}: `{value}` is outside --videos {root}; metadata.csv paths are files under it")
+    return path.relative_to(base)
+
+
+def read_metadata(metadata: Path, root: Path) -> list[Item]:
+    """DiffSynth's metadata.csv: a `video` (or `image`) column of paths under `root`, and `prompt`."""
+    text = read_text(metadata)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error as e:
+        raise ValueError(f"{metadata}: line {reader.line_num}: {e}") from None
+    if not rows:
+        raise ValueError(f"{metadata}: no rows")
+    column = next((c for c in ("video", "image") if c in rows[0]), None)
+    if column is None or "prompt" not in rows[0]:
+        raise ValueError(f"{metadata}: needs a `video` (or `image`) column and a `prompt` column; has {list(rows[0])}")
+    items, rows_of = [], {}
+    for number, row in enumerate(rows, start=1):
+        label = f"{metadata}, row {number}"
+        if row[column] is None or row["prompt"] is None:
+            raise ValueError(f"{label}: fewer fields than the header")
+        rel = inside(root, row[column], label)
+        if rel in rows_of:
+            raise ValueError(f"{metadata}: rows {rows_of[rel]} and {number} both name {rel}; one sample per file")
+        rows_of[rel] = number
+        source = root / rel
+        if os.path.lexists(source):
+            warn_if_outside(source, root, f"{label} ({rel})")
+        items.append(Item(source, row["prompt"], output_name(rel)))
+    return items
 
 
 def find_items(root: Path) -> list[Item]:
@@ -51,22 +111,19 @@ def find_items(root: Path) -> list[Item]:
     if not root.is_dir():
         raise ValueError(f"--videos {root}: not a directory")
     metadata = root / "metadata.csv"
-    if metadata.is_file():
-        with open(metadata, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        if not rows:
-            raise ValueError(f"{metadata}: no rows")
-        column = next((c for c in ("video", "image") if c in rows[0]), None)
-        if column is None or "prompt" not in rows[0]:
-            raise ValueError(f"{metadata}: needs a `video` (or `image`) column and a `prompt` column; has {list(rows[0])}")
-        return [Item(root / row[column], row["prompt"], output_name(Path(row[column]))) for row in rows]
-    media = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES + IMAGE_SUFFIXES)
+    if os.path.lexists(metadata):
+        return read_metadata(metadata, root)
+    media = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES + IMAGE_SUFFIXES and not p.is_dir())
     if not media:
         raise ValueError(f"--videos {root}: no videos ({', '.join(VIDEO_SUFFIXES)}) or images, and no metadata.csv")
     items = []
     for path in media:
+        warn_if_outside(path, root, str(path))
         txt = path.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else None
+        caption = None
+        if os.path.lexists(txt):
+            warn_if_outside(txt, root, str(txt))
+            caption = read_text(txt).strip()
         items.append(Item(path, caption, output_name(path.relative_to(root))))
     return items
 
@@ -110,8 +167,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="frame bucket, 4k+1 (e.g. 81); repeat or comma-separate for several (each video gets the "
                         "longest it can fill; images are 1 frame)")
     p.add_argument("--fps", type=float, help="resample videos to this frame rate first (Wan2.1: 16); default: "
-                   "consecutive source frames")
-    p.add_argument("--text-len", type=int, default=512, help="prompt tokens (default 512, Wan's; the DiT's text_len)")
+                   f"consecutive source frames; from {FPS_RANGE[0]:g} to {FPS_RANGE[1]:g}")
+    p.add_argument("--text-len", type=int, default=512,
+                   help=f"prompt tokens (default 512, Wan's; the DiT's text_len; at most {MAX_TEXT_LEN})")
     p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16", help="stored precision (default bf16)")
     p.add_argument("--precision", choices=PRECISIONS, default="bfloat16",
                    help="encoders' compute precision (default bfloat16, as DiffSynth; the CPU is faster in float32)")
@@ -120,20 +178,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prepare(args: argparse.Namespace) -> dict[str, int]:
-    import torch
-    from safetensors.torch import save_file
+def check_text_len(text_len: int) -> None:
+    if not 1 <= text_len <= MAX_TEXT_LEN:
+        raise ValueError(f"--text-len {text_len}: must be from 1 to {MAX_TEXT_LEN}")
 
+
+def prepare(args: argparse.Namespace) -> dict[str, int]:
     from .media import parse_frames, parse_resolutions, read_clip
+
+    # Every option before any work.
+    buckets = parse_resolutions(args.resolution, MULTIPLE)
+    frame_buckets = parse_frames(args.frames)
+    if args.fps is not None and not (math.isfinite(args.fps) and FPS_RANGE[0] <= args.fps <= FPS_RANGE[1]):
+        raise ValueError(f"--fps {args.fps:g}: must be from {FPS_RANGE[0]:g} to {FPS_RANGE[1]:g}")
+    check_text_len(args.text_len)
+    require_regular_file(args.vae, f"--vae {args.vae}")
+    require_regular_file(args.text_encoder, f"--text-encoder {args.text_encoder}")
+
+    import torch
+
     from .wan_text import encode_prompt, load_text_encoder, load_tokenizer
     from .wan_vae import load_vae
 
-    buckets = parse_resolutions(args.resolution, MULTIPLE)
-    frame_buckets = parse_frames(args.frames)
-    if args.fps is not None and not args.fps > 0:
-        raise ValueError(f"--fps {args.fps}: must be positive")
-    if args.text_len < 1:
-        raise ValueError(f"--text-len {args.text_len}: must be at least 1")
+    tokenizer = load_tokenizer(args.tokenizer, args.text_len)
     items = find_items(args.videos)
     args.out.mkdir(parents=True, exist_ok=True)
     todo = [it for it in items if not (args.out / f"{it.name}.safetensors").exists()]
@@ -142,9 +209,8 @@ def prepare(args: argparse.Namespace) -> dict[str, int]:
         return counts
     compute = torch.bfloat16 if args.precision == "bfloat16" else torch.float32
     stored = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    tokenizer = load_tokenizer(args.tokenizer, args.text_len)
-    encoder = load_text_encoder(args.text_encoder, compute).to(args.device)
-    vae = load_vae(args.vae)
+    encoder = load_text_encoder(args.text_encoder, compute, f"--text-encoder {args.text_encoder}").to(args.device)
+    vae = load_vae(args.vae, f"--vae {args.vae}")
     vae.model.to(device=args.device, dtype=compute)
     progress = Progress(len(todo), args.quiet)
     for i, item in enumerate(todo):
@@ -152,8 +218,8 @@ def prepare(args: argparse.Namespace) -> dict[str, int]:
         try:
             if item.caption is None:
                 raise ValueError(f"no caption: write {item.source.with_suffix('.txt').name} beside it, or list it in metadata.csv")
-            if not item.source.is_file():
-                raise ValueError("no such file")
+            if (problem := file_problem(item.source)) is not None:
+                raise ValueError(problem)
             clip = read_clip(item.source, buckets, frame_buckets, args.fps)
         except ValueError as e:
             progress.message(f"skipped {item.source}: {e}")
@@ -164,14 +230,18 @@ def prepare(args: argparse.Namespace) -> dict[str, int]:
             latents = vae.encode([pixels], device=args.device)[0]
             context = encode_prompt(tokenizer, encoder, item.caption, args.device)
         sample = {"latents": latents.to("cpu", stored).contiguous(), "context": context.to("cpu", stored).contiguous()}
-        metadata = {"source": str(item.source.relative_to(args.videos) if item.source.is_relative_to(args.videos) else item.source),
-                    "caption": item.caption, "bucket": str(clip.bucket), "frames": str(clip.pixels.shape[1]),
+        nonfinite = [name for name, t in sample.items() if not torch.isfinite(t).all()]
+        if nonfinite:
+            encoders = {"latents": f"the VAE ({args.vae.name})", "context": f"the text encoder ({args.text_encoder.name})"}
+            progress.message(f"skipped {item.source}: {' and '.join(encoders[n] for n in nonfinite)} gave NaN or Inf "
+                             "values; nothing written")
+            counts["skipped"] += 1
+            continue
+        metadata = {"source": str(item.source.relative_to(args.videos)), "caption": item.caption,
+                    "bucket": str(clip.bucket), "frames": str(clip.pixels.shape[1]),
                     "fps": "source" if args.fps is None else f"{args.fps:g}", "vae": args.vae.name,
                     "text_encoder": args.text_encoder.name}
-        final = args.out / f"{item.name}.safetensors"
-        temp = final.with_name(f".{final.name}.tmp")
-        save_file(sample, str(temp), metadata=metadata)
-        os.replace(temp, final)  # a half-written sample never carries the final name
+        save_tensors(sample, args.out / f"{item.name}.safetensors", metadata)
         counts["prepared"] += 1
     progress.update(len(todo), "done")
     progress.close()

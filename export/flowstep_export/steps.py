@@ -89,7 +89,7 @@ class StepFunctions:
         nb = len(self.base_names)
         base, batch = rest[:nb], rest[nb:]
         # Differentiate w.r.t. the split tensors, not the flat vector: a flat-vector gradient
-        # turns every slice's backward into a full-length scatter (DESIGN.md §2).
+        # turns every slice's backward into a full-length scatter (docs/DESIGN.md §2).
         lora = [t.detach().requires_grad_(True) for t in unflatten(lora_params, self.layout)]
         params = {f"model.{k}": v for k, v in self._params(lora, base).items()}
         with torch.enable_grad():

@@ -1,9 +1,9 @@
 """Tracing a training step (forward + backward) into one FX graph and exporting it to ONNX.
 
-Recipe (DESIGN.md §2): `torch.func.grad_and_value` over a `functional_call` of the model,
-traced by `make_fx` with the core ATen decompositions, over fake inputs whose latent
-frames/height/width are symbolic; the graph is then exported with `torch.onnx.export
-(dynamo=True, optimize=False)` and cleaned by a light pass.
+Recipe (docs/DESIGN.md §2): the loss and `torch.autograd.grad` inside a `functional_call` of
+the model (steps.py), traced by `make_fx` with the core ATen decompositions, over fake inputs
+whose latent frames/height/width are symbolic; the graph is then exported with
+`torch.onnx.export(dynamo=True, optimize=False)` and cleaned by a light pass.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def export(gm: torch.fx.GraphModule, inputs: list[GraphInput], output_names: lis
 
 def light_optimize(ir_model) -> None:
     """Constant folding, CSE and dead-node removal; the full onnxscript optimizer does not
-    finish on 30 blocks (DESIGN.md §2).
+    finish on 30 blocks (docs/DESIGN.md §2).
 
     CSE does not merge activation checkpointing's recompute with the forward here (the
     recompute starts from the checkpoint's detached copies of the block inputs): on `small`

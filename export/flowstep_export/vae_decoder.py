@@ -27,7 +27,10 @@ import argparse
 import hashlib
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -138,10 +141,25 @@ def _share_weights(models: list[onnx.ModelProto], out: Path) -> None:
 
 def export_vae_decoder(vae_path: Path, out: Path) -> dict:
     """Writes the two graphs, their weights and vae_decoder.json to `out`; checks them against
-    DiffSynth's decode on a random latent; returns the manifest."""
+    DiffSynth's decode on a random latent; returns the manifest. The files are written into a
+    temporary folder in `out` and moved to their names once checked, the manifest last."""
+    vae = load_vae(vae_path, f"--vae {vae_path}")
+    out.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=".vae_decoder-", dir=out))
+    try:
+        manifest = write_vae_decoder(vae, vae_path.name, temp)
+        (out / MANIFEST).unlink(missing_ok=True)  # an old manifest must not describe the new graphs
+        for name in (FIRST, STEP, WEIGHTS, MANIFEST):
+            os.replace(temp / name, out / name)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return manifest
+
+
+def write_vae_decoder(vae, source: str, out: Path) -> dict:
+    """Exports and checks the decoder of `vae` (loaded from the file named `source`) into `out`."""
     import onnxruntime as ort
 
-    vae = load_vae(vae_path)
     z_dim = vae.z_dim
     first, step = DecoderChunk(vae, first=True).eval(), DecoderChunk(vae, first=False).eval()
     generator = torch.Generator().manual_seed(0)
@@ -151,7 +169,6 @@ def export_vae_decoder(vae_path: Path, out: Path) -> dict:
         caches = first_out[1:]
     n = first.num_caches
     cache_in, cache_out = [f"cache_{i}" for i in range(n)], [f"cache_out_{i}" for i in range(n)]
-    out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         models = [_export(first, (latent[:, :, :1],), ["latent"], ["frames", *cache_out]),
                   _export(step, (latent[:, :, 1:2], *caches), ["latent", *cache_in], ["frames", *cache_out])]
@@ -160,7 +177,7 @@ def export_vae_decoder(vae_path: Path, out: Path) -> dict:
         onnx.save_model(model, str(out / name))
         onnx.checker.check_model(str(out / name))
     manifest = {
-        "format": FORMAT, "version": 1, "source": vae_path.name, "z_dim": z_dim, "dim": vae.model.dim,
+        "format": FORMAT, "version": 1, "source": source, "z_dim": z_dim, "dim": vae.model.dim,
         "upsampling": {"time": 4, "space": vae.upsampling_factor}, "caches": n,
         "graphs": {"first": FIRST, "step": STEP}, "weights": WEIGHTS,
         "output": {"layout": "[1, 3, T, H, W] RGB", "range": "unclamped; clamp to [-1, 1] after blending tiles"},

@@ -187,7 +187,7 @@ def validate_artifacts(out: Path, config, options, rtol: float = 1e-4) -> dict:
     manifest = json.loads((out / "manifest.json").read_text())
     graphs = manifest["graphs"]
     # The example size and one larger in every latent axis: a graph whose frames, height or
-    # width were fixed during tracing fails the second (DESIGN.md §3: dynamic axes).
+    # width were fixed during tracing fails the second (docs/DESIGN.md §2-3: dynamic axes).
     f, h, w = config.example_latent
     for latent in ((f, h, w), (f + 1, h + 2, w + 2)):
         tag = "x".join(map(str, latent))

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
+from .files import require_regular_file
 from .wan_vae import read_state_dict
+
+TOKENIZER_FILE_LIMIT = 256 << 20  # umT5's tokenizer.json is 16 MiB
 
 
 # Hugging Face UMT5 encoder names -> Wan's (the same modules: gated-GELU FFN, a relative
@@ -48,11 +51,11 @@ def from_hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_text_encoder(path: Path, dtype: torch.dtype):
+def load_text_encoder(path: Path, dtype: torch.dtype, label: str | None = None):
     """DiffSynth's `WanTextEncoder` holding the weights of `path`, in eval mode."""
     from diffsynth.models.wan_video_text_encoder import WanTextEncoder
 
-    state = read_state_dict(path)
+    state = read_state_dict(path, label)
     if any(v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for v in state.values()):
         raise ValueError(f"{path}: a float8 checkpoint; use the bf16/fp16 text encoder (Wan's models_t5_umt5-xxl-enc-bf16.pth)")
     if "encoder.final_layer_norm.weight" in state:
@@ -64,7 +67,14 @@ def load_text_encoder(path: Path, dtype: torch.dtype):
         num_buckets, num_heads = state["blocks.0.pos_embedding.embedding.weight"].shape
     except KeyError as e:
         raise ValueError(f"{path}: not a Wan umT5 text-encoder checkpoint (no tensor {e}; keys start {sorted(state)[:3]})") from None
-    num_layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    except (ValueError, IndexError):
+        raise ValueError(f"{path}: not a Wan umT5 text-encoder checkpoint (token_embedding.weight has shape "
+                         f"{list(state['token_embedding.weight'].shape)}, or another tensor has too few dims)") from None
+    # The layer count sizes the model: only indices that hold tensors count.
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if layers != set(range(len(layers))):
+        raise ValueError(f"{path}: text-encoder blocks are not numbered 0..{len(layers) - 1}")
+    num_layers = len(layers)
     with torch.device("meta"):
         model = WanTextEncoder(vocab=vocab, dim=dim, dim_attn=dim_attn, dim_ffn=dim_ffn, num_heads=num_heads,
                                num_layers=num_layers, num_buckets=num_buckets)
@@ -85,6 +95,11 @@ def load_tokenizer(path: Path, text_len: int):
 
     if not path.is_dir():
         raise ValueError(f"--tokenizer {path}: expected the tokenizer folder (Wan's google/umt5-xxl)")
+    for entry in sorted(path.iterdir()):  # read by transformers: none may hang or be unbounded
+        if not entry.is_dir():
+            require_regular_file(entry, f"--tokenizer {entry}")
+            if entry.stat().st_size > TOKENIZER_FILE_LIMIT:
+                raise ValueError(f"--tokenizer {entry}: larger than {TOKENIZER_FILE_LIMIT >> 20} MiB; not a tokenizer file")
     try:
         return HuggingfaceTokenizer(name=str(path), seq_len=text_len, clean="whitespace")
     except (OSError, ValueError) as e:

@@ -18,41 +18,45 @@ PREFIX = "model."
 WAN21_Z_DIM = 16
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors or torch (.pth/.pt/.ckpt) checkpoint, `model.` prefix removed."""
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def read_state_dict(path: Path, label: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors or torch (.pth/.pt/.ckpt) checkpoint, `model.` prefix removed;
+    torch files unpickled with `weights_only`. `label` (e.g. `--vae PATH`) names it in errors."""
+    from .files import check_tensor_storage, load_safetensors_file, load_torch_file, require_regular_file
 
-        state = load_file(str(path))
+    require_regular_file(path, label)
+    if path.suffix == ".safetensors":
+        state = load_safetensors_file(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path)
         if isinstance(state, dict) and isinstance(state.get("model_state"), dict):
             state = state["model_state"]
-    if not isinstance(state, dict) or not state:
+    if not isinstance(state, dict) or not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                          for k, v in state.items()):
         raise ValueError(f"{path}: not a state dict of tensors")
+    for k, v in state.items():
+        check_tensor_storage(path, k, v)
     if all(k.startswith(PREFIX) for k in state):
         state = {k[len(PREFIX):]: v for k, v in state.items()}
     return state
 
 
-def load_vae(path: Path):
+def load_vae(path: Path, label: str | None = None):
     """DiffSynth's `WanVideoVAE` holding the weights of `path`, float32, in eval mode."""
     from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE
 
-    state = read_state_dict(path)
+    state = read_state_dict(path, label)
     try:
         dim = state["encoder.conv1.weight"].shape[0] if "encoder.conv1.weight" in state else state["decoder.head.2.weight"].shape[1]
         z_dim = state["conv2.weight"].shape[0]
     except KeyError as e:
         raise ValueError(f"{path}: not a Wan VAE checkpoint (no tensor {e}; keys start {sorted(state)[:3]})") from None
+    except IndexError:
+        raise ValueError(f"{path}: not a Wan VAE checkpoint (its first or last convolution weight has too few dims)") from None
     if z_dim != WAN21_Z_DIM:
         raise ValueError(f"{path}: a VAE with {z_dim} latent channels; only the Wan2.1 VAE ({WAN21_Z_DIM} channels) is supported")
-    vae = WanVideoVAE(z_dim=z_dim)
-    if dim != vae.model.dim:
-        vae.model = VideoVAE_(dim=dim, z_dim=z_dim).eval().requires_grad_(False)
-    target = vae.model.state_dict()
+    # Shapes are compared on the meta device: `dim` comes from the file and sizes the model.
+    with torch.device("meta"):
+        target = VideoVAE_(dim=dim, z_dim=z_dim).state_dict()
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
     if missing or unexpected:
@@ -60,5 +64,8 @@ def load_vae(path: Path):
     for k, v in state.items():
         if tuple(v.shape) != tuple(target[k].shape):
             raise ValueError(f"{path}: tensor `{k}` has shape {list(v.shape)}; Wan's VAE (dim {dim}) expects {list(target[k].shape)}")
+    vae = WanVideoVAE(z_dim=z_dim)
+    if dim != vae.model.dim:
+        vae.model = VideoVAE_(dim=dim, z_dim=z_dim).eval().requires_grad_(False)
     vae.model.load_state_dict({k: v.float() for k, v in state.items()})
     return vae

@@ -26,11 +26,13 @@ import math
 from types import SimpleNamespace
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from independent import TINY, diffsynth_peft, final_state, flatten, flowstep
+from torch_spread import TIMESTEP_ULPS, weight_tolerance
 
 STEPS, K, LR, WARMUP, MIN_RATIO, EPS, WD, SEED = 8, 2, 1e-3, 3, 0.1, 1e-6, 0.01, 3
 PARAM_ATOL = 1e-5  # 1% of one step at lr 1e-3; observed 2e-7, planted bugs 3e-4 and more
@@ -83,14 +85,19 @@ def reference_loop(data, draws, max_grad_norm=None):
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=STEPS - WARMUP, eta_min=LR * MIN_RATIO),
     ], milestones=[WARMUP])
     samples = [load_file(str(f)) for f in sorted(data.glob("*.safetensors"))]
+    # flowstep's table is fixed; DiffSynth's moves with PyTorch's CPU kernels (torch_spread.py).
+    timesteps = scheduler.timesteps.numpy().astype(np.float64)
+    weights = scheduler.linear_timesteps_weights.numpy().astype(np.float64)
+    weight_spread = weight_tolerance(1000, weights) / np.maximum(weights, 1e-30)
     records = []
     for step in range(STEPS):
         lr = optimizer.param_groups[0]["lr"]
-        losses = []
+        losses, spread = [], 0.0
         for micro in range(K):
             i = step * K + micro
             index = int(draws["timestep_index"][i])
-            assert draws["timestep"][i] == scheduler.timesteps[index]
+            assert abs(float(draws["timestep"][i]) - timesteps[index]) <= TIMESTEP_ULPS * np.spacing(np.float32(timesteps[index]))
+            spread = max(spread, weight_spread[index])
             sample = samples[int(draws["sample"][i])]
             # FlowMatchSFTLoss draws the index with torch.randint and ε with torch.randn_like.
             with mock.patch.object(diffsynth_loss.torch, "randint", lambda *a, **k: torch.tensor([index])), \
@@ -112,7 +119,7 @@ def reference_loop(data, draws, max_grad_norm=None):
         optimizer.zero_grad(set_to_none=True)
         lr_schedule.step()
         records.append({"step": step + 1, "applied": applied, "lr": lr, "grad_norm": grad_norm, "clipped_norm": clipped_norm,
-                        "loss": sum(losses) / K if applied else None})
+                        "loss": sum(losses) / K if applied else None, "weight_spread": spread})
     return records, flatten(TINY, dict(dit.named_parameters()))
 
 
@@ -129,8 +136,11 @@ def test_train_matches_independent_torch_loop(run):
         assert m["step"] == r["step"]
         assert m["lr"] == pytest.approx(r["lr"], rel=1e-12), m
         if r["applied"]:
-            assert m["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-5), m
-            assert m["loss"] == pytest.approx(r["loss"], rel=1e-5), m
+            # ORT vs PyTorch float32 kernels: ~1e-6; plus how far DiffSynth's loss weight may sit
+            # from flowstep's on this CPU (the loss and the gradient are linear in it).
+            rel = 1e-5 + r["weight_spread"]
+            assert m["grad_norm"] == pytest.approx(r["grad_norm"], rel=rel), m
+            assert m["loss"] == pytest.approx(r["loss"], rel=rel), m
         else:
             assert m["grad_norm"] is None and m["loss"] is None, m  # NaN in JSON is null
     params = final_state(run.out)["params"]
@@ -163,8 +173,9 @@ def test_clipping_matches_torch_clip_grad_norm(run, tmp_path, where):
     assert all(clipped) if where == "below every norm" else any(clipped) and not all(clipped), clipped
     for m, r in zip(metrics, records):
         if r["applied"]:
-            assert m["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-5), m
-            assert m["grad_norm_clipped"] == pytest.approx(r["clipped_norm"], rel=1e-5), m
+            rel = 1e-5 + r["weight_spread"]
+            assert m["grad_norm"] == pytest.approx(r["grad_norm"], rel=rel), m
+            assert m["grad_norm_clipped"] == pytest.approx(r["clipped_norm"], rel=rel), m
             assert m["grad_norm_clipped"] <= max_norm * (1 + 1e-5) or m["grad_norm_clipped"] == m["grad_norm"], m
         else:
             assert m["grad_norm"] is None and m["grad_norm_clipped"] is None, m

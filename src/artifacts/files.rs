@@ -30,19 +30,20 @@ pub fn kind_of(meta: &std::fs::Metadata) -> &'static str {
     }
 }
 
-/// `name` from the manifest as a path inside `dir` (canonical: symlinks resolved).
-pub(super) fn resolve(dir: &Path, name: &str) -> Result<PathBuf> {
-    let manifest = dir.join("manifest.json");
-    let bad = |reason: String| Error::Manifest { path: manifest.clone(), reason };
+/// `name`, as a manifest (`manifest`, in `dir`, which messages call `place`) lists it, as a
+/// path inside `dir` (canonical: symlinks resolved) naming a regular file. Absolute names, `..` and symlinks that lead out
+/// of `dir` are refused: a manifest from a stranger reads nothing the user did not give.
+pub fn resolve_inside(dir: &Path, place: &str, manifest: &Path, name: &str) -> Result<PathBuf> {
+    let bad = |reason: String| Error::Manifest { path: manifest.to_path_buf(), reason };
     let relative = Path::new(name);
     if name.is_empty() || !relative.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
-        return Err(bad(format!("file `{name}` is not a plain name inside the artifacts directory (absolute paths and `..` are refused)")));
+        return Err(bad(format!("file `{name}` is not a plain name inside {place} (absolute paths and `..` are refused)")));
     }
     let joined = dir.join(relative);
     let real = std::fs::canonicalize(&joined).at(&joined)?;
     let root = std::fs::canonicalize(dir).at(dir)?;
     if !real.starts_with(&root) {
-        return Err(bad(format!("file `{name}` resolves to {}, outside the artifacts directory", real.display())));
+        return Err(bad(format!("file `{name}` resolves to {}, outside {place}", real.display())));
     }
     let meta = std::fs::metadata(&real).at(&real)?;
     if !meta.is_file() {
@@ -55,7 +56,7 @@ pub(super) fn resolve(dir: &Path, name: &str) -> Result<PathBuf> {
 pub(super) fn check_files(a: &Artifacts) -> Result<BTreeMap<String, PathBuf>> {
     let mut resolved = BTreeMap::new();
     for (name, want) in &a.manifest.files {
-        let path = resolve(&a.dir, name)?;
+        let path = resolve_inside(&a.dir, "the artifacts directory", &a.dir.join("manifest.json"), name)?;
         let got = sha256_file(&path)?;
         if &got != want {
             return Err(Error::Manifest {

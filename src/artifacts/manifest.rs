@@ -1,4 +1,4 @@
-//! `manifest.json` as serde types (format version 1, DESIGN.md §3).
+//! `manifest.json` as serde types (format version 1, docs/DESIGN.md §3).
 
 use std::collections::BTreeMap;
 

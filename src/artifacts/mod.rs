@@ -1,5 +1,6 @@
-//! An artifacts directory: the manifest, its files and their checks (DESIGN.md §3).
+//! An artifacts directory: the manifest, its files and their checks (docs/DESIGN.md §3).
 
+mod external_data;
 mod files;
 mod manifest;
 mod validate;
@@ -8,13 +9,14 @@ pub use manifest::{
     BaseWeights, ConditioningInput, Dim, ExpertInfo, ExpertRole, FIRST_FRAME_LATENTS, FORMAT_VERSION, GraphSignature, IoSpec, LoraInfo,
     LoraTensor, Manifest, ModelInfo, NamedShape,
 };
-pub use files::{kind_of, sha256_file};
+pub use external_data::check_listed as check_external_data;
+pub use files::{kind_of, resolve_inside, sha256_file};
 pub use validate::check_session_io;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 pub const TRAINING: &str = "training_model";
 pub const EVAL: &str = "eval_model";
@@ -32,7 +34,7 @@ pub const OPTIMIZER_INPUTS: [&str; 12] = [
     "bias_correction1", "bias_correction2", "grad_scale",
 ];
 /// `params_nonfinite` counts the NaN/±Inf entries of `params_out` (float32 scalar); the
-/// trainer keeps an update only when it is 0 (DESIGN.md §1).
+/// trainer keeps an update only when it is 0 (docs/DESIGN.md §3.5).
 pub const OPTIMIZER_OUTPUTS: [&str; 5] = ["params_out", "m_out", "v_out", "grad_norm", "params_nonfinite"];
 
 /// A validated artifacts directory.
@@ -55,16 +57,15 @@ impl Artifacts {
             Ok(_) => {}
             Err(_) => return Err(Error::Manifest { path: dir.to_path_buf(), reason: "artifacts directory does not exist".into() }),
         }
-        let meta = std::fs::metadata(&path).at(&path)?;
-        if !meta.is_file() || meta.len() > MAX_MANIFEST_BYTES {
-            return Err(Error::Manifest { path, reason: format!("is {} of {} bytes, not a manifest", kind_of(&meta), meta.len()) });
-        }
-        let text = std::fs::read_to_string(&path).at(&path)?;
+        let text = crate::small_file::read_text(&path, "artifacts manifest", MAX_MANIFEST_BYTES)?;
         let manifest: Manifest = serde_json::from_str(&text)
             .map_err(|e| Error::Manifest { path: path.clone(), reason: format!("not a valid manifest: {e}") })?;
         let mut artifacts = Self { dir: dir.to_path_buf(), manifest, files: BTreeMap::new() };
         validate::check_manifest(&artifacts)?;
         artifacts.files = files::check_files(&artifacts)?;
+        for graph in artifacts.manifest.graphs.values() {
+            external_data::check_listed(&artifacts.file(&graph.file)?, &graph.file, &path, &artifacts.manifest.files)?;
+        }
         validate::check_sizes(&artifacts)?;
         Ok(artifacts)
     }

@@ -123,7 +123,7 @@ fn check_model(a: &Artifacts) -> Result<()> {
     check_expert(a)
 }
 
-/// The conditioning inputs the variant takes (DESIGN.md §3): t2v none; i2v `y` with
+/// The conditioning inputs the variant takes (docs/DESIGN.md §3b): t2v none; i2v `y` with
 /// `in_dim - out_dim` channels at the latents' frames/height/width, and optionally
 /// `clip_feature`; ti2v `first_frame_latents` [out_dim, 1, height, width].
 fn check_conditioning(a: &Artifacts) -> Result<()> {

@@ -1,4 +1,4 @@
-//! Command-line surface (DESIGN.md §7): global flags, one file per command.
+//! Command-line surface (docs/DESIGN.md §7): global flags, one file per command.
 
 mod draws;
 mod eval;
@@ -255,6 +255,15 @@ const MAX_THREADS: usize = 1024;
 pub fn init_runtime(globals: &Globals, device: &DeviceArgs) -> anyhow::Result<flowstep::runtime::SessionOptions> {
     if let Some(t) = device.threads {
         anyhow::ensure!((1..=MAX_THREADS).contains(&t), "--threads: must be 1 to {MAX_THREADS}, got {t}");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if t > cores && !globals.quiet {
+            eprintln!("warning: --threads {t} is more than the {cores} cores this process may use; ONNX Runtime's threads will contend and steps can be many times slower");
+        }
+    }
+    if let Some(prefix) = &device.ort_profile {
+        // ONNX Runtime writes PREFIX_<time>.json when the session ends, and says nothing if it cannot.
+        let dir = prefix.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        anyhow::ensure!(dir.is_dir(), "--ort-profile {}: directory {} does not exist", prefix.display(), dir.display());
     }
     let lib = flowstep::runtime::init(globals.ort_lib.as_deref(), device.device.is_gpu())?;
     if globals.verbose > 0 {

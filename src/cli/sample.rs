@@ -10,7 +10,7 @@ use flowstep::decode::{Tile, VaeDecoder, VideoOptions};
 use flowstep::executor::{VelocityGraph, WithLora};
 use flowstep::render::{centroid_motion, mean_rgb};
 use flowstep::sample::{DEFAULT_SHIFT, SampleConfig, Stage, read_conditioning, read_context, sample, write_outputs};
-use flowstep::tensor_file::write_atomic;
+use flowstep::tensor_file::{Staging, write_atomic};
 use flowstep::video_files::Mp4;
 
 use super::{DeviceArgs, Globals, ModelArgs};
@@ -183,6 +183,9 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         eprintln!("warning: {} is the {} expert alone; pass the other expert with --expert-artifacts to sample as Wan2.2 does", m.model.name, e.role.as_str());
     }
     let mut decoder = args.vae_decoder.as_deref().map(|dir| VaeDecoder::open(dir, &session, shape[0])).transpose()?;
+    if let (Some(d), Some(dir)) = (&decoder, &args.vae_decoder) {
+        d.check_shape(shape).with_context(|| format!("--vae-decoder {} with --shape {}", dir.display(), args.shape))?;
+    }
     let mut model = WithLora::<VelocityGraph>::load(&artifacts, &session, args.model.base.as_deref(), args.lora.as_deref())?;
     let mut other_model = match &other {
         Some(a) => Some(WithLora::<VelocityGraph>::load(a, &session, args.expert_base.as_deref(), args.expert_lora.as_deref())?),
@@ -198,7 +201,6 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         }
         _ => vec![Stage { graph: &mut model.graph, params: &model.params, from_timestep: f32::NEG_INFINITY }],
     };
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let mut videos = Vec::with_capacity(args.num_samples);
     let mut motions = Vec::new();
     for i in 0..args.num_samples {
@@ -214,10 +216,14 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     }
     let summary = serde_json::json!({"lora": args.lora, "expert_lora": args.expert_lora, "condition": args.condition, "context": args.context,
         "steps": args.steps, "cfg_scale": args.cfg_scale, "samples": motions});
-    write_atomic(&args.out.join("samples.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    // Every output is written aside and moved into --out only once all are complete.
+    let staging = Staging::new(&args.out)?;
+    write_atomic(&staging.path().join("samples.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     let count = videos.len();
     let decoding = decoder.as_mut().map(|d| (d, VideoOptions { fps: args.fps, save_frames: args.save_frames, tile: args.vae_tile }));
-    match write_outputs(&args.out, videos, shape, decoding)?.map(|files| files.mp4) {
+    let written = write_outputs(staging.path(), videos, shape, decoding)?;
+    staging.commit()?;
+    match written.map(|files| files.mp4) {
         Some(Mp4::Written(paths)) if !globals.quiet => eprintln!("decoded {count} videos to {} (videos.png, videos.gif, {} MP4)", args.out.display(), paths.len()),
         Some(Mp4::NoFfmpeg(message)) => eprintln!("warning: {message}"),
         _ => {}

@@ -38,7 +38,10 @@ pub struct Args {
 }
 
 pub fn run(args: Args, _globals: &Globals) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!((1..=MAX_STEPS).contains(&args.steps), "--steps: must be 1 to {MAX_STEPS}, got {}", args.steps);
+    // The loss weight subtracts the table's smallest value and divides by the sum: with one
+    // timestep DiffSynth's formula is 0 · (1/0), NaN.
+    anyhow::ensure!(args.steps != 1, "--steps: must be at least 2; the loss weight w(t) is normalised over the table, and with one timestep DiffSynth's formula gives 0/0 (NaN)");
+    anyhow::ensure!((2..=MAX_STEPS).contains(&args.steps), "--steps: must be 2 to {MAX_STEPS}, got {}", args.steps);
     anyhow::ensure!(args.shift.is_finite() && args.shift > 0.0, "--shift must be a positive number");
     anyhow::ensure!(
         args.denoising_strength > 0.0 && args.denoising_strength <= 1.0,

@@ -123,8 +123,9 @@ pub struct Args {
     pub eval_timesteps: usize,
 
     /// Write samples every N steps and after the last one, with the current LoRA, to
-    /// OUT/samples/step-XXXXXX/ (latents, PNG contact sheet, GIF per prompt). Sampling time
-    /// is reported apart and never counted in the step times. Needs --sample-prompts.
+    /// OUT/samples/step-XXXXXX/ (latents, PNG contact sheet, GIF per prompt); 0 samples only
+    /// after the last step. Sampling time is reported apart and never counted in the step
+    /// times. Needs --sample-prompts.
     #[arg(long, value_name = "N", requires = "sample_prompts")]
     pub sample_every: Option<u64>,
 

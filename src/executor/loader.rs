@@ -45,7 +45,7 @@ impl<G: LoraGraph> WithLora<G> {
     /// (`base`, or the shipped ones) and the graph.
     pub fn load(artifacts: &Artifacts, options: &SessionOptions, base: Option<&Path>, lora: Option<&Path>) -> Result<Self> {
         let lora = artifacts.lora_file(lora)?;
-        let flat = lora_io::load(&lora, &artifacts.manifest.lora)?;
+        let flat = lora_io::load_for(&lora, &artifacts.manifest)?;
         let memory = DeviceMemory::new(options.device);
         let base = load_base_weights(artifacts, base, &memory)?;
         let graph = G::load(artifacts, options, &base)?;

@@ -9,9 +9,9 @@ mod read;
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::artifacts::LoraInfo;
+use crate::artifacts::{LoraInfo, Manifest};
 use crate::error::{Error, Result};
-use crate::tensor_file::{OutTensor, SaveDtype, encode_with, write_atomic};
+use crate::tensor_file::{OutTensor, SaveDtype, TensorFile, encode_with, write_atomic};
 
 /// Key layout of a written LoRA file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -25,6 +25,9 @@ pub enum LoraFormat {
 }
 
 const COMFY_PREFIX: &str = "diffusion_model.";
+/// Metadata keys (after `flowstep.`) that say which model a LoRA was trained for.
+pub const BASE_MODEL: &str = "base_model";
+pub const EXPERT: &str = "expert";
 
 /// `blocks.0.self_attn.q.lora_A.default.weight` -> `diffusion_model.blocks.0.self_attn.q.lora_A.weight`
 pub fn comfy_key(key: &str) -> String {
@@ -102,11 +105,34 @@ pub fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
     read::load(path, lora)
 }
 
+/// [`load`] for the model `manifest` describes, refusing first a LoRA that flowstep trained for
+/// another base model or for the other expert of a Wan2.2 pair (its `flowstep.base_model` and
+/// `flowstep.expert` metadata, written by [`save`]): such a file can have the same shapes and
+/// would load without a word. Files from other tools carry neither and are judged by their keys.
+pub fn load_for(path: &Path, manifest: &Manifest) -> Result<Vec<f32>> {
+    let file = TensorFile::open(path)?;
+    let refuse = |reason: String| Error::Tensor { path: path.to_path_buf(), reason };
+    let meta = file.metadata();
+    let field = |key: &str| meta.and_then(|m| m.get(&format!("flowstep.{key}")));
+    if let Some(base) = field(BASE_MODEL)
+        && base != &manifest.model.name
+    {
+        return Err(refuse(format!("is a LoRA flowstep trained on base model `{base}` (flowstep.{BASE_MODEL}); this export is `{}`", manifest.model.name)));
+    }
+    let role = manifest.expert.as_ref().map(|e| e.role.as_str());
+    if let Some(expert) = field(EXPERT)
+        && Some(expert.as_str()) != role
+    {
+        let this = role.map_or_else(|| "a single model, not an expert of a Wan2.2 pair".to_string(), |r| format!("the {r} expert"));
+        return Err(refuse(format!("is a LoRA for the {expert} expert of a Wan2.2 pair (flowstep.{EXPERT}); this export is {this}")));
+    }
+    read::load(path, &manifest.lora)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::artifacts::LoraTensor;
-    use crate::tensor_file::TensorFile;
 
     /// One module (block 0's q), rank 2, with the export's `alpha`.
     pub(crate) fn one_module(alpha: f64) -> LoraInfo {

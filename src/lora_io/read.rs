@@ -237,7 +237,9 @@ pub(super) fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
                 if !alpha.is_finite() {
                     return Err(fail(format!("LoRA alpha `{key}` is {alpha}")));
                 }
-                alpha
+                // kohya's and musubi-tuner's LoRAModule: `alpha = lora_dim if alpha is None or
+                // alpha == 0`, i.e. scale 1; a literal 0 would switch the LoRA off.
+                if alpha == 0.0 && layout == Layout::Musubi { lora.rank as f64 } else { alpha }
             }
             None => file_alpha,
         };
@@ -357,6 +359,9 @@ mod tests {
             assert_eq!(flat[..4], A, "{}: A is kept as stored", path.display());
             assert_eq!(flat[4..], b_for(scale), "{}", path.display());
         }
+        // musubi/kohya with alpha 0, which musubi reads as alpha = rank: scale 1.
+        let zero = write(d, "lora_unet_blocks_0_self_attn_q.lora_down.weight", "lora_unet_blocks_0_self_attn_q.lora_up.weight", Some(("lora_unet_blocks_0_self_attn_q.alpha", 0.0)), None);
+        assert_eq!(load(&zero, &info())?[4..], b_for(1.0));
         // Pipeline-level diffusers metadata (fields prefixed) with rsLoRA: scale 4/√2.
         let path = write(d, "transformer.blocks.0.attn1.to_q.lora_A.weight", "transformer.blocks.0.attn1.to_q.lora_B.weight", None,
             Some(("lora_adapter_metadata", r#"{"transformer.r": 2, "transformer.lora_alpha": 4, "transformer.use_rslora": true}"#)));

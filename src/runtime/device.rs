@@ -41,7 +41,7 @@ impl Device {
     }
 }
 
-/// CUDA provider settings that change memory or numerics (DESIGN.md §6a).
+/// CUDA provider settings that change memory or numerics (docs/DESIGN.md §6a).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CudaOptions {
     /// Grow the memory arena by exactly what is requested (the arena then tracks live memory)

@@ -32,7 +32,7 @@ pub struct SessionOptions {
     /// Let nodes without a kernel on the GPU provider run on the CPU instead of failing.
     pub allow_cpu_fallback: bool,
     /// ONNX Runtime graph optimizers to turn off, from the manifest: CSE would merge a graph's
-    /// recomputation with its forward (DESIGN.md §6a).
+    /// recomputation with its forward (docs/DESIGN.md §6a).
     pub disabled_optimizers: Vec<String>,
     /// From the manifest: fused graphs need flowstep's `com.flowstep` operators registered.
     pub attention: AttentionImpl,
@@ -141,7 +141,7 @@ fn build_session(model: GraphSource<'_>, options: &SessionOptions) -> Result<Ses
         builder.with_config_entry(key, value).map_err(|e| Error::Ort { during: format!("{during}: setting {key}"), source: ort::Error::<()>::from(e) })
     };
     if !options.disabled_optimizers.is_empty() {
-        // Names separated by ';' (a ',' list silently disables nothing, DESIGN.md §6a).
+        // Names separated by ';' (a ',' list silently disables nothing, docs/DESIGN.md §6a).
         builder = config(builder, "optimization.disable_specified_optimizers", &options.disabled_optimizers.join(";"))?;
     }
     if options.device.is_gpu() {

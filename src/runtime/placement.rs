@@ -3,7 +3,7 @@
 //! compute on the CPU, and how much memory its arena held at most.
 //!
 //! `session.disable_cpu_ep_fallback` cannot do this: it also refuses the small int64 shape
-//! computations that ONNX Runtime places on the CPU on purpose (DESIGN.md §6a), which every
+//! computations that ONNX Runtime places on the CPU on purpose (docs/DESIGN.md §6a), which every
 //! graph with dynamic latent sizes has.
 
 use std::ffi::{CStr, c_char};

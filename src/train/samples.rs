@@ -21,13 +21,13 @@ use std::path::{Path, PathBuf};
 use ort::value::Tensor;
 
 use crate::artifacts::{Artifacts, ModelInfo};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::decode::{Tile, VaeDecoder, VideoOptions};
 use crate::executor::{BaseWeights, VelocityGraph};
 use crate::runtime::SessionOptions;
 use crate::data::Conditioning;
 use crate::sample::{DEFAULT_SHIFT, SampleConfig, Stage, read_conditioning, read_context, sample, write_outputs};
-use crate::tensor_file::write_atomic;
+use crate::tensor_file::{Staging, write_atomic};
 use crate::video_files::Mp4;
 
 /// `--sample-every`, `--sample-prompts`, `--sample-steps`, `--vae-decoder`, `--vae-tile`.
@@ -42,6 +42,12 @@ pub struct SamplingConfig {
 
 /// Frames per second of the decoded GIFs and MP4s (Wan2.1 is trained at 16).
 const FPS: u32 = 16;
+/// A prompt file is a few lines; anything far larger is not one.
+const MAX_PROMPT_FILE_BYTES: u64 = 1 << 20;
+/// Euler steps of one training-time sample (`--sample-steps`, a line's `steps=`).
+pub const MAX_SAMPLE_STEPS: usize = 10_000;
+/// Latent values of one training-time sample: 2^28 float32s (1 GiB), as `flowstep sample`.
+const MAX_SAMPLE_VALUES: usize = 1 << 28;
 
 /// One line of the prompt file, its context files read.
 #[derive(Debug, Clone)]
@@ -61,7 +67,7 @@ fn bad_line(file: &Path, line: usize, reason: impl std::fmt::Display) -> Error {
 /// latent F,H,W used where a line gives none.
 pub fn read_prompts(config: &SamplingConfig, model: &ModelInfo, default_shape: [usize; 3]) -> Result<Vec<Prompt>> {
     let file = &config.prompts;
-    let text = std::fs::read_to_string(file).at(file)?;
+    let text = crate::small_file::read_text(file, "prompt file (--sample-prompts)", MAX_PROMPT_FILE_BYTES)?;
     let dir = file.parent().unwrap_or(Path::new("."));
     let mut prompts = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -76,7 +82,7 @@ pub fn read_prompts(config: &SamplingConfig, model: &ModelInfo, default_shape: [
             let number = |what: &str| bad_line(file, line_no, format!("{key}={value}: expected {what}"));
             match key {
                 "seed" => seed = value.parse().map_err(|_| number("a non-negative integer"))?,
-                "steps" => steps = value.parse().ok().filter(|&s| (1..=10_000).contains(&s)).ok_or_else(|| number("1 to 10000"))?,
+                "steps" => steps = value.parse().ok().filter(|s| (1..=MAX_SAMPLE_STEPS).contains(s)).ok_or_else(|| number(&format!("1 to {MAX_SAMPLE_STEPS}")))?,
                 "cfg" => cfg_scale = value.parse().ok().filter(|c: &f32| c.is_finite()).ok_or_else(|| number("a finite number"))?,
                 "shift" => shift = value.parse().ok().filter(|s: &f32| s.is_finite() && *s > 0.0).ok_or_else(|| number("a positive number"))?,
                 "negative" => negative = Some(read_context(&dir.join(value), model)?),
@@ -84,9 +90,11 @@ pub fn read_prompts(config: &SamplingConfig, model: &ModelInfo, default_shape: [
                 "shape" => {
                     let dims: Vec<usize> = value.split(',').map(str::parse).collect::<std::result::Result<_, _>>().map_err(|_| number("F,H,W"))?;
                     let p = model.patch_size;
-                    let ok = dims.len() == 3 && dims.iter().zip(p).all(|(&d, p)| d > 0 && d.is_multiple_of(p)) && dims.iter().product::<usize>() <= 1 << 24;
+                    // Checked products: latent values (channels included) must fit the limit.
+                    let values = dims.iter().try_fold(model.latent_channels(), |acc, &d| acc.checked_mul(d)).filter(|&v| v <= MAX_SAMPLE_VALUES);
+                    let ok = dims.len() == 3 && dims.iter().zip(p).all(|(&d, p)| d > 0 && d.is_multiple_of(p)) && values.is_some();
                     if !ok {
-                        return Err(number(&format!("three positive multiples of the patch size {p:?}, at most 2^24 latent pixels")));
+                        return Err(number(&format!("three positive multiples of the patch size {p:?}, at most {MAX_SAMPLE_VALUES} latent values in all")));
                     }
                     shape = [dims[0], dims[1], dims[2]];
                 }
@@ -117,16 +125,30 @@ impl SampleWriter {
     pub fn load(artifacts: &Artifacts, options: &SessionOptions, base: &BaseWeights, prompts: Vec<Prompt>, config: &SamplingConfig) -> Result<Self> {
         let m = &artifacts.manifest.model;
         let decoder = match &config.vae_decoder {
-            Some(dir) => Some((VaeDecoder::open(dir, options, m.latent_channels())?, VideoOptions { fps: FPS, save_frames: false, tile: config.vae_tile })),
+            Some(dir) => {
+                let decoder = VaeDecoder::open(dir, options, m.latent_channels())?;
+                for prompt in &prompts {
+                    decoder.check_shape(prompt.config.shape).map_err(|e| Error::Config(format!("--vae-decoder {}: prompt {}: {e}", dir.display(), prompt.name)))?;
+                }
+                Some((decoder, VideoOptions { fps: FPS, save_frames: false, tile: config.vae_tile }))
+            }
             None => None,
         };
         Ok(Self { graph: VelocityGraph::load(artifacts, options, base)?, prompts, context_shape: [m.text_len, m.text_dim], decoder })
     }
 
     /// Samples every prompt with `params` into `dir/NN-name/`; `dir/prompts.json` lists the
-    /// settings. Returns a warning to show when videos could not be written as MP4.
+    /// settings. `dir` appears only when every prompt's files are written (they are written
+    /// into a hidden sibling and renamed), so a failure leaves no partial step directory.
+    /// Returns a warning to show when videos could not be written as MP4.
     pub fn write(&mut self, params: &Tensor<f32>, dir: &Path) -> Result<Option<String>> {
-        std::fs::create_dir_all(dir).at(dir)?;
+        let staging = Staging::new(dir)?;
+        let warning = self.write_into(params, staging.path())?;
+        staging.commit()?;
+        Ok(warning)
+    }
+
+    fn write_into(&mut self, params: &Tensor<f32>, dir: &Path) -> Result<Option<String>> {
         let mut listed = Vec::new();
         let mut warning = None;
         for prompt in &self.prompts {

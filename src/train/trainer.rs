@@ -20,14 +20,14 @@ use crate::lora_io;
 use crate::metrics::{JsonlWriter, Observer, Recorder, StepRecord, TrainEvent};
 use crate::sft::{SftConfig, SftSampler, TimestepDraw};
 
-/// Holds `OUT/.lock` for the life of the run: a second trainer on the same directory fails.
-/// A run that ends before writing anything removes the lock file (and `OUT`, when it
-/// created it), so a failed start leaves no trace.
+/// Holds an exclusive lock (flock) on the `OUT` directory itself for the life of the run: a
+/// second trainer on the same directory fails. The lock lives on the open directory, so no
+/// lock file can be deleted to get around it, and the OS drops it when the process dies. A
+/// run that ends before writing anything removes `OUT` again when it created it, so a
+/// failed start leaves no trace.
 struct OutLock {
-    _file: File,
-    path: PathBuf,
+    _dir: File,
     created_dir: Option<PathBuf>,
-    created_file: bool,
 }
 
 fn lock_out(out: &Path) -> Result<OutLock> {
@@ -38,25 +38,18 @@ fn lock_out(out: &Path) -> Result<OutLock> {
     }
     let created_dir = (!out.exists()).then(|| out.to_path_buf());
     std::fs::create_dir_all(out).at(out)?;
-    let path = out.join(".lock");
-    let created_file = !path.exists();
-    let file = File::create(&path).at(&path)?;
-    file.try_lock_exclusive().map_err(|_| {
-        Error::Config(format!("{} is in use by another flowstep train (lock {}); wait for it or choose another --out", out.display(), path.display()))
-    })?;
-    Ok(OutLock { _file: file, path, created_dir, created_file })
+    let dir = File::open(out).at(out)?;
+    if dir.try_lock_exclusive().is_err() {
+        return Err(Error::Config(format!("--out {} is in use by another flowstep train; wait for it or choose another --out", out.display())));
+    }
+    Ok(OutLock { _dir: dir, created_dir })
 }
 
 impl Drop for OutLock {
     fn drop(&mut self) {
-        let Some(dir) = self.path.parent() else { return };
-        let only_lock = std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()).all(|e| e.path() == self.path)).unwrap_or(false);
-        if self.created_file && only_lock {
-            // Best effort: a lock file left behind is harmless (documented in the README).
-            let _ = std::fs::remove_file(&self.path);
-            if let Some(created) = &self.created_dir {
-                let _ = std::fs::remove_dir(created);
-            }
+        if let Some(created) = &self.created_dir {
+            // Best effort, and only when nothing was written: remove_dir fails on a non-empty one.
+            let _ = std::fs::remove_dir(created);
         }
     }
 }
@@ -92,6 +85,8 @@ struct Accumulated {
     loss_sum: f64,
     first: Option<TimestepDraw>,
     finite: bool,
+    /// The first sample whose loss was NaN/Inf, and that loss.
+    nonfinite: Option<(PathBuf, f32)>,
     graph_seconds: f64,
 }
 
@@ -129,6 +124,9 @@ pub struct Trainer<'a, 'o> {
     changes: Vec<String>,
     /// Samples found non-finite (`--skip-bad-samples`).
     bad_samples: BTreeSet<usize>,
+    /// Set when a step was skipped for a non-finite loss and no update has been applied since:
+    /// the current parameters give that loss, so they must not become the final LoRA.
+    params_nonfinite_loss: Option<String>,
     _lock: OutLock,
 }
 
@@ -159,6 +157,10 @@ impl<'a, 'o> Trainer<'a, 'o> {
 
         checkpoint::clean_partial(&config.out)?;
         crate::tensor_file::clean_temp(&config.out)?;
+        let samples_dir = config.out.join("samples");
+        if samples_dir.is_dir() {
+            crate::tensor_file::clean_temp(&samples_dir)?;
+        }
         let existing = checkpoint::list(&config.out)?;
         if !config.resume && !existing.is_empty() {
             return Err(Error::Config(format!(
@@ -194,7 +196,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
                 state = TrainerState { run, ..saved };
             }
             None => {
-                let init = lora_io::load(&artifacts.lora_file(config.init_lora.as_deref())?, &manifest.lora)?;
+                let init = lora_io::load_for(&artifacts.lora_file(config.init_lora.as_deref())?, manifest)?;
                 let zeros = vec![0.0; p];
                 graphs.set_state(&init, &zeros, &zeros)?;
             }
@@ -226,6 +228,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             last_checkpoint: None,
             changes: Vec::new(),
             bad_samples: BTreeSet::new(),
+            params_nonfinite_loss: None,
             _lock: lock,
         };
         if config.resume && resumed_from.is_none() {
@@ -263,7 +266,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
     pub fn step(&mut self) -> Result<()> {
         let step_start = Instant::now();
         let lr = self.config.schedule.lr(self.config.lr, self.state.step, self.total_steps);
-        let mut acc = Accumulated { loss_sum: 0.0, first: None, finite: true, graph_seconds: 0.0 };
+        let mut acc = Accumulated { loss_sum: 0.0, first: None, finite: true, nonfinite: None, graph_seconds: 0.0 };
         let mut micro = 0;
         while micro < self.config.grad_accum {
             if self.micro_step(&mut acc)? {
@@ -344,6 +347,9 @@ impl<'a, 'o> Trainer<'a, 'o> {
         acc.graph_seconds += t.elapsed().as_secs_f64();
         acc.first.get_or_insert(draw);
         acc.finite &= loss.is_finite();
+        if !loss.is_finite() && acc.nonfinite.is_none() {
+            acc.nonfinite = Some((sample.path.clone(), loss));
+        }
         acc.loss_sum += loss as f64;
         Ok(true)
     }
@@ -365,15 +371,24 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let applied = outcome.is_some_and(|o| o.applied);
         let grad_norm = outcome.map_or(f32::NAN, |o| o.grad_norm);
         let clipped_grad_norm = outcome.map_or(f32::NAN, |o| o.clipped_grad_norm);
-        if !applied {
+        if applied {
+            self.params_nonfinite_loss = None;
+        } else {
+            if let Some((sample, value)) = acc.nonfinite.take() {
+                let error = Error::NonFiniteLoss { step: self.state.step + 1, sample, value };
+                if self.config.on_nonfinite == NonFinitePolicy::Stop {
+                    return Err(error);
+                }
+                // Skipping leaves the parameters as they are: once an update has changed them,
+                // they still give this loss (before any, the data alone does: a sample whose
+                // values overflow, which the skipped-step count reports).
+                if self.state.step > self.state.skipped_steps {
+                    self.params_nonfinite_loss.get_or_insert(error.to_string());
+                }
+            }
             match self.config.on_nonfinite {
                 NonFinitePolicy::Stop => {
-                    let loss = acc.loss_sum / self.config.grad_accum as f64;
-                    let (what, value) = match (acc.finite, grad_norm.is_finite()) {
-                        (false, _) => ("loss", loss),
-                        (true, false) => ("gradient norm", grad_norm as f64),
-                        (true, true) => ("parameter update", f64::NAN),
-                    };
+                    let (what, value) = if grad_norm.is_finite() { ("parameter update", f64::NAN) } else { ("gradient norm", grad_norm as f64) };
                     return Err(Error::NonFinite { step: self.state.step + 1, what, value });
                 }
                 NonFinitePolicy::Skip => self.state.skipped_steps += 1,
@@ -450,10 +465,18 @@ impl<'a, 'o> Trainer<'a, 'o> {
             let (params, _, _) = self.graphs.state()?;
             let manifest = &self.artifacts.manifest;
             let path = config.out.join(super::lora_file_name(manifest));
-            let mut meta = vec![("steps", self.state.step.to_string()), ("seed", config.seed.to_string()), ("base_model", manifest.model.name.clone())];
+            if let Some(cause) = &self.params_nonfinite_loss {
+                return Err(Error::Config(format!(
+                    "{} not written: the final parameters give a non-finite loss ({cause}) and --on-nonfinite skip discarded every update since; \
+                     the learning rate is likely too high (--lr {})",
+                    path.display(),
+                    config.lr
+                )));
+            }
+            let mut meta = vec![("steps", self.state.step.to_string()), ("seed", config.seed.to_string()), (lora_io::BASE_MODEL, manifest.model.name.clone())];
             if let Some(e) = &manifest.expert {
                 let c = &self.sampler.config;
-                meta.push(("expert", e.role.as_str().to_string()));
+                meta.push((lora_io::EXPERT, e.role.as_str().to_string()));
                 meta.push(("timestep_boundaries", format!("[{}, {})", c.min_boundary, c.max_boundary)));
             }
             lora_io::save(&path, &manifest.lora, &params, config.lora_format, config.lora_dtype, &meta)?;

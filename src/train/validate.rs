@@ -64,6 +64,11 @@ impl TrainConfig {
                 return Err(Error::flag("--eval-every", "needs --eval-data"));
             }
         }
+        if let Some(sampling) = &self.sampling
+            && !(1..=super::samples::MAX_SAMPLE_STEPS).contains(&sampling.steps)
+        {
+            return Err(Error::flag("--sample-steps", format!("must be 1 to {}, got {}", super::samples::MAX_SAMPLE_STEPS, sampling.steps)));
+        }
         if !(1..=crate::scheduler::NUM_TRAIN_TIMESTEPS).contains(&self.eval.timesteps) {
             return Err(Error::flag("--eval-timesteps", format!("must be 1 to {}, got {}", crate::scheduler::NUM_TRAIN_TIMESTEPS, self.eval.timesteps)));
         }

@@ -166,3 +166,54 @@ impl Drop for SmallDisk {
         let _ = std::process::Command::new("umount").arg(&self.0).status();
     }
 }
+
+// ── Hostile-input helpers (tests/hostile.rs, tests/hostile_inputs.rs) ─────────────────
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs flowstep, killing it after `secs`: a hostile input must fail, not hang.
+pub fn run_limited(args: &[&str], secs: u64) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flowstep"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("flowstep {args:?} still running after {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn train_limited(art: &Path, data: &Path, out: &Path, steps: u64, extra: &[&str]) -> Output {
+    let steps = steps.to_string();
+    let mut args = vec!["-q", "train", "--artifacts", path_str(art), "--data", path_str(data), "--out", path_str(out), "--steps", &steps, "--seed", "5", "--lr", "2e-3"];
+    args.extend_from_slice(extra);
+    run_limited(&args, 60)
+}
+
+pub fn mkfifo(path: &Path) {
+    let ok = Command::new("mkfifo").arg(path).status().is_ok_and(|s| s.success());
+    assert!(ok, "mkfifo {}", path.display());
+}
+
+/// Nothing at all in `out` (it does not exist, or is empty).
+pub fn assert_untouched(out: &Path) {
+    let entries: Vec<PathBuf> = std::fs::read_dir(out).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
+    assert!(entries.is_empty(), "a failed run left {entries:?}");
+}
+
+pub fn assert_error(r: &Output, expect: &[&str]) -> String {
+    let line = error_line(r);
+    for e in expect {
+        assert!(line.contains(e), "`{line}` lacks `{e}`");
+    }
+    line
+}
