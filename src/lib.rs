@@ -22,6 +22,7 @@ pub mod sample;
 pub mod scheduler;
 pub mod sft;
 pub mod tensor_file;
+pub mod tensorboard;
 pub mod train;
 pub mod video_files;
 

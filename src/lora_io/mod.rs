@@ -6,7 +6,7 @@
 
 mod read;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use crate::artifacts::LoraInfo;
@@ -54,8 +54,9 @@ fn diffsynth_b_scale(lora: &LoraInfo) -> f32 {
     (lora.alpha / lora.rank as f64) as f32
 }
 
-/// Writes a LoRA file atomically.
-pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtype: SaveDtype, extra_meta: &[(&str, String)]) -> Result<()> {
+/// Writes a LoRA file atomically, with `metadata` (full keys) besides the rank, alpha and
+/// targets it always records.
+pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtype: SaveDtype, metadata: &BTreeMap<String, String>) -> Result<()> {
     // Checked in the file's dtype: a finite f32 near f32::MAX rounds to infinity in bf16.
     let representable = |v: f32| match dtype {
         SaveDtype::F32 => v.is_finite(),
@@ -88,9 +89,7 @@ pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtyp
         ("flowstep.lora_alpha".into(), lora.alpha.to_string()),
         ("flowstep.lora_targets".into(), lora.targets.join(",")),
     ]);
-    for (k, v) in extra_meta {
-        meta.insert(format!("flowstep.{k}"), v.clone());
-    }
+    meta.extend(metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
     // Alphas stay f32 in a bf16 file: bf16 would round an alpha like 0.3 and change the scale.
     let dtype_of = |t: &OutTensor| if t.name.ends_with(".alpha") { SaveDtype::F32 } else { dtype };
     write_atomic(path, &encode_with(&tensors, dtype_of, Some(meta))?)
@@ -99,6 +98,12 @@ pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtyp
 /// Reads a LoRA file into the flat buffer: DiffSynth-Studio, ComfyUI, diffusers/PEFT or
 /// musubi-tuner/kohya keys, rescaled to the export's alpha; anything else is refused.
 pub fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
+    if crate::checkpoint::is_checkpoint(path) {
+        return Err(Error::Tensor {
+            path: path.to_path_buf(),
+            reason: "is a flowstep training checkpoint, not a LoRA file; make one with `flowstep export-lora CHECKPOINT_DIR --out FILE`, or use the run's OUT/loras/ files".into(),
+        });
+    }
     read::load(path, lora)
 }
 
@@ -132,12 +137,12 @@ mod tests {
         let info = LoraInfo { alpha: 4.0, ..info() };
         let flat = [0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.125, 3.0];
         let path = dir.path().join("a.safetensors");
-        save(&path, &info, &flat, LoraFormat::Diffsynth, SaveDtype::F32, &[])?;
+        save(&path, &info, &flat, LoraFormat::Diffsynth, SaveDtype::F32, &BTreeMap::new())?;
         let mut bad = flat;
         bad[3] = f32::NAN;
-        assert!(save(&dir.path().join("nan.safetensors"), &info, &bad, LoraFormat::Diffsynth, SaveDtype::F32, &[]).is_err());
+        assert!(save(&dir.path().join("nan.safetensors"), &info, &bad, LoraFormat::Diffsynth, SaveDtype::F32, &BTreeMap::new()).is_err());
         bad[3] = 3.4e38;
-        assert!(save(&dir.path().join("big.safetensors"), &info, &bad, LoraFormat::Comfyui, SaveDtype::Bf16, &[]).is_err());
+        assert!(save(&dir.path().join("big.safetensors"), &info, &bad, LoraFormat::Comfyui, SaveDtype::Bf16, &BTreeMap::new()).is_err());
         let b = TensorFile::open(&path)?.read_f32("blocks.0.self_attn.q.lora_B.default.weight")?.1;
         assert_eq!(b, vec![3.0, -1.0, 0.25, 6.0]);
         assert_eq!(load(&path, &info)?, flat);
@@ -151,7 +156,7 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
         let flat = [0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.125, 3.0];
         let path = dir.path().join("c.safetensors");
-        save(&path, &LoraInfo { alpha: 4.0, ..info() }, &flat, LoraFormat::Comfyui, SaveDtype::F32, &[])?;
+        save(&path, &LoraInfo { alpha: 4.0, ..info() }, &flat, LoraFormat::Comfyui, SaveDtype::F32, &BTreeMap::new())?;
         let file = TensorFile::open(&path)?;
         assert_eq!(file.read_f32("diffusion_model.blocks.0.self_attn.q.lora_B.weight")?.1, flat[4..].to_vec());
         assert_eq!(file.read_f32("diffusion_model.blocks.0.self_attn.q.alpha")?.1, vec![4.0]);
@@ -169,7 +174,7 @@ mod tests {
         let info = LoraInfo { alpha: 0.3, ..info() };
         let flat = [0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.125, 3.0]; // all exact in bf16
         let path = dir.path().join("a.safetensors");
-        save(&path, &info, &flat, LoraFormat::Comfyui, SaveDtype::Bf16, &[])?;
+        save(&path, &info, &flat, LoraFormat::Comfyui, SaveDtype::Bf16, &BTreeMap::new())?;
         let file = TensorFile::open(&path)?;
         assert_eq!(file.info("diffusion_model.blocks.0.self_attn.q.alpha").map(|i| i.dtype), Some(safetensors::Dtype::F32));
         assert_eq!(file.info("diffusion_model.blocks.0.self_attn.q.lora_B.weight").map(|i| i.dtype), Some(safetensors::Dtype::BF16));
@@ -189,7 +194,7 @@ mod tests {
         let flat = [0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.125, 3.0];
         for format in [LoraFormat::Diffsynth, LoraFormat::Comfyui] {
             let path = dir.path().join(format!("{format:?}.safetensors"));
-            save(&path, &info(), &flat, format, SaveDtype::F32, &[])?;
+            save(&path, &info(), &flat, format, SaveDtype::F32, &BTreeMap::new())?;
             assert_eq!(load(&path, &info())?, flat);
             let names = TensorFile::open(&path)?.names();
             match format {
