@@ -81,7 +81,7 @@ mod proto {
 }
 
 /// `tensorflow.Event` { wall_time = 1, step = 2, then one of file_version = 3,
-/// summary = 5, session_log = 6 } with `what` the encoded oneof field.
+/// summary = 5, session_log = 7 } with `what` the encoded oneof field.
 fn event(step: u64, what: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut buf = Vec::new();
     let wall_time = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
@@ -111,8 +111,10 @@ impl EventWriter {
     /// Creates a new event file in `dir` and writes its version record.
     pub fn create(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).at(dir)?;
-        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let path = dir.join(format!("{FILE_PREFIX}{secs}.flowstep.{}", std::process::id()));
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        // TensorBoard reads the files of a directory in name order and never goes back: the
+        // names sort by creation time, to the nanosecond (a resume may start within a second).
+        let path = dir.join(format!("{FILE_PREFIX}{:010}.{:09}.flowstep.{}", now.as_secs(), now.subsec_nanos(), std::process::id()));
         let file = File::create(&path).at(&path)?;
         let mut writer = Self { path, file };
         writer.write(&event(0, |b| proto::bytes(b, 3, FILE_VERSION.as_bytes())))?;
@@ -147,7 +149,7 @@ impl EventWriter {
     pub fn session_start(&mut self, step: u64) -> Result<()> {
         let mut log = Vec::new();
         proto::uint(&mut log, 1, SESSION_START);
-        self.write(&event(step, |b| proto::bytes(b, 6, &log)))
+        self.write(&event(step, |b| proto::bytes(b, 7, &log)))
     }
 }
 

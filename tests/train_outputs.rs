@@ -223,7 +223,7 @@ fn decode(record: &[u8]) -> Event {
             (1, Field::Fixed64(b)) => e.wall_time = f64::from_le_bytes(b),
             (2, Field::Varint(v)) => e.step = v,
             (3, Field::Bytes(b)) => e.file_version = Some(String::from_utf8_lossy(&b).into_owned()),
-            (6, Field::Bytes(b)) => e.session_start = fields(&b).iter().any(|(n, f)| *n == 1 && matches!(f, Field::Varint(1))),
+            (7, Field::Bytes(b)) => e.session_start = fields(&b).iter().any(|(n, f)| *n == 1 && matches!(f, Field::Varint(1))),
             (5, Field::Bytes(summary)) => {
                 for (_, value) in fields(&summary) {
                     let Field::Bytes(value) = value else { panic!("Summary.value is a message") };
