@@ -337,8 +337,20 @@ fn a_resumed_run_keeps_the_whole_run() {
     assert_eq!(scalar(&second, "train/loss").iter().map(|(s, _)| *s).collect::<Vec<_>>(), [5, 6]);
 }
 
+/// A training process that is killed if the test fails before it ends it.
+struct Trainer(Option<std::process::Child>);
+
+impl Drop for Trainer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// While training runs, the event file grows record by record and loss.png is drawn at the
-/// first eval and checkpoint; Ctrl-C then leaves a checkpoint and its LoRA.
+/// first eval, or at the first checkpoint; Ctrl-C then leaves a checkpoint and its LoRA.
 #[test]
 fn logs_are_live_and_ctrl_c_writes_a_lora() {
     let dir = tempdir();
@@ -346,30 +358,34 @@ fn logs_are_live_and_ctrl_c_writes_a_lora() {
     let held_out = dir.path().join("held-out");
     tiny_dataset(&data, 2, 1);
     tiny_dataset(&held_out, 1, 2);
-    let out = dir.path().join("live");
     let art = tiny_artifacts();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flowstep"))
-        .args(["-q", "train", "--artifacts", path_str(&art), "--data", path_str(&data), "--out", path_str(&out), "--steps", "1000000"])
-        .args(["--eval-data", path_str(&held_out), "--eval-every", "5", "--save-every", "1000"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let live_losses = || event_files(&out).first().map_or(0, |f| records(f).iter().filter(|r| !decode(r).scalars.is_empty()).count());
-    while (live_losses() < 3 * 8 || !out.join("loss.png").is_file()) && Instant::now() < deadline {
-        assert!(child.try_wait().ok().flatten().is_none(), "training ended early");
-        std::thread::sleep(Duration::from_millis(50));
+    let at_eval = ["--eval-data", path_str(&held_out), "--eval-every", "5", "--save-every", "1000"];
+    for (name, extra) in [("at-eval", &at_eval[..]), ("at-checkpoint", &["--save-every", "4"][..])] {
+        let out = dir.path().join(name);
+        let mut trainer = Trainer(Some(std::process::Command::new(env!("CARGO_BIN_EXE_flowstep"))
+            .args(["-q", "train", "--artifacts", path_str(&art), "--data", path_str(&data), "--out", path_str(&out), "--steps", "1000000"])
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"))));
+        let child = trainer.0.as_mut().unwrap_or_else(|| panic!("spawned above"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let live_losses = || event_files(&out).first().map_or(0, |f| records(f).iter().filter(|r| !decode(r).scalars.is_empty()).count());
+        while (live_losses() < 3 * 8 || !out.join("loss.png").is_file()) && Instant::now() < deadline {
+            assert!(child.try_wait().ok().flatten().is_none(), "training ended early");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(out.join("loss.png").is_file(), "{name}: no loss.png while training");
+        assert!(live_losses() >= 24, "{name}: the event file does not grow during training");
+        let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()));
+        let result = trainer.0.take().unwrap_or_else(|| panic!("spawned above")).wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+        let err = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(130), "{err}");
+        let (step, ckpt) = flowstep::checkpoint::list(&out).unwrap_or_default().pop().unwrap_or_else(|| panic!("no checkpoint after Ctrl-C"));
+        let lora = out.join(format!("loras/{name}-step-{step:06}.safetensors"));
+        assert!(err.contains(path_str(&lora)), "the summary names the interrupted run's LoRA:\n{err}");
+        assert_eq!(lora_params(&lora), bf16(&checkpoint_params(&ckpt)));
+        assert_eq!(metadata(&lora).get("ss_steps"), Some(&step.to_string()));
     }
-    assert!(out.join("loss.png").is_file(), "no loss.png while training (the first eval after step 0 is at step 5)");
-    assert!(live_losses() >= 24, "the event file does not grow during training");
-    let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
-    assert!(status.is_ok_and(|s| s.success()));
-    let result = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
-    let err = String::from_utf8_lossy(&result.stderr);
-    assert_eq!(result.status.code(), Some(130), "{err}");
-    let (step, ckpt) = flowstep::checkpoint::list(&out).unwrap_or_default().pop().unwrap_or_else(|| panic!("no checkpoint after Ctrl-C"));
-    let lora = out.join(format!("loras/live-step-{step:06}.safetensors"));
-    assert!(err.contains(path_str(&lora)), "the summary names the interrupted run's LoRA:\n{err}");
-    assert_eq!(lora_params(&lora), bf16(&checkpoint_params(&ckpt)));
-    assert_eq!(metadata(&lora).get("ss_steps"), Some(&step.to_string()));
 }
