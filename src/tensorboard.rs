@@ -222,6 +222,8 @@ mod tests {
             !crc
         }
         assert_eq!(crc32c::crc32c(&[0u8; 32]), 0x8a91_36aa);
+        // The mask as tensorflow/core/lib/hash/crc32c.h spells it.
+        #[allow(clippy::manual_rotate)]
         for data in [&b""[..], b"123456789", b"brain.Event:2"] {
             let crc = bitwise_crc32c(data);
             assert_eq!(masked_crc32c(data), ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8));

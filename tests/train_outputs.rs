@@ -136,6 +136,8 @@ fn crc32c(data: &[u8]) -> u32 {
     !crc
 }
 
+/// TFRecord's mask, spelled as tensorflow/core/lib/hash/crc32c.h writes it.
+#[allow(clippy::manual_rotate)]
 fn masked(data: &[u8]) -> u32 {
     let c = crc32c(data);
     ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
