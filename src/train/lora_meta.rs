@@ -122,6 +122,6 @@ impl RunMetadata {
 }
 
 /// `OUT/loras/<name>-step-XXXXXX.safetensors`: the LoRA written with each checkpoint.
-pub fn step_lora_path(out: &std::path::Path, name: &str, step: u64) -> std::path::PathBuf {
+pub(super) fn step_lora_path(out: &std::path::Path, name: &str, step: u64) -> std::path::PathBuf {
     out.join("loras").join(format!("{name}-step-{step:06}.safetensors"))
 }

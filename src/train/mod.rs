@@ -7,7 +7,6 @@ mod samples;
 mod trainer;
 mod validate;
 
-pub use lora_meta::step_lora_path;
 pub use samples::SamplingConfig;
 pub use trainer::Trainer;
 
