@@ -2,14 +2,17 @@
 //! moments and the trainer's position. A checkpoint is written into a hidden temp directory
 //! and renamed into place, so it is complete or absent; the newest complete one resumes.
 //! `SHA256SUMS` (the `sha256sum` format) covers both files and is verified on load.
+//! `trainer.json` also describes the LoRA file of its parameters (layout and metadata), so
+//! that `flowstep export-lora` writes it from the checkpoint alone.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use sha2::{Digest, Sha256};
 
-use crate::artifacts::sha256_file;
+use crate::artifacts::{LoraInfo, sha256_file};
 use crate::error::{Error, IoContext, Result};
 use crate::tensor_file::{OutTensor, SaveDtype, TensorFile, encode, sync_dir, write_atomic};
 
@@ -30,6 +33,27 @@ pub struct TrainerState {
     pub skipped_samples: u64,
     /// The run configuration this checkpoint belongs to (checked on resume).
     pub run: serde_json::Value,
+    /// The eval loss before the first step, kept so that a resumed run still reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_before: Option<f64>,
+}
+
+/// The LoRA file a checkpoint's parameters make: the export's LoRA layout and the file's
+/// metadata (kohya's `ss_*` keys, `modelspec.*`, `flowstep.*`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoraSpec {
+    pub info: LoraInfo,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// `trainer.json`: the trainer's position and the LoRA description (absent in checkpoints
+/// written before it existed).
+#[derive(Serialize, Deserialize)]
+struct TrainerFile {
+    #[serde(flatten)]
+    trainer: TrainerState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lora: Option<LoraSpec>,
 }
 
 /// One checkpoint's tensors.
@@ -48,7 +72,7 @@ pub fn step_dir(out: &Path, step: u64) -> PathBuf {
 }
 
 /// Writes a checkpoint atomically (temp dir + rename) and returns its directory.
-pub fn save(out: &Path, trainer: &TrainerState, state: &CheckpointState) -> Result<PathBuf> {
+pub fn save(out: &Path, trainer: &TrainerState, lora: &LoraSpec, state: &CheckpointState) -> Result<PathBuf> {
     let root = checkpoints_dir(out);
     std::fs::create_dir_all(&root).at(&root)?;
     let final_dir = step_dir(out, trainer.step);
@@ -64,7 +88,8 @@ pub fn save(out: &Path, trainer: &TrainerState, state: &CheckpointState) -> Resu
             .collect::<Vec<_>>();
         let bytes = encode(&tensors, SaveDtype::F32, None)?;
         write_atomic(&tmp.join(STATE_FILE), &bytes)?;
-        let json = serde_json::to_vec_pretty(trainer).map_err(|e| Error::Config(e.to_string()))?;
+        let file = TrainerFile { trainer: trainer.clone(), lora: Some(lora.clone()) };
+        let json = serde_json::to_vec_pretty(&file).map_err(|e| Error::Config(e.to_string()))?;
         write_atomic(&tmp.join(TRAINER_FILE), &json)?;
         let sums = format!("{}  {STATE_FILE}\n{}  {TRAINER_FILE}\n", hex(&Sha256::digest(&bytes)), hex(&Sha256::digest(&json)));
         write_atomic(&tmp.join(SUMS_FILE), sums.as_bytes())?;
@@ -142,13 +167,34 @@ fn verify(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+fn read_trainer_file(dir: &Path) -> Result<TrainerFile> {
+    let path = dir.join(TRAINER_FILE);
+    let text = crate::small_file::read_text(&path, "checkpoint's trainer record", MAX_RECORD_BYTES)?;
+    serde_json::from_str(&text).map_err(|e| Error::Checkpoint { path, reason: format!("unreadable: {e}") })
+}
+
 /// Loads one checkpoint, verifying its checksums and checking its tensors.
 pub fn load(dir: &Path, num_params: usize) -> Result<(TrainerState, CheckpointState)> {
     verify(dir)?;
-    let trainer_path = dir.join(TRAINER_FILE);
-    let text = crate::small_file::read_text(&trainer_path, "checkpoint's trainer record", MAX_RECORD_BYTES)?;
-    let trainer: TrainerState = serde_json::from_str(&text)
-        .map_err(|e| Error::Checkpoint { path: trainer_path.clone(), reason: format!("unreadable: {e}") })?;
+    let trainer = read_trainer_file(dir)?.trainer;
+    Ok((trainer, read_state(dir, num_params)?))
+}
+
+/// A checkpoint's LoRA description and parameters (`flowstep export-lora`), verified.
+pub fn load_lora(dir: &Path) -> Result<(LoraSpec, Vec<f32>)> {
+    if !dir.join(TRAINER_FILE).is_file() || !dir.join(STATE_FILE).is_file() {
+        let what = if dir.join("checkpoints").is_dir() { "is a training output directory; pass one of its checkpoints/step-XXXXXX directories" } else { "is not a flowstep checkpoint directory (step-XXXXXX with trainer.json and state.safetensors)" };
+        return Err(Error::Checkpoint { path: dir.to_path_buf(), reason: what.into() });
+    }
+    verify(dir)?;
+    let Some(lora) = read_trainer_file(dir)?.lora else {
+        return Err(Error::Checkpoint { path: dir.to_path_buf(), reason: "was written by an older flowstep and does not describe its LoRA; resume the run with this flowstep to write a checkpoint that does".into() });
+    };
+    let params = read_state(dir, lora.info.num_params)?.params;
+    Ok((lora, params))
+}
+
+fn read_state(dir: &Path, num_params: usize) -> Result<CheckpointState> {
     let file = TensorFile::open(&dir.join(STATE_FILE))?;
     let read = |name: &str| -> Result<Vec<f32>> {
         let (shape, values) = file.read_f32(name)?;
@@ -157,8 +203,13 @@ pub fn load(dir: &Path, num_params: usize) -> Result<(TrainerState, CheckpointSt
         }
         Ok(values)
     };
-    let state = CheckpointState { params: read("params")?, m: read("exp_avg")?, v: read("exp_avg_sq")? };
-    Ok((trainer, state))
+    Ok(CheckpointState { params: read("params")?, m: read("exp_avg")?, v: read("exp_avg_sq")? })
+}
+
+/// True when `path` is a checkpoint directory or one of its files, not a LoRA file.
+pub fn is_checkpoint(path: &Path) -> bool {
+    let dir = if path.is_dir() { Some(path) } else { path.parent().filter(|_| path.file_name().is_some_and(|n| n == STATE_FILE || n == TRAINER_FILE)) };
+    dir.is_some_and(|d| d.join(STATE_FILE).is_file() && d.join(TRAINER_FILE).is_file())
 }
 
 /// Which checkpoints to delete after a save so that the newest `keep` remain.
@@ -178,15 +229,21 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
         let out = dir.path();
         let state = CheckpointState { params: vec![1.0, 2.0], m: vec![0.1, 0.2], v: vec![0.01, 0.02] };
+        let info = LoraInfo { rank: 1, alpha: 1.0, targets: vec!["q".into()], num_params: 2, tensors: Vec::new() };
+        let lora = LoraSpec { info, metadata: BTreeMap::from([("ss_network_dim".into(), "1".into())]) };
         for step in [5, 10, 15] {
-            let trainer = TrainerState { step, micro_steps: step * 2, skipped_steps: 0, skipped_samples: 0, run: serde_json::json!({"seed": 1}) };
-            save(out, &trainer, &state)?;
+            let trainer = TrainerState { step, micro_steps: step * 2, skipped_steps: 0, skipped_samples: 0, run: serde_json::json!({"seed": 1}), eval_before: Some(0.5) };
+            save(out, &trainer, &lora, &state)?;
         }
         std::fs::create_dir_all(checkpoints_dir(out).join(".tmp-step-000020-1")).at(out)?;
         let listed = list(out)?;
         assert_eq!(listed.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [5, 10, 15]);
         let (trainer, loaded) = load(&listed[2].1, 2)?;
-        assert_eq!((trainer.step, trainer.micro_steps), (15, 30));
+        assert_eq!((trainer.step, trainer.micro_steps, trainer.eval_before), (15, 30, Some(0.5)));
+        let (spec, params) = load_lora(&listed[2].1)?;
+        assert_eq!((spec.metadata, params), (lora.metadata.clone(), state.params.clone()));
+        assert!(is_checkpoint(&listed[2].1) && is_checkpoint(&listed[2].1.join(STATE_FILE)) && !is_checkpoint(out));
+        assert!(matches!(load_lora(out), Err(Error::Checkpoint { .. })), "OUT is not a checkpoint");
         assert_eq!((loaded.params, loaded.m, loaded.v), (state.params.clone(), state.m.clone(), state.v.clone()));
         assert!(load(&listed[2].1, 3).is_err(), "a parameter count mismatch is an error");
         let state_file = listed[1].1.join(STATE_FILE);

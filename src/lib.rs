@@ -23,6 +23,7 @@ pub mod scheduler;
 pub mod sft;
 pub mod small_file;
 pub mod tensor_file;
+pub mod tensorboard;
 pub mod timesteps;
 pub mod train;
 pub mod video_files;

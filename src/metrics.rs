@@ -47,8 +47,9 @@ pub enum TrainEvent<'a> {
     Step(&'a StepRecord),
     Evaluated { step: u64, loss: f64 },
     Checkpoint { step: u64, dir: &'a Path },
-    /// Samples written (`--sample-every`); their time is not part of any step's.
-    Sampled { step: u64, dir: &'a Path, seconds: f64 },
+    /// Samples written (`--sample-every`); their time is not part of any step's. `images`:
+    /// each prompt's name and decoded contact sheet (PNG), when a VAE decoder is given.
+    Sampled { step: u64, dir: &'a Path, seconds: f64, images: &'a [(String, PathBuf)] },
     Message(String),
     /// Something the user must see even with `--quiet`.
     Warning(String),
@@ -183,7 +184,7 @@ impl Observer for Progress {
             }
             TrainEvent::Evaluated { step, loss } => self.println(format!("step {step}: eval loss {loss:.5}")),
             TrainEvent::Checkpoint { step, dir } => self.println(format!("step {step}: checkpoint {}", dir.display())),
-            TrainEvent::Sampled { step, dir, seconds } => self.println(format!("step {step}: samples {} ({seconds:.1} s)", dir.display())),
+            TrainEvent::Sampled { step, dir, seconds, .. } => self.println(format!("step {step}: samples {} ({seconds:.1} s)", dir.display())),
             TrainEvent::Message(m) => self.println(m.clone()),
             TrainEvent::Warning(_) => {}
             TrainEvent::Finished => {

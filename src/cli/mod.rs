@@ -3,6 +3,7 @@
 mod draws;
 mod eval;
 mod export_flags;
+mod export_lora;
 mod inspect;
 mod sample;
 mod schedule;
@@ -49,6 +50,8 @@ pub enum Command {
     Eval(eval::Args),
     /// Generate latent videos (Euler, optional guidance) with or without a LoRA, and draw them.
     Sample(Box<sample::Args>),
+    /// Write the LoRA file of a training checkpoint (ComfyUI or DiffSynth layout).
+    ExportLora(export_lora::Args),
     /// The timestep, noise and sample draws of a train run (for reference tests).
     #[command(hide = true)]
     Draws(draws::Args),
@@ -81,6 +84,7 @@ pub fn run() -> ExitCode {
         Command::Train(args) => train::run(*args, &globals),
         Command::Eval(args) => eval::run(args, &globals),
         Command::Sample(args) => sample::run(*args, &globals),
+        Command::ExportLora(args) => export_lora::run(args, &globals),
         Command::Draws(args) => draws::run(args, &globals),
     };
     match result {

@@ -27,8 +27,9 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
 
-    /// Output directory: metrics.jsonl, checkpoints/, loss.png and the LoRA: lora.safetensors,
-    /// or lora_high_noise / lora_low_noise.safetensors for a Wan2.2 A14B expert.
+    /// Output directory: metrics.jsonl, tensorboard/, checkpoints/, loras/ (a LoRA per
+    /// checkpoint), loss.png and the final LoRA: lora.safetensors, or lora_high_noise /
+    /// lora_low_noise.safetensors for a Wan2.2 A14B expert.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 
@@ -160,6 +161,12 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = SaveDtype::Bf16)]
     pub lora_dtype: SaveDtype,
 
+    /// Name of the LoRA written with each checkpoint (and on Ctrl-C),
+    /// OUT/loras/NAME-step-XXXXXX.safetensors, and its ss_output_name metadata (musubi's
+    /// --output_name). Default: the --out directory's name.
+    #[arg(long, value_name = "NAME")]
+    pub output_name: Option<String>,
+
     /// On a NaN/Inf loss or gradient: stop (default) or skip that step's update.
     #[arg(long, value_enum, default_value_t = NonFinitePolicy::Stop)]
     pub on_nonfinite: NonFinitePolicy,
@@ -214,6 +221,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         session,
         lora_format: args.lora_format,
         lora_dtype: args.lora_dtype,
+        output_name: args.output_name,
         on_nonfinite: args.on_nonfinite,
         skip_bad_samples: args.skip_bad_samples,
         sampling: args.sample_every.zip(args.sample_prompts).map(|(every, prompts)| SamplingConfig {
@@ -271,6 +279,9 @@ fn print_summary(s: &flowstep::train::TrainSummary) {
     }
     if let Some(p) = &s.checkpoint {
         eprintln!("checkpoint     {}", p.display());
+    }
+    if let Some(p) = &s.checkpoint_lora {
+        eprintln!("its LoRA       {}", p.display());
     }
     eprintln!("metrics        {}", s.metrics.display());
     if let Some(p) = &s.plot {

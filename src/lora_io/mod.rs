@@ -6,7 +6,7 @@
 
 mod read;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use crate::artifacts::{LoraInfo, Manifest};
@@ -25,9 +25,9 @@ pub enum LoraFormat {
 }
 
 const COMFY_PREFIX: &str = "diffusion_model.";
-/// Metadata keys (after `flowstep.`) that say which model a LoRA was trained for.
-pub const BASE_MODEL: &str = "base_model";
-pub const EXPERT: &str = "expert";
+/// Metadata keys that say which model a LoRA was trained for; checked wherever one is loaded.
+pub const BASE_MODEL: &str = "flowstep.base_model";
+pub const EXPERT: &str = "flowstep.expert";
 
 /// `blocks.0.self_attn.q.lora_A.default.weight` -> `diffusion_model.blocks.0.self_attn.q.lora_A.weight`
 pub fn comfy_key(key: &str) -> String {
@@ -57,8 +57,9 @@ fn diffsynth_b_scale(lora: &LoraInfo) -> f32 {
     (lora.alpha / lora.rank as f64) as f32
 }
 
-/// Writes a LoRA file atomically.
-pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtype: SaveDtype, extra_meta: &[(&str, String)]) -> Result<()> {
+/// Writes a LoRA file atomically, with `metadata` (full keys) besides the rank, alpha and
+/// targets it always records.
+pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtype: SaveDtype, metadata: &BTreeMap<String, String>) -> Result<()> {
     // Checked in the file's dtype: a finite f32 near f32::MAX rounds to infinity in bf16.
     let representable = |v: f32| match dtype {
         SaveDtype::F32 => v.is_finite(),
@@ -91,9 +92,7 @@ pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtyp
         ("flowstep.lora_alpha".into(), lora.alpha.to_string()),
         ("flowstep.lora_targets".into(), lora.targets.join(",")),
     ]);
-    for (k, v) in extra_meta {
-        meta.insert(format!("flowstep.{k}"), v.clone());
-    }
+    meta.extend(metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
     // Alphas stay f32 in a bf16 file: bf16 would round an alpha like 0.3 and change the scale.
     let dtype_of = |t: &OutTensor| if t.name.ends_with(".alpha") { SaveDtype::F32 } else { dtype };
     write_atomic(path, &encode_with(&tensors, dtype_of, Some(meta))?)
@@ -102,6 +101,12 @@ pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtyp
 /// Reads a LoRA file into the flat buffer: DiffSynth-Studio, ComfyUI, diffusers/PEFT or
 /// musubi-tuner/kohya keys, rescaled to the export's alpha; anything else is refused.
 pub fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
+    if crate::checkpoint::is_checkpoint(path) {
+        return Err(Error::Tensor {
+            path: path.to_path_buf(),
+            reason: "is a flowstep training checkpoint, not a LoRA file; make one with `flowstep export-lora CHECKPOINT_DIR --out FILE`, or use the run's OUT/loras/ files".into(),
+        });
+    }
     read::load(path, lora)
 }
 
@@ -113,18 +118,18 @@ pub fn load_for(path: &Path, manifest: &Manifest) -> Result<Vec<f32>> {
     let file = TensorFile::open(path)?;
     let refuse = |reason: String| Error::Tensor { path: path.to_path_buf(), reason };
     let meta = file.metadata();
-    let field = |key: &str| meta.and_then(|m| m.get(&format!("flowstep.{key}")));
+    let field = |key: &str| meta.and_then(|m| m.get(key));
     if let Some(base) = field(BASE_MODEL)
         && base != &manifest.model.name
     {
-        return Err(refuse(format!("is a LoRA flowstep trained on base model `{base}` (flowstep.{BASE_MODEL}); this export is `{}`", manifest.model.name)));
+        return Err(refuse(format!("is a LoRA flowstep trained on base model `{base}` ({BASE_MODEL}); this export is `{}`", manifest.model.name)));
     }
     let role = manifest.expert.as_ref().map(|e| e.role.as_str());
     if let Some(expert) = field(EXPERT)
         && Some(expert.as_str()) != role
     {
         let this = role.map_or_else(|| "a single model, not an expert of a Wan2.2 pair".to_string(), |r| format!("the {r} expert"));
-        return Err(refuse(format!("is a LoRA for the {expert} expert of a Wan2.2 pair (flowstep.{EXPERT}); this export is {this}")));
+        return Err(refuse(format!("is a LoRA for the {expert} expert of a Wan2.2 pair ({EXPERT}); this export is {this}")));
     }
     read::load(path, &manifest.lora)
 }
@@ -158,12 +163,12 @@ mod tests {
         let info = LoraInfo { alpha: 4.0, ..info() };
         let flat = [0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.125, 3.0];
         let path = dir.path().join("a.safetensors");
-        save(&path, &info, &flat, LoraFormat::Diffsynth, SaveDtype::F32, &[])?;
+        save(&path, &info, &flat, LoraFormat::Diffsynth, SaveDtype::F32, &BTreeMap::new())?;
         let mut bad = flat;
         bad[3] = f32::NAN;
-        assert!(save(&dir.path().join("nan.safetensors"), &info, &bad, LoraFormat::Diffsynth, SaveDtype::F32, &[]).is_err());
+        assert!(save(&dir.path().join("nan.safetensors"), &info, &bad, LoraFormat::Diffsynth, SaveDtype::F32, &BTreeMap::new()).is_err());
         bad[3] = 3.4e38;
-        assert!(save(&dir.path().join("big.safetensors"), &info, &bad, LoraFormat::Comfyui, SaveDtype::Bf16, &[]).is_err());
+        assert!(save(&dir.path().join("big.safetensors"), &info, &bad, LoraFormat::Comfyui, SaveDtype::Bf16, &BTreeMap::new()).is_err());
         let b = TensorFile::open(&path)?.read_f32("blocks.0.self_attn.q.lora_B.default.weight")?.1;
         assert_eq!(b, vec![3.0, -1.0, 0.25, 6.0]);
         assert_eq!(load(&path, &info)?, flat);
@@ -177,7 +182,7 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
         let flat = [0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.125, 3.0];
         let path = dir.path().join("c.safetensors");
-        save(&path, &LoraInfo { alpha: 4.0, ..info() }, &flat, LoraFormat::Comfyui, SaveDtype::F32, &[])?;
+        save(&path, &LoraInfo { alpha: 4.0, ..info() }, &flat, LoraFormat::Comfyui, SaveDtype::F32, &BTreeMap::new())?;
         let file = TensorFile::open(&path)?;
         assert_eq!(file.read_f32("diffusion_model.blocks.0.self_attn.q.lora_B.weight")?.1, flat[4..].to_vec());
         assert_eq!(file.read_f32("diffusion_model.blocks.0.self_attn.q.alpha")?.1, vec![4.0]);
@@ -195,7 +200,7 @@ mod tests {
         let info = LoraInfo { alpha: 0.3, ..info() };
         let flat = [0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.125, 3.0]; // all exact in bf16
         let path = dir.path().join("a.safetensors");
-        save(&path, &info, &flat, LoraFormat::Comfyui, SaveDtype::Bf16, &[])?;
+        save(&path, &info, &flat, LoraFormat::Comfyui, SaveDtype::Bf16, &BTreeMap::new())?;
         let file = TensorFile::open(&path)?;
         assert_eq!(file.info("diffusion_model.blocks.0.self_attn.q.alpha").map(|i| i.dtype), Some(safetensors::Dtype::F32));
         assert_eq!(file.info("diffusion_model.blocks.0.self_attn.q.lora_B.weight").map(|i| i.dtype), Some(safetensors::Dtype::BF16));
@@ -215,7 +220,7 @@ mod tests {
         let flat = [0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.125, 3.0];
         for format in [LoraFormat::Diffsynth, LoraFormat::Comfyui] {
             let path = dir.path().join(format!("{format:?}.safetensors"));
-            save(&path, &info(), &flat, format, SaveDtype::F32, &[])?;
+            save(&path, &info(), &flat, format, SaveDtype::F32, &BTreeMap::new())?;
             assert_eq!(load(&path, &info())?, flat);
             let names = TensorFile::open(&path)?.names();
             match format {

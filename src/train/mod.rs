@@ -1,6 +1,7 @@
 //! Training: the run's configuration and summary, and `train`, which drives a [`Trainer`]
 //! through its phases. Everything a run reports goes out as events.
 
+mod lora_meta;
 mod run;
 mod samples;
 mod trainer;
@@ -70,6 +71,8 @@ pub struct TrainConfig {
     pub session: SessionOptions,
     pub lora_format: LoraFormat,
     pub lora_dtype: SaveDtype,
+    /// `--output-name`: names the LoRAs of `OUT/loras/` (default: OUT's directory name).
+    pub output_name: Option<String>,
     pub on_nonfinite: NonFinitePolicy,
     pub skip_bad_samples: bool,
     /// `--sample-every`: samples during training.
@@ -108,6 +111,8 @@ pub struct TrainSummary {
     pub sample_seconds: f64,
     pub lora: Option<PathBuf>,
     pub checkpoint: Option<PathBuf>,
+    /// The LoRA written with the newest checkpoint (`OUT/loras/`).
+    pub checkpoint_lora: Option<PathBuf>,
     pub metrics: PathBuf,
     pub plot: Option<PathBuf>,
 }

@@ -113,6 +113,14 @@ pub fn read_prompts(config: &SamplingConfig, model: &ModelInfo, default_shape: [
     Ok(prompts)
 }
 
+/// What one [`SampleWriter::write`] produced beyond its files.
+pub struct Written {
+    /// Why videos could not be written as MP4, to show once.
+    pub warning: Option<String>,
+    /// Each prompt's name and decoded contact sheet (`videos.png`), with a VAE decoder.
+    pub contact_sheets: Vec<(String, PathBuf)>,
+}
+
 /// The inference graph, the prompts and the optional VAE decoder, loaded once per run.
 pub struct SampleWriter {
     graph: VelocityGraph,
@@ -140,29 +148,37 @@ impl SampleWriter {
     /// Samples every prompt with `params` into `dir/NN-name/`; `dir/prompts.json` lists the
     /// settings. `dir` appears only when every prompt's files are written (they are written
     /// into a hidden sibling and renamed), so a failure leaves no partial step directory.
-    /// Returns a warning to show when videos could not be written as MP4.
-    pub fn write(&mut self, params: &Tensor<f32>, dir: &Path) -> Result<Option<String>> {
+    pub fn write(&mut self, params: &Tensor<f32>, dir: &Path) -> Result<Written> {
         let staging = Staging::new(dir)?;
-        let warning = self.write_into(params, staging.path())?;
+        let mut written = self.write_into(params, staging.path())?;
+        for (_, path) in &mut written.contact_sheets {
+            if let Ok(inside) = path.strip_prefix(staging.path()) {
+                *path = dir.join(inside);
+            }
+        }
         staging.commit()?;
-        Ok(warning)
+        Ok(written)
     }
 
-    fn write_into(&mut self, params: &Tensor<f32>, dir: &Path) -> Result<Option<String>> {
+    fn write_into(&mut self, params: &Tensor<f32>, dir: &Path) -> Result<Written> {
         let mut listed = Vec::new();
         let mut warning = None;
+        let mut contact_sheets = Vec::new();
         for prompt in &self.prompts {
             let mut stages = [Stage { graph: &mut self.graph, params, from_timestep: f32::NEG_INFINITY }];
             let video = sample(&mut stages, (&self.context_shape, &prompt.context), prompt.negative.as_deref(), &prompt.conditioning, &prompt.config)?;
             let decoding = self.decoder.as_mut().map(|(d, o)| (d, *o));
-            if let Some(Mp4::NoFfmpeg(message)) = write_outputs(&dir.join(&prompt.name), vec![video], prompt.config.shape, decoding)?.map(|f| f.mp4) {
-                warning = Some(message);
+            if let Some(files) = write_outputs(&dir.join(&prompt.name), vec![video], prompt.config.shape, decoding)? {
+                if let Mp4::NoFfmpeg(message) = files.mp4 {
+                    warning = Some(message);
+                }
+                contact_sheets.push((prompt.name.clone(), files.contact_sheet));
             }
             let c = &prompt.config;
             listed.push(serde_json::json!({"name": prompt.name, "seed": c.seed, "shape": c.shape, "steps": c.steps, "cfg_scale": c.cfg_scale, "shift": c.shift}));
         }
         let json = serde_json::to_vec_pretty(&listed).map_err(|e| Error::Config(e.to_string()))?;
         write_atomic(&dir.join("prompts.json"), &json)?;
-        Ok(warning)
+        Ok(Written { warning, contact_sheets })
     }
 }

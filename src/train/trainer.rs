@@ -8,17 +8,19 @@ use std::time::Instant;
 
 use fs2::FileExt;
 
+use super::lora_meta::{RunFacts, RunMetadata, step_lora_path};
 use super::samples::{self, SampleWriter};
 use super::{NonFinitePolicy, TrainConfig, TrainSummary, run};
-use crate::artifacts::Artifacts;
-use crate::checkpoint::{self, CheckpointState, TrainerState};
+use crate::artifacts::{Artifacts, sha256_file};
+use crate::checkpoint::{self, CheckpointState, LoraSpec, TrainerState};
 use crate::data::{DataOrder, Dataset, SampleSpec};
 use crate::error::{Error, IoContext, Result};
 use crate::eval::evaluate;
 use crate::executor::{Batch, LossGraph, TrainingGraphs, load_base_weights};
 use crate::lora_io;
-use crate::metrics::{JsonlWriter, Observer, Recorder, StepRecord, TrainEvent};
+use crate::metrics::{JsonlWriter, Observer, Recorder, StepRecord, TrainEvent, read_jsonl};
 use crate::sft::{SftConfig, SftSampler, TimestepDraw};
+use crate::tensorboard::TensorBoard;
 
 /// Holds an exclusive lock (flock) on the `OUT` directory itself for the life of the run: a
 /// second trainer on the same directory fails. The lock lives on the open directory, so no
@@ -54,9 +56,11 @@ impl Drop for OutLock {
     }
 }
 
-/// Where the run's events go: metrics.jsonl, the in-memory record, the caller's observers.
+/// Where the run's events go: metrics.jsonl, TensorBoard, the in-memory record, the
+/// caller's observers.
 struct Events<'a, 'o> {
     jsonl: JsonlWriter,
+    tensorboard: TensorBoard,
     recorder: Recorder,
     observers: &'a mut [&'o mut dyn Observer],
 }
@@ -64,6 +68,7 @@ struct Events<'a, 'o> {
 impl Events<'_, '_> {
     fn emit(&mut self, event: TrainEvent<'_>) -> Result<()> {
         self.jsonl.on_event(&event)?;
+        self.tensorboard.on_event(&event)?;
         self.recorder.on_event(&event)?;
         for o in self.observers.iter_mut() {
             o.on_event(&event)?;
@@ -120,6 +125,8 @@ pub struct Trainer<'a, 'o> {
     eval_before: Option<f64>,
     eval_after: Option<f64>,
     last_checkpoint: Option<PathBuf>,
+    /// The LoRA file written with it.
+    last_checkpoint_lora: Option<PathBuf>,
     /// Hyperparameters this resume changed.
     changes: Vec<String>,
     /// Samples found non-finite (`--skip-bad-samples`).
@@ -127,6 +134,10 @@ pub struct Trainer<'a, 'o> {
     /// Set when a step was skipped for a non-finite loss and no update has been applied since:
     /// the current parameters give that loss, so they must not become the final LoRA.
     params_nonfinite_loss: Option<String>,
+    /// `--output-name`, or OUT's directory name: names the LoRAs in `OUT/loras/`.
+    output_name: String,
+    /// The metadata every LoRA file of this run carries.
+    lora_meta: RunMetadata,
     _lock: OutLock,
 }
 
@@ -154,12 +165,28 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let (order, total_steps) = config.plan(dataset.len())?;
         let lock = lock_out(&config.out)?;
         let run = run::describe(config, &artifacts, dataset.len(), total_steps)?;
+        let output_name = match &config.output_name {
+            Some(name) => name.clone(),
+            None => default_output_name(&config.out)?,
+        };
+        let facts = RunFacts {
+            manifest,
+            export_sha256: sha256_file(&artifacts.dir.join("manifest.json"))?,
+            output_name: &output_name,
+            buckets: &dataset.buckets(),
+            dataset_len: dataset.len(),
+            total_steps,
+            sft: &sampler.config,
+            started_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+        };
+        let lora_meta = RunMetadata::new(config, &facts);
 
         checkpoint::clean_partial(&config.out)?;
         crate::tensor_file::clean_temp(&config.out)?;
-        let samples_dir = config.out.join("samples");
-        if samples_dir.is_dir() {
-            crate::tensor_file::clean_temp(&samples_dir)?;
+        for dir in ["samples", "loras"].map(|name| config.out.join(name)) {
+            if dir.is_dir() {
+                crate::tensor_file::clean_temp(&dir)?;
+            }
         }
         let existing = checkpoint::list(&config.out)?;
         if !config.resume && !existing.is_empty() {
@@ -184,7 +211,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             _ => None,
         };
         let p = artifacts.num_params();
-        let mut state = TrainerState { step: 0, micro_steps: 0, skipped_steps: 0, skipped_samples: 0, run: run.clone() };
+        let mut state = TrainerState { step: 0, micro_steps: 0, skipped_steps: 0, skipped_samples: 0, run: run.clone(), eval_before: None };
         let resumed_from = existing.last().filter(|_| config.resume).map(|(_, dir)| dir.clone());
         let mut changes = Vec::new();
         match &resumed_from {
@@ -202,7 +229,16 @@ impl<'a, 'o> Trainer<'a, 'o> {
             }
         }
         let start_step = state.step;
-        let jsonl = JsonlWriter::open(&config.out.join("metrics.jsonl"), start_step)?;
+        let metrics_path = config.out.join("metrics.jsonl");
+        let jsonl = JsonlWriter::open(&metrics_path, start_step)?;
+        // A resumed run reports (summary, loss.png) the whole run, not only its own steps.
+        let mut recorder = Recorder::default();
+        if start_step > 0 && metrics_path.is_file() {
+            recorder.steps = read_jsonl(&metrics_path)?;
+            recorder.evals = recorder.steps.iter().filter_map(|r| r.eval_loss.map(|e| (r.step, e))).collect();
+        }
+        let tensorboard = TensorBoard::open(&config.out.join("tensorboard"), start_step)?;
+        let eval_before = state.eval_before;
         let mut trainer = Self {
             config,
             artifacts,
@@ -220,15 +256,18 @@ impl<'a, 'o> Trainer<'a, 'o> {
             state,
             start_step,
             batches: HashMap::new(),
-            events: Events { jsonl, recorder: Recorder::default(), observers },
+            events: Events { jsonl, tensorboard, recorder, observers },
             started,
             timing: Timing::default(),
-            eval_before: None,
+            eval_before,
             eval_after: None,
             last_checkpoint: None,
+            last_checkpoint_lora: None,
             changes: Vec::new(),
             bad_samples: BTreeSet::new(),
             params_nonfinite_loss: None,
+            output_name,
+            lora_meta,
             _lock: lock,
         };
         if config.resume && resumed_from.is_none() {
@@ -247,6 +286,8 @@ impl<'a, 'o> Trainer<'a, 'o> {
         trainer.changes = changes;
         if start_step == 0 {
             trainer.eval_before = trainer.evaluate(0)?;
+            trainer.state.eval_before = trainer.eval_before;
+            trainer.committed.eval_before = trainer.eval_before;
         }
         Ok(trainer)
     }
@@ -294,6 +335,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
         };
         let step = self.state.step;
         let periodic = self.config.eval_every.is_some_and(|n| n > 0 && step.is_multiple_of(n));
+        let evaluated = self.eval_graph.is_some() && (periodic || self.done());
         if periodic || self.done() {
             // The final evaluation too, so it lands on the last metrics line.
             let loss = self.evaluate(step)?;
@@ -305,10 +347,27 @@ impl<'a, 'o> Trainer<'a, 'o> {
         if self.config.sampling.as_ref().is_some_and(|s| (s.every > 0 && step.is_multiple_of(s.every)) || self.done()) {
             self.sample(step)?;
         }
-        if self.config.save_every.is_some_and(|n| n > 0 && step.is_multiple_of(n)) && !self.done() {
+        let save = self.config.save_every.is_some_and(|n| n > 0 && step.is_multiple_of(n)) && !self.done();
+        if save {
             self.checkpoint()?;
         }
+        if (evaluated || save) && !self.done() {
+            // finish() draws the final curve.
+            self.refresh_plot()?;
+        }
         Ok(())
+    }
+
+    /// Redraws `OUT/loss.png` from `metrics.jsonl`; a failure is reported, not fatal.
+    fn refresh_plot(&mut self) -> Result<Option<PathBuf>> {
+        let path = self.config.out.join("loss.png");
+        match crate::plot::loss_curve(&path, &self.config.out.join("metrics.jsonl"), self.eval_before) {
+            Ok(p) => Ok(Some(p)),
+            Err(e) => {
+                self.events.emit(TrainEvent::Warning(format!("loss curve not drawn: {e}")))?;
+                Ok(None)
+            }
+        }
     }
 
     /// One sample through the training graph, its gradient added to the accumulator.
@@ -412,30 +471,45 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let Some(writer) = self.sample_writer.as_mut() else { return Ok(()) };
         let started = Instant::now();
         let dir = self.config.out.join("samples").join(format!("step-{step:06}"));
-        let warning = writer.write(self.graphs.params(), &dir)?;
+        let written = writer.write(self.graphs.params(), &dir)?;
         let seconds = started.elapsed().as_secs_f64();
-        if let Some(message) = warning.filter(|_| self.sample_dirs.is_empty()) {
+        if let Some(message) = written.warning.filter(|_| self.sample_dirs.is_empty()) {
             self.events.emit(TrainEvent::Warning(message))?;
         }
         self.timing.sample_seconds += seconds;
-        self.events.emit(TrainEvent::Sampled { step, dir: &dir, seconds })?;
+        self.events.emit(TrainEvent::Sampled { step, dir: &dir, seconds, images: &written.contact_sheets })?;
         self.sample_dirs.push(dir);
         Ok(())
     }
 
-    /// Saves the current state as a checkpoint and prunes old ones.
+    /// The LoRA file of the parameters after the last finished step.
+    fn lora_spec(&self) -> LoraSpec {
+        let epoch = self.order.epoch_of(self.committed.micro_steps.saturating_sub(1)) + 1;
+        LoraSpec { info: self.artifacts.manifest.lora.clone(), metadata: self.lora_meta.at_step(self.committed.step, epoch) }
+    }
+
+    /// Saves the current state as a checkpoint, writes its LoRA to `OUT/loras/` (as
+    /// `flowstep export-lora` would from the checkpoint) and prunes old checkpoints.
     fn checkpoint(&mut self) -> Result<PathBuf> {
         let (params, m, v) = self.graphs.state()?;
         if let Some(i) = params.iter().position(|x| !x.is_finite()) {
             return Err(Error::NonFinite { step: self.committed.step, what: "parameter", value: params[i] as f64 });
         }
-        let dir = checkpoint::save(&self.config.out, &self.committed, &CheckpointState { params, m, v })?;
+        let spec = self.lora_spec();
+        let lora_path = step_lora_path(&self.config.out, &self.output_name, self.committed.step);
+        let state = CheckpointState { params, m, v };
+        let dir = checkpoint::save(&self.config.out, &self.committed, &spec, &state)?;
+        if let Some(parent) = lora_path.parent() {
+            std::fs::create_dir_all(parent).at(parent)?;
+        }
+        lora_io::save(&lora_path, &spec.info, &state.params, self.config.lora_format, self.config.lora_dtype, &spec.metadata)?;
         self.saved_step = Some(self.committed.step);
         for old in checkpoint::to_prune(&checkpoint::list(&self.config.out)?, self.config.keep_checkpoints) {
             std::fs::remove_dir_all(&old).at(&old)?;
         }
         self.events.emit(TrainEvent::Checkpoint { step: self.committed.step, dir: &dir })?;
         self.last_checkpoint = Some(dir.clone());
+        self.last_checkpoint_lora = Some(lora_path);
         Ok(dir)
     }
 
@@ -463,8 +537,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let mut lora_path = None;
         if self.done() {
             let (params, _, _) = self.graphs.state()?;
-            let manifest = &self.artifacts.manifest;
-            let path = config.out.join(super::lora_file_name(manifest));
+            let path = config.out.join(super::lora_file_name(&self.artifacts.manifest));
             if let Some(cause) = &self.params_nonfinite_loss {
                 return Err(Error::Config(format!(
                     "{} not written: the final parameters give a non-finite loss ({cause}) and --on-nonfinite skip discarded every update since; \
@@ -473,17 +546,12 @@ impl<'a, 'o> Trainer<'a, 'o> {
                     config.lr
                 )));
             }
-            let mut meta = vec![("steps", self.state.step.to_string()), ("seed", config.seed.to_string()), (lora_io::BASE_MODEL, manifest.model.name.clone())];
-            if let Some(e) = &manifest.expert {
-                let c = &self.sampler.config;
-                meta.push((lora_io::EXPERT, e.role.as_str().to_string()));
-                meta.push(("timestep_boundaries", format!("[{}, {})", c.min_boundary, c.max_boundary)));
-            }
-            lora_io::save(&path, &manifest.lora, &params, config.lora_format, config.lora_dtype, &meta)?;
+            let spec = self.lora_spec();
+            lora_io::save(&path, &spec.info, &params, config.lora_format, config.lora_dtype, &spec.metadata)?;
             lora_path = Some(path);
         }
         let metrics_path = config.out.join("metrics.jsonl");
-        let plot = crate::plot::loss_curve(&config.out.join("loss.png"), &metrics_path, self.eval_before).ok();
+        let plot = self.refresh_plot()?;
         self.events.emit(TrainEvent::Finished)?;
         let steps = self.steps_this_run();
         let losses: Vec<f64> = self.events.recorder.steps.iter().map(|r| r.loss).filter(|l| l.is_finite()).collect();
@@ -510,6 +578,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             sample_seconds: self.timing.sample_seconds,
             lora: lora_path,
             checkpoint: self.last_checkpoint.clone(),
+            checkpoint_lora: self.last_checkpoint_lora.clone(),
             metrics: metrics_path,
             plot,
         };
@@ -517,4 +586,12 @@ impl<'a, 'o> Trainer<'a, 'o> {
         crate::tensor_file::write_atomic(&config.out.join("summary.json"), &json)?;
         Ok(summary)
     }
+}
+
+/// OUT's directory name (of the absolute path, so that `--out .` names the directory).
+fn default_output_name(out: &Path) -> Result<String> {
+    let absolute = std::fs::canonicalize(out).at(out)?;
+    absolute.file_name().map(|n| n.to_string_lossy().into_owned()).ok_or_else(|| {
+        Error::flag("--output-name", format!("--out {} has no directory name to name the LoRA files after; give --output-name", out.display()))
+    })
 }

@@ -69,6 +69,9 @@ impl TrainConfig {
         {
             return Err(Error::flag("--sample-steps", format!("must be 1 to {}, got {}", super::samples::MAX_SAMPLE_STEPS, sampling.steps)));
         }
+        if let Some(name) = &self.output_name {
+            check_output_name(name)?;
+        }
         if !(1..=crate::scheduler::NUM_TRAIN_TIMESTEPS).contains(&self.eval.timesteps) {
             return Err(Error::flag("--eval-timesteps", format!("must be 1 to {}, got {}", crate::scheduler::NUM_TRAIN_TIMESTEPS, self.eval.timesteps)));
         }
@@ -97,6 +100,18 @@ impl TrainConfig {
         }
         Ok((order, total))
     }
+}
+
+/// `--output-name` becomes part of file names in `OUT/loras/`: one plain name, no path.
+fn check_output_name(name: &str) -> Result<()> {
+    let bad = |why: &str| Err(Error::flag("--output-name", format!("{why}, got {name:?}")));
+    if name.is_empty() || name.len() > 200 {
+        return bad("must be 1 to 200 bytes");
+    }
+    if name.starts_with('.') || name.chars().any(|c| matches!(c, '/' | '\\') || c.is_control()) {
+        return bad("must be a file name without path separators, control characters or a leading dot");
+    }
+    Ok(())
 }
 
 /// Every learning rate a schedule gives is a positive multiple of `--lr`.
