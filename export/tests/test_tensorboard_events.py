@@ -1,10 +1,7 @@
 """`flowstep train`'s TensorBoard event files (OUT/tensorboard/), read back by the `tensorboard`
 package's own EventAccumulator: the scalars of metrics.jsonl, one value per step across a resume
 that redoes steps, the eval losses, and the decoded sample contact sheets as images.
-
-The `tensorboard` package is not in export/requirements.txt (it needs `tensorboard`, `absl-py`
-and `six`); without it these tests skip, and tests/train_outputs.rs reads the same files with an
-independent TFRecord + protobuf reader."""
+(tests/train_outputs.rs reads the same files with an independent TFRecord + protobuf reader.)"""
 
 from __future__ import annotations
 
@@ -12,14 +9,10 @@ import json
 import shutil
 
 import numpy as np
-import pytest
 from safetensors.numpy import save_file
+from tensorboard.backend.event_processing import event_accumulator
 
 from independent import TINY, flowstep
-
-event_accumulator = pytest.importorskip(
-    "tensorboard.backend.event_processing.event_accumulator",
-    reason="the `tensorboard` package is not installed (not in export/requirements.txt)")
 
 PROMPT = TINY.parent.parent / "toy" / "prompts" / "yellow-up.safetensors"  # a [16, 64] context
 
