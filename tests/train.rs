@@ -95,13 +95,7 @@ fn resume_is_bit_identical() {
     let state = |root: &std::path::Path| read(&root.join("checkpoints/step-000010/state.safetensors"));
     assert!(state(&straight) == state(&resumed), "parameters and moments differ after resume");
     // The same LoRA file but for the metadata's wall-clock times.
-    let lora = |root: &std::path::Path| {
-        let file = TensorFile::open(&root.join("lora.safetensors")).unwrap_or_else(|e| panic!("{e}"));
-        let mut meta = file.metadata().cloned().unwrap_or_default();
-        meta.retain(|k, _| !k.starts_with("ss_training_"));
-        let tensors: std::collections::BTreeMap<String, Vec<f32>> = file.names().into_iter().map(|n| (n.clone(), file.read_f32(&n).unwrap_or_else(|e| panic!("{e}")).1)).collect();
-        (tensors, meta)
-    };
+    let lora = |root: &std::path::Path| lora_contents(&root.join("lora.safetensors"));
     assert_eq!(lora(&straight).1, lora(&resumed).1);
     assert!(lora(&straight).0 == lora(&resumed).0);
     let lines = |root: &std::path::Path| strip_seconds(&String::from_utf8_lossy(&read(&root.join("metrics.jsonl"))));

@@ -85,6 +85,18 @@ pub fn tiny_dataset(dir: &Path, n: usize, seed: u64) {
 }
 
 /// Runs the built flowstep binary.
+/// A LoRA file's tensors (as float32) and its metadata without the wall-clock times
+/// (`ss_training_started_at`/`_finished_at`), which differ between two equal runs.
+pub type LoraContents = (std::collections::BTreeMap<String, Vec<f32>>, std::collections::BTreeMap<String, String>);
+
+pub fn lora_contents(path: &Path) -> LoraContents {
+    let file = TensorFile::open(path).unwrap_or_else(|e| panic!("{e}"));
+    let mut meta = file.metadata().cloned().unwrap_or_default();
+    meta.retain(|k, _| !k.starts_with("ss_training_"));
+    let tensors = file.names().into_iter().map(|n| (n.clone(), file.read_f32(&n).unwrap_or_else(|e| panic!("{e}")).1)).collect();
+    (tensors, meta.into_iter().collect())
+}
+
 pub fn flowstep(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_flowstep"))
         .args(args)
