@@ -1,0 +1,107 @@
+"""Tests at the edges (issue 26), Python side: the data tools' bucket options at their
+nearest invalid values, flowstep's learning-rate schedules at the warm-up boundary against
+torch's own schedulers (the references the independent loop and DiffSynth use), and the
+timing warm-up boundary of the PyTorch reference trainer."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flowstep_export.media import Bucket, parse_frames, parse_resolutions
+from independent import TINY, flowstep
+
+
+@pytest.mark.parametrize("value", ["1", "5", "9", "81", "5,9"])
+def test_frames_of_the_form_4k_plus_1_are_accepted(value):
+    assert parse_frames([value]) == sorted(int(v) for v in value.split(","))
+
+
+# Wan's VAE packs 4 frames after the first: every count next to a valid one (and odd counts
+# that are not 4k+1, which an "odd" check would accept) is refused.
+@pytest.mark.parametrize("value", ["0", "2", "3", "4", "6", "7", "8", "10", "79", "80", "82", "-3", "5,7"])
+def test_frames_next_to_4k_plus_1_are_refused(value):
+    with pytest.raises(ValueError, match=r"^--frames -?\d+: must be 4k\+1 \(1, 5, 9, \.\.\., 81\)$"):
+        parse_frames([value])
+
+
+def test_resolutions_at_the_multiple_are_accepted():
+    assert parse_resolutions(["16x16", "32x48"], 16) == [Bucket(16, 16), Bucket(32, 48)]
+
+
+@pytest.mark.parametrize("value", ["0x16", "16x0", "8x16", "16x8", "24x16", "16x31", "16x33", "-16x16", "16x-16"])
+def test_resolutions_next_to_the_multiple_are_refused(value):
+    with pytest.raises(ValueError, match=r"height and width must be positive multiples of 16"):
+        parse_resolutions([value], 16)
+
+
+LR, STEPS = 3e-3, 8
+S = torch.optim.lr_scheduler
+
+
+def lrs_of(tmp_path, schedule: str, steps: int) -> list[float]:
+    data = tmp_path / "data"
+    if not data.exists():
+        data.mkdir()
+        g = torch.Generator().manual_seed(0)
+        save_file({"latents": torch.randn(16, 2, 8, 8, generator=g), "context": torch.randn(16, 64, generator=g)},
+                  str(data / "0.safetensors"))
+    out = tmp_path / schedule.replace(":", "-")
+    flowstep("-q", "train", "--artifacts", TINY, "--data", data, "--out", out, "--steps", steps, "--lr", LR,
+             "--lr-schedule", schedule)
+    return [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def torch_lrs(make, steps: int) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    scheduler = make(optimizer)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+# flowstep's schedule -> torch's: LinearLR from lr/N reaching lr at the warm-up's last step
+# (as the independent loop in test_reference_loop.py builds it), the cosine after it, and
+# DiffSynth-Studio's ConstantLR with torch's defaults (lr/3 while fewer than 5 steps are done).
+SCHEDULES = {
+    "warmup:2": lambda o: S.LinearLR(o, start_factor=1 / 2, end_factor=1.0, total_iters=1),
+    "warmup:4": lambda o: S.LinearLR(o, start_factor=1 / 4, end_factor=1.0, total_iters=3),
+    "cosine:2:0.5": lambda o: S.SequentialLR(o, [S.LinearLR(o, start_factor=1 / 2, end_factor=1.0, total_iters=1),
+                                                 S.CosineAnnealingLR(o, T_max=STEPS - 2, eta_min=LR * 0.5)], milestones=[2]),
+    "diffsynth": lambda o: S.ConstantLR(o),
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_lr_schedules_match_torch_at_the_warmup_boundary(tmp_path, schedule):
+    got = lrs_of(tmp_path, schedule, STEPS)
+    want = torch_lrs(SCHEDULES[schedule], STEPS)
+    assert got == pytest.approx(want, rel=1e-12, abs=0), (got, want)
+    # The first step after the warm-up (and torch's ConstantLR's 5 steps) is the base rate itself.
+    first_full = {"warmup:2": 2, "warmup:4": 4, "cosine:2:0.5": 2, "diffsynth": 5}[schedule]
+    assert got[first_full] == LR and got[first_full - 1] <= LR, got
+    assert all(lr < LR for lr in got[:first_full - 1]), got
+
+
+@pytest.mark.parametrize("warmup, timed", [(0, 3), (2, 1), (3, 0)])
+def test_reference_trainer_times_the_steps_after_its_warmup(tmp_path, warmup, timed):
+    """reference_train.py's --warmup excludes exactly that many steps from the timing."""
+    from flowstep_export.reference_train import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    save_file({"latents": torch.randn(16, 2, 8, 8), "context": torch.randn(16, 64)}, str(data / "0.safetensors"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["--artifacts", str(TINY), "--data", str(data), "--steps", "3", "--warmup", str(warmup), "--impl", "torch"]) == 0
+    report = json.loads(out.getvalue())
+    assert (report["steps"], report["timed_steps"]) == (3, timed)
+    assert (report["seconds_per_step"] > 0) == (timed > 0)
