@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = "export/flowstep_export"
 
-POINTWISE = ["tests/test_pointwise.py"]
+POINTWISE = ["tests/test_pointwise.py", "tests/test_edges.py::test_norms_where_eps_matters"]
 ATTENTION = ["tests/test_long_sequences.py", "-k", "lowered_attention or attention_operator"]
 MEDIA_PARSE = ["tests/test_edges.py", "-k", "frames or resolutions"]
 PREPARE = ["tests/test_prepare.py"]

@@ -394,3 +394,94 @@ fn other_tools_layouts_evaluate_like_the_default_file() {
         assert_eq!(*loss, want, "{name}: {losses:?}");
     }
 }
+
+/// Products of counts at their limits (train/validate.rs): `samples × --repeat` up to 2^24
+/// slots per epoch, and `--epochs`/`--steps` × samples within the u64 sample counter. An
+/// accepted value gets as far as the output directory, which the test makes a file.
+#[test]
+fn count_limits_hold_at_their_values() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 1, 1);
+    let out = dir.path().join("out-is-a-file");
+    std::fs::write(&out, b"").unwrap_or_else(|e| panic!("{e}"));
+    let train = |extra: &[&str]| flowstep(&[&["-q", "train", "--artifacts", path_str(&tiny_artifacts()), "--data", path_str(&data), "--out", path_str(&out)][..], extra].concat());
+    let later = "expected a directory";
+    let (max, half, half_up) = (u64::MAX.to_string(), (u64::MAX / 2).to_string(), (u64::MAX / 2 + 1).to_string());
+    accepted(&train(&["--steps", "1", "--repeat", "16777216"]), "--repeat", "2^24", later);
+    refused(&train(&["--steps", "1", "--repeat", "16777217"]), "--repeat", "2^24 + 1");
+    accepted(&train(&["--epochs", &max]), "--epochs", "2^64-1 of 1", later);
+    refused(&train(&["--epochs", &max, "--repeat", "2"]), "--epochs", "2^64-1 of 2");
+    accepted(&train(&["--steps", &half, "--grad-accum", "2"]), "--grad-accum", "(2^63-1)·2", later);
+    refused(&train(&["--steps", &half_up, "--grad-accum", "2"]), "--grad-accum", "2^63·2");
+}
+
+/// Dataset checks at their limits: latent frames, height and width positive multiples of the
+/// patch (tiny: 1, 2, 2); first-frame conditioning (TI2V) needs 2 latent frames, 1 is
+/// refused; a converted DiffSynth cache's boundaries need 0 ≤ min < max ≤ 1.
+#[test]
+fn dataset_checks_hold_at_their_limits() {
+    use flowstep::artifacts::Artifacts;
+    use flowstep::data::{Dataset, SampleSpec, stored_boundaries};
+    let dir = tempdir();
+    let spec = |art: &Path| SampleSpec::for_model(&Artifacts::open(art).unwrap_or_else(|e| panic!("{e}")).manifest.model);
+    let one = |name: &str, tensors: &[flowstep::tensor_file::OutTensor], spec: SampleSpec| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+        write_sample(&d.join("s.safetensors"), tensors);
+        Dataset::open(&d, spec).map(|_| ()).map_err(|e| e.to_string())
+    };
+    let t2v = |f: usize, h: usize, w: usize| {
+        let name = format!("t2v-{f}-{h}-{w}");
+        one(&name, &[tensor("latents", &[16, f, h, w], vec![0.0; 16 * f * h * w]), tensor("context", &[16, 64], vec![0.0; 1024])], spec(&tiny_artifacts()))
+    };
+    for (f, h, w) in [(1, 2, 2), (1, 8, 8), (3, 2, 4)] {
+        assert_eq!(t2v(f, h, w), Ok(()), "{f}x{h}x{w}");
+    }
+    for (f, h, w, axis) in [(0, 8, 8, "frames 0"), (1, 0, 8, "height 0"), (1, 7, 8, "height 7"), (1, 9, 8, "height 9"), (1, 8, 1, "width 1"), (1, 8, 3, "width 3")] {
+        let err = t2v(f, h, w).err().unwrap_or_default();
+        assert!(err.contains(axis) && err.contains("not a positive multiple of the patch size"), "{f}x{h}x{w}: {err}");
+    }
+    let ti2v = repo().join("models/tiny-ti2v/artifacts");
+    let ti2v_sample = |f: usize| {
+        one(&format!("ti2v-{f}"), &[tensor("latents", &[48, f, 8, 8], vec![0.0; 48 * f * 64]), tensor("context", &[16, 64], vec![0.0; 1024]),
+            tensor("first_frame_latents", &[48, 1, 8, 8], vec![0.0; 48 * 64])], spec(&ti2v))
+    };
+    assert_eq!(ti2v_sample(2), Ok(()));
+    let err = ti2v_sample(1).err().unwrap_or_default();
+    assert!(err.contains("has 1 frame") && err.contains("at least 2"), "{err}");
+
+    let stored = |name: &str, json: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(d.join("diffsynth_boundaries.json"), json).unwrap_or_else(|e| panic!("{e}"));
+        stored_boundaries(&d).map_err(|e| e.to_string())
+    };
+    assert_eq!(stored("b1", r#"{"min_timestep_boundary": 0, "max_timestep_boundary": 1}"#), Ok(Some((0.0, 1.0))));
+    assert_eq!(stored("b2", r#"{"min_timestep_boundary": 0.417, "max_timestep_boundary": 0.418}"#), Ok(Some((0.417, 0.418))));
+    for (name, json) in [("b3", r#"{"min_timestep_boundary": 0.417, "max_timestep_boundary": 0.417}"#),
+                         ("b4", r#"{"min_timestep_boundary": -5e-324, "max_timestep_boundary": 1}"#),
+                         ("b5", r#"{"min_timestep_boundary": 0, "max_timestep_boundary": 1.0000000000000002}"#)] {
+        let err = stored(name, json).err().unwrap_or_default();
+        assert!(err.contains("0 <= a < b <= 1"), "{json}: {err}");
+    }
+}
+
+/// `flowstep eval`'s timesteps, `lo + ⌊(j + ½)·(hi - lo)/K⌋`, stay inside the half-open range
+/// the run trains, for K up to one per index (which visits each index exactly once).
+#[test]
+fn eval_timesteps_stay_inside_the_trained_range() {
+    use flowstep::eval::eval_indices;
+    for (lo, hi) in [(0usize, 1000usize), (0, 417), (417, 1000), (358, 1000), (999, 1000), (417, 418)] {
+        for k in [1, 2, 7, hi - lo - 1, hi - lo] {
+            if k == 0 || k > hi - lo {
+                continue;
+            }
+            let idx = eval_indices((lo, hi), k);
+            assert_eq!(idx.len(), k);
+            assert!(idx.iter().all(|&i| (lo..hi).contains(&i)), "[{lo}, {hi}) K {k}: {:?}", (idx.first(), idx.last()));
+            assert!(idx.windows(2).all(|w| w[0] < w[1]), "[{lo}, {hi}) K {k}: indices must be distinct and increasing");
+        }
+        assert_eq!(eval_indices((lo, hi), hi - lo), (lo..hi).collect::<Vec<_>>());
+    }
+}

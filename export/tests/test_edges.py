@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from flowstep_export.media import Bucket, parse_frames, parse_resolutions
@@ -105,3 +106,29 @@ def test_reference_trainer_times_the_steps_after_its_warmup(tmp_path, warmup, ti
     report = json.loads(out.getvalue())
     assert (report["steps"], report["timed_steps"]) == (3, timed)
     assert (report["seconds_per_step"] > 0) == (timed > 0)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-4, 1e-3, 3e-3])
+def test_norms_where_eps_matters(scale):
+    """Rows whose mean square is near or below eps = 1e-6 (scale 1e-3 is eps itself; 0 is a
+    zero row): the eps term decides the norms' values and gradients there, which the order-1
+    inputs of test_pointwise.py cannot see. References: F.layer_norm and Wan's RMSNorm formula
+    under float64 autograd."""
+    from flowstep_export import pointwise
+
+    g = torch.Generator().manual_seed(0)
+    x, dy, w = torch.randn(2, 5, 48, generator=g) * scale, torch.randn(2, 5, 48, generator=g), torch.randn(48, generator=g)
+
+    def run(fn, *tensors):
+        tensors = [t.detach().clone().requires_grad_(True) for t in tensors]
+        out = fn(*tensors)
+        out.backward(dy.to(out.dtype))
+        return [out.detach().double()] + [t.grad.double() for t in tensors]
+
+    cases = [(lambda x, w: pointwise.rms_norm(x, w, 1e-6), lambda x, w: x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-6) * w),
+             (lambda x, w: pointwise.layer_norm(x, w, None, 1e-6), lambda x, w: F.layer_norm(x, (48,), w, None, eps=1e-6))]
+    for ours, ref in cases:
+        got, want = run(ours, x, w), run(ref, x.double(), w.double())
+        for a, r in zip(got, want, strict=True):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5 * max(1.0, r.abs().max().item()))
