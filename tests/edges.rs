@@ -321,32 +321,43 @@ fn train_visits_samples_in_the_seeded_order() {
 
 /// The same LoRA in each layout flowstep reads, written here from each tool's key names and
 /// scale convention, with a file alpha other than the export's (the tiny export has rank 8,
-/// alpha 8): `flowstep eval` gives exactly the loss of the default file. Scales are powers
-/// of two, so every layout holds the same parameters bit for bit.
+/// alpha 8) where the layout has one: `flowstep eval` gives exactly the loss of the default
+/// file flowstep writes (lora_io::save). Scales are powers of two, so every layout holds the
+/// same parameters bit for bit.
 #[test]
 fn other_tools_layouts_evaluate_like_the_default_file() {
     let dir = tempdir();
     let art = tiny_artifacts();
     let data = dir.path().join("data");
     tiny_dataset(&data, 2, 4);
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(art.join("manifest.json")).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((manifest["lora"]["rank"].as_u64(), manifest["lora"]["alpha"].as_f64()), (Some(8), Some(8.0)));
-    // Module -> (A, B) with B non-zero, so the LoRA changes the loss.
-    let mut pairs: Vec<(String, Vec<usize>, Vec<f32>, Vec<usize>, Vec<f32>)> = Vec::new();
-    let tensors = manifest["lora"]["tensors"].as_array().cloned().unwrap_or_default();
-    let shape = |t: &serde_json::Value| t["shape"].as_array().map(|s| s.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect::<Vec<_>>()).unwrap_or_default();
-    for (i, t) in tensors.iter().enumerate() {
-        let key = t["key"].as_str().unwrap_or_default();
-        if let Some(module) = key.strip_suffix(".lora_A.default.weight") {
-            let b = tensors.iter().find(|u| u["key"] == format!("{module}.lora_B.default.weight")).unwrap_or_else(|| panic!("{module}: no B"));
-            let (sa, sb) = (shape(t), shape(b));
-            let (na, nb) = (sa.iter().product(), sb.iter().product());
-            pairs.push((module.to_string(), sa, values(na, 2 * i as u64).iter().map(|v| v * 0.25).collect(), sb, values(nb, 2 * i as u64 + 1).iter().map(|v| v * 0.125).collect()));
-        }
+    let lora = flowstep::artifacts::Artifacts::open(&art).unwrap_or_else(|e| panic!("{e}")).manifest.lora;
+    assert_eq!((lora.rank, lora.alpha), (8, 8.0));
+    // Parameters with B non-zero (so the LoRA changes the loss), and flowstep's own default
+    // file (ComfyUI keys with `.alpha`) holding them.
+    let mut flat = vec![0.0f32; lora.num_params];
+    for (i, t) in lora.tensors.iter().enumerate() {
+        let n: usize = t.shape.iter().product();
+        let scale = if t.key.contains(".lora_A.") { 0.25 } else { 0.125 };
+        flat[t.offset..t.offset + n].iter_mut().zip(values(n, i as u64)).for_each(|(d, v)| *d = v * scale);
     }
+    let default_file = dir.path().join("flowstep-default.safetensors");
+    flowstep::lora_io::save(&default_file, &lora, &flat, flowstep::lora_io::LoraFormat::Comfyui, flowstep::tensor_file::SaveDtype::F32, &[])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let part = |key: &str| {
+        let t = lora.tensors.iter().find(|t| t.key == key).unwrap_or_else(|| panic!("no {key}"));
+        (t.shape.clone(), flat[t.offset..t.offset + t.shape.iter().product::<usize>()].to_vec())
+    };
+    // Module -> (A, B).
+    let pairs: Vec<(String, Vec<usize>, Vec<f32>, Vec<usize>, Vec<f32>)> = lora.tensors.iter()
+        .filter_map(|t| t.key.strip_suffix(".lora_A.default.weight"))
+        .map(|m| {
+            let ((sa, a), (sb, b)) = (part(&format!("{m}.lora_A.default.weight")), part(&format!("{m}.lora_B.default.weight")));
+            (m.to_string(), sa, a, sb, b)
+        })
+        .collect();
     assert!(!pairs.is_empty());
-    // Each layout: its A and B keys, its alpha key (none for diffusers) and the alpha written;
-    // B is stored times 8/alpha so that B·alpha/8 is the same.
+    // Each layout: its A and B keys, its alpha key (diffusers and DiffSynth have none: scale 1)
+    // and the alpha written, with B stored times 8/alpha so that B·alpha/8 is the same.
     let musubi = |m: &str| format!("lora_unet_{}", m.replace('.', "_"));
     let diffusers = |m: &str| {
         let (block, inner) = m.strip_prefix("blocks.").and_then(|r| r.split_once('.')).unwrap_or_else(|| panic!("{m}"));
@@ -359,13 +370,25 @@ fn other_tools_layouts_evaluate_like_the_default_file() {
     };
     type Keys = Box<dyn Fn(&str) -> (String, String, Option<String>)>;
     let layouts: Vec<(&str, Keys, f32)> = vec![
-        ("default", Box::new(|m: &str| (format!("diffusion_model.{m}.lora_A.weight"), format!("diffusion_model.{m}.lora_B.weight"), Some(format!("diffusion_model.{m}.alpha")))), 8.0),
+        ("comfyui", Box::new(|m: &str| (format!("diffusion_model.{m}.lora_A.weight"), format!("diffusion_model.{m}.lora_B.weight"), Some(format!("diffusion_model.{m}.alpha")))), 2.0),
         ("comfyui-down-up", Box::new(|m: &str| (format!("diffusion_model.{m}.lora_down.weight"), format!("diffusion_model.{m}.lora_up.weight"), Some(format!("diffusion_model.{m}.alpha")))), 4.0),
         ("musubi", Box::new(move |m: &str| (format!("{}.lora_down.weight", musubi(m)), format!("{}.lora_up.weight", musubi(m)), Some(format!("{}.alpha", musubi(m))))), 16.0),
         // No alpha and no metadata: scale 1, i.e. alpha = rank.
         ("diffusers", Box::new(move |m: &str| (format!("{}.lora_A.weight", diffusers(m)), format!("{}.lora_B.weight", diffusers(m)), None)), 8.0),
         ("diffsynth", Box::new(|m: &str| (format!("{m}.lora_A.default.weight"), format!("{m}.lora_B.default.weight"), None)), 8.0),
     ];
+    let eval = |lora: Option<&Path>| {
+        let mut args = vec!["eval", "--artifacts", path_str(&art), "--data", path_str(&data), "--json", "--seed", "1"];
+        if let Some(l) = lora {
+            args.extend(["--lora", path_str(l)]);
+        }
+        let r = flowstep(&args);
+        assert!(r.status.success(), "{args:?}: {}", stderr(&r));
+        let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap_or_else(|e| panic!("{e}"));
+        v["eval_loss"].as_f64().unwrap_or(f64::NAN)
+    };
+    let (want, base) = (eval(Some(&default_file)), eval(None));
+    assert!(want.is_finite() && (want - base).abs() > 1e-4 * base, "the LoRA must change the loss: {want} vs base {base}");
     let mut losses = Vec::new();
     for (name, keys, alpha) in &layouts {
         let mut out = Vec::new();
@@ -379,17 +402,8 @@ fn other_tools_layouts_evaluate_like_the_default_file() {
         }
         let path = dir.path().join(format!("{name}.safetensors"));
         write_sample(&path, &out);
-        let r = flowstep(&["eval", "--artifacts", path_str(&art), "--data", path_str(&data), "--json", "--seed", "1", "--lora", path_str(&path)]);
-        assert!(r.status.success(), "{name}: {}", stderr(&r));
-        let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap_or_else(|e| panic!("{e}"));
-        losses.push((*name, v["eval_loss"].as_f64().unwrap_or(f64::NAN)));
+        losses.push((*name, eval(Some(&path))));
     }
-    let r = flowstep(&["eval", "--artifacts", path_str(&art), "--data", path_str(&data), "--json", "--seed", "1"]);
-    assert!(r.status.success(), "{}", stderr(&r));
-    let base: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap_or_else(|e| panic!("{e}"));
-    let base = base["eval_loss"].as_f64().unwrap_or(f64::NAN);
-    let want = losses[0].1;
-    assert!(want.is_finite() && (want - base).abs() > 1e-4 * base, "the LoRA must change the loss: {want} vs base {base}");
     for (name, loss) in &losses {
         assert_eq!(*loss, want, "{name}: {losses:?}");
     }
