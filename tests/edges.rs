@@ -272,6 +272,24 @@ fn sample_eval_and_schedule_options_refuse_the_nearest_invalid_values() {
     }
     refused(&eval(&["--shift", "0"]), "--shift", "0");
     accepted(&eval(&["--shift", "1e-45"]), "--shift", "1e-45", later);
+
+    // schedule has no input to leave out: an accepted value prints the table.
+    let schedule = |extra: &[&str]| flowstep(&[&["schedule", "--csv"][..], extra].concat());
+    // One entry, or a strength so small that every timestep is 0, leaves DiffSynth's loss weights
+    // undefined (it normalises by their spread): refused, not a NaN column.
+    let cases: [(&str, &[&str], &[&str]); 3] = [("--steps", &["2"], &["0", "1", "1000001"]),
+        ("--denoising-strength", &["1", "1e-3"], &["0", "1.0000000000000002", "5e-324"]), ("--shift", &["1e-45", "1"], &["0", "-1e-45"])];
+    for (flag, ok, bad) in cases {
+        for v in ok {
+            let r = schedule(&[&format!("{flag}={v}")]);
+            assert!(r.status.success(), "schedule {flag} {v} must be accepted: {}", stderr(&r));
+        }
+        for v in bad {
+            let r = schedule(&[&format!("{flag}={v}")]);
+            let line = error_line(&r);
+            assert!(line.contains(flag), "schedule {flag} {v}: {line}");
+        }
+    }
 }
 
 /// The order in which `flowstep train` visits the samples, observed from the run itself:
