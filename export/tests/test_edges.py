@@ -132,3 +132,23 @@ def test_norms_where_eps_matters(scale):
         for a, r in zip(got, want, strict=True):
             assert torch.isfinite(a).all()
             torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5 * max(1.0, r.abs().max().item()))
+
+
+@pytest.mark.parametrize("raw_fps, fps, frames, available", [
+    (8.0, 4.0, 5, 11),    # whole indices
+    (8.0, 3.0, 9, 24),    # fractions above and below one half
+    (10.0, 4.0, 9, 21),   # exact halves: Python's round() goes to even, as DiffSynth's does
+    (30.0, 16.0, 17, 20), # past the last source frame: clamped to it
+    (23.976, 16.0, 81, 200),
+])
+def test_frame_resampling_matches_diffsynth(raw_fps, fps, frames, available):
+    """media.frame_ids against DiffSynth's own FrameSamplerByRateMixin.map_single_frame_id
+    (LoadVideo with fix_frame_rate): round to the nearest source frame, clamp to the last."""
+    from diffsynth.core.data.operators import FrameSamplerByRateMixin
+
+    from flowstep_export.media import frame_ids
+
+    sampler = FrameSamplerByRateMixin(num_frames=frames, frame_rate=fps, fix_frame_rate=True)
+    want = [sampler.map_single_frame_id(i, raw_fps, available) for i in range(frames)]
+    assert frame_ids(available, raw_fps, frames, fps) == want
+    assert frame_ids(available, raw_fps, frames, None) == list(range(frames))
