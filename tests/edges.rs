@@ -365,15 +365,8 @@ fn other_tools_layouts_evaluate_like_the_default_file() {
         let t = lora.tensors.iter().find(|t| t.key == key).unwrap_or_else(|| panic!("no {key}"));
         (t.shape.clone(), flat[t.offset..t.offset + t.shape.iter().product::<usize>()].to_vec())
     };
-    // Module -> (A, B).
-    let pairs: Vec<(String, Vec<usize>, Vec<f32>, Vec<usize>, Vec<f32>)> = lora.tensors.iter()
-        .filter_map(|t| t.key.strip_suffix(".lora_A.default.weight"))
-        .map(|m| {
-            let ((sa, a), (sb, b)) = (part(&format!("{m}.lora_A.default.weight")), part(&format!("{m}.lora_B.default.weight")));
-            (m.to_string(), sa, a, sb, b)
-        })
-        .collect();
-    assert!(!pairs.is_empty());
+    let modules: Vec<&str> = lora.tensors.iter().filter_map(|t| t.key.strip_suffix(".lora_A.default.weight")).collect();
+    assert!(!modules.is_empty());
     // Each layout: its A and B keys, its alpha key (diffusers and DiffSynth have none: scale 1)
     // and the alpha written, with B stored times 8/alpha so that B·alpha/8 is the same.
     let musubi = |m: &str| format!("lora_unet_{}", m.replace('.', "_"));
@@ -410,10 +403,11 @@ fn other_tools_layouts_evaluate_like_the_default_file() {
     let mut losses = Vec::new();
     for (name, keys, alpha) in &layouts {
         let mut out = Vec::new();
-        for (module, sa, a, sb, b) in &pairs {
+        for module in &modules {
+            let ((sa, a), (sb, b)) = (part(&format!("{module}.lora_A.default.weight")), part(&format!("{module}.lora_B.default.weight")));
             let (ka, kb, kalpha) = keys(module);
-            out.push(tensor(&ka, sa, a.clone()));
-            out.push(tensor(&kb, sb, b.iter().map(|v| v * 8.0 / alpha).collect()));
+            out.push(tensor(&ka, &sa, a));
+            out.push(tensor(&kb, &sb, b.iter().map(|v| v * 8.0 / alpha).collect()));
             if let Some(k) = kalpha {
                 out.push(tensor(&k, &[], vec![*alpha]));
             }
