@@ -7,7 +7,7 @@
 //! A change that alters any seed's draws changes every existing run; when that is deliberate,
 //! regenerate and say so in the commit:
 //!
-//!   FLOWSTEP_REGENERATE_GOLDEN=1 cargo test --release --locked --test draws_golden
+//!   FLOWSTEP_BLESS=1 cargo test --release --locked --test draws_golden
 
 mod common;
 
@@ -70,7 +70,7 @@ fn current() -> String {
 fn draws_match_the_committed_golden() {
     let path = repo().join(GOLDEN);
     let now = current();
-    if std::env::var_os("FLOWSTEP_REGENERATE_GOLDEN").is_some() {
+    if std::env::var_os("FLOWSTEP_BLESS").is_some() {
         std::fs::write(&path, &now).unwrap_or_else(|e| panic!("{e}"));
         return;
     }
