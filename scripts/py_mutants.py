@@ -27,7 +27,7 @@ PKG = "export/flowstep_export"
 
 POINTWISE = ["tests/test_pointwise.py", "tests/test_edges.py::test_norms_where_eps_matters"]
 ATTENTION = ["tests/test_long_sequences.py", "-k", "lowered_attention or attention_operator"]
-MEDIA_PARSE = ["tests/test_edges.py", "-k", "frames or resolutions"]
+MEDIA_PARSE = ["tests/test_edges.py", "-k", "frames or resolutions or source_size"]
 PREPARE = ["tests/test_prepare.py"]
 
 # (file, exact text (must occur once), replacement, pytest arguments run in export/)
@@ -41,13 +41,18 @@ MUTANTS = [
     (f"{PKG}/lower_attention.py", 'b.op("Sub", [b.op("Add", [a, d]), b.const([1])])', 'b.op("Add", [a, d])', ATTENTION),
     (f"{PKG}/lower_attention.py", 'dq = b.op("Mul", [geometry.join(dq_chunks), scale_c], "dq")', 'dq = geometry.join(dq_chunks)', ATTENTION),
     (f"{PKG}/lower_attention.py", 'b.op("ReduceSum", [b.op("Mul", [b.cast(do_h', 'b.op("ReduceMean", [b.op("Mul", [b.cast(do_h', ATTENTION),
-    (f"{PKG}/media.py", "n < 1 or n % 4 != 1", "n < 1 or n % 2 != 1", MEDIA_PARSE),
-    (f"{PKG}/media.py", "n < 1 or n % 4 != 1", "n % 4 != 1", MEDIA_PARSE),
+    (f"{PKG}/media.py", "n <= MAX_FRAMES or n % 4 != 1", "n <= MAX_FRAMES or n % 2 != 1", MEDIA_PARSE),
+    (f"{PKG}/media.py", "not 1 <= n <= MAX_FRAMES", "not n <= MAX_FRAMES", MEDIA_PARSE),
+    (f"{PKG}/media.py", "not 1 <= n <= MAX_FRAMES", "not 1 <= n < MAX_FRAMES", MEDIA_PARSE),
+    (f"{PKG}/media.py", "0 < height <= MAX_SIDE", "0 < height < MAX_SIDE", MEDIA_PARSE),
+    (f"{PKG}/media.py", "width * height > MAX_SOURCE_PIXELS", "width * height >= MAX_SOURCE_PIXELS", MEDIA_PARSE),
+    (f"{PKG}/media.py", "covered > MAX_COVER * bucket", "covered >= MAX_COVER * bucket", MEDIA_PARSE),
     (f"{PKG}/media.py", "height % multiple or width % multiple", "height % multiple", MEDIA_PARSE),
     (f"{PKG}/media.py", "usable = [n for n in frame_buckets if n <= available]", "usable = [n for n in frame_buckets if n < available]", PREPARE),
     (f"{PKG}/media.py", "min(int(round(i / fps * raw_fps)), available - 1)", "min(int(i / fps * raw_fps), available - 1)",
      ["tests/test_edges.py", "-k", "resampling"]),
-    (f"{PKG}/media.py", "scale = max(bucket.width / width, bucket.height / height)", "scale = min(bucket.width / width, bucket.height / height)", PREPARE),
+    (f"{PKG}/media.py", "scale = max(bucket.width / width, bucket.height / height)\n    image =",
+     "scale = min(bucket.width / width, bucket.height / height)\n    image =", PREPARE),
     (f"{PKG}/reference_train.py", "if step >= args.warmup:", "if step > args.warmup:", ["tests/test_edges.py", "-k", "reference_trainer"]),
     (f"{PKG}/steps.py", "return weight * torch.mean(", "return torch.clamp(weight, max=1.0) * torch.mean(",
      ["tests/test_loss_weight_and_drift.py", "-k", "graph_loss and fresh"]),

@@ -14,30 +14,32 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from flowstep_export.media import Bucket, parse_frames, parse_resolutions
+from flowstep_export.media import MAX_FRAMES, MAX_SIDE, Bucket, parse_frames, parse_resolutions
 from independent import TINY, flowstep
 
 
-@pytest.mark.parametrize("value", ["1", "5", "9", "81", "5,9"])
+@pytest.mark.parametrize("value", ["1", "5", "9", "81", "5,9", str(MAX_FRAMES)])
 def test_frames_of_the_form_4k_plus_1_are_accepted(value):
     assert parse_frames([value]) == sorted(int(v) for v in value.split(","))
 
 
 # Wan's VAE packs 4 frames after the first: every count next to a valid one (and odd counts
 # that are not 4k+1, which an "odd" check would accept) is refused.
-@pytest.mark.parametrize("value", ["0", "2", "3", "4", "6", "7", "8", "10", "79", "80", "82", "-3", "5,7"])
+@pytest.mark.parametrize("value", ["0", "2", "3", "4", "6", "7", "8", "10", "79", "80", "82", "-3", "5,7", str(MAX_FRAMES + 4)])
 def test_frames_next_to_4k_plus_1_are_refused(value):
-    with pytest.raises(ValueError, match=r"^--frames -?\d+: must be 4k\+1 \(1, 5, 9, \.\.\., 81\)$"):
+    with pytest.raises(ValueError, match=r"^--frames -?\d+: must be 4k\+1 \(1, 5, 9, \.\.\., 81\), at most \d+$"):
         parse_frames([value])
 
 
 def test_resolutions_at_the_multiple_are_accepted():
     assert parse_resolutions(["16x16", "32x48"], 16) == [Bucket(16, 16), Bucket(32, 48)]
+    assert parse_resolutions([f"{MAX_SIDE}x16"], 16) == [Bucket(MAX_SIDE, 16)]
 
 
-@pytest.mark.parametrize("value", ["0x16", "16x0", "8x16", "16x8", "24x16", "16x31", "16x33", "-16x16", "16x-16"])
+@pytest.mark.parametrize("value", ["0x16", "16x0", "8x16", "16x8", "24x16", "16x31", "16x33", "-16x16", "16x-16",
+                                   f"{MAX_SIDE + 16}x16", f"16x{MAX_SIDE + 16}"])
 def test_resolutions_next_to_the_multiple_are_refused(value):
-    with pytest.raises(ValueError, match=r"height and width must be positive multiples of 16"):
+    with pytest.raises(ValueError, match=r"height and width must be multiples of 16 .* from 16 to \d+$"):
         parse_resolutions([value], 16)
 
 
@@ -152,3 +154,19 @@ def test_frame_resampling_matches_diffsynth(raw_fps, fps, frames, available):
     want = [sampler.map_single_frame_id(i, raw_fps, available) for i in range(frames)]
     assert frame_ids(available, raw_fps, frames, fps) == want
     assert frame_ids(available, raw_fps, frames, None) == list(range(frames))
+
+
+def test_source_size_limits_hold_at_their_values():
+    """media.bucket_for: a source of exactly MAX_SOURCE_PIXELS pixels is read, one row more is
+    refused; covering the bucket may crop away exactly MAX_COVER times its area, not more."""
+    from flowstep_export.media import MAX_COVER, MAX_SOURCE_PIXELS, bucket_for
+
+    bucket = Bucket(16, 16)
+    side = 1 << 13
+    assert side * side == MAX_SOURCE_PIXELS and bucket_for(side, side, [bucket]) == bucket
+    with pytest.raises(ValueError, match=r"^is 8192x8193, more than 64 M pixels$"):
+        bucket_for(side, side + 1, [bucket])
+    # A 16-high strip covers a 16x16 bucket unscaled: width / 16 times the bucket's area.
+    assert bucket_for(16 * MAX_COVER, 16, [bucket]) == bucket
+    with pytest.raises(ValueError, match=r"crop away all but 1/8$"):
+        bucket_for(16 * MAX_COVER + 1, 16, [bucket])

@@ -49,8 +49,8 @@ pub fn run(args: Args, _globals: &Globals) -> anyhow::Result<ExitCode> {
     );
     let s = FlowMatchScheduler::training(args.steps, args.denoising_strength, args.shift);
     let weights = s.weights.clone().unwrap_or_default();
-    // DiffSynth normalises the weights by their spread over the table: one entry, or entries
-    // that all round to one timestep, have none (DiffSynth fails there; a NaN column would not).
+    // Likewise when every timestep rounds to one value (a denoising strength near 0): the
+    // weights have no spread to normalise by.
     anyhow::ensure!(
         weights.iter().all(|w| w.is_finite()),
         "--steps {} with --denoising-strength {}: the loss weights are undefined (every timestep of the table is {}; they need at least two distinct timesteps)",
