@@ -200,6 +200,13 @@ fn train_options_refuse_the_nearest_invalid_values() {
     // The maximum boundary must lie above the minimum: equal is refused, the next f64 is not.
     refused(&train(&["--steps", "1", "--min-timestep-boundary", "0.5", "--max-timestep-boundary", "0.5"]), "--max-timestep-boundary", "0.5");
     accepted(&train(&["--steps", "1", "--min-timestep-boundary", "0.5", "--max-timestep-boundary", "0.5000000000000001"]), "--max-timestep-boundary", "0.5+", later);
+    // --sample-steps (with --sample-every and prompts): 1 to 10,000, as `flowstep sample --steps`.
+    let prompts = dir.path().join("prompts.txt");
+    for (v, ok) in [("1", true), ("10000", true), ("0", false), ("10001", false)] {
+        let steps = format!("--sample-steps={v}");
+        let r = train(&["--steps", "1", "--sample-every", "1", "--sample-prompts", path_str(&prompts), &steps]);
+        if ok { accepted(&r, "--sample-steps", v, later) } else { refused(&r, "--sample-steps", v) }
+    }
     // --eval-every needs --eval-data; at 1 with it, the run goes on.
     let eval_data = path_str(&missing);
     accepted(&train(&["--steps", "1", "--eval-every", "1", "--eval-data", eval_data]), "--eval-every", "1", later);
