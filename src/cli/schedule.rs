@@ -49,6 +49,13 @@ pub fn run(args: Args, _globals: &Globals) -> anyhow::Result<ExitCode> {
     );
     let s = FlowMatchScheduler::training(args.steps, args.denoising_strength, args.shift);
     let weights = s.weights.clone().unwrap_or_default();
+    // Likewise when every timestep rounds to one value (a denoising strength near 0): the
+    // weights have no spread to normalise by.
+    anyhow::ensure!(
+        weights.iter().all(|w| w.is_finite()),
+        "--steps {} with --denoising-strength {}: the loss weights are undefined (every timestep of the table is {}; they need at least two distinct timesteps)",
+        args.steps, args.denoising_strength, s.timesteps[0]
+    );
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if args.csv {
         writeln!(out, "index,sigma,timestep,weight")?;
