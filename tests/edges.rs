@@ -366,7 +366,7 @@ fn other_tools_layouts_evaluate_like_the_default_file() {
         flat[t.offset..t.offset + n].iter_mut().zip(values(n, i as u64)).for_each(|(d, v)| *d = v * scale);
     }
     let default_file = dir.path().join("flowstep-default.safetensors");
-    flowstep::lora_io::save(&default_file, &lora, &flat, flowstep::lora_io::LoraFormat::Comfyui, flowstep::tensor_file::SaveDtype::F32, &[])
+    flowstep::lora_io::save(&default_file, &lora, &flat, flowstep::lora_io::LoraFormat::Comfyui, flowstep::tensor_file::SaveDtype::F32, &Default::default())
         .unwrap_or_else(|e| panic!("{e}"));
     let part = |key: &str| {
         let t = lora.tensors.iter().find(|t| t.key == key).unwrap_or_else(|| panic!("no {key}"));

@@ -162,8 +162,8 @@ pub struct Args {
     pub lora_dtype: SaveDtype,
 
     /// Name of the LoRA written with each checkpoint (and on Ctrl-C),
-    /// OUT/loras/NAME-step-XXXXXX.safetensors, and its ss_output_name metadata (musubi's
-    /// --output_name). Default: the --out directory's name.
+    /// OUT/loras/NAME-step-XXXXXX.safetensors, and its ss_output_name metadata, as musubi's
+    /// output_name option. Default: the --out directory's name.
     #[arg(long, value_name = "NAME")]
     pub output_name: Option<String>,
 

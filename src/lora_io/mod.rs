@@ -101,13 +101,19 @@ pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtyp
 /// Reads a LoRA file into the flat buffer: DiffSynth-Studio, ComfyUI, diffusers/PEFT or
 /// musubi-tuner/kohya keys, rescaled to the export's alpha; anything else is refused.
 pub fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
+    refuse_checkpoint(path)?;
+    read::load(path, lora)
+}
+
+/// A training checkpoint given where a LoRA file belongs gets the command that makes one.
+fn refuse_checkpoint(path: &Path) -> Result<()> {
     if crate::checkpoint::is_checkpoint(path) {
         return Err(Error::Tensor {
             path: path.to_path_buf(),
             reason: "is a flowstep training checkpoint, not a LoRA file; make one with `flowstep export-lora CHECKPOINT_DIR --out FILE`, or use the run's OUT/loras/ files".into(),
         });
     }
-    read::load(path, lora)
+    Ok(())
 }
 
 /// [`load`] for the model `manifest` describes, refusing first a LoRA that flowstep trained for
@@ -115,6 +121,7 @@ pub fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
 /// `flowstep.expert` metadata, written by [`save`]): such a file can have the same shapes and
 /// would load without a word. Files from other tools carry neither and are judged by their keys.
 pub fn load_for(path: &Path, manifest: &Manifest) -> Result<Vec<f32>> {
+    refuse_checkpoint(path)?;
     let file = TensorFile::open(path)?;
     let refuse = |reason: String| Error::Tensor { path: path.to_path_buf(), reason };
     let meta = file.metadata();
