@@ -6,6 +6,7 @@ import pytest
 from flowstep_export.configs import get_config
 from flowstep_export.export import ExportOptions, export_artifacts
 from flowstep_export.lora import LoraConfig
+from wan_fixtures import write_text_encoder, write_tokenizer, write_vae
 
 TINY_LORA = LoraConfig(rank=8)
 
@@ -41,4 +42,14 @@ def vae_decoder(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("vae")
     write_vae(d / "wan_2.1_vae.safetensors", seed=1)
     assert export_main(["--vae", str(d / "wan_2.1_vae.safetensors"), "--out", str(d / "decoder")]) == 0
+    return d
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """Random tiny Wan VAE, umT5 and tokenizer files, as a user's checkpoints (test_prepare, test_hostile_tools)."""
+    d = tmp_path_factory.mktemp("encoders")
+    vocab = write_tokenizer(d / "tokenizer")
+    write_vae(d / "vae.pth")
+    write_text_encoder(d / "t5.pth", vocab)
     return d

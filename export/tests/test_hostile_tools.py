@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from wan_fixtures import TEXT_LEN, write_text_encoder, write_tokenizer, write_vae, write_video
+from wan_fixtures import TEXT_LEN, write_video
 
 EXPORT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120
@@ -42,15 +42,6 @@ def one_error(r: subprocess.CompletedProcess, *words: str) -> str:
 def samples(out: Path) -> list[str]:
     """Every file under `out` (hidden temporaries included)."""
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir()) if out.exists() else []
-
-
-@pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    d = tmp_path_factory.mktemp("encoders")
-    vocab = write_tokenizer(d / "tokenizer")
-    write_vae(d / "vae.pth")
-    write_text_encoder(d / "t5.pth", vocab)
-    return d
 
 
 def prepare(videos: Path, out: Path, encoders: Path, *extra, vae=None, text_encoder=None):

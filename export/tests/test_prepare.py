@@ -16,19 +16,9 @@ from safetensors.torch import load_file
 
 from flowstep_export.prepare import main as prepare_main
 from independent import TINY, flowstep_bin
-from wan_fixtures import (TEXT_LEN, reference_vae, text_encoder_config, write_text_encoder, write_tokenizer, write_vae,
-                          write_video)
+from wan_fixtures import TEXT_LEN, reference_vae, text_encoder_config, write_video
 
 CAPTIONS = {"wide.mp4": "a red ball rolls left", "tall.webm": "blue square over the green sky", "still.png": "the night sky"}
-
-
-@pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    d = tmp_path_factory.mktemp("encoders")
-    vocab = write_tokenizer(d / "tokenizer")
-    write_vae(d / "vae.pth")
-    write_text_encoder(d / "t5.pth", vocab)
-    return d
 
 
 @pytest.fixture(scope="module")
