@@ -5,6 +5,7 @@ mod eval;
 mod export_flags;
 mod export_lora;
 mod inspect;
+mod run_config;
 mod sample;
 mod schedule;
 mod train;
@@ -12,7 +13,7 @@ mod train;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// LoRA fine-tuning of the Wan video diffusion transformer on ONNX Runtime.
 ///
@@ -66,8 +67,16 @@ pub struct Globals {
 }
 
 pub fn run() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let expanded = match run_config::expand(std::env::args_os().collect()) {
+        Ok(expanded) => expanded,
+        Err(err) => {
+            eprintln!("error: {}", one_line(&err));
+            return ExitCode::from(2);
+        }
+    };
+    let parsed = Cli::command().try_get_matches_from(expanded.argv).and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(err) => match export_flags::hint(&err) {
             Some(line) => {
                 eprintln!("error: {line}");
@@ -81,7 +90,10 @@ pub fn run() -> ExitCode {
     let result = match cli.command {
         Command::Schedule(args) => schedule::run(args, &globals),
         Command::Inspect(args) => inspect::run(args, &globals),
-        Command::Train(args) => train::run(*args, &globals),
+        Command::Train(args) => {
+            let given = matches.subcommand_matches("train").map(run_config::resolved).unwrap_or_default();
+            train::run(*args, given, expanded.stored, &globals)
+        }
         Command::Eval(args) => eval::run(args, &globals),
         Command::Sample(args) => sample::run(*args, &globals),
         Command::ExportLora(args) => export_lora::run(args, &globals),

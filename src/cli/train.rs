@@ -18,6 +18,13 @@ use super::{DeviceArgs, Globals, ModelArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Read flags from this TOML file: each key a flag's long name (`lr = 1e-4`,
+    /// `grad-accum = 4`, `eval-data = "data/eval"`, `skip-bad-samples = true`); flags given on
+    /// the command line override it. OUT/config.toml records every flag a run used, and
+    /// `--resume --out OUT` reads it, so that nothing else needs repeating.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     #[command(flatten)]
     pub model: ModelArgs,
 
@@ -102,7 +109,9 @@ pub struct Args {
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub keep_checkpoints: usize,
 
-    /// Continue from the newest complete checkpoint in --out, bit-identically.
+    /// Continue from the newest complete checkpoint in --out, bit-identically, with the flags
+    /// of OUT/config.toml (or --config) and those given now; each flag that differs from
+    /// OUT/config.toml is reported.
     #[arg(long)]
     pub resume: bool,
 
@@ -183,7 +192,14 @@ pub struct Args {
     pub device: DeviceArgs,
 }
 
-pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
+/// `resolved`: every flag's effective value (written to OUT/config.toml once the run may
+/// start); `stored`: the OUT/config.toml this resume continues.
+pub fn run(args: Args, resolved: toml::Table, stored: Option<(PathBuf, toml::Table)>, globals: &Globals) -> anyhow::Result<ExitCode> {
+    if let Some((path, stored)) = &stored {
+        for change in super::run_config::changes(stored, &resolved) {
+            eprintln!("warning: resuming with a flag unlike {}: {change}", path.display());
+        }
+    }
     let session = super::init_runtime(globals, &args.device)?;
     let length = match (args.steps, args.epochs) {
         (Some(s), _) => Length::Steps(s),
@@ -232,6 +248,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
             vae_tile: args.vae_tile,
         }),
         stop_after: args.stop_after,
+        run_config: Some((super::run_config::FILE_NAME.into(), toml::to_string(&resolved)?)),
     };
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&interrupt);

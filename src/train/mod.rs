@@ -79,6 +79,9 @@ pub struct TrainConfig {
     pub sampling: Option<SamplingConfig>,
     /// Stop after this many optimizer steps of this process (tests of resume).
     pub stop_after: Option<u64>,
+    /// The run's flags as a file name in `out` and its text (`flowstep train`'s
+    /// config.toml), written once the run may start or resume.
+    pub run_config: Option<(String, String)>,
 }
 
 /// What a finished (or interrupted) run did.

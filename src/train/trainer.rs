@@ -228,6 +228,9 @@ impl<'a, 'o> Trainer<'a, 'o> {
                 graphs.set_state(&init, &zeros, &zeros)?;
             }
         }
+        if let Some((name, text)) = &config.run_config {
+            crate::tensor_file::write_atomic(&config.out.join(name), text.as_bytes())?;
+        }
         let start_step = state.step;
         let metrics_path = config.out.join("metrics.jsonl");
         let jsonl = JsonlWriter::open(&metrics_path, start_step)?;
