@@ -53,14 +53,15 @@ fn config_file_equals_flags_and_the_command_line_overrides_it() {
     assert!(lora(&overridden).0 != lora(&from_file).0, "--lr on the command line did not override the file");
 }
 
-/// 4 steps straight == 2 steps, stop, then `--resume --out OUT` and nothing else.
+/// 6 steps straight == 2 steps, stop, then `--resume --out OUT` and nothing else (the
+/// 4 steps left: --stop-after is not stored).
 #[test]
 fn resume_needs_only_the_out_directory() {
     let dir = tempdir();
     let data = dir.path().join("data");
     tiny_dataset(&data, 3, 2);
     let config = dir.path().join("run.toml");
-    write(&config, &config_text(&data, 4));
+    write(&config, &config_text(&data, 6));
     let straight = dir.path().join("straight");
     ok(&flowstep(&["-q", "train", "--config", path_str(&config), "--out", path_str(&straight)]));
     let resumed = dir.path().join("resumed");
