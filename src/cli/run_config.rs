@@ -39,12 +39,14 @@ pub fn expand(mut argv: Vec<OsString>) -> anyhow::Result<Expanded> {
     let lenient = Cli::command().ignore_errors(true).mut_subcommand("train", |c| c.ignore_errors(true));
     let Ok(matches) = lenient.try_get_matches_from(&argv) else { return unchanged(argv) };
     let Some(("train", given)) = matches.subcommand() else { return unchanged(argv) };
-    let stored_path = match (given.get_flag("resume"), given.get_one::<PathBuf>("out")) {
-        (true, Some(out)) => Some(out.join(FILE_NAME)).filter(|p| p.exists()),
+    // try_get: after a parse error clap leaves even flags' defaults unset.
+    let path = |id| given.try_get_one::<PathBuf>(id).ok().flatten();
+    let stored_path = match (given.try_get_one::<bool>("resume"), path("out")) {
+        (Ok(Some(true)), Some(out)) => Some(out.join(FILE_NAME)).filter(|p| p.exists()),
         _ => None,
     };
     let stored = stored_path.map(|p| read(&p).map(|table| (p, table))).transpose()?;
-    let file = match (given.get_one::<PathBuf>("config"), &stored) {
+    let file = match (path("config"), &stored) {
         (Some(path), _) => Some((path.clone(), read(path)?)),
         (None, Some(stored)) => Some(stored.clone()),
         (None, None) => None,
