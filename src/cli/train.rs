@@ -248,7 +248,10 @@ pub fn run(args: Args, resolved: toml::Table, stored: Option<(PathBuf, toml::Tab
             vae_tile: args.vae_tile,
         }),
         stop_after: args.stop_after,
-        run_config: Some((super::run_config::FILE_NAME.into(), toml::to_string(&resolved)?)),
+        run_config: Some((super::run_config::FILE_NAME.into(), format!(
+            "# Every `flowstep train` flag of this run; `flowstep train --resume --out OUT` reads it.\n{}",
+            toml::to_string(&resolved)?
+        ))),
     };
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&interrupt);
