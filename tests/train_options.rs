@@ -66,10 +66,13 @@ fn resume_refuses_changed_clipping_or_sampling() {
     let mut first = options(&sampling);
     first.extend(["--stop-after", "3"]);
     assert!(train_cmd(&art, &data, &out, 6, &first).status.success());
-    let line = error_line(&train_cmd(&art, &data, &out, 6, &["--grad-accum", "2", "--timestep-sampling", "sigmoid", "--resume"]));
+    // A --config file replaces OUT/config.toml on resume: an empty one leaves the command line alone.
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "").unwrap_or_else(|e| panic!("{e}"));
+    let line = error_line(&train_cmd(&art, &data, &out, 6, &["--grad-accum", "2", "--timestep-sampling", "sigmoid", "--resume", "--config", path_str(&empty)]));
     assert!(line.contains("--max-grad-norm 0.01 → (none)") && line.contains("--allow-changed-hyperparameters"), "{line}");
     let mut uniform = options(&[]);
-    uniform.push("--resume");
+    uniform.extend(["--resume", "--config", path_str(&empty)]);
     let line = error_line(&train_cmd(&art, &data, &out, 6, &uniform));
     assert!(line.contains("--timestep-sampling sigmoid (scale 1) → (none)"), "{line}");
 }
