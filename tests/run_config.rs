@@ -114,7 +114,8 @@ fn bad_config_files_are_one_line() {
     let dir = tempdir();
     let config = dir.path().join("run.toml");
     let out = dir.path().join("out");
-    let cases: [(&str, &[&str]); 6] = [
+    let cases: [(&str, &[&str]); 7] = [
+        ("grad-accum = 2\ngrad_accum = 4\n", &["run.toml", "given twice"]),
         ("nope = 3\n", &["run.toml", "`nope`", "not a flag"]),
         ("lr = \"fast\"\n", &["run.toml", "`lr`", "invalid value 'fast' for --lr"]),
         ("steps = [1]\n", &["run.toml", "`steps`", "got array"]),

@@ -72,8 +72,12 @@ fn tokens(path: &Path, table: &toml::Table, given: &ArgMatches) -> anyhow::Resul
     let on_command_line = |arg: &Arg| given.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine);
     let bad = |key: &str, reason: String| anyhow::anyhow!("{}: `{key}`: {reason}", path.display());
     let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (key, value) in table {
         let name = key.replace('_', "-");
+        if !seen.insert(name.clone()) {
+            return Err(bad(key, format!("given twice (as {name} and with underscores)")));
+        }
         let arg = command
             .get_arguments()
             .find(|a| a.get_long() == Some(name.as_str()))
