@@ -125,6 +125,8 @@ def convert_sample(path: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tens
             raise ValueError(f"{path}: input_latents has batch {latents.shape[0]}; flowstep samples hold one video")
         latents = latents[0]
     if context.dim() == 3:
+        if context.shape[0] != 1:
+            raise ValueError(f"{path}: context has batch {context.shape[0]}; flowstep samples hold one prompt")
         context = context[0]
     if latents.dim() != 4 or context.dim() != 2:
         raise ValueError(f"{path}: expected latents [C,F,H,W] and context [L,D], got {list(latents.shape)} and {list(context.shape)}")

@@ -225,6 +225,16 @@ def test_convert_refuses_bad_timestep_boundaries(tmp_path, low, high):
     assert samples(out) == []
 
 
+@pytest.mark.parametrize("name, shape", [("input_latents", (2, 16, 2, 4, 4)), ("context", (2, 16, 64))])
+def test_convert_refuses_a_batch_of_two(tmp_path, name, shape):
+    """A cache entry holding two videos or two prompts is refused, not cut to its first row."""
+    extra = {"input_latents": torch.randn(*shape)} if name == "input_latents" else None
+    save_cache_sample(tmp_path / "cache" / "0.pth", extra, context=torch.randn(*shape) if name == "context" else None)
+    out = tmp_path / "data"
+    one_error(run_tool("convert_diffsynth", tmp_path / "cache", out), "0.pth", name, "batch 2")
+    assert samples(out) == []
+
+
 # 5. Tracebacks -------------------------------------------------------------------------------
 
 def corrupt_files(d: Path) -> dict[str, Path]:
