@@ -10,7 +10,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$("$root/scripts/setup_python.sh")"
 export FLOWSTEP_BIN="${FLOWSTEP_BIN:-$root/target/release/flowstep}"
-tests=(tests/test_schedule_reference.py tests/test_reference_loop.py
+tests=(tests/test_schedule_reference.py tests/test_reference_loop.py tests/test_timestep_sampling.py
        tests/test_loss_weight_and_drift.py::test_committed_tiny_artifacts_equal_a_fresh_export
        tests/test_loss_weight_and_drift.py::test_committed_goldens_equal_regenerated_ones)
 [[ "${1:-}" == "--all" ]] && tests=()
