@@ -243,16 +243,17 @@ def prepare(args: argparse.Namespace) -> dict:
     todo = []
     for item in items:
         path = args.out / f"{item.name}.safetensors"
-        if path.exists() and (why := why_re_encode(path, settings)) is not None:
+        if not path.exists():
+            todo.append(item)
+        elif (why := why_re_encode(path, settings)) is not None:
             stale[item.name] = why
-        if item.name in stale or not path.exists():
             todo.append(item)
     counts = {"files": len(items), "done_before": len(items) - len(todo), "prepared": 0, "skipped": 0,
               "re_encoded": Counter()}
     if not todo:
         return counts
     if (older := sum(why == NO_SETTINGS for why in stale.values())):
-        print(f"{older} samples in {args.out} have no recorded settings (made by an older prepare): re-encoding them",
+        print(f"samples in {args.out} with no recorded settings (made by an older prepare): {older}, re-encoding them",
               file=sys.stderr)
     compute = torch.bfloat16 if args.precision == "bfloat16" else torch.float32
     stored = torch.bfloat16 if args.dtype == "bf16" else torch.float32

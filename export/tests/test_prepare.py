@@ -174,6 +174,12 @@ def test_prepare_records_settings_and_re_encodes_samples_made_with_others(videos
     with safe_open(str(old), "pt") as f:
         assert {k: f.metadata().get(k) for k in settings} == settings
 
+    # A sample that cannot be read is made again too.
+    old.write_bytes(b"not a safetensors file")
+    stdout, _ = run(8)
+    assert "1 prepared (1 re-encoded: 1 unreadable), 1 already in" in stdout, stdout
+    assert list(load_file(str(old))["context"].shape) == [8, 64]
+
     # A stale sample whose file can no longer be prepared (11 frames, bucket 13) is not kept.
     stdout, stderr = run(8, frames="13")
     assert "1 prepared (1 re-encoded: 1 made with another --frames), 0 already in" in stdout and "1 skipped" in stdout
