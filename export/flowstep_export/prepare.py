@@ -204,6 +204,8 @@ def why_re_encode(path: Path, settings: dict[str, str]) -> str | None:
     """Why the existing sample `path` must be made again with `settings`, or None to keep it."""
     from safetensors import safe_open
 
+    if (problem := file_problem(path)) is not None:  # a FIFO would hang the read, a directory the write
+        raise ValueError(f"{path}: {problem}; move it out of --out")
     try:
         with safe_open(str(path), "pt") as f:
             recorded = f.metadata() or {}

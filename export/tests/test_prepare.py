@@ -186,6 +186,14 @@ def test_prepare_records_settings_and_re_encodes_samples_made_with_others(videos
     assert "wide.mp4: has 11 frames" in stderr and "its old sample (made with another --frames) removed" in stderr
     assert sorted(p.name for p in out.iterdir()) == ["still.png.safetensors"]
 
+    # What is not a sample file where one should be stops the run (a FIFO would hang its read).
+    (out / "wide.mp4.safetensors").mkdir()
+    rc = prepare_main(["--videos", str(d), "--out", str(out), "--vae", str(encoders / "vae.pth"),
+                       "--text-encoder", str(encoders / "t5.pth"), "--tokenizer", str(encoders / "tokenizer"),
+                       "--resolution", "32x48", "--frames", "5", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "wide.mp4.safetensors: is a directory" in err, err
+
 
 def test_prepare_fps_resamples_as_diffsynth(videos, encoders, tmp_path, capsys):
     """--fps 4 on an 11-frame 8 fps video: 1.375 s holds 5 frames at 4 fps, source frames
