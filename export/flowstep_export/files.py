@@ -9,6 +9,7 @@ temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import sys
@@ -77,6 +78,12 @@ def warn_if_outside(path: Path, root: Path, label: str) -> None:
     target = path.resolve()
     if file_problem(path) is None and not target.is_relative_to(root.resolve()):
         print(f"warning: {label} is a link to {target}, outside {root}", file=sys.stderr)
+
+
+def sha256_of_file(path: Path) -> str:
+    """The file's sha256 in hex, read in chunks (a text encoder checkpoint is 11 GB)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def one_line(e: BaseException) -> str:

@@ -12,8 +12,11 @@ relative to DIR, and a `prompt` column) or, without it, from a `.txt` beside eac
   context  [text_len, 4096]           umT5 embeddings, zero after the prompt's tokens
 
 stored as bf16 (or float32 with --dtype f32); T, H, W are the file's frame and resolution
-bucket. A file already in DATA is skipped, so an interrupted run continues where it stopped; a
-file that cannot be used gets one line, is skipped and counted.
+bucket. Each sample's metadata records the settings it was made with (resolution and frame
+buckets, fps, text length, dtype, sha256 of the VAE, text encoder and tokenizer files). A file
+already in DATA with the same settings is skipped, so an interrupted run continues where it
+stopped; one made with other settings, or with none recorded (an older prepare), is re-encoded
+in place. A file that cannot be used gets one line, is skipped and counted.
 
 Only files under DIR are read: a metadata.csv path that leaves DIR stops the run, and a link in
 DIR to a file outside it gets a warning naming the target. Captions and metadata.csv are UTF-8
@@ -24,21 +27,29 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import math
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from .deps import run_reporting_errors
-from .files import file_problem, read_text, require_regular_file, save_tensors, warn_if_outside
+from .files import (file_problem, read_text, require_regular_file, save_tensors, sha256_of_file,
+                    warn_if_outside)
 
 MULTIPLE = 16  # VAE /8 times the DiT's patch 2
 PRECISIONS = ("bfloat16", "float32")
 FPS_RANGE = (0.01, 1000.0)
 MAX_TEXT_LEN = 4096  # Wan's is 512
+# Metadata keys of the settings a sample was made with, and the flag that sets each.
+SETTING_FLAGS = {"resolutions": "--resolution", "frame_buckets": "--frames", "fps": "--fps", "text_len": "--text-len",
+                 "dtype": "--dtype", "vae_sha256": "--vae", "text_encoder_sha256": "--text-encoder",
+                 "tokenizer_sha256": "--tokenizer"}
+NO_SETTINGS = "with no recorded settings"
 
 
 @dataclass
@@ -183,7 +194,30 @@ def check_text_len(text_len: int) -> None:
         raise ValueError(f"--text-len {text_len}: must be from 1 to {MAX_TEXT_LEN}")
 
 
-def prepare(args: argparse.Namespace) -> dict[str, int]:
+def tokenizer_sha256(folder: Path) -> str:
+    """sha256 of the folder's `sha256sum`-style listing (`<sha256>  <name>` per file, by name)."""
+    files = sorted(p for p in folder.iterdir() if not p.is_dir())
+    return hashlib.sha256("".join(f"{sha256_of_file(p)}  {p.name}\n" for p in files).encode()).hexdigest()
+
+
+def why_re_encode(path: Path, settings: dict[str, str]) -> str | None:
+    """Why the existing sample `path` must be made again with `settings`, or None to keep it."""
+    from safetensors import safe_open
+
+    if (problem := file_problem(path)) is not None:  # a FIFO would hang the read, a directory the write
+        raise ValueError(f"{path}: {problem}; move it out of --out")
+    try:
+        with safe_open(str(path), "pt") as f:
+            recorded = f.metadata() or {}
+    except Exception:  # safetensors raises its own SafetensorError, and OSError
+        return "unreadable"
+    if not all(key in recorded for key in settings):
+        return NO_SETTINGS
+    changed = [flag for key, flag in SETTING_FLAGS.items() if recorded[key] != settings[key]]
+    return f"made with another {' and '.join(changed)}" if changed else None
+
+
+def prepare(args: argparse.Namespace) -> dict:
     from .media import parse_frames, parse_resolutions, read_clip
 
     # Every option before any work.
@@ -202,17 +236,42 @@ def prepare(args: argparse.Namespace) -> dict[str, int]:
 
     tokenizer = load_tokenizer(args.tokenizer, args.text_len)
     items = find_items(args.videos)
+    settings = {"resolutions": ",".join(map(str, buckets)), "frame_buckets": ",".join(map(str, frame_buckets)),
+                "fps": "source" if args.fps is None else f"{args.fps:g}", "text_len": str(args.text_len),
+                "dtype": args.dtype, "vae_sha256": sha256_of_file(args.vae),
+                "text_encoder_sha256": sha256_of_file(args.text_encoder), "tokenizer_sha256": tokenizer_sha256(args.tokenizer)}
     args.out.mkdir(parents=True, exist_ok=True)
-    todo = [it for it in items if not (args.out / f"{it.name}.safetensors").exists()]
-    counts = {"files": len(items), "done_before": len(items) - len(todo), "prepared": 0, "skipped": 0}
+    stale = {}  # item name -> why its existing sample is made again
+    todo = []
+    for item in items:
+        path = args.out / f"{item.name}.safetensors"
+        if not path.exists():
+            todo.append(item)
+        elif (why := why_re_encode(path, settings)) is not None:
+            stale[item.name] = why
+            todo.append(item)
+    counts = {"files": len(items), "done_before": len(items) - len(todo), "prepared": 0, "skipped": 0,
+              "re_encoded": Counter()}
     if not todo:
         return counts
+    if (older := sum(why == NO_SETTINGS for why in stale.values())):
+        print(f"samples in {args.out} with no recorded settings (made by an older prepare): {older}, re-encoding them",
+              file=sys.stderr)
     compute = torch.bfloat16 if args.precision == "bfloat16" else torch.float32
     stored = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     encoder = load_text_encoder(args.text_encoder, compute, f"--text-encoder {args.text_encoder}").to(args.device)
     vae = load_vae(args.vae, f"--vae {args.vae}")
     vae.model.to(device=args.device, dtype=compute)
     progress = Progress(len(todo), args.quiet)
+
+    def drop_stale(item: Item) -> str:
+        """Removes the sample `item` had from other settings (kept, it would mix them into the
+        dataset); the clause that says so, or ""."""
+        if item.name not in stale:
+            return ""
+        (args.out / f"{item.name}.safetensors").unlink()
+        return f"; its old sample ({stale[item.name]}) removed"
+
     for i, item in enumerate(todo):
         progress.update(i, item.source.name)
         try:
@@ -222,7 +281,7 @@ def prepare(args: argparse.Namespace) -> dict[str, int]:
                 raise ValueError(problem)
             clip = read_clip(item.source, buckets, frame_buckets, args.fps)
         except ValueError as e:
-            progress.message(f"skipped {item.source}: {e}")
+            progress.message(f"skipped {item.source}: {e}{drop_stale(item)}")
             counts["skipped"] += 1
             continue
         with torch.no_grad():
@@ -234,15 +293,16 @@ def prepare(args: argparse.Namespace) -> dict[str, int]:
         if nonfinite:
             encoders = {"latents": f"the VAE ({args.vae.name})", "context": f"the text encoder ({args.text_encoder.name})"}
             progress.message(f"skipped {item.source}: {' and '.join(encoders[n] for n in nonfinite)} gave NaN or Inf "
-                             "values; nothing written")
+                             f"values; nothing written{drop_stale(item)}")
             counts["skipped"] += 1
             continue
         metadata = {"source": str(item.source.relative_to(args.videos)), "caption": item.caption,
                     "bucket": str(clip.bucket), "frames": str(clip.pixels.shape[1]),
-                    "fps": "source" if args.fps is None else f"{args.fps:g}", "vae": args.vae.name,
-                    "text_encoder": args.text_encoder.name}
+                    "vae": args.vae.name, "text_encoder": args.text_encoder.name} | settings
         save_tensors(sample, args.out / f"{item.name}.safetensors", metadata)
         counts["prepared"] += 1
+        if item.name in stale:
+            counts["re_encoded"][stale[item.name]] += 1
     progress.update(len(todo), "done")
     progress.close()
     return counts
@@ -256,8 +316,11 @@ def main(argv=None) -> int:
     rc, counts = run_reporting_errors("prepare", lambda: prepare(args))
     if rc:
         return rc
-    print(f"{counts['prepared']} prepared, {counts['done_before']} already in {args.out}, {counts['skipped']} skipped "
-          f"(of {counts['files']} files)")
+    re_encoded = counts["re_encoded"]
+    why = (f" ({re_encoded.total()} re-encoded: {'; '.join(f'{n} {reason}' for reason, n in re_encoded.most_common())})"
+           if re_encoded else "")
+    print(f"{counts['prepared']} prepared{why}, {counts['done_before']} already in {args.out}, {counts['skipped']} "
+          f"skipped (of {counts['files']} files)")
     return 0 if counts["prepared"] + counts["done_before"] > 0 else 1
 
 

@@ -3,7 +3,9 @@ samples equal DiffSynth's own pipeline units on the same files (its video loader
 prompt embedder), land in two size buckets, skip bad files with one line, resume, and load in
 `flowstep eval`."""
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from flowstep_export.prepare import main as prepare_main
 from independent import TINY, flowstep_bin
@@ -119,6 +121,78 @@ def test_prepare_matches_diffsynth_buckets_skips_and_resumes(videos, encoders, t
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["samples"] == 3
+
+
+def test_prepare_records_settings_and_re_encodes_samples_made_with_others(videos, encoders, tmp_path, capsys):
+    """Each sample carries the settings it was made with; a re-run with the same settings keeps
+    it, one with another --text-len (or a sample with no recorded settings) re-encodes it."""
+    d = tmp_path / "two"
+    d.mkdir()
+    for name in ("wide.mp4", "still.png"):
+        shutil.copy(videos / name, d / name)
+        (d / name).with_suffix(".txt").write_text(CAPTIONS[name])
+    out = tmp_path / "data"
+
+    def run(text_len, frames="9,5"):
+        rc = prepare_main(["--videos", str(d), "--out", str(out), "--vae", str(encoders / "vae.pth"),
+                           "--text-encoder", str(encoders / "t5.pth"), "--tokenizer", str(encoders / "tokenizer"),
+                           "--resolution", "48x32,32x48", "--frames", frames, "--text-len", str(text_len),
+                           "--dtype", "f32", "--precision", "float32", "-q"])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        return captured.out, captured.err
+
+    def sha256(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    run(TEXT_LEN)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    stdout, stderr = run(TEXT_LEN)
+    assert "0 prepared, 2 already in" in stdout and "re-encoded" not in stdout and stderr == "", (stdout, stderr)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+    stdout, stderr = run(8)
+    assert "2 prepared (2 re-encoded: 2 made with another --text-len), 0 already in" in stdout, stdout
+    assert sorted(p.name for p in out.iterdir()) == ["still.png.safetensors", "wide.mp4.safetensors"]
+    tokenizer_files = sorted(p for p in (encoders / "tokenizer").iterdir() if p.is_file())
+    manifest = "".join(f"{sha256(p.read_bytes())}  {p.name}\n" for p in tokenizer_files)
+    settings = {"resolutions": "32x48,48x32", "frame_buckets": "5,9", "fps": "source", "text_len": "8",
+                "dtype": "f32", "vae_sha256": sha256((encoders / "vae.pth").read_bytes()),
+                "text_encoder_sha256": sha256((encoders / "t5.pth").read_bytes()),
+                "tokenizer_sha256": sha256(manifest.encode())}
+    for p in out.iterdir():
+        assert list(load_file(str(p))["context"].shape) == [8, 64], p.name
+        with safe_open(str(p), "pt") as f:
+            assert {k: f.metadata().get(k) for k in settings} == settings, p.name
+
+    # A sample from an older prepare (no recorded settings) is re-encoded, with one line saying so.
+    old = out / "wide.mp4.safetensors"
+    save_file(load_file(str(old)), str(old), metadata={"caption": CAPTIONS["wide.mp4"], "bucket": "32x48"})
+    stdout, stderr = run(8)
+    assert "1 prepared (1 re-encoded: 1 with no recorded settings), 1 already in" in stdout, stdout
+    assert len(stderr.strip().splitlines()) == 1 and "no recorded settings" in stderr, stderr
+    with safe_open(str(old), "pt") as f:
+        assert {k: f.metadata().get(k) for k in settings} == settings
+
+    # A sample that cannot be read is made again too.
+    old.write_bytes(b"not a safetensors file")
+    stdout, _ = run(8)
+    assert "1 prepared (1 re-encoded: 1 unreadable), 1 already in" in stdout, stdout
+    assert list(load_file(str(old))["context"].shape) == [8, 64]
+
+    # A stale sample whose file can no longer be prepared (11 frames, bucket 13) is not kept.
+    stdout, stderr = run(8, frames="13")
+    assert "1 prepared (1 re-encoded: 1 made with another --frames), 0 already in" in stdout and "1 skipped" in stdout
+    assert "wide.mp4: has 11 frames" in stderr and "its old sample (made with another --frames) removed" in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["still.png.safetensors"]
+
+    # What is not a sample file where one should be stops the run (a FIFO would hang its read).
+    (out / "wide.mp4.safetensors").mkdir()
+    rc = prepare_main(["--videos", str(d), "--out", str(out), "--vae", str(encoders / "vae.pth"),
+                       "--text-encoder", str(encoders / "t5.pth"), "--tokenizer", str(encoders / "tokenizer"),
+                       "--resolution", "32x48", "--frames", "5", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "wide.mp4.safetensors: is a directory" in err, err
 
 
 def test_prepare_fps_resamples_as_diffsynth(videos, encoders, tmp_path, capsys):
