@@ -37,7 +37,7 @@ echo "eval loss after:  $after   (before: $before)"
 
 echo
 echo "== 4. sample \"purple up\" (a combination the LoRA never saw), without and with the LoRA"
-common=(--artifacts "$art" --shape 4,16,16 --num-samples 4 --steps 30 --seed 100 --report -q)
+common=(--artifacts "$art" --shape 4,16,16 --num-samples 4 --steps 30 --cfg-scale 1 --seed 100 --report -q)
 echo "-- base model (does not know \"purple\"):"
 $fs sample "${common[@]}" --context "$prompts/purple-up.safetensors" --out "$out/samples-base"
 echo "-- with the LoRA (purple = red + blue channels):"

@@ -9,6 +9,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use indicatif::ProgressBar;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
 use serde::Deserialize;
@@ -83,6 +84,8 @@ pub struct VaeDecoder {
     caches: usize,
     time_up: usize,
     space_up: usize,
+    /// Advances by one per latent frame decoded (per tile when tiled); hidden unless set.
+    progress: ProgressBar,
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> Error {
@@ -136,7 +139,19 @@ impl VaeDecoder {
         if first.inputs().len() != 1 || step.inputs().len() != expected_inputs || step.outputs().len() != expected_inputs {
             return Err(bad(&path, format!("graphs do not match the manifest's {} caches", m.caches)));
         }
-        Ok(Self { first, step, z_dim: m.z_dim, caches: m.caches, time_up: m.upsampling.time, space_up: m.upsampling.space })
+        Ok(Self { first, step, z_dim: m.z_dim, caches: m.caches, time_up: m.upsampling.time, space_up: m.upsampling.space, progress: ProgressBar::hidden() })
+    }
+
+    /// Reports each latent frame decoded to `bar`; [`Self::work`] counts them.
+    pub fn set_progress(&mut self, bar: ProgressBar) {
+        self.progress = bar;
+    }
+
+    /// Latent frames (times tiles) [`Self::decode`] runs through the graphs for one video.
+    pub fn work(shape: [usize; 4], tile: Option<Tile>) -> u64 {
+        let [_, f, h, w] = shape;
+        let tiles = tile.map_or(1, |t| tile_spans(h, t.size[0], t.stride[0]).len() * tile_spans(w, t.size[1], t.stride[1]).len());
+        (f * tiles) as u64
     }
 
     /// Checks that latents of `shape` [C, F, H, W] decode to at most [`MAX_DECODED_VALUES`]
@@ -254,6 +269,7 @@ impl VaeDecoder {
                 let name = format!("cache_out_{j}");
                 caches.push(outputs.remove(&name).ok_or_else(|| Error::Config(format!("{during}: the graph has no `{name}` output")))?);
             }
+            self.progress.inc(1);
         }
         Ok(Video { frames, height: out_h, width: out_w, rgb })
     }

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use indicatif::ProgressBar;
 use ort::value::Tensor;
 use rand::Rng;
 use rand_distr::StandardNormal;
@@ -32,6 +33,39 @@ pub struct SampleConfig {
 
 /// Timestep shift of the Wan scheduler for sampling, where none is given.
 pub const DEFAULT_SHIFT: f32 = 5.0;
+/// Wan's sampling steps and guidance scale (Wan2.1's `generate.py` t2v config and
+/// DiffSynth-Studio's `WanVideoPipeline` defaults): `flowstep sample`'s defaults.
+pub const DEFAULT_STEPS: usize = 50;
+pub const DEFAULT_CFG_SCALE: f32 = 5.0;
+/// Wan's standard negative prompt (`sample_neg_prompt` in Wan2.1's `wan/configs/shared_config.py`,
+/// the `negative_prompt` of DiffSynth-Studio's Wan examples): the negative prompt text sampling
+/// uses where the prompt is text and none is given.
+pub const WAN_NEGATIVE_PROMPT: &str = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走";
+/// Characters of a prompt kept in a folder name.
+const SLUG_CHARS: usize = 48;
+
+/// A prompt as a folder-name part: letters and digits (any script) lower-cased, every other
+/// run of characters one `-`, at most [`SLUG_CHARS`] characters; empty when nothing is left.
+pub fn prompt_slug(text: &str) -> String {
+    let mut slug = String::new();
+    for c in text.chars().flat_map(char::to_lowercase) {
+        if c.is_alphanumeric() {
+            slug.push(c);
+        } else if !slug.is_empty() && !slug.ends_with('-') {
+            slug.push('-');
+        }
+        if slug.chars().count() >= SLUG_CHARS {
+            break;
+        }
+    }
+    slug.trim_end_matches('-').to_string()
+}
+
+/// The prompt text a context file was encoded from (its `prompt` metadata, written by
+/// `python -m flowstep_export.encode_prompts`), if it records one.
+pub fn context_prompt(path: &Path) -> Result<Option<String>> {
+    Ok(TensorFile::open(path)?.metadata().and_then(|m| m.get("prompt")).cloned())
+}
 
 /// Initial noise for a seed, N(0, 1), independent of thread count.
 pub fn initial_noise(seed: u64, len: usize) -> Vec<f32> {
@@ -59,7 +93,8 @@ fn put_first_frame(x: &mut [f32], shape: [usize; 4], first: &[f32]) {
 /// Samples one latent video [C, F, H, W] for `context` ([L, D]) and the model's
 /// `conditioning`. `stages` run from high to low noise: each step uses the first stage whose
 /// `from_timestep` the timestep reaches (Wan2.2's expert switch); one stage for one model.
-pub fn sample(stages: &mut [Stage<'_>], context: (&[usize], &[f32]), negative: Option<&[f32]>, conditioning: &[Conditioning], config: &SampleConfig) -> Result<Vec<f32>> {
+/// `progress` advances by one per step.
+pub fn sample(stages: &mut [Stage<'_>], context: (&[usize], &[f32]), negative: Option<&[f32]>, conditioning: &[Conditioning], config: &SampleConfig, progress: &ProgressBar) -> Result<Vec<f32>> {
     if config.steps == 0 {
         return Err(Error::Config("--steps must be at least 1".into()));
     }
@@ -101,6 +136,7 @@ pub fn sample(stages: &mut [Stage<'_>], context: (&[usize], &[f32]), negative: O
         if let Some(first) = first_frame {
             put_first_frame(&mut x, config.shape, first);
         }
+        progress.inc(1);
     }
     if let Some(i) = x.iter().position(|v| !v.is_finite()) {
         return Err(Error::NonFinite { step: config.steps as u64, what: "sampled latent", value: x[i] as f64 });
@@ -167,4 +203,18 @@ pub fn read_context(path: &Path, model: &ModelInfo) -> Result<Vec<f32>> {
         return Err(Error::Config(format!("{}: `context` has NaN or infinite values", path.display())));
     }
     Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs_keep_words_of_any_script() {
+        assert_eq!(prompt_slug("A red fox runs, through SNOW!"), "a-red-fox-runs-through-snow");
+        assert_eq!(prompt_slug("  --purple up--  "), "purple-up");
+        assert_eq!(prompt_slug("一只狐狸 in snow"), "一只狐狸-in-snow");
+        assert_eq!(prompt_slug("?!"), "");
+        assert_eq!(prompt_slug(&"ab ".repeat(40)), "ab-".repeat(16).trim_end_matches('-'), "cut at the limit, no trailing dash");
+    }
 }

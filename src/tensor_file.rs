@@ -323,6 +323,20 @@ impl Staging {
         let parent = self.target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         sync_dir(parent)
     }
+
+    /// Puts the outputs in place of the target directory as a whole (`flowstep sample
+    /// --overwrite`): the old one is moved aside, the outputs renamed into place, and only
+    /// then the old one removed, so no file of it is left among the new ones.
+    pub fn commit_replacing(self) -> Result<()> {
+        let Ok(meta) = std::fs::symlink_metadata(&self.target) else { return self.commit() };
+        if !meta.is_dir() {
+            return Err(Error::Data { path: self.target.clone(), reason: format!("is {}, expected a directory", crate::artifacts::kind_of(&meta)) });
+        }
+        let old = self.tmp.with_extension(format!("old-{}", std::process::id()));
+        std::fs::rename(&self.target, &old).at(&self.target)?;
+        self.commit()?;
+        std::fs::remove_dir_all(&old).at(&old)
+    }
 }
 
 impl Drop for Staging {

@@ -34,7 +34,7 @@ fn lora_teaches_the_toy_concept() {
     let sample = |lora: Option<&std::path::Path>, prompt: &str, out: &std::path::Path| {
         let prompt = toy.join("prompts").join(prompt);
         let mut args = vec!["-q", "sample", "--artifacts", path_str(&art), "--context", path_str(&prompt), "--shape", "4,16,16",
-            "--num-samples", "6", "--steps", "30", "--seed", "100", "--out", path_str(out)];
+            "--num-samples", "6", "--steps", "30", "--cfg-scale", "1", "--seed", "100", "--out", path_str(out)];
         if let Some(l) = lora {
             args.extend(["--lora", path_str(l)]);
         }

@@ -1,15 +1,18 @@
 //! `flowstep sample`: generate latent videos with the inference graph, draw them, and decode
 //! them to RGB frames with Wan's VAE decoder when one is given.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use flowstep::artifacts::{Artifacts, ExpertRole, Manifest};
 use flowstep::decode::{Tile, VaeDecoder, VideoOptions};
 use flowstep::executor::{VelocityGraph, WithLora};
 use flowstep::render::{centroid_motion, mean_rgb};
-use flowstep::sample::{DEFAULT_SHIFT, SampleConfig, Stage, read_conditioning, read_context, sample, write_outputs};
+use flowstep::sample::{DEFAULT_CFG_SCALE, DEFAULT_SHIFT, DEFAULT_STEPS, SampleConfig, Stage, context_prompt, read_conditioning, read_context, sample, write_outputs};
 use flowstep::tensor_file::{Staging, write_atomic};
 use flowstep::video_files::Mp4;
 
@@ -33,12 +36,13 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub negative_context: Option<PathBuf>,
 
-    /// Classifier-free guidance scale; 1 disables guidance (half the model calls).
-    #[arg(long, default_value_t = 1.0)]
+    /// Classifier-free guidance scale (Wan's default 5); 1 disables guidance (half the model
+    /// calls).
+    #[arg(long, default_value_t = DEFAULT_CFG_SCALE)]
     pub cfg_scale: f32,
 
-    /// Euler steps.
-    #[arg(long, default_value_t = 30)]
+    /// Euler steps (Wan's default 50).
+    #[arg(long, default_value_t = DEFAULT_STEPS)]
     pub steps: usize,
 
     /// Timestep shift of the Wan scheduler.
@@ -53,14 +57,34 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     pub num_samples: usize,
 
-    /// Latent frames, height and width: F,H,W (Wan 81×480×832 is 21,60,104).
-    #[arg(long, value_name = "F,H,W")]
-    pub shape: String,
+    /// Video width in pixels, a multiple of 16 (32 for Wan2.2 TI2V-5B's VAE); with --height and
+    /// --frames instead of --shape.
+    #[arg(long, value_name = "PX", requires_all = ["height", "frames"], conflicts_with = "shape")]
+    pub width: Option<usize>,
+
+    /// Video height in pixels, a multiple of 16 (32 for TI2V-5B).
+    #[arg(long, value_name = "PX", requires_all = ["width", "frames"])]
+    pub height: Option<usize>,
+
+    /// Video frames, 4n+1 (Wan: 81); the latent has (frames − 1)/4 + 1.
+    #[arg(long, value_name = "N", requires_all = ["width", "height"])]
+    pub frames: Option<usize>,
+
+    /// Latent frames, height and width: F,H,W (Wan 81×480×832 is 21,60,104); or give the
+    /// video's size with --width, --height and --frames.
+    #[arg(long, value_name = "F,H,W", required_unless_present = "width")]
+    pub shape: Option<String>,
 
     /// Output directory: samples.safetensors (latents), samples.png and samples.gif (latent
-    /// channels 0-2 as colours, frames left to right); with --vae-decoder also the videos.
+    /// channels 0-2 as colours, frames left to right); with --vae-decoder also the videos. An
+    /// existing directory with files in it is refused unless --overwrite.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+
+    /// Replace an existing --out directory as a whole (its old files removed once the new
+    /// samples are complete).
+    #[arg(long)]
+    pub overwrite: bool,
 
     /// Decode the samples to RGB frames with Wan's VAE decoder exported by
     /// `python -m flowstep_export.vae_decoder` (this DIR holds vae_decoder.json). Writes
@@ -118,22 +142,72 @@ const MAX_SAMPLE_VALUES: usize = 1 << 28;
 const MAX_TOTAL_VALUES: usize = 1 << 30;
 const MAX_STEPS: usize = 10_000;
 
-/// The latent shape [C, F, H, W] from `--shape F,H,W`, checked against the model and the
-/// memory bounds above.
+/// Wan's VAEs: 4 video frames per latent frame after the first, 8 pixels per latent pixel
+/// (16 for Wan2.2's 48-channel VAE).
+const VAE_TIME_STRIDE: usize = 4;
+fn vae_space_stride(model: &flowstep::artifacts::ModelInfo) -> usize {
+    if model.latent_channels() == 48 { 16 } else { 8 }
+}
+
+/// The latent F,H,W of `--width --height --frames` in pixels, as Wan's pipelines make them;
+/// refused unless they map exactly (frames 4n+1, sides multiples of the VAE and patch strides).
+fn latent_dims_of_pixels(width: usize, height: usize, frames: usize, model: &flowstep::artifacts::ModelInfo) -> anyhow::Result<[usize; 3]> {
+    anyhow::ensure!(frames % VAE_TIME_STRIDE == 1, "--frames {frames}: must be 4n+1 (1, 5, ..., 49, 81): the VAE packs 4 frames per latent frame after the first");
+    let space = vae_space_stride(model);
+    let multiple = space * model.patch_size[1].max(model.patch_size[2]);
+    for (flag, px) in [("--width", width), ("--height", height)] {
+        anyhow::ensure!(px > 0 && px.is_multiple_of(multiple), "{flag} {px}: must be a positive multiple of {multiple} (the VAE's {space} pixels times the patch size {:?})", &model.patch_size[1..]);
+    }
+    Ok([(frames - 1) / VAE_TIME_STRIDE + 1, height / space, width / space])
+}
+
+/// The flags that gave the size, as typed: for error messages.
+fn size_flags(args: &Args) -> String {
+    match (&args.shape, args.width, args.height, args.frames) {
+        (Some(shape), ..) => format!("--shape {shape}"),
+        (None, Some(w), Some(h), Some(f)) => format!("--width {w} --height {h} --frames {f}"),
+        _ => "--shape".into(),
+    }
+}
+
+/// The latent shape [C, F, H, W] from `--shape F,H,W` or the pixel flags, checked against the
+/// model and the memory bounds above.
 fn latent_shape(args: &Args, model: &flowstep::artifacts::ModelInfo) -> anyhow::Result<[usize; 4]> {
-    let dims: Vec<usize> = args.shape.split(',').map(|d| d.trim().parse()).collect::<Result<_, _>>()
-        .with_context(|| format!("--shape {}: expected F,H,W", args.shape))?;
-    anyhow::ensure!(dims.len() == 3 && dims.iter().all(|&d| d > 0), "--shape {}: expected three positive numbers F,H,W", args.shape);
-    let p = model.patch_size;
-    anyhow::ensure!(dims[1].is_multiple_of(p[1]) && dims[2].is_multiple_of(p[2]), "--shape {}: height and width must be multiples of {}", args.shape, p[1]);
+    let flag = size_flags(args);
+    let dims = match (&args.shape, args.width, args.height, args.frames) {
+        (Some(shape), ..) => {
+            let dims: Vec<usize> = shape.split(',').map(|d| d.trim().parse()).collect::<Result<_, _>>()
+                .with_context(|| format!("--shape {shape}: expected F,H,W"))?;
+            anyhow::ensure!(dims.len() == 3 && dims.iter().all(|&d| d > 0), "--shape {shape}: expected three positive numbers F,H,W");
+            let p = model.patch_size;
+            anyhow::ensure!(dims[1].is_multiple_of(p[1]) && dims[2].is_multiple_of(p[2]), "--shape {shape}: height and width must be multiples of {}", p[1]);
+            dims
+        }
+        (None, Some(w), Some(h), Some(f)) => latent_dims_of_pixels(w, h, f, model)?.to_vec(),
+        // clap requires --shape or all three pixel flags.
+        _ => anyhow::bail!("give --shape F,H,W or --width, --height and --frames"),
+    };
     let shape = [model.latent_channels(), dims[0], dims[1], dims[2]];
     let values = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).filter(|&v| v <= MAX_SAMPLE_VALUES);
     let Some(values) = values else {
-        anyhow::bail!("--shape {}: more than {MAX_SAMPLE_VALUES} latent values per sample", args.shape);
+        anyhow::bail!("{flag}: more than {MAX_SAMPLE_VALUES} latent values per sample");
     };
     anyhow::ensure!(values.saturating_mul(args.num_samples) <= MAX_TOTAL_VALUES,
-        "--num-samples: {} samples of shape {} hold more than {MAX_TOTAL_VALUES} values", args.num_samples, args.shape);
+        "--num-samples: {} samples of {flag} hold more than {MAX_TOTAL_VALUES} values", args.num_samples);
     Ok(shape)
+}
+
+/// A bar on stderr when it is a terminal and not --quiet; hidden otherwise.
+fn progress_bar(len: u64, what: &str, quiet: bool) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template("{msg} {bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
 }
 
 /// The other expert must complete the pair: the opposite role, the same switch timestep and
@@ -159,6 +233,8 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.seed.checked_add(args.num_samples as u64).is_some(), "--seed: {} + {} samples overflows", args.seed, args.num_samples);
     if let Ok(meta) = std::fs::metadata(&args.out) {
         anyhow::ensure!(meta.is_dir(), "--out {}: is {}, expected a directory", args.out.display(), flowstep::artifacts::kind_of(&meta));
+        let holds_files = std::fs::read_dir(&args.out).with_context(|| format!("--out {}", args.out.display()))?.next().is_some();
+        anyhow::ensure!(args.overwrite || !holds_files, "--out {}: already exists with files in it; pass --overwrite to replace it, or choose another --out", args.out.display());
     }
     let session = super::init_runtime(globals, &args.device)?;
     let artifacts = Artifacts::open(&args.model.artifacts)?;
@@ -184,7 +260,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     }
     let mut decoder = args.vae_decoder.as_deref().map(|dir| VaeDecoder::open(dir, &session, shape[0])).transpose()?;
     if let (Some(d), Some(dir)) = (&decoder, &args.vae_decoder) {
-        d.check_shape(shape).with_context(|| format!("--vae-decoder {} with --shape {}", dir.display(), args.shape))?;
+        d.check_shape(shape).with_context(|| format!("--vae-decoder {} with {}", dir.display(), size_flags(&args)))?;
     }
     let mut model = WithLora::<VelocityGraph>::load(&artifacts, &session, args.model.base.as_deref(), args.lora.as_deref())?;
     let mut other_model = match &other {
@@ -201,11 +277,13 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         }
         _ => vec![Stage { graph: &mut model.graph, params: &model.params, from_timestep: f32::NEG_INFINITY }],
     };
+    let prompt = context_prompt(&args.context)?;
     let mut videos = Vec::with_capacity(args.num_samples);
     let mut motions = Vec::new();
+    let bar = progress_bar((args.num_samples * args.steps) as u64, "sampling", globals.quiet);
     for i in 0..args.num_samples {
         let config = SampleConfig { steps: args.steps, shift: args.shift, cfg_scale: args.cfg_scale, seed: args.seed + i as u64, shape };
-        let video = sample(&mut stages, (&ctx_shape, &ctx), negative.as_deref(), &conditioning, &config)?;
+        let video = sample(&mut stages, (&ctx_shape, &ctx), negative.as_deref(), &conditioning, &config, &bar)?;
         let (dx, dy) = centroid_motion(&video, shape);
         let [r, g, b] = mean_rgb(&video, shape);
         if args.report {
@@ -214,15 +292,21 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         motions.push(serde_json::json!({"seed": config.seed, "dx": dx, "dy": dy, "rgb": [r, g, b]}));
         videos.push(video);
     }
-    let summary = serde_json::json!({"lora": args.lora, "expert_lora": args.expert_lora, "condition": args.condition, "context": args.context,
-        "steps": args.steps, "cfg_scale": args.cfg_scale, "samples": motions});
+    bar.finish_and_clear();
+    let summary = serde_json::json!({"prompt": prompt, "lora": args.lora, "expert_lora": args.expert_lora, "condition": args.condition, "context": args.context,
+        "negative_context": args.negative_context, "shape": shape, "steps": args.steps, "cfg_scale": args.cfg_scale, "shift": args.shift, "samples": motions});
     // Every output is written aside and moved into --out only once all are complete.
     let staging = Staging::new(&args.out)?;
     write_atomic(&staging.path().join("samples.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     let count = videos.len();
+    let decoding_bar = progress_bar(count as u64 * VaeDecoder::work(shape, args.vae_tile), "decoding", globals.quiet || decoder.is_none());
+    if let Some(d) = &mut decoder {
+        d.set_progress(decoding_bar.clone());
+    }
     let decoding = decoder.as_mut().map(|d| (d, VideoOptions { fps: args.fps, save_frames: args.save_frames, tile: args.vae_tile }));
     let written = write_outputs(staging.path(), videos, shape, decoding)?;
-    staging.commit()?;
+    decoding_bar.finish_and_clear();
+    if args.overwrite { staging.commit_replacing()? } else { staging.commit()? }
     match written.map(|files| files.mp4) {
         Some(Mp4::Written(paths)) if !globals.quiet => eprintln!("decoded {count} videos to {} (videos.png, videos.gif, {} MP4)", args.out.display(), paths.len()),
         Some(Mp4::NoFfmpeg(message)) => eprintln!("warning: {message}"),

@@ -1,6 +1,7 @@
 //! Samples during training (`--sample-every N --sample-prompts FILE`): the inference graph,
 //! on the same base weights and the current LoRA parameters, run for each prompt of the file
-//! and written under `OUT/samples/step-XXXXXX/NN-<context name>/` in `flowstep sample`'s
+//! and written under `OUT/samples/step-XXXXXX/NN-<prompt>/` (the prompt text the context file
+//! records as a slug, else the file's name) in `flowstep sample`'s
 //! layout (latents, their colour pictures and, with `--vae-decoder`, the decoded videos).
 //!
 //! The prompt file has one prompt per line, `#` comments and blank lines ignored:
@@ -18,6 +19,7 @@
 
 use std::path::{Path, PathBuf};
 
+use indicatif::ProgressBar;
 use ort::value::Tensor;
 
 use crate::artifacts::{Artifacts, ModelInfo};
@@ -26,7 +28,7 @@ use crate::decode::{Tile, VaeDecoder, VideoOptions};
 use crate::executor::{BaseWeights, VelocityGraph};
 use crate::runtime::SessionOptions;
 use crate::data::Conditioning;
-use crate::sample::{DEFAULT_SHIFT, SampleConfig, Stage, read_conditioning, read_context, sample, write_outputs};
+use crate::sample::{DEFAULT_SHIFT, SampleConfig, Stage, context_prompt, prompt_slug, read_conditioning, read_context, sample, write_outputs};
 use crate::tensor_file::{Staging, write_atomic};
 use crate::video_files::Mp4;
 
@@ -101,8 +103,12 @@ pub fn read_prompts(config: &SamplingConfig, model: &ModelInfo, default_shape: [
                 _ => return Err(bad_line(file, line_no, format!("unknown key `{key}` (seed, shape, steps, cfg, shift, negative, condition)"))),
             }
         }
-        let name = format!("{:02}-{}", prompts.len(), Path::new(context).file_stem().and_then(|s| s.to_str()).unwrap_or("prompt"));
-        let context = read_context(&dir.join(context), model)?;
+        let path = dir.join(context);
+        // The folder is named after the prompt text the context file records, else the file.
+        let slug = context_prompt(&path)?.map(|text| prompt_slug(&text)).filter(|slug| !slug.is_empty());
+        let label = slug.unwrap_or_else(|| Path::new(context).file_stem().and_then(|s| s.to_str()).unwrap_or("prompt").to_string());
+        let name = format!("{:02}-{label}", prompts.len());
+        let context = read_context(&path, model)?;
         let config = SampleConfig { steps, shift, cfg_scale, seed, shape: [model.latent_channels(), shape[0], shape[1], shape[2]] };
         let conditioning = read_conditioning(condition.as_deref(), model, &config.shape).map_err(|e| bad_line(file, line_no, e))?;
         prompts.push(Prompt { name, context, negative, conditioning, config });
@@ -166,7 +172,7 @@ impl SampleWriter {
         let mut contact_sheets = Vec::new();
         for prompt in &self.prompts {
             let mut stages = [Stage { graph: &mut self.graph, params, from_timestep: f32::NEG_INFINITY }];
-            let video = sample(&mut stages, (&self.context_shape, &prompt.context), prompt.negative.as_deref(), &prompt.conditioning, &prompt.config)?;
+            let video = sample(&mut stages, (&self.context_shape, &prompt.context), prompt.negative.as_deref(), &prompt.conditioning, &prompt.config, &ProgressBar::hidden())?;
             let decoding = self.decoder.as_mut().map(|(d, o)| (d, *o));
             if let Some(files) = write_outputs(&dir.join(&prompt.name), vec![video], prompt.config.shape, decoding)? {
                 if let Mp4::NoFfmpeg(message) = files.mp4 {
