@@ -47,7 +47,7 @@ def test_videos_to_lora_and_back_to_videos(vae_decoder, tmp_path):
     assert [p.split("/")[-1] for p in summary["samples"]] == ["step-000002", "step-000004"]
     assert (out / "lora.safetensors").is_file()
 
-    early, late = (out / "samples" / step / "00-prompt-000" for step in ("step-000002", "step-000004"))
+    early, late = (out / "samples" / step / "00-a-red-ball-rolls-left" for step in ("step-000002", "step-000004"))
     for folder in (early, late):
         # The largest bucket's shape by default: 3 latent frames of 4x6 -> 9 RGB frames of 32x48.
         gif = iio.mimread(folder / "videos.gif")

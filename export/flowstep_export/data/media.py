@@ -4,12 +4,14 @@ Videos (mp4, webm, mov, mkv, avi, gif) are decoded by ffmpeg through imageio (im
 the binary); still images by Pillow. Each file goes to the resolution bucket nearest its aspect
 ratio, is resized so that it covers the bucket (bilinear) and centre-cropped, as DiffSynth's
 `ImageCropAndResize`; a video gets the longest frame bucket it can fill, frames taken from the
-start (or resampled to `fps`, as DiffSynth's `fix_frame_rate`). A still image is one frame.
+start (or resampled to `fps`, as DiffSynth's `fix_frame_rate`), or, with a dataset config, the
+clips musubi-tuner's `frame_extraction` cuts from it (FrameExtraction). A still image is one frame.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +108,54 @@ def crop_and_resize(image, bucket: Bucket):
     return image.crop((left, top, left + bucket.width, top + bucket.height))
 
 
+EXTRACTIONS = ("head", "chunk", "slide", "uniform", "full")
+VAE_FRAME_STRIDE = 4
+
+
+@dataclass(frozen=True)
+class FrameExtraction:
+    """Which clips of a video become samples. `longest` (prepare's flags): the longest of
+    `target_frames` the video fills, from its first frame. The others are musubi-tuner's dataset
+    config `frame_extraction` (docs/dataset_config.md), over the video's frames (after --fps):
+    head: the first N frames, for each N of target_frames the video fills; chunk: consecutive
+    non-overlapping N-frame clips; slide: N-frame clips starting every `stride` frames; uniform:
+    `sample` N-frame clips with starts evenly spaced from the first to the last possible
+    (truncated); full: the whole video up to `max_frames`, cut to 4k+1 frames."""
+
+    mode: str
+    target_frames: tuple[int, ...]
+    stride: int = 1
+    sample: int = 1
+    max_frames: int | None = None
+
+    def windows(self, count: int) -> list[tuple[int, int]]:
+        """(first frame, frames) of each clip of a `count`-frame video, each clip once."""
+        fits = [n for n in self.target_frames if n <= count]
+        if self.mode == "longest":
+            spans = [(0, max(fits))] if fits else []
+        elif self.mode == "head":
+            spans = [(0, n) for n in fits]
+        elif self.mode == "chunk":
+            spans = [(start, n) for n in fits for start in range(0, count - n + 1, n)]
+        elif self.mode == "slide":
+            spans = [(start, n) for n in fits for start in range(0, count - n + 1, self.stride)]
+        elif self.mode == "uniform":
+            spans = [(int(start), n) for n in fits for start in np.linspace(0, count - n, self.sample, dtype=int)]
+        elif self.mode == "full":
+            frames = min(count, self.max_frames)
+            spans = [(0, (frames - 1) // VAE_FRAME_STRIDE * VAE_FRAME_STRIDE + 1)]
+        else:
+            raise ValueError(f"frame_extraction {self.mode!r}: expected one of {', '.join(EXTRACTIONS)}")
+        return list(dict.fromkeys(spans))
+
+    def describe(self) -> str:
+        """The settings as recorded in each sample (a change re-encodes it)."""
+        frames = ",".join(map(str, self.target_frames))
+        return {"longest": f"longest {frames}", "head": f"head {frames}", "chunk": f"chunk {frames}",
+                "slide": f"slide {frames} stride {self.stride}", "uniform": f"uniform {frames} sample {self.sample}",
+                "full": f"full max_frames {self.max_frames}"}[self.mode]
+
+
 def frame_ids(available: int, raw_fps: float, frames: int, fps: float | None) -> list[int]:
     """Source frame indices for `frames` output frames: consecutive, or resampled to `fps`."""
     if fps is None:
@@ -120,10 +170,13 @@ class Clip:
     pixels: np.ndarray
     bucket: Bucket
     source_frames: int
+    start: int = 0  # first frame of the clip in the (resampled) video
 
 
-def read_clip(path: Path, buckets: list[Bucket], frame_buckets: list[int], fps: float | None) -> Clip:
-    """Decodes `path` into its bucket. ValueError (one line) when it cannot be used."""
+def read_clips(path: Path, buckets: list[Bucket], extraction: FrameExtraction, fps: float | None) -> Iterator[Clip]:
+    """Decodes `path` into its bucket, one Clip per window of `extraction` (an image: one
+    frame), each made when it is taken (the frames are held once, as 8-bit images). ValueError
+    (one line) when it cannot be used."""
     from PIL import Image
 
     if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -133,7 +186,7 @@ def read_clip(path: Path, buckets: list[Bucket], frame_buckets: list[int], fps: 
                 image = img.convert("RGB")
         except (OSError, Image.DecompressionBombError) as e:
             raise ValueError(f"cannot decode image: {one_line(e)}") from None
-        return Clip(to_pixels([crop_and_resize(image, bucket)]), bucket, 1)
+        return iter([Clip(to_pixels([crop_and_resize(image, bucket)]), bucket, 1)])
     import imageio.v2 as iio
 
     try:
@@ -146,20 +199,22 @@ def read_clip(path: Path, buckets: list[Bucket], frame_buckets: list[int], fps: 
         total = reader.count_frames()
         raw_fps = float(meta.get("fps") or 0)
         available = total if fps is None else math.floor(meta.get("duration", total / max(raw_fps, 1e-9)) * fps)
-        usable = [n for n in frame_buckets if n <= available]
-        if not usable:
-            raise ValueError(f"has {available} frames{'' if fps is None else f' at {fps:g} fps'}; the shortest frame bucket is {frame_buckets[0]}")
-        frames = max(usable)
+        windows = extraction.windows(available)
+        if not windows:
+            raise ValueError(f"has {available} frames{'' if fps is None else f' at {fps:g} fps'}; the shortest frame bucket is {min(extraction.target_frames)}")
         if fps is not None and raw_fps <= 0:
             raise ValueError("has no frame rate in its metadata, so --fps cannot resample it")
-        images = [Image.fromarray(reader.get_data(i)).convert("RGB") for i in frame_ids(total, raw_fps, frames, fps)]
+        ids = frame_ids(total, raw_fps, max(start + n for start, n in windows), fps)
+        frames = {}  # source frame index -> cropped frame, decoded once for all clips
+        for i in sorted({ids[j] for start, n in windows for j in range(start, start + n)}):
+            frames[i] = crop_and_resize(Image.fromarray(reader.get_data(i)).convert("RGB"), bucket)
     except ValueError:
         raise
     except Exception as e:
         raise ValueError(f"cannot decode video: {one_line(e)}") from None
     finally:
         reader.close()
-    return Clip(to_pixels([crop_and_resize(im, bucket) for im in images]), bucket, total)
+    return (Clip(to_pixels([frames[ids[j]] for j in range(start, start + n)]), bucket, total, start) for start, n in windows)
 
 
 def to_pixels(images) -> np.ndarray:

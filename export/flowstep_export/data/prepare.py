@@ -18,6 +18,11 @@ already in DATA with the same settings is skipped, so an interrupted run continu
 stopped; one made with other settings, or with none recorded (an older prepare), is re-encoded
 in place. A file that cannot be used gets one line, is skipped and counted.
 
+`--config dataset.toml` replaces --videos/--resolution/--frames/--fps with a dataset config in
+musubi-tuner's format (dataset_config.py): several folders, each with its resolution, caption
+extension, repeats and frame extraction; a video then gives a sample per clip,
+DATA/<dataset>__<relative path>__<first frame>-<frames>.safetensors.
+
 Only files under DIR are read: a metadata.csv path that leaves DIR stops the run, and a link in
 DIR to a file outside it gets a warning naming the target. Captions and metadata.csv are UTF-8
 (a BOM is dropped); any other encoding is an error naming the file.
@@ -29,7 +34,6 @@ import argparse
 import csv
 import hashlib
 import io
-import math
 import os
 import sys
 import time
@@ -38,17 +42,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..deps import run_reporting_errors
+from .dataset_config import FPS_RANGE, MULTIPLE
 from ..files import (file_problem, read_text, require_regular_file, save_tensors, sha256_of_file,
                     warn_if_outside)
 
-MULTIPLE = 16  # VAE /8 times the DiT's patch 2
 PRECISIONS = ("bfloat16", "float32")
-FPS_RANGE = (0.01, 1000.0)
 MAX_TEXT_LEN = 4096  # Wan's is 512
 # Metadata keys of the settings a sample was made with, and the flag that sets each.
 SETTING_FLAGS = {"resolutions": "--resolution", "frame_buckets": "--frames", "fps": "--fps", "text_len": "--text-len",
                  "dtype": "--dtype", "vae_sha256": "--vae", "text_encoder_sha256": "--text-encoder",
-                 "tokenizer_sha256": "--tokenizer"}
+                 "tokenizer_sha256": "--tokenizer", "frame_extraction": "frame_extraction"}
 NO_SETTINGS = "with no recorded settings"
 
 
@@ -115,8 +118,8 @@ def read_metadata(metadata: Path, root: Path) -> list[Item]:
     return items
 
 
-def find_items(root: Path) -> list[Item]:
-    """Files and captions, from metadata.csv or sidecar .txt files."""
+def find_items(root: Path, caption_extension: str = ".txt") -> list[Item]:
+    """Files and captions, from metadata.csv or sidecar caption files (`.txt` by default)."""
     from .media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
     if not root.is_dir():
@@ -130,7 +133,7 @@ def find_items(root: Path) -> list[Item]:
     items = []
     for path in media:
         warn_if_outside(path, root, str(path))
-        txt = path.with_suffix(".txt")
+        txt = path.with_suffix(caption_extension)
         caption = None
         if os.path.lexists(txt):
             warn_if_outside(txt, root, str(txt))
@@ -166,15 +169,19 @@ class Progress:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m flowstep_export.data.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--videos", required=True, type=Path, help="folder of videos/images with captions (searched recursively)")
+    p.add_argument("--videos", type=Path, help="folder of videos/images with captions (searched recursively)")
+    p.add_argument("--config", type=Path, metavar="TOML",
+                   help="dataset config in musubi-tuner's format instead of --videos/--resolution/--frames/--fps: several "
+                        "folders, each with its resolution, caption_extension, num_repeats and frame_extraction "
+                        "(head, chunk, slide, uniform, full); see flowstep_export/data/dataset_config.py")
     p.add_argument("--out", required=True, type=Path, help="dataset folder to write (flowstep train --data)")
     p.add_argument("--vae", required=True, type=Path, help="Wan2.1 VAE: Wan2.1_VAE.pth or wan_2.1_vae.safetensors")
     p.add_argument("--text-encoder", required=True, type=Path, help="umT5 encoder: models_t5_umt5-xxl-enc-bf16.pth")
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer folder (Wan's google/umt5-xxl)")
-    p.add_argument("--resolution", action="append", required=True, metavar="HxW",
+    p.add_argument("--resolution", action="append", metavar="HxW",
                    help="resolution bucket HEIGHTxWIDTH, multiples of 16; repeat or comma-separate for several "
                         "(each file goes to the one nearest its aspect ratio)")
-    p.add_argument("--frames", action="append", required=True, metavar="N",
+    p.add_argument("--frames", action="append", metavar="N",
                    help="frame bucket, 4k+1 (e.g. 81); repeat or comma-separate for several (each video gets the "
                         "longest it can fill; images are 1 frame)")
     p.add_argument("--fps", type=float, help="resample videos to this frame rate first (Wan2.1: 16); default: "
@@ -213,18 +220,50 @@ def why_re_encode(path: Path, settings: dict[str, str]) -> str | None:
         return "unreadable"
     if not all(key in recorded for key in settings):
         return NO_SETTINGS
-    changed = [flag for key, flag in SETTING_FLAGS.items() if recorded[key] != settings[key]]
+    changed = [SETTING_FLAGS[key] for key in settings if recorded[key] != settings[key]]
     return f"made with another {' and '.join(changed)}" if changed else None
 
 
+def dataset_specs(args: argparse.Namespace) -> list:
+    """The folders to prepare: the config file's datasets, or the one the flags describe."""
+    from .dataset_config import DatasetSpec, check_fps, read_config
+    from .media import FrameExtraction, parse_frames, parse_resolutions
+
+    flags = {"--videos": args.videos, "--resolution": args.resolution, "--frames": args.frames, "--fps": args.fps}
+    if args.config is not None:
+        if given := [flag for flag, value in flags.items() if value is not None]:
+            raise ValueError(f"--config {args.config}: {given[0]} is set per dataset in the config file; give one or the other")
+        return read_config(args.config)
+    if missing := [flag for flag, value in flags.items() if value is None and flag != "--fps"]:
+        raise ValueError(f"{missing[0]} is required (or --config FILE, a dataset config)")
+    return [DatasetSpec(args.videos, None, parse_resolutions(args.resolution, MULTIPLE),
+                        FrameExtraction("longest", tuple(parse_frames(args.frames))), check_fps(args.fps, "--fps"))]
+
+
+def sample_name(base: str, spec, clip, video: bool) -> str:
+    """A config dataset's video gives clips `BASE__START-FRAMES` (as musubi's `_START-FRAMES`);
+    `__` followed by no file suffix cannot be a path part, so the names stay injective."""
+    return f"{base}__{clip.start:05d}-{clip.pixels.shape[1]:03d}" if spec.name is not None and video else base
+
+
+def link_repeats(out: Path, name: str, repeats: int) -> list[str]:
+    """`NAME__repeat-K` hard links (K = 2..repeats) to the sample `name`: musubi's num_repeats,
+    each sample that many times in the dataset, with no copies on disk."""
+    names = []
+    for k in range(2, repeats + 1):
+        link = f"{name}__repeat-{k}"
+        tmp = out / f".{link}.tmp-{os.getpid()}"
+        os.link(out / f"{name}.safetensors", tmp)
+        os.replace(tmp, out / f"{link}.safetensors")
+        names.append(link)
+    return names
+
+
 def prepare(args: argparse.Namespace) -> dict:
-    from .media import parse_frames, parse_resolutions, read_clip
+    from .media import VIDEO_SUFFIXES, read_clips
 
     # Every option before any work.
-    buckets = parse_resolutions(args.resolution, MULTIPLE)
-    frame_buckets = parse_frames(args.frames)
-    if args.fps is not None and not (math.isfinite(args.fps) and FPS_RANGE[0] <= args.fps <= FPS_RANGE[1]):
-        raise ValueError(f"--fps {args.fps:g}: must be from {FPS_RANGE[0]:g} to {FPS_RANGE[1]:g}")
+    specs = dataset_specs(args)
     check_text_len(args.text_len)
     require_regular_file(args.vae, f"--vae {args.vae}")
     require_regular_file(args.text_encoder, f"--text-encoder {args.text_encoder}")
@@ -235,76 +274,94 @@ def prepare(args: argparse.Namespace) -> dict:
     from ..model.wan_vae import load_vae
 
     tokenizer = load_tokenizer(args.tokenizer, args.text_len)
-    items = find_items(args.videos)
-    settings = {"resolutions": ",".join(map(str, buckets)), "frame_buckets": ",".join(map(str, frame_buckets)),
-                "fps": "source" if args.fps is None else f"{args.fps:g}", "text_len": str(args.text_len),
-                "dtype": args.dtype, "vae_sha256": sha256_of_file(args.vae),
-                "text_encoder_sha256": sha256_of_file(args.text_encoder), "tokenizer_sha256": tokenizer_sha256(args.tokenizer)}
+    shared = {"text_len": str(args.text_len), "dtype": args.dtype, "vae_sha256": sha256_of_file(args.vae),
+              "text_encoder_sha256": sha256_of_file(args.text_encoder), "tokenizer_sha256": tokenizer_sha256(args.tokenizer)}
+    jobs = []  # (spec, item, the sample name base, settings)
+    for spec in specs:
+        settings = {"resolutions": ",".join(map(str, spec.buckets)), "frame_buckets": ",".join(map(str, spec.extraction.target_frames)),
+                    "fps": "source" if spec.fps is None else f"{spec.fps:g}"} | shared
+        if spec.name is not None:
+            settings["frame_extraction"] = spec.extraction.describe()
+        prefix = "" if spec.name is None else output_name(Path(spec.name)) + "__"
+        jobs += [(spec, item, prefix + item.name, settings) for item in find_items(spec.folder, spec.caption_extension)]
     args.out.mkdir(parents=True, exist_ok=True)
-    stale = {}  # item name -> why its existing sample is made again
+    existing = {p.name.removesuffix(".safetensors") for p in args.out.glob("*.safetensors")}
+    stale = {}  # sample name -> why its existing sample is made again
     todo = []
-    for item in items:
-        path = args.out / f"{item.name}.safetensors"
-        if not path.exists():
-            todo.append(item)
-        elif (why := why_re_encode(path, settings)) is not None:
-            stale[item.name] = why
-            todo.append(item)
-    counts = {"files": len(items), "done_before": len(items) - len(todo), "prepared": 0, "skipped": 0,
-              "re_encoded": Counter()}
+    for spec, item, base, settings in jobs:
+        # Flags: one sample per file, known by name before decoding. Config: clips, known after.
+        if spec.name is None and base in existing:
+            if (why := why_re_encode(args.out / f"{base}.safetensors", settings)) is None:
+                continue
+            stale[base] = why
+        todo.append((spec, item, base, settings))
+    counts = {"files": len(jobs), "done_before": len(jobs) - len(todo), "prepared": 0, "skipped": 0, "re_encoded": Counter()}
     if not todo:
         return counts
-    if (older := sum(why == NO_SETTINGS for why in stale.values())):
-        print(f"samples in {args.out} with no recorded settings (made by an older prepare): {older}, re-encoding them",
-              file=sys.stderr)
     compute = torch.bfloat16 if args.precision == "bfloat16" else torch.float32
     stored = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    encoder = load_text_encoder(args.text_encoder, compute, f"--text-encoder {args.text_encoder}").to(args.device)
-    vae = load_vae(args.vae, f"--vae {args.vae}")
-    vae.model.to(device=args.device, dtype=compute)
+    encoders = {}
+
+    def encode(pixels, caption):
+        if not encoders:  # loaded once something needs encoding
+            encoders["text"] = load_text_encoder(args.text_encoder, compute, f"--text-encoder {args.text_encoder}").to(args.device)
+            encoders["vae"] = load_vae(args.vae, f"--vae {args.vae}")
+            encoders["vae"].model.to(device=args.device, dtype=compute)
+        with torch.no_grad():
+            latents = encoders["vae"].encode([torch.from_numpy(pixels).to(compute)], device=args.device)[0]
+            context = encode_prompt(tokenizer, encoders["text"], caption, args.device)
+        return {"latents": latents.to("cpu", stored).contiguous(), "context": context.to("cpu", stored).contiguous()}
+
+    def drop_old(base: str, keep: set[str]) -> str:
+        """Removes the samples of a file that it no longer makes (kept, they would mix other settings
+        or clips into the dataset); the clause that says so, or ""."""
+        old = [n for n in existing if (n == base or n.startswith(base + "__")) and n not in keep]
+        for name in old:
+            (args.out / f"{name}.safetensors").unlink(missing_ok=True)
+        if old == [base] and base in stale:
+            return f"; its old sample ({stale[base]}) removed"
+        return f"; its {len(old)} old sample{'s' * (len(old) != 1)} removed" if old else ""
+
     progress = Progress(len(todo), args.quiet)
-
-    def drop_stale(item: Item) -> str:
-        """Removes the sample `item` had from other settings (kept, it would mix them into the
-        dataset); the clause that says so, or ""."""
-        if item.name not in stale:
-            return ""
-        (args.out / f"{item.name}.safetensors").unlink()
-        return f"; its old sample ({stale[item.name]}) removed"
-
-    for i, item in enumerate(todo):
+    older = 0
+    for i, (spec, item, base, settings) in enumerate(todo):
         progress.update(i, item.source.name)
+        video = item.source.suffix.lower() in VIDEO_SUFFIXES
+        kept = set()
         try:
             if item.caption is None:
-                raise ValueError(f"no caption: write {item.source.with_suffix('.txt').name} beside it, or list it in metadata.csv")
+                raise ValueError(f"no caption: write {item.source.with_suffix(spec.caption_extension).name} beside it, or list it in metadata.csv")
             if (problem := file_problem(item.source)) is not None:
                 raise ValueError(problem)
-            clip = read_clip(item.source, buckets, frame_buckets, args.fps)
+            for clip in read_clips(item.source, spec.buckets, spec.extraction, spec.fps):
+                name = sample_name(base, spec, clip, video)
+                why = why_re_encode(args.out / f"{name}.safetensors", settings) if name in existing else "new"
+                if why is None:
+                    counts["done_before"] += 1
+                else:
+                    sample = encode(clip.pixels, item.caption)
+                    if nonfinite := [n for n, t in sample.items() if not torch.isfinite(t).all()]:
+                        encoder = {"latents": f"the VAE ({args.vae.name})", "context": f"the text encoder ({args.text_encoder.name})"}
+                        raise ValueError(f"{' and '.join(encoder[n] for n in nonfinite)} gave NaN or Inf values; nothing written")
+                    metadata = {"source": str(item.source.relative_to(spec.folder)), "caption": item.caption,
+                                "bucket": str(clip.bucket), "frames": str(clip.pixels.shape[1]), "first_frame": str(clip.start),
+                                "vae": args.vae.name, "text_encoder": args.text_encoder.name} | settings
+                    save_tensors(sample, args.out / f"{name}.safetensors", metadata)
+                    counts["prepared"] += 1
+                    if why != "new":
+                        counts["re_encoded"][why] += 1
+                        older += why == NO_SETTINGS
+                kept |= {name, *link_repeats(args.out, name, spec.repeats)}
         except ValueError as e:
-            progress.message(f"skipped {item.source}: {e}{drop_stale(item)}")
+            progress.message(f"skipped {item.source}: {e}{drop_old(base, kept)}")
             counts["skipped"] += 1
             continue
-        with torch.no_grad():
-            pixels = torch.from_numpy(clip.pixels).to(compute)
-            latents = vae.encode([pixels], device=args.device)[0]
-            context = encode_prompt(tokenizer, encoder, item.caption, args.device)
-        sample = {"latents": latents.to("cpu", stored).contiguous(), "context": context.to("cpu", stored).contiguous()}
-        nonfinite = [name for name, t in sample.items() if not torch.isfinite(t).all()]
-        if nonfinite:
-            encoders = {"latents": f"the VAE ({args.vae.name})", "context": f"the text encoder ({args.text_encoder.name})"}
-            progress.message(f"skipped {item.source}: {' and '.join(encoders[n] for n in nonfinite)} gave NaN or Inf "
-                             f"values; nothing written{drop_stale(item)}")
-            counts["skipped"] += 1
-            continue
-        metadata = {"source": str(item.source.relative_to(args.videos)), "caption": item.caption,
-                    "bucket": str(clip.bucket), "frames": str(clip.pixels.shape[1]),
-                    "vae": args.vae.name, "text_encoder": args.text_encoder.name} | settings
-        save_tensors(sample, args.out / f"{item.name}.safetensors", metadata)
-        counts["prepared"] += 1
-        if item.name in stale:
-            counts["re_encoded"][stale[item.name]] += 1
+        drop_old(base, kept)
     progress.update(len(todo), "done")
     progress.close()
+    if older:
+        print(f"samples in {args.out} with no recorded settings (made by an older prepare): {older}, re-encoded",
+              file=sys.stderr)
     return counts
 
 
