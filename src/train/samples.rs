@@ -179,7 +179,7 @@ fn parse_text_line(line: &str, model: &ModelInfo, default_shape: [usize; 3], def
     let (mut seed, mut steps, mut cfg_scale, mut shift, mut negative) = (0u64, default_steps, 1.0f32, DEFAULT_SHIFT, None);
     for part in parts {
         let (option, value) = part.split_once(' ').map_or((part.trim(), ""), |(o, v)| (o.trim(), v.trim()));
-        let expected = |what: &str| format!("--{option} {value}: expected {what}");
+        let expected = |what: &str| format!("{}: expected {what}", format!("--{option} {value}").trim_end());
         let integer = |what: &str| value.parse::<usize>().map_err(|_| expected(what));
         match option {
             "w" => width = integer("the width in pixels")?,
