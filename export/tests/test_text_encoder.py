@@ -19,6 +19,7 @@ from independent import TINY, flowstep_bin
 from wan_fixtures import TEXT_LEN, write_text_encoder, write_tokenizer
 
 PROMPT, NEGATIVE = "a red ball rolls  left", "blue square over the sky"
+LONG = " ".join(["a red ball rolls left"] * 5)  # 25 words: past TEXT_LEN tokens
 # flowstep's embeddings against PyTorch's, both float32: the same umT5 ops, reordered by the
 # ONNX exporter and ONNX Runtime's kernels (measured max |diff| ~1e-6 on values up to ~3).
 ATOL = 1e-5
@@ -32,7 +33,7 @@ def encoder(tmp_path_factory):
     write_text_encoder(d / "t5.pth", vocab, seed=3)
     text = ["--text-encoder", str(d / "t5.pth"), "--tokenizer", str(d / "tokenizer"), "--text-len", str(TEXT_LEN)]
     assert export_text_encoder([*text, "--out", str(d / "onnx")]) == 0
-    assert encode_prompts(["--out", str(d / "torch"), *text, "--precision", "float32", PROMPT, NEGATIVE]) == 0
+    assert encode_prompts(["--out", str(d / "torch"), *text, "--precision", "float32", PROMPT, NEGATIVE, LONG]) == 0
     return d
 
 
@@ -80,6 +81,16 @@ def test_sample_prompt_equals_the_pytorch_contexts(encoder, tmp_path):
     assert (summary["prompt"], summary["negative_prompt"]) == (PROMPT, NEGATIVE)
 
 
+def test_a_prompt_past_text_len_is_truncated_as_diffsynth_does(encoder, tmp_path):
+    r = run("-q", "sample", "--artifacts", TINY, "--shape", "1,4,4", "--steps", "1", "--num-samples", "1",
+            "--prompt", LONG, "--text-encoder", encoder / "onnx", "--out", tmp_path / "s")
+    assert r.returncode == 0, r.stderr
+    context = load_file(str(tmp_path / "s" / "samples.safetensors"))["context"]
+    expected = torch_context(encoder, 2)
+    assert np.abs(expected).sum(axis=1).all(), "every token is the prompt's: no padding"
+    assert float(np.abs(context - expected).max()) <= ATOL
+
+
 def test_train_samples_text_prompts_with_their_options(encoder, tmp_path):
     tiny_dataset(tmp_path / "data")
     prompts = tmp_path / "prompts.txt"
@@ -119,10 +130,12 @@ def test_train_samples_text_prompts_with_their_options(encoder, tmp_path):
     (f"{PROMPT} --s 0", True, ["prompts.txt:1", "--s 0", "1 to 10000"]),
     (f"{PROMPT} --n", True, ["prompts.txt:1", "--n", "a negative prompt"]),
     ("--w 64 a fox", True, ["prompts.txt:1", "the prompt text comes first"]),
+    ("ctx.safetensors seed=1", True, ["--text-encoder", "no text lines"]),
 ])
 def test_bad_text_lines_are_one_line_errors(encoder, tmp_path, line, with_encoder, expected):
     tiny_dataset(tmp_path / "data")
     (tmp_path / "prompts.txt").write_text(f"{line}\n")
+    save_file({"context": np.zeros((TEXT_LEN, 64), np.float32)}, str(tmp_path / "ctx.safetensors"))
     extra = ["--text-encoder", encoder / "onnx"] if with_encoder else []
     r = run("train", "--artifacts", TINY, "--data", tmp_path / "data", "--out", tmp_path / "run", "--steps", "1",
             "--sample-every", "1", "--sample-prompts", tmp_path / "prompts.txt", *extra)

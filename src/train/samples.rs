@@ -142,7 +142,10 @@ pub fn read_prompts(config: &SamplingConfig, model: &ModelInfo, default_shape: [
     if prompts.is_empty() {
         return Err(Error::Config(format!("--sample-prompts {}: no prompts (one text prompt or context file per line)", file.display())));
     }
-    if let (Some(encoder), false) = (&config.text_encoder, texts.is_empty()) {
+    if let (Some(encoder), true) = (&config.text_encoder, texts.is_empty()) {
+        return Err(Error::Config(format!("--text-encoder {}: --sample-prompts {} has no text lines to encode (only context files)", encoder.display(), file.display())));
+    }
+    if let Some(encoder) = &config.text_encoder {
         let mut unique: Vec<&str> = texts.iter().flat_map(|(_, t)| std::iter::once(t.prompt.as_str()).chain(t.negative.as_deref())).collect();
         unique.sort_unstable();
         unique.dedup();
