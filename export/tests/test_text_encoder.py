@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +161,25 @@ def test_an_encoder_for_another_model_is_refused(encoder, tmp_path):
     (other / "text_encoder.json").write_text(json.dumps({**m, "text_len": 512}))
     r = run("sample", "--artifacts", TINY, "--prompt", PROMPT, "--text-encoder", other, "--shape", "1,4,4", "--out", tmp_path / "s")
     assert r.returncode != 0 and "[512, 64]" in r.stderr and "[16, 64]" in r.stderr, r.stderr
+
+
+def test_export_refuses_bad_inputs_in_one_line(encoder, tmp_path):
+    import sys
+
+    small = tmp_path / "small.pth"
+    write_text_encoder(small, vocab=5)  # fewer embeddings than the tokenizer's 19 tokens
+    not_a_folder = tmp_path / "tokenizer.json"
+    not_a_folder.write_text("{}")
+    cases = [
+        (["--text-encoder", tmp_path / "missing.pth", "--tokenizer", encoder / "tokenizer"], ["missing.pth"]),
+        (["--text-encoder", encoder / "t5.pth", "--tokenizer", not_a_folder], ["--tokenizer", "tokenizer folder"]),
+        (["--text-encoder", small, "--tokenizer", encoder / "tokenizer"], ["19 tokens", "5 embeddings"]),
+        (["--text-encoder", encoder / "t5.pth", "--tokenizer", encoder / "tokenizer", "--text-len", "0"], ["--text-len"]),
+    ]
+    for args, words in cases:
+        r = subprocess.run([sys.executable, "-m", "flowstep_export.pipeline.text_encoder", *map(str, args), "--out", tmp_path / "out"],
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+        assert all(w in lines[0] for w in words), (words, lines[0])
+        assert not (tmp_path / "out" / "text_encoder.json").exists()
