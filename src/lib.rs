@@ -24,6 +24,7 @@ pub mod sft;
 pub mod small_file;
 pub mod tensor_file;
 pub mod tensorboard;
+pub mod text_encoder;
 pub mod timesteps;
 pub mod train;
 pub mod video_files;

@@ -67,6 +67,15 @@ pub fn context_prompt(path: &Path) -> Result<Option<String>> {
     Ok(TensorFile::open(path)?.metadata().and_then(|m| m.get("prompt")).cloned())
 }
 
+/// The prompt's `context` and optional `negative_context` ([text_len, text_dim] each) saved
+/// beside the latents: a text prompt's embeddings that way are a context file for `--context`.
+#[derive(Debug, Clone, Copy)]
+pub struct PromptTensors<'a> {
+    pub shape: [usize; 2],
+    pub context: &'a [f32],
+    pub negative: Option<&'a [f32]>,
+}
+
 /// Initial noise for a seed, N(0, 1), independent of thread count.
 pub fn initial_noise(seed: u64, len: usize) -> Vec<f32> {
     let mut rng = step_rng(seed, u64::MAX - 1, 0);
@@ -145,14 +154,20 @@ pub fn sample(stages: &mut [Stage<'_>], context: (&[usize], &[f32]), negative: O
 }
 
 /// Writes sampled latent videos ([C, F, H, W] each) under `out`: `samples.safetensors`
-/// (`latents` [N, C, F, H, W]), `samples.png` and `samples.gif` (latent channels 0-2 as
-/// colours, frames left to right) and, with a VAE decoder, the decoded videos
-/// ([`write_videos`]). `flowstep sample` and samples during training both write this layout.
-pub fn write_outputs(out: &Path, videos: Vec<Vec<f32>>, shape: [usize; 4], decoder: Option<(&mut VaeDecoder, VideoOptions)>) -> Result<Option<VideoFiles>> {
+/// (`latents` [N, C, F, H, W] and the `prompt` tensors the videos were sampled with),
+/// `samples.png` and `samples.gif` (latent channels 0-2 as colours, frames left to right) and,
+/// with a VAE decoder, the decoded videos ([`write_videos`]). `flowstep sample` and samples
+/// during training both write this layout.
+pub fn write_outputs(out: &Path, videos: Vec<Vec<f32>>, shape: [usize; 4], prompt: PromptTensors<'_>, decoder: Option<(&mut VaeDecoder, VideoOptions)>) -> Result<Option<VideoFiles>> {
     std::fs::create_dir_all(out).at(out)?;
     let all: Vec<f32> = videos.iter().flatten().copied().collect();
-    let tensor = OutTensor { name: "latents".into(), shape: [videos.len()].into_iter().chain(shape).collect(), values: all };
-    write_atomic(&out.join("samples.safetensors"), &encode(&[tensor], SaveDtype::F32, None)?)?;
+    let mut tensors = vec![OutTensor { name: "latents".into(), shape: [videos.len()].into_iter().chain(shape).collect(), values: all }];
+    for (name, values) in [("context", Some(prompt.context)), ("negative_context", prompt.negative)] {
+        if let Some(values) = values {
+            tensors.push(OutTensor { name: name.into(), shape: prompt.shape.to_vec(), values: values.to_vec() });
+        }
+    }
+    write_atomic(&out.join("samples.safetensors"), &encode(&tensors, SaveDtype::F32, None)?)?;
     let decoded = decoder.map(|(decoder, options)| write_videos(decoder, &videos, shape, out, options)).transpose()?;
     let grid = Grid { videos, shape, scale: (128 / shape[3].max(1)).clamp(1, 16) as u32 };
     grid.write_png(&out.join("samples.png"))?;

@@ -109,6 +109,12 @@ impl ModelInfo {
         self.out_dim
     }
 
+    /// Pixels per latent in frames, height and width: Wan2.1's VAE (16 channels) 4, 8, 8;
+    /// Wan2.2's 48-channel VAE 4, 16, 16. Frames map as 1 + stride·(F − 1).
+    pub fn vae_stride(&self) -> [usize; 3] {
+        if self.latent_channels() == 48 { [4, 16, 16] } else { [4, 8, 8] }
+    }
+
     /// The conditioning input named `name`, if this model takes it.
     pub fn conditioning_input(&self, name: &str) -> Option<&ConditioningInput> {
         self.conditioning.iter().find(|c| c.name == name)

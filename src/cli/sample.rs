@@ -12,8 +12,9 @@ use flowstep::artifacts::{Artifacts, ExpertRole, Manifest};
 use flowstep::decode::{Tile, VaeDecoder, VideoOptions};
 use flowstep::executor::{VelocityGraph, WithLora};
 use flowstep::render::{centroid_motion, mean_rgb};
-use flowstep::sample::{DEFAULT_CFG_SCALE, DEFAULT_SHIFT, DEFAULT_STEPS, SampleConfig, Stage, context_prompt, read_conditioning, read_context, sample, write_outputs};
+use flowstep::sample::{DEFAULT_CFG_SCALE, DEFAULT_SHIFT, DEFAULT_STEPS, PromptTensors, SampleConfig, Stage, context_prompt, read_conditioning, read_context, sample, write_outputs};
 use flowstep::tensor_file::{Staging, write_atomic};
+use flowstep::text_encoder::encode_prompts;
 use flowstep::video_files::Mp4;
 
 use super::{DeviceArgs, Globals, ModelArgs};
@@ -28,9 +29,24 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub lora: Option<PathBuf>,
 
-    /// Prompt: a .safetensors file with a `context` tensor [L, D] (text-encoder output).
-    #[arg(long, value_name = "FILE")]
-    pub context: PathBuf,
+    /// Prompt text, encoded by --text-encoder.
+    #[arg(long, value_name = "TEXT", requires = "text_encoder", conflicts_with = "context")]
+    pub prompt: Option<String>,
+
+    /// Negative prompt text for guidance, encoded by --text-encoder.
+    #[arg(long, value_name = "TEXT", requires = "text_encoder", conflicts_with = "negative_context")]
+    pub negative_prompt: Option<String>,
+
+    /// Wan's umT5 text encoder exported by `python -m flowstep_export.pipeline.text_encoder`
+    /// (this DIR holds text_encoder.json): encodes --prompt and --negative-prompt on the CPU
+    /// before sampling, then is freed.
+    #[arg(long, value_name = "DIR")]
+    pub text_encoder: Option<PathBuf>,
+
+    /// Prompt as an encoded context: a .safetensors file with a `context` tensor [L, D]
+    /// (text-encoder output); instead of --prompt.
+    #[arg(long, value_name = "FILE", required_unless_present = "prompt")]
+    pub context: Option<PathBuf>,
 
     /// Negative prompt for guidance (a `context` file); default: an all-zero context.
     #[arg(long, value_name = "FILE")]
@@ -225,6 +241,34 @@ fn check_pair(main: &Manifest, other: &Manifest, dir: &std::path::Path) -> anyho
     Ok(())
 }
 
+/// The prompt's and the optional negative prompt's contexts: text encoded by --text-encoder
+/// (which is dropped before the DiT loads), or read from context files.
+fn prompt_contexts(args: &Args, model: &flowstep::artifacts::ModelInfo, threads: Option<usize>) -> anyhow::Result<(Vec<f32>, Option<Vec<f32>>)> {
+    if let Some(context) = &args.context {
+        // Text where a file belongs: say where text goes.
+        if !context.exists() && !context.to_string_lossy().to_ascii_lowercase().ends_with(".safetensors") {
+            anyhow::bail!("--context {}: no such file; --context takes a .safetensors file with `context` [L, D], text goes to --prompt \"TEXT\" --text-encoder DIR", context.display());
+        }
+    }
+    let texts: Vec<&str> = args.prompt.iter().chain(&args.negative_prompt).map(String::as_str).collect();
+    let mut encoded = match &args.text_encoder {
+        Some(dir) => {
+            anyhow::ensure!(!texts.is_empty(), "--text-encoder {}: nothing to encode; give --prompt or --negative-prompt", dir.display());
+            encode_prompts(dir, &texts, model, threads)?.into_iter()
+        }
+        None => Vec::new().into_iter(),
+    };
+    let context = match &args.context {
+        Some(path) => read_context(path, model)?,
+        None => encoded.next().context("--prompt: no text encoded")?,
+    };
+    let negative = match &args.negative_context {
+        Some(path) => Some(read_context(path, model)?),
+        None => encoded.next(),
+    };
+    Ok((context, negative))
+}
+
 pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.num_samples >= 1, "--num-samples: must be at least 1");
     anyhow::ensure!((1..=MAX_STEPS).contains(&args.steps), "--steps: must be 1 to {MAX_STEPS}, got {}", args.steps);
@@ -243,8 +287,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     session.for_artifacts(m)?;
     let shape = latent_shape(&args, &m.model)?;
     let ctx_shape = [m.model.text_len, m.model.text_dim];
-    let ctx = read_context(&args.context, &m.model)?;
-    let negative = args.negative_context.as_deref().map(|p| read_context(p, &m.model)).transpose()?;
+    let (ctx, negative) = prompt_contexts(&args, &m.model, session.threads)?;
     let conditioning = read_conditioning(args.condition.as_deref(), &m.model, &shape)?;
     let other = match &args.expert_artifacts {
         Some(dir) => {
@@ -277,7 +320,12 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         }
         _ => vec![Stage { graph: &mut model.graph, params: &model.params, from_timestep: f32::NEG_INFINITY }],
     };
-    let prompt = context_prompt(&args.context)?;
+    // The prompt text: --prompt, else what the context file records.
+    let prompt = match (&args.prompt, &args.context) {
+        (Some(text), _) => Some(text.clone()),
+        (None, Some(path)) => context_prompt(path)?,
+        (None, None) => None,
+    };
     let mut videos = Vec::with_capacity(args.num_samples);
     let mut motions = Vec::new();
     let bar = progress_bar((args.num_samples * args.steps) as u64, "sampling", globals.quiet);
@@ -293,8 +341,9 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         videos.push(video);
     }
     bar.finish_and_clear();
-    let summary = serde_json::json!({"prompt": prompt, "lora": args.lora, "expert_lora": args.expert_lora, "condition": args.condition, "context": args.context,
-        "negative_context": args.negative_context, "shape": shape, "steps": args.steps, "cfg_scale": args.cfg_scale, "shift": args.shift, "samples": motions});
+    let summary = serde_json::json!({"prompt": prompt, "negative_prompt": args.negative_prompt, "lora": args.lora, "expert_lora": args.expert_lora,
+        "condition": args.condition, "context": args.context, "negative_context": args.negative_context, "shape": shape, "steps": args.steps,
+        "cfg_scale": args.cfg_scale, "shift": args.shift, "samples": motions});
     // Every output is written aside and moved into --out only once all are complete.
     let staging = Staging::new(&args.out)?;
     write_atomic(&staging.path().join("samples.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
@@ -304,7 +353,8 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         d.set_progress(decoding_bar.clone());
     }
     let decoding = decoder.as_mut().map(|d| (d, VideoOptions { fps: args.fps, save_frames: args.save_frames, tile: args.vae_tile }));
-    let written = write_outputs(staging.path(), videos, shape, decoding)?;
+    let prompt_tensors = PromptTensors { shape: ctx_shape, context: &ctx, negative: negative.as_deref() };
+    let written = write_outputs(staging.path(), videos, shape, prompt_tensors, decoding)?;
     decoding_bar.finish_and_clear();
     if args.overwrite { staging.commit_replacing()? } else { staging.commit()? }
     match written.map(|files| files.mp4) {

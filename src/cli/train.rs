@@ -139,11 +139,19 @@ pub struct Args {
     #[arg(long, value_name = "N", requires = "sample_prompts")]
     pub sample_every: Option<u64>,
 
-    /// Prompts to sample: one per line, a context file (relative to this file) then optional
-    /// seed=N shape=F,H,W steps=N cfg=X shift=X negative=FILE; `#` starts a comment. The
-    /// shape defaults to the training data's largest bucket. Checked before training starts.
+    /// Prompts to sample, one per line (`#` lines are comments): text with musubi-tuner's
+    /// options (`a fox runs --w 832 --h 480 --f 81 --s 30 --g 5 --d 42 --n NEGATIVE`; needs
+    /// --text-encoder), or a context file (relative to this file) then optional seed=N
+    /// shape=F,H,W steps=N cfg=X shift=X negative=FILE. The size defaults to the training
+    /// data's largest bucket. Checked, and text encoded, before training starts.
     #[arg(long, value_name = "FILE", requires = "sample_every")]
     pub sample_prompts: Option<PathBuf>,
+
+    /// Wan's umT5 text encoder exported by `python -m flowstep_export.pipeline.text_encoder`
+    /// (this DIR holds text_encoder.json): encodes the text lines of --sample-prompts on the
+    /// CPU once before the first step, then is freed.
+    #[arg(long, value_name = "DIR", requires = "sample_prompts")]
+    pub text_encoder: Option<PathBuf>,
 
     /// Euler steps per training-time sample, where a prompt line gives none.
     #[arg(long, default_value_t = 30, value_name = "N")]
@@ -244,6 +252,7 @@ pub fn run(args: Args, resolved: toml::Table, stored: Option<(PathBuf, toml::Tab
             every,
             prompts,
             steps: args.sample_steps,
+            text_encoder: args.text_encoder.clone(),
             vae_decoder: args.vae_decoder.clone(),
             vae_tile: args.vae_tile,
         }),

@@ -157,7 +157,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let prompts = match &config.sampling {
             Some(sampling) => {
                 let largest = &dataset.buckets()[0].latent_shape;
-                Some(samples::read_prompts(sampling, &manifest.model, [largest[1], largest[2], largest[3]])?)
+                Some(samples::read_prompts(sampling, &manifest.model, [largest[1], largest[2], largest[3]], config.session.threads)?)
             }
             None => None,
         };
