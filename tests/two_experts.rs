@@ -164,9 +164,20 @@ fn samples_during_training_use_the_pair() {
     let trained = latents(&out.join("samples/step-000002/00-prompt/samples.safetensors"));
     // flowstep sample with the pair's two LoRAs, switching at t = 875, gives the same latents
     // (f32 LoRAs, so that the files hold the trained parameters exactly).
-    let r = train_pair(&data, &dir.path().join("f32"), 2, &["--lora-dtype", "f32"]);
-    assert!(r.status.success(), "{}", stderr(&r));
     let f32_out = dir.path().join("f32");
+    let r = train_pair(&data, &f32_out, 2, &["--lora-dtype", "f32", "--eval-data", path_str(&data), "--eval-timesteps", "4"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    // The pair's eval loss is each expert's over its own range (as flowstep eval of the
+    // expert), weighted by the range's share of the table: 417 and 583 of 1000 entries.
+    let eval = |role: &str| {
+        let lora = f32_out.join(format!("lora_{role}.safetensors"));
+        let r = flowstep(&["eval", "--artifacts", path_str(&expert(role)), "--lora", path_str(&lora), "--data", path_str(&data), "--seed", "5", "--timesteps", "4", "--json"]);
+        assert!(r.status.success(), "{}", stderr(&r));
+        serde_json::from_slice::<serde_json::Value>(&r.stdout).ok().and_then(|v| v["eval_loss"].as_f64()).unwrap_or(f64::NAN)
+    };
+    let want = 0.417 * eval("high_noise") + 0.583 * eval("low_noise");
+    let got = metrics(&f32_out).last().and_then(|m| m.eval_loss).unwrap_or(f64::NAN);
+    assert!((got - want).abs() <= 1e-12 * want.abs(), "pair eval loss {got}, experts' weighted {want}");
     let sampled = dir.path().join("sampled");
     let r = flowstep(&["-q", "sample", "--artifacts", path_str(&expert("high_noise")), "--lora", path_str(&f32_out.join("lora_high_noise.safetensors")),
         "--expert-artifacts", path_str(&expert("low_noise")), "--expert-lora", path_str(&f32_out.join("lora_low_noise.safetensors")),
