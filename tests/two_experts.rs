@@ -219,3 +219,47 @@ fn a_mismatched_pair_is_refused_in_one_line() {
     assert_error(&try_pair(&expert("low_noise"), &["--switch-expert-every", "0"]), &["--switch-expert-every", "at least 1"]);
     assert!(!dir.path().join("out").exists(), "a refused pair writes nothing");
 }
+
+/// The low-noise expert's window of a `--switch-expert-every` job, replayed alone through the
+/// library: its own graphs from its initial LoRA, the job's micro-step counters (data order,
+/// draws in its range, noise) and its own AdamW step count (1, 2, not the job's 3, 4).
+#[test]
+fn the_low_noise_window_equals_its_micro_steps_alone() {
+    use flowstep::data::{DataOrder, Dataset, SampleSpec};
+    use flowstep::executor::{AdamW, Batch, TrainingGraphs, load_base_weights};
+    use flowstep::sft::{SftConfig, SftSampler};
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 3, 2);
+    let out = dir.path().join("pair");
+    // Micro-steps 0-3 (steps 1-2) train the high-noise expert, 4-7 (steps 3-4) the low-noise one.
+    let r = train_pair(&data, &out, 4, &["--switch-expert-every", "4", "--grad-accum", "2"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    init_ort();
+    let artifacts = flowstep::artifacts::Artifacts::open(&expert("low_noise")).unwrap_or_else(|e| panic!("{e}"));
+    let a = artifacts.clone();
+    let options = flowstep::runtime::SessionOptions::cpu();
+    let (mut graphs, _base) = TrainingGraphs::load(&artifacts, &options, |m| load_base_weights(&a, None, m)).unwrap_or_else(|e| panic!("{e}"));
+    let init = flowstep::lora_io::load_for(&expert("low_noise").join("lora_init.safetensors"), &artifacts.manifest).unwrap_or_else(|e| panic!("{e}"));
+    let zeros = vec![0.0; init.len()];
+    graphs.set_state(&init, &zeros, &zeros).unwrap_or_else(|e| panic!("{e}"));
+    let dataset = Dataset::open(&data, SampleSpec::for_model(&artifacts.manifest.model)).unwrap_or_else(|e| panic!("{e}"));
+    let order = DataOrder { seed: 5, len: dataset.len(), repeat: 1 };
+    let sampler = SftSampler::new(SftConfig { min_boundary: 0.417, max_boundary: 1.0, ..SftConfig::default() }, 5).unwrap_or_else(|e| panic!("{e}"));
+    for (update, window) in [(1, 4..6), (2, 6..8)] {
+        for counter in window {
+            let sample = dataset.load(order.sample(counter)).unwrap_or_else(|e| panic!("{e}"));
+            let mut batch = Batch::new(&sample.latent_shape, &sample.context_shape).unwrap_or_else(|e| panic!("{e}"));
+            batch.context.extract_tensor_mut().1.copy_from_slice(&sample.context);
+            let draw = batch.prepare(|x_t, target| sampler.prepare_into(counter, &sample.latents, x_t, target)).unwrap_or_else(|e| panic!("{e}"));
+            batch.set_scalars(draw.timestep, draw.weight);
+            graphs.accumulate(&batch).unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert!(graphs.apply(update, 2e-3, &AdamW::default()).unwrap_or_else(|e| panic!("{e}")).applied);
+    }
+    let (params, m, v) = graphs.state().unwrap_or_else(|e| panic!("{e}"));
+    let state = flowstep::tensor_file::TensorFile::open(&out.join("checkpoints/step-000004/state.safetensors")).unwrap_or_else(|e| panic!("{e}"));
+    let saved = |name: &str| state.read_f32(&format!("low_noise.{name}")).unwrap_or_else(|e| panic!("{e}")).1;
+    assert!(saved("params") == params, "the pair's low-noise parameters differ from its micro-steps alone");
+    assert!(saved("exp_avg") == m && saved("exp_avg_sq") == v, "the pair's low-noise AdamW moments differ");
+}
