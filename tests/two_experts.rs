@@ -137,6 +137,9 @@ fn a_pair_resumes_bit_identically() {
         }
         let strip = |v: Vec<flowstep::metrics::StepRecord>| v.into_iter().map(|m| (m.step, m.loss, m.timestep, m.grad_norm, m.expert, m.experts)).collect::<Vec<_>>();
         assert_eq!(strip(metrics(&straight)), strip(metrics(&resumed)), "{name}");
+        // OUT/config.toml records the pair, so that `--resume --out OUT` alone continues it.
+        let config = String::from_utf8_lossy(&read(&resumed.join("config.toml"))).into_owned();
+        assert!(config.contains(&format!("expert-artifacts = \"{}\"", path_str(&expert("low_noise")))), "{config}");
     }
     // A pair's checkpoint does not resume as one expert alone (an empty --config instead of
     // OUT/config.toml, which names the other expert).
@@ -184,7 +187,7 @@ fn samples_during_training_use_the_pair() {
         "--context", path_str(&dir.path().join("prompt.safetensors")), "--shape", "2,8,8", "--steps", "4", "--seed", "1", "--num-samples", "1",
         "--out", path_str(&sampled)]);
     assert!(r.status.success(), "{}", stderr(&r));
-    assert_eq!(trained, latents(&sampled.join("samples.safetensors")), "training-time samples are not the pair's");
+    assert!(trained == latents(&sampled.join("samples.safetensors")), "training-time samples are not the pair's");
 }
 
 #[test]
