@@ -190,7 +190,8 @@ impl Observer for Progress {
                     _ => r.loss,
                 };
                 self.ema = Some(ema);
-                let msg = format!("loss {:.4} (avg {ema:.4}) lr {:.2e}{}", r.loss, r.lr, if r.applied { "" } else { " SKIPPED" });
+                let expert = r.expert.as_deref().map_or(String::new(), |e| format!(" [{e}]"));
+                let msg = format!("loss {:.4} (avg {ema:.4}) lr {:.2e}{expert}{}", r.loss, r.lr, if r.applied { "" } else { " SKIPPED" });
                 match &self.bar {
                     Some(bar) => {
                         bar.set_message(msg);
