@@ -3,7 +3,9 @@
 //! and renamed into place, so it is complete or absent; the newest complete one resumes.
 //! `SHA256SUMS` (the `sha256sum` format) covers both files and is verified on load.
 //! `trainer.json` also describes the LoRA file of its parameters (layout and metadata), so
-//! that `flowstep export-lora` writes it from the checkpoint alone.
+//! that `flowstep export-lora` writes it from the checkpoint alone. A Wan2.2 A14B pair job
+//! keeps both experts' LoRAs and optimizer states in one checkpoint, its tensors named
+//! `high_noise.params` ... and `low_noise.params` ..., its LoRAs described under `experts`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,10 @@ pub struct TrainerState {
     /// The eval loss before the first step, kept so that a resumed run still reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_before: Option<f64>,
+    /// A pair job: updates applied to each expert's LoRA (its AdamW bias correction counts
+    /// them), by role. Empty for one model, whose count is `step - skipped_steps`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub expert_updates: BTreeMap<String, u64>,
 }
 
 /// The LoRA file a checkpoint's parameters make: the export's LoRA layout and the file's
@@ -54,6 +60,9 @@ struct TrainerFile {
     trainer: TrainerState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lora: Option<LoraSpec>,
+    /// A pair job: each expert's LoRA, by role (then `lora` is absent).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    experts: BTreeMap<String, LoraSpec>,
 }
 
 /// One checkpoint's tensors.
@@ -62,6 +71,23 @@ pub struct CheckpointState {
     pub m: Vec<f32>,
     pub v: Vec<f32>,
 }
+
+/// One trained LoRA of a checkpoint: the single model's (`expert` None) or one expert's.
+pub struct SavedLora<'a> {
+    pub expert: Option<&'a str>,
+    pub spec: &'a LoraSpec,
+    pub state: &'a CheckpointState,
+}
+
+/// `params`, or `high_noise.params` for an expert of a pair.
+fn tensor_name(expert: Option<&str>, name: &str) -> String {
+    match expert {
+        Some(role) => format!("{role}.{name}"),
+        None => name.to_string(),
+    }
+}
+
+const STATE_TENSORS: [&str; 3] = ["params", "exp_avg", "exp_avg_sq"];
 
 pub fn checkpoints_dir(out: &Path) -> PathBuf {
     out.join("checkpoints")
@@ -72,7 +98,7 @@ pub fn step_dir(out: &Path, step: u64) -> PathBuf {
 }
 
 /// Writes a checkpoint atomically (temp dir + rename) and returns its directory.
-pub fn save(out: &Path, trainer: &TrainerState, lora: &LoraSpec, state: &CheckpointState) -> Result<PathBuf> {
+pub fn save(out: &Path, trainer: &TrainerState, loras: &[SavedLora<'_>]) -> Result<PathBuf> {
     let root = checkpoints_dir(out);
     std::fs::create_dir_all(&root).at(&root)?;
     let final_dir = step_dir(out, trainer.step);
@@ -82,13 +108,20 @@ pub fn save(out: &Path, trainer: &TrainerState, lora: &LoraSpec, state: &Checkpo
             std::fs::remove_dir_all(&tmp).at(&tmp)?;
         }
         std::fs::create_dir(&tmp).at(&tmp)?;
-        let tensors = [("params", &state.params), ("exp_avg", &state.m), ("exp_avg_sq", &state.v)]
-            .into_iter()
-            .map(|(name, values)| OutTensor { name: name.into(), shape: vec![values.len()], values: values.clone() })
-            .collect::<Vec<_>>();
+        let mut tensors = Vec::new();
+        let mut file = TrainerFile { trainer: trainer.clone(), lora: None, experts: BTreeMap::new() };
+        for lora in loras {
+            let s = lora.state;
+            for (name, values) in STATE_TENSORS.into_iter().zip([&s.params, &s.m, &s.v]) {
+                tensors.push(OutTensor { name: tensor_name(lora.expert, name), shape: vec![values.len()], values: values.clone() });
+            }
+            match lora.expert {
+                Some(role) => file.experts.insert(role.to_string(), lora.spec.clone()),
+                None => file.lora.replace(lora.spec.clone()),
+            };
+        }
         let bytes = encode(&tensors, SaveDtype::F32, None)?;
         write_atomic(&tmp.join(STATE_FILE), &bytes)?;
-        let file = TrainerFile { trainer: trainer.clone(), lora: Some(lora.clone()) };
         let json = serde_json::to_vec_pretty(&file).map_err(|e| Error::Config(e.to_string()))?;
         write_atomic(&tmp.join(TRAINER_FILE), &json)?;
         let sums = format!("{}  {STATE_FILE}\n{}  {TRAINER_FILE}\n", hex(&Sha256::digest(&bytes)), hex(&Sha256::digest(&json)));
@@ -175,28 +208,70 @@ fn read_trainer_file(dir: &Path) -> Result<TrainerFile> {
 
 /// Loads one checkpoint, verifying its checksums and checking its tensors.
 pub fn load(dir: &Path, num_params: usize) -> Result<(TrainerState, CheckpointState)> {
+    let (trainer, mut states) = load_models(dir, &[(None, num_params)])?;
+    let state = states.pop().ok_or_else(|| Error::Checkpoint { path: dir.to_path_buf(), reason: "holds no LoRA state".into() })?;
+    Ok((trainer, state))
+}
+
+/// Loads one checkpoint with the LoRA state of each model in `models` (`None`: the single
+/// model; `Some(role)`: an expert of a pair) and its parameter count, in that order. A
+/// checkpoint of a pair job is refused for a single model, and the reverse, in one line.
+pub fn load_models(dir: &Path, models: &[(Option<&str>, usize)]) -> Result<(TrainerState, Vec<CheckpointState>)> {
     verify(dir)?;
-    let trainer = read_trainer_file(dir)?.trainer;
-    Ok((trainer, read_state(dir, num_params)?))
+    let file = read_trainer_file(dir)?;
+    let saved: Vec<&str> = file.experts.keys().map(String::as_str).collect();
+    let wanted: Vec<&str> = models.iter().filter_map(|(role, _)| *role).collect();
+    if saved != wanted {
+        let describe = |roles: &[&str]| if roles.is_empty() { "one model".to_string() } else { format!("a Wan2.2 expert pair ({})", roles.join(", ")) };
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: format!("is a checkpoint of {}, but this run trains {}; resume it with the same --artifacts/--expert-artifacts, or choose another --out", describe(&saved), describe(&wanted)),
+        });
+    }
+    let states = models.iter().map(|&(role, p)| read_state(dir, role, p)).collect::<Result<Vec<_>>>()?;
+    Ok((file.trainer, states))
 }
 
 /// A checkpoint's LoRA description and parameters (`flowstep export-lora`), verified.
 pub fn load_lora(dir: &Path) -> Result<(LoraSpec, Vec<f32>)> {
+    let file = read_checkpoint_record(dir)?;
+    let Some(lora) = file.lora else {
+        if !file.experts.is_empty() {
+            let roles: Vec<&str> = file.experts.keys().map(String::as_str).collect();
+            return Err(Error::Checkpoint { path: dir.to_path_buf(), reason: format!("holds a Wan2.2 expert pair ({}); pass --expert ROLE to write one expert's LoRA", roles.join(", ")) });
+        }
+        return Err(Error::Checkpoint { path: dir.to_path_buf(), reason: "was written by an older flowstep and does not describe its LoRA; resume the run with this flowstep to write a checkpoint that does".into() });
+    };
+    let params = read_state(dir, None, lora.info.num_params)?.params;
+    Ok((lora, params))
+}
+
+/// One expert's LoRA description and parameters from a pair job's checkpoint
+/// (`flowstep export-lora --expert ROLE`), verified.
+pub fn load_expert_lora(dir: &Path, role: &str) -> Result<(LoraSpec, Vec<f32>)> {
+    let file = read_checkpoint_record(dir)?;
+    let Some(lora) = file.experts.get(role).cloned() else {
+        let held = if file.experts.is_empty() { "one model's LoRA, not an expert pair's (leave out --expert)".to_string() } else { format!("the experts {}", file.experts.keys().cloned().collect::<Vec<_>>().join(", ")) };
+        return Err(Error::Checkpoint { path: dir.to_path_buf(), reason: format!("has no {role} expert: it holds {held}") });
+    };
+    let params = read_state(dir, Some(role), lora.info.num_params)?.params;
+    Ok((lora, params))
+}
+
+/// The verified `trainer.json` of the checkpoint directory `dir`, which must be one.
+fn read_checkpoint_record(dir: &Path) -> Result<TrainerFile> {
     if !dir.join(TRAINER_FILE).is_file() || !dir.join(STATE_FILE).is_file() {
         let what = if dir.join("checkpoints").is_dir() { "is a training output directory; pass one of its checkpoints/step-XXXXXX directories" } else { "is not a flowstep checkpoint directory (step-XXXXXX with trainer.json and state.safetensors)" };
         return Err(Error::Checkpoint { path: dir.to_path_buf(), reason: what.into() });
     }
     verify(dir)?;
-    let Some(lora) = read_trainer_file(dir)?.lora else {
-        return Err(Error::Checkpoint { path: dir.to_path_buf(), reason: "was written by an older flowstep and does not describe its LoRA; resume the run with this flowstep to write a checkpoint that does".into() });
-    };
-    let params = read_state(dir, lora.info.num_params)?.params;
-    Ok((lora, params))
+    read_trainer_file(dir)
 }
 
-fn read_state(dir: &Path, num_params: usize) -> Result<CheckpointState> {
+fn read_state(dir: &Path, expert: Option<&str>, num_params: usize) -> Result<CheckpointState> {
     let file = TensorFile::open(&dir.join(STATE_FILE))?;
     let read = |name: &str| -> Result<Vec<f32>> {
+        let name = &tensor_name(expert, name);
         let (shape, values) = file.read_f32(name)?;
         if shape != [num_params] {
             return Err(Error::Checkpoint { path: dir.to_path_buf(), reason: format!("`{name}` has shape {shape:?}, the artifacts have {num_params} LoRA parameters") });
@@ -232,8 +307,8 @@ mod tests {
         let info = LoraInfo { rank: 1, alpha: 1.0, targets: vec!["q".into()], num_params: 2, tensors: Vec::new() };
         let lora = LoraSpec { info, metadata: BTreeMap::from([("ss_network_dim".into(), "1".into())]) };
         for step in [5, 10, 15] {
-            let trainer = TrainerState { step, micro_steps: step * 2, skipped_steps: 0, skipped_samples: 0, run: serde_json::json!({"seed": 1}), eval_before: Some(0.5) };
-            save(out, &trainer, &lora, &state)?;
+            let trainer = TrainerState { step, micro_steps: step * 2, skipped_steps: 0, skipped_samples: 0, run: serde_json::json!({"seed": 1}), eval_before: Some(0.5), expert_updates: BTreeMap::new() };
+            save(out, &trainer, &[SavedLora { expert: None, spec: &lora, state: &state }])?;
         }
         std::fs::create_dir_all(checkpoints_dir(out).join(".tmp-step-000020-1")).at(out)?;
         let listed = list(out)?;

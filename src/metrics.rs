@@ -1,6 +1,7 @@
 //! What the training loop reports: events, and the observers that turn them into
 //! `metrics.jsonl`, a progress bar (or log lines off a terminal) and an in-memory record.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -38,6 +39,25 @@ pub struct StepRecord {
     /// On the first step after a resume that changed hyperparameters: what changed.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub hyperparameter_changes: Vec<String>,
+    /// A Wan2.2 pair job: the expert this step trained (`high_noise`, `low_noise`), or
+    /// `high_noise+low_noise` when its micro-steps went to both.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub expert: Option<String>,
+    /// A Wan2.2 pair job: each expert that took micro-steps in this step, by role.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub experts: BTreeMap<String, ExpertStep>,
+}
+
+/// One expert's share of a pair job's optimizer step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpertStep {
+    /// Micro-steps (samples) this expert took in the step.
+    pub micro_steps: usize,
+    /// Mean loss over them.
+    pub loss: f64,
+    /// L2 norm of this expert's averaged gradient, before clipping.
+    pub grad_norm: f32,
+    pub applied: bool,
 }
 
 /// Events the loop emits; observers never change training.
@@ -170,7 +190,8 @@ impl Observer for Progress {
                     _ => r.loss,
                 };
                 self.ema = Some(ema);
-                let msg = format!("loss {:.4} (avg {ema:.4}) lr {:.2e}{}", r.loss, r.lr, if r.applied { "" } else { " SKIPPED" });
+                let expert = r.expert.as_deref().map_or(String::new(), |e| format!(" [{e}]"));
+                let msg = format!("loss {:.4} (avg {ema:.4}) lr {:.2e}{expert}{}", r.loss, r.lr, if r.applied { "" } else { " SKIPPED" });
                 match &self.bar {
                     Some(bar) => {
                         bar.set_message(msg);

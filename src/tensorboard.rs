@@ -188,6 +188,9 @@ impl Observer for TensorBoard {
                 w.scalar("train/loss", r.step, r.loss)?;
                 w.scalar("train/lr", r.step, r.lr)?;
                 w.scalar("train/grad_norm", r.step, r.grad_norm as f64)?;
+                for (role, e) in &r.experts {
+                    w.scalar(&format!("train/loss_{role}"), r.step, e.loss)?;
+                }
             }
             TrainEvent::Evaluated { step, loss } => w.scalar("eval/loss", *step, *loss)?,
             TrainEvent::Sampled { step, images, .. } => {

@@ -11,7 +11,7 @@ pub use manifest::{
 };
 pub use external_data::check_listed as check_external_data;
 pub use files::{kind_of, resolve_inside, sha256_file};
-pub use validate::check_session_io;
+pub use validate::{check_session_io, pair_mismatch};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -181,6 +181,43 @@ fn check_expert(a: &Artifacts) -> Result<()> {
     Ok(())
 }
 
+/// Why `other` cannot be the other expert of `main`'s Wan2.2 A14B pair, or None: both are
+/// experts, of opposite roles, that switch at the same timestep and meet at one boundary
+/// (high noise `[0, b)`, low noise `[b, 1]`), and whose models take the same inputs.
+/// `same_model` (a pair job, which trains both LoRAs) also asks for the same base model name
+/// and the same LoRA rank, alpha and targets.
+pub fn pair_mismatch(main: &super::Manifest, other: &super::Manifest, same_model: bool) -> Option<String> {
+    let (Some(a), Some(b)) = (&main.expert, &other.expert) else {
+        return Some("both exports must be experts of a Wan2.2 A14B pair (manifest `expert`)".into());
+    };
+    if a.role == b.role {
+        return Some(format!("both exports are the {} expert", a.role.as_str()));
+    }
+    if a.switch_timestep != b.switch_timestep {
+        return Some(format!("switch timestep {} differs from {}", b.switch_timestep, a.switch_timestep));
+    }
+    let (high, low) = if a.role == super::ExpertRole::HighNoise { (a, b) } else { (b, a) };
+    if high.max_timestep_boundary != low.min_timestep_boundary {
+        return Some(format!("the high_noise expert's range ends at {} but the low_noise one's starts at {}: different boundaries", high.max_timestep_boundary, low.min_timestep_boundary));
+    }
+    let (x, y) = (&main.model, &other.model);
+    let same_inputs = x.latent_channels() == y.latent_channels() && x.in_dim == y.in_dim && x.text_len == y.text_len
+        && x.text_dim == y.text_dim && x.patch_size == y.patch_size && x.conditioning == y.conditioning;
+    if !same_inputs {
+        return Some(format!("its model ({}) takes other inputs than {}", y.name, x.name));
+    }
+    if same_model {
+        if x.name != y.name {
+            return Some(format!("base model {} differs from {}", y.name, x.name));
+        }
+        let (l, m) = (&main.lora, &other.lora);
+        if (l.rank, l.alpha, &l.targets) != (m.rank, m.alpha, &m.targets) {
+            return Some(format!("LoRA rank {}, alpha {}, targets {} differ from rank {}, alpha {}, targets {}", m.rank, m.alpha, m.targets.join(","), l.rank, l.alpha, l.targets.join(",")));
+        }
+    }
+    None
+}
+
 /// The LoRA layout, against itself and the base weights it adapts: rank ≥ 1, unique keys,
 /// one A `[rank, in]` and one B `[out, rank]` per module with `in`/`out` from the module's
 /// base weight, offsets contiguous from 0 to `num_params`. Runs before anything is allocated.

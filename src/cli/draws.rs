@@ -49,7 +49,7 @@ pub struct Args {
 pub fn run(args: Args, _globals: &Globals) -> anyhow::Result<ExitCode> {
     let artifacts = Artifacts::open(&args.model.artifacts)?;
     let dataset = Dataset::open(&args.data, SampleSpec::for_model(&artifacts.manifest.model))?;
-    let (config, _) = args.sft.config(&artifacts.manifest, &args.data)?;
+    let (config, _) = args.sft.config(&artifacts.manifest, &args.data, false)?;
     let sampler = SftSampler::new(config, args.seed)?;
     let order = DataOrder { seed: args.seed, len: dataset.len(), repeat: args.repeat };
     let n = args.micro_steps as usize;

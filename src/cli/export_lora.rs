@@ -27,13 +27,21 @@ pub struct Args {
     /// Precision of the file (the checkpoint holds float32).
     #[arg(long, value_enum, default_value_t = SaveDtype::Bf16)]
     pub dtype: SaveDtype,
+
+    /// For a checkpoint of a Wan2.2 A14B pair job (`flowstep train --expert-artifacts`): the
+    /// expert whose LoRA to write, high_noise or low_noise.
+    #[arg(long, value_name = "ROLE")]
+    pub expert: Option<String>,
 }
 
 pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     if args.out.exists() {
         anyhow::bail!("--out {}: already exists; remove it or choose another file", args.out.display());
     }
-    let (spec, params) = flowstep::checkpoint::load_lora(&args.checkpoint)?;
+    let (spec, params) = match &args.expert {
+        Some(role) => flowstep::checkpoint::load_expert_lora(&args.checkpoint, role)?,
+        None => flowstep::checkpoint::load_lora(&args.checkpoint)?,
+    };
     lora_io::save(&args.out, &spec.info, &params, args.lora_format, args.dtype, &spec.metadata)?;
     if !globals.quiet {
         let step = spec.metadata.get("ss_steps").map_or("?", String::as_str);

@@ -201,10 +201,22 @@ pub struct SftArgs {
 impl SftArgs {
     /// The draws' settings for these artifacts and dataset: boundaries from the flags, else
     /// the expert's manifest, else the dataset's DiffSynth cache (`sft::resolve_boundaries`).
-    pub fn config(&self, manifest: &flowstep::artifacts::Manifest, data: &std::path::Path) -> anyhow::Result<(flowstep::sft::SftConfig, flowstep::sft::Boundaries)> {
+    /// `pair`: a pair job, which draws over the whole table (each expert keeps its manifest's
+    /// range), so boundary flags and a cache's boundaries are refused.
+    pub fn config(&self, manifest: &flowstep::artifacts::Manifest, data: &std::path::Path, pair: bool) -> anyhow::Result<(flowstep::sft::SftConfig, flowstep::sft::Boundaries)> {
         let stored = flowstep::data::stored_boundaries(data)?;
         let flags = (self.min_timestep_boundary, self.max_timestep_boundary);
-        let b = flowstep::sft::resolve_boundaries(flags, manifest.expert.as_ref(), stored)?;
+        if pair {
+            let flag = if flags.0.is_some() { Some("--min-timestep-boundary") } else { flags.1.map(|_| "--max-timestep-boundary") };
+            if let Some(flag) = flag {
+                anyhow::bail!("{flag}: a pair job (--expert-artifacts) trains each expert over its own manifest's range; leave it out");
+            }
+            if let Some((lo, hi)) = stored.filter(|&s| s != (0.0, 1.0)) {
+                anyhow::bail!("--data {}: cached by DiffSynth for timestep boundaries [{lo}, {hi}) (diffsynth_boundaries.json), one expert's range; a pair job trains both experts over [0, 1)", data.display());
+            }
+        }
+        let expert = manifest.expert.as_ref().filter(|_| !pair);
+        let b = flowstep::sft::resolve_boundaries(flags, expert, stored)?;
         let params = flowstep::timesteps::SamplingParams {
             sigmoid_scale: self.sigmoid_scale,
             discrete_flow_shift: self.discrete_flow_shift,

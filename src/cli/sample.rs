@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use flowstep::artifacts::{Artifacts, ExpertRole, Manifest};
+use flowstep::artifacts::{Artifacts, ExpertRole};
 use flowstep::decode::{Tile, VaeDecoder, VideoOptions};
 use flowstep::executor::{VelocityGraph, WithLora};
 use flowstep::render::{centroid_motion, mean_rgb};
@@ -226,21 +226,6 @@ fn progress_bar(len: u64, what: &str, quiet: bool) -> ProgressBar {
     bar
 }
 
-/// The other expert must complete the pair: the opposite role, the same switch timestep and
-/// the same inputs.
-fn check_pair(main: &Manifest, other: &Manifest, dir: &std::path::Path) -> anyhow::Result<()> {
-    let (Some(a), Some(b)) = (&main.expert, &other.expert) else {
-        anyhow::bail!("--expert-artifacts {}: both --artifacts and --expert-artifacts must be experts of a Wan2.2 A14B pair", dir.display());
-    };
-    anyhow::ensure!(a.role != b.role, "--expert-artifacts {}: both exports are the {} expert", dir.display(), a.role.as_str());
-    anyhow::ensure!(a.switch_timestep == b.switch_timestep, "--expert-artifacts {}: switch timestep {} differs from {}", dir.display(), b.switch_timestep, a.switch_timestep);
-    let (x, y) = (&main.model, &other.model);
-    let same = x.latent_channels() == y.latent_channels() && x.in_dim == y.in_dim && x.text_len == y.text_len
-        && x.text_dim == y.text_dim && x.patch_size == y.patch_size && x.conditioning == y.conditioning;
-    anyhow::ensure!(same, "--expert-artifacts {}: its model ({}) takes other inputs than {}", dir.display(), y.name, x.name);
-    Ok(())
-}
-
 /// The prompt's and the optional negative prompt's contexts: text encoded by --text-encoder
 /// (which is dropped before the DiT loads), or read from context files.
 fn prompt_contexts(args: &Args, model: &flowstep::artifacts::ModelInfo, threads: Option<usize>) -> anyhow::Result<(Vec<f32>, Option<Vec<f32>>)> {
@@ -292,7 +277,9 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     let other = match &args.expert_artifacts {
         Some(dir) => {
             let a = Artifacts::open(dir)?;
-            check_pair(m, &a.manifest, dir)?;
+            if let Some(reason) = flowstep::artifacts::pair_mismatch(m, &a.manifest, false) {
+                anyhow::bail!("--expert-artifacts {}: {reason}", dir.display());
+            }
             session.for_artifacts(&a.manifest)?;
             Some(a)
         }

@@ -12,7 +12,7 @@ use flowstep::lora_io::LoraFormat;
 use flowstep::metrics::Progress;
 use flowstep::optim::LrSchedule;
 use flowstep::tensor_file::SaveDtype;
-use flowstep::train::{Length, NonFinitePolicy, SamplingConfig, TrainConfig, train};
+use flowstep::train::{Length, NonFinitePolicy, PairConfig, SamplingConfig, TrainConfig, train};
 
 use super::{DeviceArgs, Globals, ModelArgs};
 
@@ -36,7 +36,7 @@ pub struct Args {
 
     /// Output directory: metrics.jsonl, tensorboard/, checkpoints/, loras/ (a LoRA per
     /// checkpoint), loss.png and the final LoRA: lora.safetensors, or lora_high_noise /
-    /// lora_low_noise.safetensors for a Wan2.2 A14B expert.
+    /// lora_low_noise.safetensors for a Wan2.2 A14B expert (both for a pair job).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 
@@ -45,6 +45,30 @@ pub struct Args {
     /// have the export's rank and modules (--lora-targets of the export).
     #[arg(long, value_name = "FILE")]
     pub init_lora: Option<PathBuf>,
+
+    /// The other expert of a Wan2.2 A14B pair (its artifacts directory), trained in the same
+    /// job beside the expert of --artifacts (either role; the manifests say which is which):
+    /// two LoRAs, two AdamW states, one checkpoint, OUT/lora_high_noise.safetensors and
+    /// OUT/lora_low_noise.safetensors. Each sample's timestep, drawn over the whole table, picks
+    /// the expert whose range holds it (DiffSynth's boundary, t ≥ 875 high noise for T2V);
+    /// see --switch-expert-every. Both experts stay loaded.
+    #[arg(long, value_name = "DIR", help_heading = "Wan2.2 expert pair")]
+    pub expert_artifacts: Option<PathBuf>,
+
+    /// Base checkpoint of the other expert when its artifacts do not ship one.
+    #[arg(long, value_name = "FILE", requires = "expert_artifacts", help_heading = "Wan2.2 expert pair")]
+    pub expert_base: Option<PathBuf>,
+
+    /// Start the other expert from this LoRA file (as --init-lora for --artifacts).
+    #[arg(long, value_name = "FILE", requires = "expert_artifacts", help_heading = "Wan2.2 expert pair")]
+    pub expert_init_lora: Option<PathBuf>,
+
+    /// Train the high-noise expert for N samples (micro-steps), then the low-noise one for N,
+    /// and so on, each drawing timesteps only in its own range: ai-toolkit's
+    /// switch_boundary_every. With N a multiple of --grad-accum each optimizer step trains
+    /// one expert; with 1 and --grad-accum 2, every step trains both.
+    #[arg(long, value_name = "N", requires = "expert_artifacts", help_heading = "Wan2.2 expert pair")]
+    pub switch_expert_every: Option<u64>,
 
     /// Optimizer steps to run (each is --grad-accum samples).
     #[arg(long, conflicts_with = "epochs", value_name = "N")]
@@ -216,7 +240,7 @@ pub fn run(args: Args, resolved: toml::Table, stored: Option<(PathBuf, toml::Tab
     };
     // The expert's default boundaries: the manifest is read (and checked) again by the trainer.
     let artifacts = flowstep::artifacts::Artifacts::open(&args.model.artifacts)?;
-    let (sft, boundaries) = args.sft.config(&artifacts.manifest, &args.data)?;
+    let (sft, boundaries) = args.sft.config(&artifacts.manifest, &args.data, args.expert_artifacts.is_some())?;
     if !globals.quiet && boundaries.source != "the default" {
         eprintln!("timestep boundaries [{}, {}) from {}", boundaries.min, boundaries.max, boundaries.source);
     }
@@ -257,6 +281,12 @@ pub fn run(args: Args, resolved: toml::Table, stored: Option<(PathBuf, toml::Tab
             vae_tile: args.vae_tile,
         }),
         stop_after: args.stop_after,
+        pair: args.expert_artifacts.map(|artifacts| PairConfig {
+            artifacts,
+            base: args.expert_base,
+            init_lora: args.expert_init_lora,
+            switch_every: args.switch_expert_every,
+        }),
         run_config: Some((super::run_config::FILE_NAME.into(), format!(
             "# Every `flowstep train` flag of this run; `flowstep train --resume --out OUT` reads it.\n{}",
             toml::to_string(&resolved)?
@@ -305,6 +335,15 @@ fn print_summary(s: &flowstep::train::TrainSummary) {
     }
     if let Some(p) = &s.lora {
         eprintln!("LoRA           {}", p.display());
+    }
+    for e in &s.experts {
+        eprintln!("{:<14} {} steps ({} samples), loss first {}  last-10 mean {}", e.role, e.steps, e.micro_steps, fmt(e.first_loss), fmt(e.final_loss));
+        if let Some(p) = &e.lora {
+            eprintln!("  LoRA         {}", p.display());
+        }
+        if let Some(p) = &e.checkpoint_lora {
+            eprintln!("  its LoRA     {}", p.display());
+        }
     }
     if let Some(p) = &s.checkpoint {
         eprintln!("checkpoint     {}", p.display());

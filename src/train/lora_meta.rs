@@ -121,8 +121,3 @@ impl RunMetadata {
         keys
     }
 }
-
-/// `OUT/loras/<name>-step-XXXXXX.safetensors`: the LoRA written with each checkpoint.
-pub(super) fn step_lora_path(out: &std::path::Path, name: &str, step: u64) -> std::path::PathBuf {
-    out.join("loras").join(format!("{name}-step-{step:06}.safetensors"))
-}

@@ -2,6 +2,7 @@
 //! through its phases. Everything a run reports goes out as events.
 
 mod lora_meta;
+mod models;
 mod run;
 mod samples;
 mod trainer;
@@ -82,6 +83,23 @@ pub struct TrainConfig {
     /// The run's flags as a file name in `out` and its text (`flowstep train`'s
     /// config.toml), written once the run may start or resume.
     pub run_config: Option<(String, String)>,
+    /// `--expert-artifacts`: the other expert of a Wan2.2 A14B pair, trained in the same job
+    /// beside the expert of `artifacts`.
+    pub pair: Option<PairConfig>,
+}
+
+/// The second expert of a pair job and how the job divides micro-steps between the two.
+#[derive(Debug, Clone)]
+pub struct PairConfig {
+    pub artifacts: PathBuf,
+    /// `--expert-base`, `--expert-init-lora`: as `base` and `init_lora` for this expert.
+    pub base: Option<PathBuf>,
+    pub init_lora: Option<PathBuf>,
+    /// `--switch-expert-every N` (ai-toolkit's `switch_boundary_every`): N micro-steps of the
+    /// high-noise expert, then N of the low-noise one, and so on, each drawing timesteps in its
+    /// own range. None: each micro-step's timestep, drawn over the whole table, picks the
+    /// expert whose range holds it.
+    pub switch_every: Option<u64>,
 }
 
 /// What a finished (or interrupted) run did.
@@ -118,6 +136,23 @@ pub struct TrainSummary {
     pub checkpoint_lora: Option<PathBuf>,
     pub metrics: PathBuf,
     pub plot: Option<PathBuf>,
+    /// A pair job: each expert's share of the whole run (high noise first).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub experts: Vec<ExpertSummary>,
+}
+
+/// One expert of a pair job over the whole run (a resumed run included).
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpertSummary {
+    pub role: String,
+    /// Micro-steps (samples) and optimizer steps that trained this expert.
+    pub micro_steps: u64,
+    pub steps: u64,
+    pub first_loss: Option<f64>,
+    /// Mean of its last 10 steps' losses.
+    pub final_loss: Option<f64>,
+    pub lora: Option<PathBuf>,
+    pub checkpoint_lora: Option<PathBuf>,
 }
 
 /// Runs (or resumes) training to the end, an interrupt, or `stop_after` steps.

@@ -14,8 +14,10 @@ use crate::timesteps::{LossWeighting, TimestepSampling};
 
 /// The run as stored in `trainer.json` (`run`): `identity` never changes across resumes,
 /// `hyperparameters` only with `--allow-changed-hyperparameters`. Keys are flag names.
-pub(super) fn describe(config: &TrainConfig, artifacts: &Artifacts, dataset_len: usize, total_steps: u64) -> Result<Value> {
-    let sha = |graph: &str| artifacts.graph(graph).ok().and_then(|g| artifacts.manifest.files.get(&g.file).cloned()).unwrap_or_default();
+/// `models`: the run's exports (a pair's experts high noise first).
+pub(super) fn describe(config: &TrainConfig, models: &[&Artifacts], dataset_len: usize, total_steps: u64) -> Result<Value> {
+    let sha = |artifacts: &Artifacts, graph: &str| artifacts.graph(graph).ok().and_then(|g| artifacts.manifest.files.get(&g.file).cloned()).unwrap_or_default();
+    let graphs: Vec<String> = models.iter().map(|a| format!("{}+{}", sha(a, TRAINING), sha(a, OPTIMIZER))).collect();
     let sft = &config.sft;
     let mut hyper = json!({
         "lr": config.lr,
@@ -35,7 +37,7 @@ pub(super) fn describe(config: &TrainConfig, artifacts: &Artifacts, dataset_len:
     }
     let mut run = json!({
         "identity": {
-            "artifacts": format!("{}+{}", sha(TRAINING), sha(OPTIMIZER)),
+            "artifacts": graphs.join(","),
             "seed": config.seed,
             "grad-accum": config.grad_accum,
             "repeat": config.repeat,
@@ -48,6 +50,10 @@ pub(super) fn describe(config: &TrainConfig, artifacts: &Artifacts, dataset_len:
         },
         "hyperparameters": hyper,
     });
+    // Recorded only for a pair job, so that single-model checkpoints resume unchanged.
+    if let Some(every) = config.pair.as_ref().and_then(|p| p.switch_every) {
+        run["identity"]["switch-expert-every"] = json!(every);
+    }
     // Recorded only off DiffSynth's default, so that checkpoints from before these options resume.
     if sft.sampling != TimestepSampling::Uniform || sft.loss_weighting != LossWeighting::Diffsynth {
         run["identity"]["timestep-sampling"] = json!(sft.sampling.to_string());

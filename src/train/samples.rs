@@ -241,17 +241,22 @@ pub struct Written {
     pub contact_sheets: Vec<(String, PathBuf)>,
 }
 
-/// The inference graph, the prompts and the optional VAE decoder, loaded once per run.
+/// The inference graphs (one model, or a pair's experts switching at their timestep), the
+/// prompts and the optional VAE decoder, loaded once per run.
 pub struct SampleWriter {
-    graph: VelocityGraph,
+    /// Each model's graph and the timestep from which it denoises (high noise first).
+    graphs: Vec<(VelocityGraph, f32)>,
     prompts: Vec<Prompt>,
     context_shape: [usize; 2],
     decoder: Option<(VaeDecoder, VideoOptions)>,
 }
 
 impl SampleWriter {
-    pub fn load(artifacts: &Artifacts, options: &SessionOptions, base: &BaseWeights, prompts: Vec<Prompt>, config: &SamplingConfig) -> Result<Self> {
-        let m = &artifacts.manifest.model;
+    /// `models`: each model's artifacts, base weights and the timestep from which it denoises
+    /// (`f32::NEG_INFINITY` for one model and a pair's low-noise expert).
+    pub fn load(models: &[(Artifacts, BaseWeights, f32)], options: &SessionOptions, prompts: Vec<Prompt>, config: &SamplingConfig) -> Result<Self> {
+        let Some((first, _, _)) = models.first() else { return Err(Error::Config("no model to sample with".into())) };
+        let m = &first.manifest.model;
         let decoder = match &config.vae_decoder {
             Some(dir) => {
                 let decoder = VaeDecoder::open(dir, options, m.latent_channels())?;
@@ -262,13 +267,14 @@ impl SampleWriter {
             }
             None => None,
         };
-        Ok(Self { graph: VelocityGraph::load(artifacts, options, base)?, prompts, context_shape: [m.text_len, m.text_dim], decoder })
+        let graphs = models.iter().map(|(a, base, from)| Ok((VelocityGraph::load(a, options, base)?, *from))).collect::<Result<_>>()?;
+        Ok(Self { graphs, prompts, context_shape: [m.text_len, m.text_dim], decoder })
     }
 
-    /// Samples every prompt with `params` into `dir/NN-name/`; `dir/prompts.json` lists the
-    /// settings. `dir` appears only when every prompt's files are written (they are written
+    /// Samples every prompt with `params` (one per model, in `load`'s order) into
+    /// `dir/NN-name/`; `dir/prompts.json` lists the settings. `dir` appears only when every prompt's files are written (they are written
     /// into a hidden sibling and renamed), so a failure leaves no partial step directory.
-    pub fn write(&mut self, params: &Tensor<f32>, dir: &Path) -> Result<Written> {
+    pub fn write(&mut self, params: &[&Tensor<f32>], dir: &Path) -> Result<Written> {
         let staging = Staging::new(dir)?;
         let mut written = self.write_into(params, staging.path())?;
         for (_, path) in &mut written.contact_sheets {
@@ -280,12 +286,13 @@ impl SampleWriter {
         Ok(written)
     }
 
-    fn write_into(&mut self, params: &Tensor<f32>, dir: &Path) -> Result<Written> {
+    fn write_into(&mut self, params: &[&Tensor<f32>], dir: &Path) -> Result<Written> {
         let mut listed = Vec::new();
         let mut warning = None;
         let mut contact_sheets = Vec::new();
         for prompt in &self.prompts {
-            let mut stages = [Stage { graph: &mut self.graph, params, from_timestep: f32::NEG_INFINITY }];
+            let mut stages: Vec<Stage<'_>> =
+                self.graphs.iter_mut().zip(params).map(|((graph, from_timestep), params)| Stage { graph, params, from_timestep: *from_timestep }).collect();
             let video = sample(&mut stages, (&self.context_shape, &prompt.context), prompt.negative.as_deref(), &prompt.conditioning, &prompt.config, &ProgressBar::hidden())?;
             let decoding = self.decoder.as_mut().map(|(d, o)| (d, *o));
             let prompt_tensors = PromptTensors { shape: self.context_shape, context: &prompt.context, negative: prompt.negative.as_deref() };

@@ -8,17 +8,18 @@ use std::time::Instant;
 
 use fs2::FileExt;
 
-use super::lora_meta::{RunFacts, RunMetadata, step_lora_path};
+use super::lora_meta::{RunFacts, RunMetadata};
+use super::models::{Choice, TrainedModel, Window, step_lora_path};
 use super::samples::{self, SampleWriter};
-use super::{NonFinitePolicy, TrainConfig, TrainSummary, run};
-use crate::artifacts::{Artifacts, sha256_file};
-use crate::checkpoint::{self, CheckpointState, LoraSpec, TrainerState};
+use super::{ExpertSummary, NonFinitePolicy, TrainConfig, TrainSummary, run};
+use crate::artifacts::{Artifacts, ExpertRole, sha256_file};
+use crate::checkpoint::{self, CheckpointState, LoraSpec, SavedLora, TrainerState};
 use crate::data::{DataOrder, Dataset, SampleSpec};
 use crate::error::{Error, IoContext, Result};
 use crate::eval::evaluate;
 use crate::executor::{Batch, LossGraph, TrainingGraphs, load_base_weights};
 use crate::lora_io;
-use crate::metrics::{JsonlWriter, Observer, Recorder, StepRecord, TrainEvent, read_jsonl};
+use crate::metrics::{ExpertStep, JsonlWriter, Observer, Recorder, StepRecord, TrainEvent, read_jsonl};
 use crate::sft::{SftConfig, SftSampler, TimestepDraw};
 use crate::tensorboard::TensorBoard;
 
@@ -85,27 +86,26 @@ struct Timing {
     sample_seconds: f64,
 }
 
-/// The micro-steps of one optimizer step, summed.
+/// The micro-steps of one optimizer step, summed (each model's share is its [`Window`]).
 struct Accumulated {
     loss_sum: f64,
     first: Option<TimestepDraw>,
-    finite: bool,
-    /// The first sample whose loss was NaN/Inf, and that loss.
-    nonfinite: Option<(PathBuf, f32)>,
     graph_seconds: f64,
 }
 
 /// A training run in progress.
 pub struct Trainer<'a, 'o> {
     config: &'a TrainConfig,
-    artifacts: Artifacts,
+    /// The LoRAs trained: one model, or a pair's experts (high noise first).
+    models: Vec<TrainedModel>,
+    /// How a micro-step picks its model.
+    choice: Choice,
     dataset: Dataset,
     eval_set: Option<Dataset>,
+    /// Draws over the run's whole timestep range.
     sampler: SftSampler,
     order: DataOrder,
     total_steps: u64,
-    graphs: TrainingGraphs,
-    eval_graph: Option<LossGraph>,
     /// `--sample-every`: the inference graph and the prompts.
     sample_writer: Option<SampleWriter>,
     /// Sample directories written by this process.
@@ -125,8 +125,6 @@ pub struct Trainer<'a, 'o> {
     eval_before: Option<f64>,
     eval_after: Option<f64>,
     last_checkpoint: Option<PathBuf>,
-    /// The LoRA file written with it.
-    last_checkpoint_lora: Option<PathBuf>,
     /// Hyperparameters this resume changed.
     changes: Vec<String>,
     /// Samples found non-finite (`--skip-bad-samples`).
@@ -136,8 +134,8 @@ pub struct Trainer<'a, 'o> {
     params_nonfinite_loss: Option<String>,
     /// `--output-name`, or OUT's directory name: names the LoRAs in `OUT/loras/`.
     output_name: String,
-    /// The metadata every LoRA file of this run carries.
-    lora_meta: RunMetadata,
+    /// The LoRA written with the newest checkpoint, per model.
+    last_checkpoint_loras: Vec<PathBuf>,
     _lock: OutLock,
 }
 
@@ -147,39 +145,44 @@ impl<'a, 'o> Trainer<'a, 'o> {
     pub fn start(config: &'a TrainConfig, observers: &'a mut [&'o mut dyn Observer]) -> Result<Self> {
         let started = Instant::now();
         config.validate()?;
-        let artifacts = Artifacts::open(&config.artifacts)?;
-        let manifest = &artifacts.manifest;
-        // Refuse a device without kernels for these graphs before reading any data.
-        config.session.for_artifacts(manifest)?;
-        let spec = SampleSpec::for_model(&manifest.model);
+        let mut exports = vec![(Artifacts::open(&config.artifacts)?, config.base.clone(), config.init_lora.clone())];
+        if let Some(pair) = &config.pair {
+            let other = Artifacts::open(&pair.artifacts)?;
+            if let Some(reason) = crate::artifacts::pair_mismatch(&exports[0].0.manifest, &other.manifest, true) {
+                return Err(Error::flag("--expert-artifacts", format!("{}: {reason}", pair.artifacts.display())));
+            }
+            exports.push((other, pair.base.clone(), pair.init_lora.clone()));
+            // High noise first: the order of checkpoints, samples and --switch-expert-every.
+            exports.sort_by_key(|(a, _, _)| a.manifest.expert.as_ref().map(|e| e.role != ExpertRole::HighNoise));
+        }
+        for (artifacts, _, _) in &exports {
+            // Refuse a device without kernels for these graphs before reading any data.
+            config.session.for_artifacts(&artifacts.manifest)?;
+        }
+        let paired = config.pair.is_some();
+        let choice = match &config.pair {
+            None => Choice::Single,
+            Some(p) => p.switch_every.map_or(Choice::ByTimestep, Choice::Every),
+        };
+        let model_info = &exports[0].0.manifest.model;
+        let spec = SampleSpec::for_model(model_info);
         let dataset = Dataset::open(&config.data, spec.clone())?;
         let eval_set = config.eval_data.as_deref().map(|d| Dataset::open(d, spec.clone())).transpose()?;
         let prompts = match &config.sampling {
             Some(sampling) => {
                 let largest = &dataset.buckets()[0].latent_shape;
-                Some(samples::read_prompts(sampling, &manifest.model, [largest[1], largest[2], largest[3]], config.session.threads)?)
+                Some(samples::read_prompts(sampling, model_info, [largest[1], largest[2], largest[3]], config.session.threads)?)
             }
             None => None,
         };
         let sampler = SftSampler::new(SftConfig { shift: config.sft.shift, ..config.sft.clone() }, config.seed)?;
         let (order, total_steps) = config.plan(dataset.len())?;
         let lock = lock_out(&config.out)?;
-        let run = run::describe(config, &artifacts, dataset.len(), total_steps)?;
+        let run = run::describe(config, &exports.iter().map(|(a, _, _)| a).collect::<Vec<_>>(), dataset.len(), total_steps)?;
         let output_name = match &config.output_name {
             Some(name) => name.clone(),
             None => default_output_name(&config.out)?,
         };
-        let facts = RunFacts {
-            manifest,
-            export_sha256: sha256_file(&artifacts.dir.join("manifest.json"))?,
-            output_name: &output_name,
-            buckets: &dataset.buckets(),
-            dataset_len: dataset.len(),
-            total_steps,
-            sft: &sampler.config,
-            started_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
-        };
-        let lora_meta = RunMetadata::new(config, &facts);
 
         checkpoint::clean_partial(&config.out)?;
         crate::tensor_file::clean_temp(&config.out)?;
@@ -196,36 +199,78 @@ impl<'a, 'o> Trainer<'a, 'o> {
                 existing.last().map_or(0, |(s, _)| *s)
             )));
         }
-        let base_path = config.base.clone();
-        let a = artifacts.clone();
-        let (mut graphs, base) = TrainingGraphs::load(&artifacts, &config.session, |m| load_base_weights(&a, base_path.as_deref(), m))?;
-        if let Some(max) = config.max_grad_norm {
-            graphs.clip_grad_norm(max, &config.session)?;
+        let started_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let mut models = Vec::with_capacity(exports.len());
+        let mut sample_models = Vec::with_capacity(exports.len());
+        for (artifacts, base_path, _) in &exports {
+            let manifest = &artifacts.manifest;
+            // An expert of a pair draws (and is evaluated) in its own range; a single model in the run's.
+            let own = match (&manifest.expert, paired) {
+                (Some(e), true) => SftSampler::new(SftConfig { min_boundary: e.min_timestep_boundary, max_boundary: e.max_timestep_boundary, ..sampler.config.clone() }, config.seed)?,
+                _ => sampler.clone(),
+            };
+            let facts = RunFacts {
+                manifest,
+                export_sha256: sha256_file(&artifacts.dir.join("manifest.json"))?,
+                output_name: &output_name,
+                buckets: &dataset.buckets(),
+                dataset_len: dataset.len(),
+                total_steps,
+                sft: &own.config,
+                started_at,
+            };
+            let lora_meta = RunMetadata::new(config, &facts);
+            let a = artifacts.clone();
+            let (mut graphs, base) = TrainingGraphs::load(artifacts, &config.session, |m| load_base_weights(&a, base_path.as_deref(), m))?;
+            if let Some(max) = config.max_grad_norm {
+                graphs.clip_grad_norm(max, &config.session)?;
+            }
+            let eval_graph = match &eval_set {
+                Some(_) => Some(LossGraph::load(artifacts, &config.session, &base)?),
+                None => None,
+            };
+            if prompts.is_some() {
+                let from_timestep = match (&manifest.expert, paired) {
+                    (Some(e), true) if e.role == ExpertRole::HighNoise => e.switch_timestep,
+                    _ => f32::NEG_INFINITY,
+                };
+                sample_models.push((artifacts.clone(), base, from_timestep));
+            }
+            models.push(TrainedModel { artifacts: artifacts.clone(), graphs, eval_graph, sampler: own, lora_meta, window: Window::default() });
         }
-        let eval_graph = match &eval_set {
-            Some(_) => Some(LossGraph::load(&artifacts, &config.session, &base)?),
-            None => None,
-        };
         let sample_writer = match (prompts, &config.sampling) {
-            (Some(prompts), Some(sampling)) => Some(SampleWriter::load(&artifacts, &config.session, &base, prompts, sampling)?),
+            (Some(prompts), Some(sampling)) => Some(SampleWriter::load(&sample_models, &config.session, prompts, sampling)?),
             _ => None,
         };
-        let p = artifacts.num_params();
-        let mut state = TrainerState { step: 0, micro_steps: 0, skipped_steps: 0, skipped_samples: 0, run: run.clone(), eval_before: None };
+        drop(sample_models);
+        let mut state = TrainerState {
+            step: 0,
+            micro_steps: 0,
+            skipped_steps: 0,
+            skipped_samples: 0,
+            run: run.clone(),
+            eval_before: None,
+            expert_updates: models.iter().filter_map(|m| m.role(paired)).map(|r| (r.as_str().to_string(), 0)).collect(),
+        };
         let resumed_from = existing.last().filter(|_| config.resume).map(|(_, dir)| dir.clone());
         let mut changes = Vec::new();
         match &resumed_from {
             Some(dir) => {
-                let (saved, tensors) = checkpoint::load(dir, p)?;
+                let wanted: Vec<(Option<&str>, usize)> = models.iter().map(|m| (m.role(paired).map(ExpertRole::as_str), m.artifacts.num_params())).collect();
+                let (saved, tensors) = checkpoint::load_models(dir, &wanted)?;
                 changes = run::check_resume(dir, saved.step, &saved.run, &run, total_steps, config.allow_changed_hyperparameters)?;
-                graphs.set_state(&tensors.params, &tensors.m, &tensors.v)?;
+                for (model, t) in models.iter_mut().zip(&tensors) {
+                    model.graphs.set_state(&t.params, &t.m, &t.v)?;
+                }
                 // From here on the checkpoints carry the new settings.
                 state = TrainerState { run, ..saved };
             }
             None => {
-                let init = lora_io::load_for(&artifacts.lora_file(config.init_lora.as_deref())?, manifest)?;
-                let zeros = vec![0.0; p];
-                graphs.set_state(&init, &zeros, &zeros)?;
+                for (model, (_, _, init_lora)) in models.iter_mut().zip(&exports) {
+                    let init = lora_io::load_for(&model.artifacts.lora_file(init_lora.as_deref())?, &model.artifacts.manifest)?;
+                    let zeros = vec![0.0; model.artifacts.num_params()];
+                    model.graphs.set_state(&init, &zeros, &zeros)?;
+                }
             }
         }
         if let Some((name, text)) = &config.run_config {
@@ -244,14 +289,13 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let eval_before = state.eval_before;
         let mut trainer = Self {
             config,
-            artifacts,
+            models,
+            choice,
             dataset,
             eval_set,
             sampler,
             order,
             total_steps,
-            graphs,
-            eval_graph,
             sample_writer,
             sample_dirs: Vec::new(),
             committed: state.clone(),
@@ -265,20 +309,19 @@ impl<'a, 'o> Trainer<'a, 'o> {
             eval_before,
             eval_after: None,
             last_checkpoint: None,
-            last_checkpoint_lora: None,
             changes: Vec::new(),
             bad_samples: BTreeSet::new(),
             params_nonfinite_loss: None,
             output_name,
-            lora_meta,
+            last_checkpoint_loras: Vec::new(),
             _lock: lock,
         };
         if config.resume && resumed_from.is_none() {
             trainer.events.emit(TrainEvent::Warning(format!("--resume: no checkpoint in {}; starting a fresh run", config.out.display())))?;
         }
-        if let (Some(expert), Some(_)) = (&trainer.artifacts.manifest.expert, &trainer.sample_writer) {
+        if let (Some(expert), Some(_), false) = (&trainer.models[0].artifacts.manifest.expert, &trainer.sample_writer, paired) {
             let message = format!("--sample-every: samples use the {} expert alone over every timestep: they show this LoRA's progress, \
-                 not what the Wan2.2 pair makes (flowstep sample --expert-artifacts)", expert.role.as_str());
+                 not what the Wan2.2 pair makes (flowstep sample --expert-artifacts, or train both with --expert-artifacts)", expert.role.as_str());
             trainer.events.emit(TrainEvent::Warning(message))?;
         }
         trainer.events.emit(TrainEvent::Started { start_step, total_steps, resumed_from: resumed_from.as_deref() })?;
@@ -310,14 +353,14 @@ impl<'a, 'o> Trainer<'a, 'o> {
     pub fn step(&mut self) -> Result<()> {
         let step_start = Instant::now();
         let lr = self.config.schedule.lr(self.config.lr, self.state.step, self.total_steps);
-        let mut acc = Accumulated { loss_sum: 0.0, first: None, finite: true, nonfinite: None, graph_seconds: 0.0 };
+        let mut acc = Accumulated { loss_sum: 0.0, first: None, graph_seconds: 0.0 };
         let mut micro = 0;
         while micro < self.config.grad_accum {
             if self.micro_step(&mut acc)? {
                 micro += 1;
             }
         }
-        let (applied, grad_norm, clipped_grad_norm) = self.apply(lr, &mut acc)?;
+        let (applied, grad_norm, clipped_grad_norm, experts) = self.apply(lr, &mut acc)?;
         let seconds = step_start.elapsed().as_secs_f64();
         self.timing.step_seconds += seconds;
         self.timing.host_seconds += seconds - acc.graph_seconds;
@@ -335,10 +378,12 @@ impl<'a, 'o> Trainer<'a, 'o> {
             seconds,
             eval_loss: None,
             hyperparameter_changes: Vec::new(),
+            expert: (!experts.is_empty()).then(|| experts.keys().cloned().collect::<Vec<_>>().join("+")),
+            experts,
         };
         let step = self.state.step;
         let periodic = self.config.eval_every.is_some_and(|n| n > 0 && step.is_multiple_of(n));
-        let evaluated = self.eval_graph.is_some() && (periodic || self.done());
+        let evaluated = self.eval_set.is_some() && (periodic || self.done());
         if periodic || self.done() {
             // The final evaluation too, so it lands on the last metrics line.
             let loss = self.evaluate(step)?;
@@ -400,43 +445,77 @@ impl<'a, 'o> Trainer<'a, 'o> {
         };
         b.context.extract_tensor_mut().1.copy_from_slice(&sample.context);
         b.set_conditioning(&sample.conditioning)?;
-        let sampler = &self.sampler;
+        let (m, _) = self.choice.pick(counter, &self.sampler, &self.models)?;
+        let sampler = self.choice.sampler(m, &self.sampler, &self.models);
         let draw = b.prepare(|x_t, target| sampler.prepare_into(counter, &sample.latents, x_t, target))?;
         b.set_scalars(draw.timestep, draw.weight);
         let t = Instant::now();
-        let at_sample = |e| Error::AtSample { step: self.state.step + 1, sample: sample.path.clone(), source: Box::new(e) };
-        let loss = self.graphs.accumulate(b).map_err(at_sample)?;
+        let step = self.state.step + 1;
+        let model = &mut self.models[m];
+        let loss = model.graphs.accumulate(b).map_err(|e| Error::AtSample { step, sample: sample.path.clone(), source: Box::new(e) })?;
         acc.graph_seconds += t.elapsed().as_secs_f64();
         acc.first.get_or_insert(draw);
-        acc.finite &= loss.is_finite();
-        if !loss.is_finite() && acc.nonfinite.is_none() {
-            acc.nonfinite = Some((sample.path.clone(), loss));
+        let window = &mut model.window;
+        window.micro_steps += 1;
+        window.loss_sum += loss as f64;
+        if !loss.is_finite() && window.nonfinite.is_none() {
+            window.nonfinite = Some((sample.path.clone(), loss));
         }
         acc.loss_sum += loss as f64;
         Ok(true)
     }
 
-    /// The optimizer update over the accumulated gradient, or its rejection under the
-    /// non-finite policy. Returns (applied, gradient norm, norm after clipping) and advances
-    /// the step.
-    fn apply(&mut self, lr: f64, acc: &mut Accumulated) -> Result<(bool, f32, f32)> {
-        let outcome = if acc.finite {
-            let t = Instant::now();
-            let optimizer_step = self.state.step - self.state.skipped_steps + 1;
-            let o = self.graphs.apply(optimizer_step, lr, &self.config.adamw)?;
-            acc.graph_seconds += t.elapsed().as_secs_f64();
-            Some(o)
-        } else {
-            self.graphs.discard_gradient();
-            None
-        };
-        let applied = outcome.is_some_and(|o| o.applied);
-        let grad_norm = outcome.map_or(f32::NAN, |o| o.grad_norm);
-        let clipped_grad_norm = outcome.map_or(f32::NAN, |o| o.clipped_grad_norm);
+    /// The optimizer update of every model that took micro-steps, over its accumulated
+    /// gradient, or its rejection under the non-finite policy. Returns (all applied, gradient
+    /// norm, norm after clipping, each expert's share for a pair) and advances the step. A
+    /// pair's norms are over both experts' gradients together (each averaged over its own
+    /// micro-steps), as the norm of all the job's LoRA parameters.
+    fn apply(&mut self, lr: f64, acc: &mut Accumulated) -> Result<(bool, f32, f32, std::collections::BTreeMap<String, ExpertStep>)> {
+        let paired = self.config.pair.is_some();
+        let mut experts = std::collections::BTreeMap::new();
+        let (mut applied, mut norm_sq, mut clipped_sq) = (true, 0.0f64, 0.0f64);
+        let mut nonfinite = None;
+        for model in &mut self.models {
+            let window = std::mem::take(&mut model.window);
+            if window.micro_steps == 0 {
+                continue;
+            }
+            let role = model.role(paired);
+            let outcome = if window.nonfinite.is_none() {
+                let t = Instant::now();
+                // Bias correction counts this LoRA's own applied updates.
+                let updates = match role {
+                    Some(r) => self.state.expert_updates.get(r.as_str()).copied().unwrap_or(0),
+                    None => self.state.step - self.state.skipped_steps,
+                };
+                let o = model.graphs.apply(updates + 1, lr, &self.config.adamw)?;
+                acc.graph_seconds += t.elapsed().as_secs_f64();
+                Some(o)
+            } else {
+                model.graphs.discard_gradient();
+                None
+            };
+            let model_applied = outcome.is_some_and(|o| o.applied);
+            let grad_norm = outcome.map_or(f32::NAN, |o| o.grad_norm);
+            applied &= model_applied;
+            norm_sq += (grad_norm as f64).powi(2);
+            clipped_sq += (outcome.map_or(f32::NAN, |o| o.clipped_grad_norm) as f64).powi(2);
+            if nonfinite.is_none() {
+                nonfinite = window.nonfinite;
+            }
+            if let Some(r) = role {
+                if model_applied {
+                    *self.state.expert_updates.entry(r.as_str().to_string()).or_default() += 1;
+                }
+                let loss = window.loss_sum / window.micro_steps as f64;
+                experts.insert(r.as_str().to_string(), ExpertStep { micro_steps: window.micro_steps, loss, grad_norm, applied: model_applied });
+            }
+        }
+        let (grad_norm, clipped_grad_norm) = (norm_sq.sqrt() as f32, clipped_sq.sqrt() as f32);
         if applied {
             self.params_nonfinite_loss = None;
         } else {
-            if let Some((sample, value)) = acc.nonfinite.take() {
+            if let Some((sample, value)) = nonfinite {
                 let error = Error::NonFiniteLoss { step: self.state.step + 1, sample, value };
                 if self.config.on_nonfinite == NonFinitePolicy::Stop {
                     return Err(error);
@@ -458,15 +537,28 @@ impl<'a, 'o> Trainer<'a, 'o> {
         }
         self.state.step += 1;
         self.committed = self.state.clone();
-        Ok((applied, grad_norm, clipped_grad_norm))
+        Ok((applied, grad_norm, clipped_grad_norm, experts))
     }
 
-    /// The deterministic eval loss of the current parameters, when the run has eval data.
+    /// The deterministic eval loss of the current parameters, when the run has eval data. A
+    /// pair's is each expert's over its own range, weighted by the range's share of the table
+    /// (the loss over the whole table), each expert's also reported on its own.
     fn evaluate(&mut self, step: u64) -> Result<Option<f64>> {
-        let (Some(set), Some(graph)) = (&self.eval_set, self.eval_graph.as_mut()) else { return Ok(None) };
-        let r = evaluate(graph, self.graphs.params(), set, &self.sampler, &self.config.eval)?;
-        self.events.emit(TrainEvent::Evaluated { step, loss: r.eval_loss })?;
-        Ok(Some(r.eval_loss))
+        let Some(set) = &self.eval_set else { return Ok(None) };
+        let paired = self.config.pair.is_some();
+        let mut total = 0.0;
+        for model in &mut self.models {
+            let Some(graph) = model.eval_graph.as_mut() else { return Ok(None) };
+            let r = evaluate(graph, model.graphs.params(), set, &model.sampler, &self.config.eval)?;
+            if let Some(role) = model.role(paired) {
+                self.events.emit(TrainEvent::Message(format!("step {step}: eval loss of the {} expert {:.5}", role.as_str(), r.eval_loss)))?;
+                total += model.table_share() * r.eval_loss;
+            } else {
+                total = r.eval_loss;
+            }
+        }
+        self.events.emit(TrainEvent::Evaluated { step, loss: total })?;
+        Ok(Some(total))
     }
 
     /// Samples every prompt with the current parameters into `OUT/samples/step-XXXXXX/`.
@@ -474,7 +566,8 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let Some(writer) = self.sample_writer.as_mut() else { return Ok(()) };
         let started = Instant::now();
         let dir = self.config.out.join("samples").join(format!("step-{step:06}"));
-        let written = writer.write(self.graphs.params(), &dir)?;
+        let params: Vec<_> = self.models.iter().map(|m| m.graphs.params()).collect();
+        let written = writer.write(&params, &dir)?;
         let seconds = started.elapsed().as_secs_f64();
         if let Some(message) = written.warning.filter(|_| self.sample_dirs.is_empty()) {
             self.events.emit(TrainEvent::Warning(message))?;
@@ -485,34 +578,41 @@ impl<'a, 'o> Trainer<'a, 'o> {
         Ok(())
     }
 
-    /// The LoRA file of the parameters after the last finished step.
-    fn lora_spec(&self) -> LoraSpec {
+    /// The LoRA file of model `model`'s parameters after the last finished step.
+    fn lora_spec(&self, model: &TrainedModel) -> LoraSpec {
         let epoch = self.order.epoch_of(self.committed.micro_steps.saturating_sub(1)) + 1;
-        LoraSpec { info: self.artifacts.manifest.lora.clone(), metadata: self.lora_meta.at_step(self.committed.step, epoch) }
+        LoraSpec { info: model.artifacts.manifest.lora.clone(), metadata: model.lora_meta.at_step(self.committed.step, epoch) }
     }
 
-    /// Saves the current state as a checkpoint, writes its LoRA to `OUT/loras/` (as
+    /// Saves the current state as a checkpoint, writes its LoRAs to `OUT/loras/` (as
     /// `flowstep export-lora` would from the checkpoint) and prunes old checkpoints.
     fn checkpoint(&mut self) -> Result<PathBuf> {
-        let (params, m, v) = self.graphs.state()?;
-        if let Some(i) = params.iter().position(|x| !x.is_finite()) {
-            return Err(Error::NonFinite { step: self.committed.step, what: "parameter", value: params[i] as f64 });
+        let paired = self.config.pair.is_some();
+        let mut saved = Vec::with_capacity(self.models.len());
+        for model in &self.models {
+            let (params, m, v) = model.graphs.state()?;
+            if let Some(i) = params.iter().position(|x| !x.is_finite()) {
+                return Err(Error::NonFinite { step: self.committed.step, what: "parameter", value: params[i] as f64 });
+            }
+            let role = model.role(paired);
+            let path = step_lora_path(&self.config.out, &self.output_name, role, self.committed.step);
+            saved.push((role, self.lora_spec(model), CheckpointState { params, m, v }, path));
         }
-        let spec = self.lora_spec();
-        let lora_path = step_lora_path(&self.config.out, &self.output_name, self.committed.step);
-        let state = CheckpointState { params, m, v };
-        let dir = checkpoint::save(&self.config.out, &self.committed, &spec, &state)?;
-        if let Some(parent) = lora_path.parent() {
-            std::fs::create_dir_all(parent).at(parent)?;
+        let loras: Vec<SavedLora<'_>> = saved.iter().map(|(role, spec, state, _)| SavedLora { expert: role.map(ExpertRole::as_str), spec, state }).collect();
+        let dir = checkpoint::save(&self.config.out, &self.committed, &loras)?;
+        for (_, spec, state, path) in &saved {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).at(parent)?;
+            }
+            lora_io::save(path, &spec.info, &state.params, self.config.lora_format, self.config.lora_dtype, &spec.metadata)?;
         }
-        lora_io::save(&lora_path, &spec.info, &state.params, self.config.lora_format, self.config.lora_dtype, &spec.metadata)?;
         self.saved_step = Some(self.committed.step);
         for old in checkpoint::to_prune(&checkpoint::list(&self.config.out)?, self.config.keep_checkpoints) {
             std::fs::remove_dir_all(&old).at(&old)?;
         }
         self.events.emit(TrainEvent::Checkpoint { step: self.committed.step, dir: &dir })?;
         self.last_checkpoint = Some(dir.clone());
-        self.last_checkpoint_lora = Some(lora_path);
+        self.last_checkpoint_loras = saved.into_iter().map(|(_, _, _, path)| path).collect();
         Ok(dir)
     }
 
@@ -537,21 +637,24 @@ impl<'a, 'o> Trainer<'a, 'o> {
         if self.state.step > self.start_step || self.last_checkpoint.is_none() {
             self.checkpoint()?;
         }
-        let mut lora_path = None;
+        let mut lora_paths = Vec::new();
         if self.done() {
-            let (params, _, _) = self.graphs.state()?;
-            let path = config.out.join(super::lora_file_name(&self.artifacts.manifest));
+            let names: Vec<String> = self.models.iter().map(|m| super::lora_file_name(&m.artifacts.manifest)).collect();
             if let Some(cause) = &self.params_nonfinite_loss {
                 return Err(Error::Config(format!(
                     "{} not written: the final parameters give a non-finite loss ({cause}) and --on-nonfinite skip discarded every update since; \
                      the learning rate is likely too high (--lr {})",
-                    path.display(),
+                    names.join(", "),
                     config.lr
                 )));
             }
-            let spec = self.lora_spec();
-            lora_io::save(&path, &spec.info, &params, config.lora_format, config.lora_dtype, &spec.metadata)?;
-            lora_path = Some(path);
+            for (model, name) in self.models.iter().zip(names) {
+                let (params, _, _) = model.graphs.state()?;
+                let path = config.out.join(name);
+                let spec = self.lora_spec(model);
+                lora_io::save(&path, &spec.info, &params, config.lora_format, config.lora_dtype, &spec.metadata)?;
+                lora_paths.push(path);
+            }
         }
         let metrics_path = config.out.join("metrics.jsonl");
         let plot = self.refresh_plot()?;
@@ -560,6 +663,19 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let losses: Vec<f64> = self.events.recorder.steps.iter().map(|r| r.loss).filter(|l| l.is_finite()).collect();
         let tail = &losses[losses.len().saturating_sub(10)..];
         let Timing { step_seconds, host_seconds, .. } = self.timing;
+        let mut graph_peak_bytes = Some(0);
+        for model in &self.models {
+            graph_peak_bytes = graph_peak_bytes.zip(model.graphs.arena_peak_bytes()?).map(|(a, b)| a + b);
+        }
+        let paired = self.config.pair.is_some();
+        let experts = self
+            .models
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.role(paired).map(|r| (i, r)))
+            .map(|(i, role)| expert_summary(role, &self.events.recorder.steps, lora_paths.get(i), self.last_checkpoint_loras.get(i)))
+            .collect();
+        let single = |paths: &[PathBuf]| paths.first().filter(|_| !paired).cloned();
         let summary = TrainSummary {
             start_step: self.start_step,
             steps,
@@ -575,19 +691,36 @@ impl<'a, 'o> Trainer<'a, 'o> {
             seconds: self.started.elapsed().as_secs_f64(),
             seconds_per_step: if steps > 0 { step_seconds / steps as f64 } else { 0.0 },
             host_fraction: if step_seconds > 0.0 { host_seconds / step_seconds } else { 0.0 },
-            graph_peak_bytes: self.graphs.arena_peak_bytes()?,
+            graph_peak_bytes,
             buckets: self.dataset.buckets(),
             samples: self.sample_dirs.clone(),
             sample_seconds: self.timing.sample_seconds,
-            lora: lora_path,
+            lora: single(&lora_paths),
             checkpoint: self.last_checkpoint.clone(),
-            checkpoint_lora: self.last_checkpoint_lora.clone(),
+            checkpoint_lora: single(&self.last_checkpoint_loras),
             metrics: metrics_path,
             plot,
+            experts,
         };
         let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Config(e.to_string()))?;
         crate::tensor_file::write_atomic(&config.out.join("summary.json"), &json)?;
         Ok(summary)
+    }
+}
+
+/// One expert's share of the run, from the metrics of every step (a resumed run's included).
+fn expert_summary(role: ExpertRole, records: &[StepRecord], lora: Option<&PathBuf>, checkpoint_lora: Option<&PathBuf>) -> ExpertSummary {
+    let mine: Vec<&ExpertStep> = records.iter().filter_map(|r| r.experts.get(role.as_str())).collect();
+    let losses: Vec<f64> = mine.iter().map(|e| e.loss).filter(|l| l.is_finite()).collect();
+    let tail = &losses[losses.len().saturating_sub(10)..];
+    ExpertSummary {
+        role: role.as_str().to_string(),
+        micro_steps: mine.iter().map(|e| e.micro_steps as u64).sum(),
+        steps: mine.len() as u64,
+        first_loss: losses.first().copied(),
+        final_loss: (!tail.is_empty()).then(|| tail.iter().sum::<f64>() / tail.len() as f64),
+        lora: lora.cloned(),
+        checkpoint_lora: checkpoint_lora.cloned(),
     }
 }
 

@@ -72,6 +72,9 @@ impl TrainConfig {
         if let Some(name) = &self.output_name {
             check_output_name(name)?;
         }
+        if let Some(n) = self.pair.as_ref().and_then(|p| p.switch_every) {
+            at_least_one("--switch-expert-every", n)?;
+        }
         if !(1..=crate::scheduler::NUM_TRAIN_TIMESTEPS).contains(&self.eval.timesteps) {
             return Err(Error::flag("--eval-timesteps", format!("must be 1 to {}, got {}", crate::scheduler::NUM_TRAIN_TIMESTEPS, self.eval.timesteps)));
         }
