@@ -1,5 +1,5 @@
 //! Wan's VAE decoder on ONNX Runtime: latent videos to RGB frames, and the files a person
-//! looks at (contact sheet, GIF, MP4). The graphs come from `python -m flowstep_export.vae_decoder`.
+//! looks at (contact sheet, GIF, MP4). The graphs come from `python -m flowstep_export.pipeline.vae_decoder`.
 //!
 //! The decoder streams one latent frame per call, as DiffSynth's `VideoVAE_.decode` does: the
 //! `first` graph decodes latent frame 0 to one RGB frame and returns the causal feature caches;
@@ -101,7 +101,7 @@ impl VaeDecoder {
     pub fn open(dir: &Path, options: &SessionOptions, latent_channels: usize) -> Result<Self> {
         let path = dir.join(MANIFEST);
         let text = crate::small_file::read_text(&path, "VAE decoder manifest", MAX_MANIFEST_BYTES)
-            .map_err(|e| bad(&path, format!("cannot read the VAE decoder manifest ({}); make the directory with python -m flowstep_export.vae_decoder", strip_path(&e, &path))))?;
+            .map_err(|e| bad(&path, format!("cannot read the VAE decoder manifest ({}); make the directory with python -m flowstep_export.pipeline.vae_decoder", strip_path(&e, &path))))?;
         let m: Manifest = serde_json::from_str(&text).map_err(|e| bad(&path, format!("not a VAE decoder manifest: {e}")))?;
         if m.format != FORMAT || m.version != 1 {
             return Err(bad(&path, format!("format {} version {}; this flowstep reads {FORMAT} version 1", m.format, m.version)));
