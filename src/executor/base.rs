@@ -39,7 +39,7 @@ impl BaseTensor {
 }
 
 /// Loads every tensor the manifest lists from `path` (the user's checkpoint, a leading
-/// `model.` allowed) or the shipped `base.safetensors`.
+/// `model.` or `model.diffusion_model.` allowed) or the shipped `base.safetensors`.
 ///
 /// fp8 checkpoints (ComfyUI's `*_fp8_e4m3fn` and `*_fp8_scaled`, musubi's block-wise
 /// `fp8_scaled`) are read as stored where the export takes float8_e4m3fn weights, and
@@ -78,7 +78,8 @@ const FP8: &str = "float8_e4m3fn";
 /// The user's checkpoint, with its key prefix and fp8 layout worked out once.
 struct Checkpoint<'a> {
     file: &'a TensorFile,
-    prefixed: bool,
+    /// What precedes Wan's names: nothing, DiffSynth's `model.` or ComfyUI's `model.diffusion_model.`.
+    prefix: &'static str,
     /// Any `*.scale_weight` present: a scaled fp8 file, where a weight without one is an error
     /// (in a plain `*_fp8_e4m3fn` file every scale is 1).
     scaled: bool,
@@ -87,13 +88,13 @@ struct Checkpoint<'a> {
 impl<'a> Checkpoint<'a> {
     fn new(file: &'a TensorFile) -> Self {
         let names = file.names();
-        let prefixed = !names.iter().any(|n| n == "head.head.weight") && names.iter().any(|n| n == "model.head.head.weight");
+        let prefix = ["", "model.", "model.diffusion_model."].into_iter().find(|p| names.iter().any(|n| *n == format!("{p}head.head.weight"))).unwrap_or("");
         let scaled = names.iter().any(|n| n.ends_with(".scale_weight"));
-        Self { file, prefixed, scaled }
+        Self { file, prefix, scaled }
     }
 
     fn key(&self, name: &str) -> String {
-        if self.prefixed { format!("model.{name}") } else { name.to_string() }
+        format!("{}{name}", self.prefix)
     }
 
     fn error(&self, reason: String) -> Error {
@@ -187,4 +188,4 @@ impl<'a> Checkpoint<'a> {
 }
 
 /// The converter a bf16/f32 checkpoint goes through for an fp8 export.
-const QUANTIZE_MODULE: &str = "flowstep_export.model.quantize_fp8";
+const QUANTIZE_MODULE: &str = "flowstep_export.model.fp8";
