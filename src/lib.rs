@@ -12,6 +12,7 @@ pub mod decode;
 pub mod error;
 pub mod eval;
 pub mod executor;
+pub mod fp8;
 pub mod lora_io;
 pub mod metrics;
 pub mod optim;

@@ -113,6 +113,15 @@ impl TensorFile {
         Ok((shape.to_vec(), values))
     }
 
+    /// A float8_e4m3fn tensor's bytes as stored (any other dtype is an error naming it).
+    pub fn read_fp8(&self, name: &str) -> Result<(Vec<usize>, &[u8])> {
+        let (dtype, shape, data) = self.raw(name)?;
+        if dtype != Dtype::F8_E4M3 {
+            return Err(Error::Tensor { path: self.path.clone(), reason: format!("tensor `{name}` has dtype {dtype:?}; expected F8_E4M3") });
+        }
+        Ok((shape.to_vec(), data))
+    }
+
     /// The file's `__metadata__` strings, if it has any.
     pub fn metadata(&self) -> Option<&HashMap<String, String>> {
         self.header.metadata().as_ref()

@@ -8,5 +8,7 @@ standard ONNX op, so any ONNX Runtime build and execution provider runs them.
 __version__ = "0.1.0"
 FORMAT_VERSION = 1
 OPSET = 18
+# Exports with fp8 base weights: Cast from float8 needs opset 19.
+FP8_OPSET = 19
 # Queries per attention chunk unless --attention-chunk says otherwise (BENCHMARKS.md).
 DEFAULT_ATTENTION_CHUNK = 512

@@ -59,6 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                    help="base weights and activations; LoRA parameters, gradients, AdamW, norms, softmax "
                         "statistics and the loss stay float32 (default: float32)")
+    g.add_argument("--base-dtype", choices=("float8_e4m3fn",),
+                   help="store the blocks' Linear weights as float8_e4m3fn graph inputs with float32 scales, "
+                        "dequantized to --precision inside the graph (about half a bf16 base's memory); flowstep then "
+                        "reads ComfyUI's *_fp8_e4m3fn / *_fp8_scaled files, musubi's block-wise fp8_scaled ones, or a "
+                        "checkpoint converted with python -m flowstep_export.model.fp8 (default: the --precision dtype)")
+    g.add_argument("--fp8-scale", choices=("tensor", "block"),
+                   help="with --base-dtype float8_e4m3fn: one scale per weight (ComfyUI's fp8_scaled) or one per 64 "
+                        "inputs of each row (musubi's block-wise fp8_scaled; also takes per-tensor files) (default: tensor)")
     p.add_argument("--seed", type=int, default=0, help="seed for random base and LoRA init (default 0)")
     p.add_argument("--graphs", default=",".join(GRAPHS), help="graphs to export (default: all)")
     p.add_argument("--latent", help="example latent size FRAMES,HEIGHT,WIDTH used for tracing and validation")
@@ -90,6 +98,8 @@ def main(argv=None) -> int:
         unknown = set(graphs) - set(GRAPHS)
         if unknown:
             raise ValueError(f"unknown graphs {sorted(unknown)}; choose from {GRAPHS}")
+        if args.fp8_scale is not None and args.base_dtype is None:
+            raise ValueError("--fp8-scale applies to fp8 base weights: add --base-dtype float8_e4m3fn")
         if args.base is not None and not args.base.is_file():
             raise ValueError(f"--base {args.base}: no such file")
         lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha,
@@ -97,7 +107,7 @@ def main(argv=None) -> int:
         options = ExportOptions(out=args.out, base=args.base, seed=args.seed, lora=lora,
                                 ship_base=args.ship_base, graphs=graphs, gradient_checkpointing=args.gradient_checkpointing,
                                 precision=args.precision, attention=args.attention, expert=args.expert,
-                                shapes_only=args.shapes_only)
+                                shapes_only=args.shapes_only, base_dtype=args.base_dtype, fp8_scale=args.fp8_scale or "tensor")
         if args.attention_chunk is not None:
             if args.attention_chunk < 1:
                 raise ValueError(f"--attention-chunk must be at least 1, got {args.attention_chunk}")

@@ -315,6 +315,7 @@ pub fn check_session_io(a: &Artifacts, graph: &str, session: &Session) -> Result
             };
             let want = match spec.dtype.as_str() {
                 "float32" => ort::value::TensorElementType::Float32,
+                "float8_e4m3fn" => ort::value::TensorElementType::Float8E4M3FN,
                 "bfloat16" => ort::value::TensorElementType::Bfloat16,
                 other => return Err(mismatch(format!("manifest dtype {other}, which flowstep does not bind"))),
             };

@@ -19,7 +19,7 @@ use std::fmt;
 
 use ort::value::PrimitiveTensorElementType;
 use ort::session::Session;
-use ort::value::Tensor;
+use ort::value::{DynTensor, Tensor, TensorElementType};
 
 use crate::error::{Error, Result};
 use crate::runtime::Device;
@@ -28,18 +28,21 @@ use crate::runtime::Device;
 pub struct DeviceMemory {
     pub device: Device,
     allocator: Allocator,
-    /// The bf16 copy model's session on the device, built on first use.
+    /// The copy models' sessions on the device, built on first use.
     copy_bf16: std::sync::OnceLock<std::sync::Mutex<Session>>,
+    copy_fp8: std::sync::OnceLock<std::sync::Mutex<Session>>,
 }
 
 /// One Identity node over bf16 tensors of any shape, at opset 21 (written by onnx.helper).
 const COPY_BF16: &[u8] = include_bytes!("../../assets/copy_bfloat16.onnx");
+/// The same over float8_e4m3fn tensors (written the same way).
+const COPY_FP8: &[u8] = include_bytes!("../../assets/copy_float8e4m3fn.onnx");
 
 impl DeviceMemory {
     /// Host memory for the CPU provider; on a GPU, tensors are copied there by ONNX Runtime
     /// (`Tensor::to`), which allocates them on that device.
     pub fn new(device: Device) -> Self {
-        Self { device, allocator: Allocator::default(), copy_bf16: std::sync::OnceLock::new() }
+        Self { device, allocator: Allocator::default(), copy_bf16: std::sync::OnceLock::new(), copy_fp8: std::sync::OnceLock::new() }
     }
 
     /// A device tensor holding `values` (bindable as input and output).
@@ -62,33 +65,59 @@ impl DeviceMemory {
         if !self.device.is_gpu() {
             return Ok(host);
         }
-        self.copy_with_model(&host)
+        let during = format!("copying {} bf16 values to {}", values.len(), self.device);
+        let value = self.copy_with_model(&self.copy_bf16, COPY_BF16, &host, &during)?;
+        value.downcast::<ort::value::TensorValueType<half::bf16>>().map_err(Error::ort(during))
     }
 
-    /// `host` copied by the bf16 copy model into this device's memory.
-    fn copy_with_model(&self, host: &Tensor<half::bf16>) -> Result<Tensor<half::bf16>> {
-        let values = host.shape().iter().product::<i64>();
-        let during = format!("copying {values} bf16 values to {}", self.device);
-        let session = match self.copy_bf16.get() {
+    /// A float8_e4m3fn device tensor holding `bits` (copied like bf16, with
+    /// assets/copy_float8e4m3fn.onnx; the GPU copy is untested: no GPU in CI).
+    pub fn tensor_fp8(&self, shape: &[usize], bits: &[u8]) -> Result<DynTensor> {
+        let mut host = DynTensor::new(&self.allocator, TensorElementType::Float8E4M3FN, shape.to_vec()).map_err(Error::ort("allocating an fp8 host tensor"))?;
+        let len = host.shape().iter().product::<i64>();
+        if len != bits.len() as i64 {
+            return Err(Error::Device(format!("an fp8 tensor of shape {shape:?} was given {} bytes", bits.len())));
+        }
+        if len > 0 {
+            // SAFETY: a CPU tensor of `len` one-byte elements, allocated above and not shared.
+            unsafe { std::ptr::copy_nonoverlapping(bits.as_ptr(), host.data_ptr_mut().cast::<u8>(), bits.len()) };
+        }
+        if !self.device.is_gpu() {
+            return Ok(host);
+        }
+        let during = format!("copying {} fp8 values to {}", bits.len(), self.device);
+        let value = self.copy_with_model(&self.copy_fp8, COPY_FP8, &host, &during)?;
+        value.downcast::<ort::value::DynTensorValueType>().map_err(Error::ort(during))
+    }
+
+    /// `host` copied into this device's memory by a one-node Identity `model`, whose session
+    /// is built once into `cache`.
+    fn copy_with_model<T: ort::value::ValueTypeMarker + ?Sized>(
+        &self,
+        cache: &std::sync::OnceLock<std::sync::Mutex<Session>>,
+        model: &[u8],
+        host: &ort::value::Value<T>,
+        during: &str,
+    ) -> Result<ort::value::DynValue> {
+        let session = match cache.get() {
             Some(s) => s,
             None => {
-                let mut builder = Session::builder(crate::runtime::environment()?).map_err(Error::ort(during.clone()))?;
+                let mut builder = Session::builder(crate::runtime::environment()?).map_err(Error::ort(during.to_string()))?;
                 if let Some(provider) = self.device.execution_provider(&crate::runtime::CudaOptions::default()) {
-                    builder = builder.with_execution_providers([provider]).map_err(|e| Error::Ort { during: during.clone(), source: ort::Error::<()>::from(e) })?;
+                    builder = builder.with_execution_providers([provider]).map_err(|e| Error::Ort { during: during.to_string(), source: ort::Error::<()>::from(e) })?;
                 }
-                let session = builder.commit_from_memory(COPY_BF16).map_err(Error::ort(during.clone()))?;
-                self.copy_bf16.get_or_init(|| std::sync::Mutex::new(session))
+                let session = builder.commit_from_memory(model).map_err(Error::ort(during.to_string()))?;
+                cache.get_or_init(|| std::sync::Mutex::new(session))
             }
         };
         let mut session = session.lock().map_err(|_| Error::Device(format!("{during}: the copy session was poisoned")))?;
-        let mut binding = session.create_binding().map_err(Error::ort(during.clone()))?;
-        binding.bind_input("x", host).map_err(Error::ort(during.clone()))?;
+        let mut binding = session.create_binding().map_err(Error::ort(during.to_string()))?;
+        binding.bind_input("x", host).map_err(Error::ort(during.to_string()))?;
         let (dev, id) = self.device.allocation();
-        let info = MemoryInfo::new(dev, id, AllocatorType::Device, MemoryType::Default).map_err(Error::ort(during.clone()))?;
-        binding.bind_output_to_device("y", &info).map_err(Error::ort(during.clone()))?;
-        let mut outputs = session.run_binding(&binding).map_err(Error::ort(during.clone()))?;
-        let value = outputs.remove("y").ok_or_else(|| Error::Device(format!("{during}: the copy produced no output")))?;
-        value.downcast::<ort::value::TensorValueType<half::bf16>>().map_err(Error::ort(during))
+        let info = MemoryInfo::new(dev, id, AllocatorType::Device, MemoryType::Default).map_err(Error::ort(during.to_string()))?;
+        binding.bind_output_to_device("y", &info).map_err(Error::ort(during.to_string()))?;
+        let mut outputs = session.run_binding(&binding).map_err(Error::ort(during.to_string()))?;
+        outputs.remove("y").ok_or_else(|| Error::Device(format!("{during}: the copy produced no output")))
     }
 
     /// A device tensor's values on the host.
@@ -119,11 +148,31 @@ mod tests {
         let values: Vec<half::bf16> = [1.0f32, -2.5, 3.140625, 0.0, 65280.0, -1e-3].iter().map(|&v| half::bf16::from_f32(v)).collect();
         let tensor = memory.tensor_bf16(&[2, 3], &values).expect("bf16 tensor");
         // The copy model, which a GPU uses, run here on the CPU provider.
-        let copied = memory.copy_with_model(&tensor).expect("copy");
+        let copied = memory.copy_with_model(&memory.copy_bf16, COPY_BF16, &tensor, "test").expect("copy");
+        let copied = copied.downcast::<ort::value::TensorValueType<half::bf16>>().expect("bf16");
         for t in [&tensor, &copied] {
             let (shape, data) = t.extract_tensor();
             assert_eq!(shape.to_vec(), vec![2, 3]);
             assert_eq!(data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), values.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn fp8_tensor_keeps_its_bits() {
+        crate::runtime::init(None, false).expect("ONNX Runtime (scripts/setup_ort.sh)");
+        let memory = DeviceMemory::new(Device::Cpu);
+        let bits = [0x00u8, 0x38, 0xB8, 0x7E, 0x01, 0xFE];
+        let tensor = memory.tensor_fp8(&[2, 3], &bits).expect("fp8 tensor");
+        // The copy model, which a GPU uses, run here on the CPU provider.
+        let copied = memory.copy_with_model(&memory.copy_fp8, COPY_FP8, &tensor, "test").expect("copy");
+        let copied = copied.downcast::<ort::value::DynTensorValueType>().expect("a tensor");
+        for t in [&tensor, &copied] {
+            assert_eq!(t.shape().to_vec(), vec![2, 3]);
+            assert_eq!(*t.data_type(), TensorElementType::Float8E4M3FN);
+            // SAFETY: a CPU tensor of 6 one-byte elements.
+            let data = unsafe { std::slice::from_raw_parts(t.data_ptr().cast::<u8>(), 6) };
+            assert_eq!(data, bits);
+        }
+        assert!(memory.tensor_fp8(&[2, 2], &bits).is_err());
     }
 }

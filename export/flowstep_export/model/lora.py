@@ -46,7 +46,9 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.ModuleDict({ADAPTER: nn.Linear(rank, base.out_features, bias=False)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = super().forward(x)
+        from .fp8 import linear  # fp8 base weights are dequantized there
+
+        base = linear(self, x)
         # float32 master weights, applied in the activations' dtype (DiffSynth: bf16 LoRA).
         # PEFT scales the output, (B·A·x)·s; scaling B instead is the same product and costs
         # one pass over [out, r] instead of two (forward, backward) over [tokens, out].

@@ -12,8 +12,9 @@ import onnx
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import DEFAULT_ATTENTION_CHUNK
+from .. import DEFAULT_ATTENTION_CHUNK, FP8_OPSET, OPSET
 from . import trace
+from ..model import fp8
 from ..model.attention import DOMAIN, OPERATORS
 from ..model.configs import WanConfig
 from ..model.lora import LoraConfig, base_state, inject_lora, lora_state
@@ -52,10 +53,18 @@ class ExportOptions:
     # no weights, so a model too large for this machine's memory still exports; nothing can
     # be validated.
     shapes_only: bool = False
+    # "float8_e4m3fn": the blocks' Linear weights are fp8 graph inputs with float32 scales per
+    # tensor or per block (`fp8_scale`), dequantized in the graph to `precision` (fp8.py).
+    base_dtype: str | None = None
+    fp8_scale: str = "tensor"
 
     @property
     def lowering(self) -> trace.Lowering:
-        return trace.Lowering(self.attention_chunk, PRECISIONS[self.precision][1], attention=self.attention)
+        # fp8 inputs need opset 19 (Cast from float8); CSE would merge the backward's
+        # dequantization with the forward's and keep every dequantized weight alive between them.
+        fp8_base = self.base_dtype is not None
+        return trace.Lowering(self.attention_chunk, PRECISIONS[self.precision][1], attention=self.attention,
+                              opset=FP8_OPSET if fp8_base else OPSET, cse=not fp8_base)
 
     @property
     def attention_manifest(self) -> dict:
@@ -67,14 +76,22 @@ class ExportOptions:
     @property
     def ort_disabled_optimizers(self) -> list[str]:
         """ONNX Runtime optimizers the executor must turn off: CSE would merge checkpointing's
-        recompute with the forward (docs/DESIGN.md §6a)."""
-        return ["CommonSubexpressionElimination"] if self.gradient_checkpointing else []
+        recompute with the forward (docs/DESIGN.md §6a), and an fp8 base's dequantization in the
+        backward with the forward's."""
+        return ["CommonSubexpressionElimination"] if self.gradient_checkpointing or self.base_dtype else []
+
+    @property
+    def fp8_manifest(self) -> dict | None:
+        """manifest.training.fp8: how the fp8 base weights are scaled (informational)."""
+        if self.base_dtype is None:
+            return None
+        return {"dtype": self.base_dtype, "scale": self.fp8_scale, "block_size": fp8.BLOCK_SIZE if self.fp8_scale == "block" else None}
 
 
 def load_base_weights(model: WanModel, path: Path) -> None:
     """Load a Wan/DiffSynth checkpoint; a leading `model.` is stripped. Every model tensor
     must be present with its shape; extra tensors (other variants' heads) are listed."""
-    state = load_file(str(path))
+    state = fp8.dequantize_state(load_file(str(path)))
     state = {k.removeprefix("model."): v for k, v in state.items()}
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -102,6 +119,10 @@ def build_model(config: WanConfig, options: ExportOptions) -> tuple[WanModel, li
         raise ValueError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if options.attention not in trace.ATTENTION_MODES:
         raise ValueError(f"unknown attention {options.attention!r}; choose one of {', '.join(trace.ATTENTION_MODES)}")
+    if options.base_dtype not in (None, *fp8.BASE_DTYPES):
+        raise ValueError(f"unknown base dtype {options.base_dtype!r}; choose one of {', '.join(fp8.BASE_DTYPES)}")
+    if options.fp8_scale not in fp8.SCALES:
+        raise ValueError(f"unknown fp8 scale {options.fp8_scale!r}; choose one of {', '.join(fp8.SCALES)}")
     if options.base is not None:
         load_base_weights(model, options.base)
     elif options.shapes_only:
@@ -110,6 +131,8 @@ def build_model(config: WanConfig, options: ExportOptions) -> tuple[WanModel, li
         log.warning("no --base given: %s is initialised randomly (seed %d)", config.name, options.seed)
         init_random(model, options.seed)
     lora_names = inject_lora(model, options.lora, seed=options.seed)
+    if options.base_dtype is not None:
+        fp8.quantize_model(model, options.fp8_scale, lora_names)
     model.eval()
     model.gradient_checkpointing = options.gradient_checkpointing
     dtype = PRECISIONS[options.precision][0]
@@ -117,10 +140,12 @@ def build_model(config: WanConfig, options: ExportOptions) -> tuple[WanModel, li
         for module in model.modules():
             for pname, p in list(module._parameters.items()):
                 if p is not None and p.is_meta:
-                    module._parameters[pname] = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=False)
+                    kept = p.dtype == fp8.FP8 or pname == "scale_weight"
+                    module._parameters[pname] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype if kept else dtype), requires_grad=False)
     for name, p in model.named_parameters():
         p.requires_grad_(False)
-        if name not in lora_names:
+        # fp8 weights and their float32 scales stay as they are
+        if name not in lora_names and p.dtype != fp8.FP8 and not name.endswith(fp8.SCALE_SUFFIX):
             p.data = p.data.to(dtype)
     return model, lora_names
 
@@ -201,7 +226,9 @@ def export_artifacts(config: WanConfig, options: ExportOptions) -> dict:
                               training={"precision": options.precision,
                                         "attention": options.attention_manifest,
                                         "gradient_checkpointing": options.gradient_checkpointing,
-                                        "onnxruntime_disabled_optimizers": options.ort_disabled_optimizers})
+                                        "onnxruntime_disabled_optimizers": options.ort_disabled_optimizers,
+                                        **({"fp8": options.fp8_manifest} if options.base_dtype else {})},
+                              opset=options.lowering.opset)
     return manifest
 
 

@@ -15,10 +15,12 @@ from ..model.configs import WanConfig
 from ..model.lora import LoraConfig
 
 DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-          onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64"}
+          onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64",
+          onnx.TensorProto.FLOAT8E4M3FN: "float8_e4m3fn"}
 
 
-TORCH_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+TORCH_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+                torch.float8_e4m3fn: "float8_e4m3fn"}
 
 
 def sha256(path: Path) -> str:
@@ -45,7 +47,7 @@ def graph_signature(path: Path) -> dict:
 
 def write_manifest(out: Path, config: WanConfig, lora: LoraConfig, layout, base: dict[str, torch.Tensor],
                    base_file: str | None, graphs: list[str], expert: dict | None = None, extra: dict | None = None,
-                   training: dict | None = None) -> dict:
+                   training: dict | None = None, opset: int = OPSET) -> dict:
     files = [f"{g}.onnx" for g in graphs] + ["lora_init.safetensors"] + ([base_file] if base_file else [])
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -61,7 +63,7 @@ def write_manifest(out: Path, config: WanConfig, lora: LoraConfig, layout, base:
         "training": training or {},
         "graphs": {g: graph_signature(out / f"{g}.onnx") for g in graphs},
         "files": {f: sha256(out / f) for f in files},
-        "exporter": {"opset": OPSET, "flowstep_export": __version__, "torch": torch.__version__.split("+")[0],
+        "exporter": {"opset": opset, "flowstep_export": __version__, "torch": torch.__version__.split("+")[0],
                      "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
     if expert:  # absent: a single model, not one expert of a Wan2.2 A14B pair

@@ -84,6 +84,9 @@ class Lowering:
     attention_chunk: int
     dtype: int = onnx.TensorProto.FLOAT
     attention: str = "chunked"
+    opset: int = OPSET
+    # Common-subexpression elimination in the light pass (off for fp8 bases: fp8.py).
+    cse: bool = True
 
 
 def export(gm: torch.fx.GraphModule, inputs: list[GraphInput], output_names: list[str], lowering: Lowering) -> onnx.ModelProto:
@@ -108,7 +111,7 @@ def export(gm: torch.fx.GraphModule, inputs: list[GraphInput], output_names: lis
         _GraphWrapper(gm),
         tuple(item.example for item in inputs),
         dynamo=True,
-        opset_version=OPSET,
+        opset_version=lowering.opset,
         optimize=False,
         input_names=[item.name for item in inputs],
         output_names=output_names,
@@ -116,7 +119,7 @@ def export(gm: torch.fx.GraphModule, inputs: list[GraphInput], output_names: lis
         custom_translation_table=TRANSLATION_TABLE,
         verbose=False,
     )
-    light_optimize(program.model)
+    light_optimize(program.model, cse=lowering.cse)
     model = onnx.inliner.inline_local_functions(program.model_proto)
     if lowering.attention == "chunked":
         lower_attention(model, lowering.attention_chunk, lowering.dtype)
@@ -126,7 +129,7 @@ def export(gm: torch.fx.GraphModule, inputs: list[GraphInput], output_names: lis
     return model
 
 
-def light_optimize(ir_model) -> None:
+def light_optimize(ir_model, cse: bool = True) -> None:
     """Constant folding, CSE and dead-node removal; the full onnxscript optimizer does not
     finish on 30 blocks (docs/DESIGN.md §2).
 
@@ -139,7 +142,8 @@ def light_optimize(ir_model) -> None:
     from onnxscript.ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnusedNodesPass
 
     optimizer.fold_constants(ir_model)
-    CommonSubexpressionEliminationPass()(ir_model)
+    if cse:
+        CommonSubexpressionEliminationPass()(ir_model)
     RemoveUnusedNodesPass()(ir_model)
 
 

@@ -113,6 +113,32 @@ def manifest_matches_graphs(artifacts: Path) -> list[str]:
     return problems
 
 
+def ort_value(array: np.ndarray) -> ort.OrtValue:
+    """ONNX Runtime's Python API takes no ml_dtypes float8 arrays: pass their bytes typed."""
+    import ml_dtypes
+    import onnx
+
+    if array.dtype == ml_dtypes.float8_e4m3fn:
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint8), onnx.TensorProto.FLOAT8E4M3FN)
+    return ort.OrtValue.ortvalue_from_numpy(np.asarray(array, order="C"))  # ascontiguousarray makes 0-d 1-d
+
+
+def base_arrays(model) -> dict[str, np.ndarray]:
+    """The base weights as the graphs take them: bf16 and fp8 as ml_dtypes arrays."""
+    import ml_dtypes
+
+    from ..model.fp8 import FP8
+    from ..model.lora import base_state
+
+    def array(v):
+        if v.dtype == FP8:
+            return v.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
+        if v.dtype == torch.bfloat16:
+            return v.float().numpy().astype(ml_dtypes.bfloat16)
+        return v.numpy()
+    return {k: array(v) for k, v in base_state(model).items()}
+
+
 def graph_runner(out: Path, precision: str, attention: str = "chunked"):
     """name, feed -> outputs. float32 graphs run on ONNX Runtime; bfloat16 graphs on ONNX's
     reference evaluator, since ONNX Runtime's CPU provider has no bf16 kernels, and so do
@@ -121,7 +147,8 @@ def graph_runner(out: Path, precision: str, attention: str = "chunked"):
     if precision == "float32" and attention == "chunked":
         def run(name, feed):
             sess = session(out / f"{name}.onnx")
-            return sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
+            values = {i.name: ort_value(feed[i.name]) for i in sess.get_inputs()}
+            return [v.numpy() for v in sess.run_with_ort_values(None, values)]
         return run
     from onnx.reference import ReferenceEvaluator
 
@@ -152,7 +179,7 @@ def validate_artifacts(out: Path, config, options, rtol: float = 1e-4) -> dict:
     import copy
 
     from .export import build_model, example_inputs
-    from ..model.lora import base_state, lora_state
+    from ..model.lora import lora_state
     from .steps import flat_layout, flatten
 
     model, lora_names = build_model(config, options)
@@ -164,12 +191,12 @@ def validate_artifacts(out: Path, config, options, rtol: float = 1e-4) -> dict:
         for t in layout:
             dict(model.named_parameters())[t.key].copy_(lora_flat[t.offset:t.offset + t.numel].reshape(t.shape))
     bf16 = options.precision == "bfloat16"
-    model32 = copy.deepcopy(model).float() if bf16 else model
-    if bf16:
-        import ml_dtypes
-        base = {k: v.float().numpy().astype(ml_dtypes.bfloat16) for k, v in base_state(model).items()}
-    else:
-        base = {k: v.numpy() for k, v in base_state(model).items()}
+    model32 = copy.deepcopy(model) if bf16 else model
+    if bf16:  # fp8 weights stay fp8, dequantized to float32 by the reference
+        for t in [*model32.parameters(), *model32.buffers()]:
+            if t.dtype == torch.bfloat16:
+                t.data = t.data.float()
+    base = base_arrays(model)
     run = graph_runner(out, options.precision, options.attention)
     keys = [t.key for t in layout]
 
