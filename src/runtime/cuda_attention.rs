@@ -363,7 +363,7 @@ mod tests {
     }
 
     /// cuDNN addresses element [b, h, s, d] at Σ index·stride; that must be where the
-    /// CPU reference (fused_attention::row) and Wan keep it in [B, S, H, D] memory.
+    /// CPU kernels (fused_attention::kernels::load_rows) and Wan keep it in [B, S, H, D] memory.
     #[test]
     fn strides_address_wan_bshd_memory() {
         let (b_n, s_n, h_n, d_n) = (2i64, 1560i64, WAN_HEADS, HEAD_DIM);

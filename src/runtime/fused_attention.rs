@@ -3,9 +3,9 @@
 //! (dq, dk, dv)`, attribute `scale`; q, o, dq [B, Sq, H, D], k, v [B, Sk, H, D], lse
 //! [B, H, Sq] float32 (export/flowstep_export/model/attention.py defines them).
 //!
-//! This is the CPU reference implementation, registered through ort's custom-operator API
-//! for float32 and bfloat16 inputs: plain math, one query row at a time, so nothing of size
-//! [H, Sq, Sk] exists; softmax statistics and every accumulation are float32. The CUDA
+//! On the CPU they are registered through ort's custom-operator API for float32 and bfloat16
+//! inputs and run the blocked FlashAttention kernels of [`kernels`] (issue 25): nothing of
+//! size [H, Sq, Sk] exists; softmax statistics and every accumulation are float32. The CUDA
 //! kernels (cuDNN's SDPA, bf16/fp16) are `super::cuda_attention`, built only with
 //! `--features cuda-attention`; [`check_device`] refuses, before any session is built, every
 //! device and precision that this build has no kernels for.
@@ -14,11 +14,12 @@ use std::marker::PhantomData;
 
 use half::bf16;
 use ort::operator::{BoxedKernel, ComputeContext, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
-use ort::value::{PrimitiveTensorElementType, TensorElementType};
-use rayon::prelude::*;
+use ort::value::{PrimitiveTensorElementType, TensorElementType, ValueRef, ValueRefMut};
 
 use super::Device;
 use crate::error::{Error, Result};
+
+mod kernels;
 
 pub const DOMAIN: &str = "com.flowstep";
 pub const FORWARD: &str = "FlashAttention";
@@ -191,20 +192,22 @@ impl<T: Element> Operator for Backward<T> {
     }
 }
 
-/// Input `idx` widened to f32, with its shape.
-fn input<T: Element>(ctx: &ComputeContext, idx: usize, name: &str) -> std::result::Result<(Vec<i64>, Vec<f32>), String> {
-    let value = ctx.input(idx).map_err(|e| e.to_string())?.ok_or_else(|| format!("input `{name}` is missing"))?;
-    let (shape, data) = value.try_extract_tensor::<T>().map_err(|e| format!("input `{name}`: {e}"))?;
-    Ok((shape.to_vec(), data.iter().map(|x| x.widen()).collect()))
+/// Input `idx`, present and of element type T.
+fn input<'a>(ctx: &'a ComputeContext, idx: usize, name: &str) -> std::result::Result<ValueRef<'a>, String> {
+    ctx.input(idx).map_err(|e| e.to_string())?.ok_or_else(|| format!("input `{name}` is missing"))
 }
 
-fn output<T: Element>(ctx: &ComputeContext, idx: usize, shape: Vec<i64>, values: &[f32]) -> std::result::Result<(), String> {
-    let mut value = ctx.output(idx, shape).map_err(|e| e.to_string())?.ok_or_else(|| format!("output {idx} is not wanted"))?;
-    let (_, data) = value.try_extract_tensor_mut::<T>().map_err(|e| format!("output {idx}: {e}"))?;
-    for (out, x) in data.iter_mut().zip(values) {
-        *out = T::narrow(*x);
-    }
-    Ok(())
+fn tensor<'a, T: Element>(value: &'a ValueRef<'_>, name: &str) -> std::result::Result<(Vec<i64>, &'a [T]), String> {
+    let (shape, data) = value.try_extract_tensor::<T>().map_err(|e| format!("input `{name}`: {e}"))?;
+    Ok((shape.to_vec(), data))
+}
+
+fn output<'a>(ctx: &'a ComputeContext, idx: usize, shape: Vec<i64>) -> std::result::Result<ValueRefMut<'a>, String> {
+    ctx.output(idx, shape).map_err(|e| e.to_string())?.ok_or_else(|| format!("output {idx} is not wanted"))
+}
+
+fn tensor_mut<'a, T: Element>(value: &'a mut ValueRefMut<'_>, idx: usize) -> std::result::Result<&'a mut [T], String> {
+    value.try_extract_tensor_mut::<T>().map(|(_, data)| data).map_err(|e| format!("output {idx}: {e}"))
 }
 
 /// Batch, query and key lengths, heads and head dim; q [B, Sq, H, D], k and v [B, Sk, H, D].
@@ -238,196 +241,32 @@ fn expect_shape(name: &str, got: &[i64], want: &[i64]) -> std::result::Result<()
 }
 
 fn run_forward<T: Element>(ctx: &ComputeContext, scale: f32) -> std::result::Result<(), String> {
-    let (q_shape, q) = input::<T>(ctx, 0, "q")?;
-    let (k_shape, k) = input::<T>(ctx, 1, "k")?;
-    let (v_shape, v) = input::<T>(ctx, 2, "v")?;
+    let (q, k, v) = (input(ctx, 0, "q")?, input(ctx, 1, "k")?, input(ctx, 2, "v")?);
+    let ((q_shape, q), (k_shape, k), (v_shape, v)) = (tensor::<T>(&q, "q")?, tensor::<T>(&k, "k")?, tensor::<T>(&v, "v")?);
     let dims = Dims::of(&q_shape, &k_shape, &v_shape)?;
-    let (o, lse) = forward(&q, &k, &v, dims, scale);
-    output::<T>(ctx, 0, q_shape, &o)?;
-    output::<f32>(ctx, 1, dims.lse_shape(), &lse)
+    let (mut o, mut lse) = (output(ctx, 0, q_shape)?, output(ctx, 1, dims.lse_shape())?);
+    kernels::forward(q, k, v, dims, scale, tensor_mut::<T>(&mut o, 0)?, tensor_mut::<f32>(&mut lse, 1)?);
+    Ok(())
 }
 
 fn run_backward<T: Element>(ctx: &ComputeContext, scale: f32) -> std::result::Result<(), String> {
-    let (q_shape, q) = input::<T>(ctx, 0, "q")?;
-    let (k_shape, k) = input::<T>(ctx, 1, "k")?;
-    let (v_shape, v) = input::<T>(ctx, 2, "v")?;
+    let (q, k, v) = (input(ctx, 0, "q")?, input(ctx, 1, "k")?, input(ctx, 2, "v")?);
+    let (o, lse, d_o) = (input(ctx, 3, "o")?, input(ctx, 4, "lse")?, input(ctx, 5, "do")?);
+    let ((q_shape, q), (k_shape, k), (v_shape, v)) = (tensor::<T>(&q, "q")?, tensor::<T>(&k, "k")?, tensor::<T>(&v, "v")?);
     let dims = Dims::of(&q_shape, &k_shape, &v_shape)?;
-    let (o_shape, o) = input::<T>(ctx, 3, "o")?;
-    let (lse_shape, lse) = input::<f32>(ctx, 4, "lse")?;
-    let (do_shape, d_o) = input::<T>(ctx, 5, "do")?;
+    let ((o_shape, o), (lse_shape, lse), (do_shape, d_o)) = (tensor::<T>(&o, "o")?, tensor::<f32>(&lse, "lse")?, tensor::<T>(&d_o, "do")?);
     expect_shape("o", &o_shape, &q_shape)?;
     expect_shape("do", &do_shape, &q_shape)?;
     expect_shape("lse", &lse_shape, &dims.lse_shape())?;
-    let (dq, dk, dv) = backward(&q, &k, &v, &o, &lse, &d_o, dims, scale);
-    output::<T>(ctx, 0, q_shape, &dq)?;
-    output::<T>(ctx, 1, k_shape.clone(), &dk)?;
-    output::<T>(ctx, 2, k_shape, &dv)
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
-    }
-}
-
-/// Row `s` of head `h` in batch `b` of a [B, S, H, D] tensor.
-fn row(x: &[f32], dims: Dims, seq: usize, b: usize, s: usize, h: usize) -> &[f32] {
-    let start = ((b * seq + s) * dims.h + h) * dims.d;
-    &x[start..start + dims.d]
-}
-
-/// Per (batch, head), in parallel; results in b-major, h-minor order.
-fn per_head<R: Send>(dims: Dims, f: impl Fn(usize, usize) -> R + Sync) -> Vec<R> {
-    (0..dims.b * dims.h).into_par_iter().map(|i| f(i / dims.h, i % dims.h)).collect()
-}
-
-/// Copies per-head [S, D] blocks into a [B, S, H, D] tensor.
-fn scatter(blocks: &[&[f32]], dims: Dims, seq: usize) -> Vec<f32> {
-    let mut out = vec![0.0; dims.b * seq * dims.h * dims.d];
-    for (i, block) in blocks.iter().enumerate() {
-        let (b, h) = (i / dims.h, i % dims.h);
-        for s in 0..seq {
-            let start = ((b * seq + s) * dims.h + h) * dims.d;
-            out[start..start + dims.d].copy_from_slice(&block[s * dims.d..(s + 1) * dims.d]);
-        }
-    }
-    out
-}
-
-/// o = softmax(scale·q·kᵀ)·v and lse = log Σ exp(scale·q·kᵀ), one query row at a time.
-pub(crate) fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> (Vec<f32>, Vec<f32>) {
-    let heads = per_head(dims, |b, h| {
-        let mut scores = vec![0.0f32; dims.sk];
-        let mut o = vec![0.0f32; dims.sq * dims.d];
-        let mut lse = vec![0.0f32; dims.sq];
-        for i in 0..dims.sq {
-            let qi = row(q, dims, dims.sq, b, i, h);
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in scores.iter_mut().enumerate() {
-                *s = scale * dot(qi, row(k, dims, dims.sk, b, j, h));
-                max = max.max(*s);
-            }
-            let l = max + scores.iter().map(|s| (s - max).exp()).sum::<f32>().ln();
-            lse[i] = l;
-            let oi = &mut o[i * dims.d..(i + 1) * dims.d];
-            for (j, s) in scores.iter().enumerate() {
-                axpy((s - l).exp(), row(v, dims, dims.sk, b, j, h), oi);
-            }
-        }
-        (o, lse)
-    });
-    let o = scatter(&heads.iter().map(|(o, _)| o.as_slice()).collect::<Vec<_>>(), dims, dims.sq);
-    // [B, H, Sq]: the per-head blocks in order.
-    let lse = heads.into_iter().flat_map(|(_, lse)| lse).collect();
-    (o, lse)
-}
-
-/// FlashAttention's backward: recompute p = exp(scale·q·kᵀ - lse) per query row;
-/// dv += pᵀ·do, ds = p∘(do·vᵀ - rowsum(do∘o)), dq = scale·ds·k, dk += scale·dsᵀ·q.
-#[allow(clippy::too_many_arguments)] // the operator's six inputs, its geometry and its attribute
-pub(crate) fn backward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    o: &[f32],
-    lse: &[f32],
-    d_o: &[f32],
-    dims: Dims,
-    scale: f32,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let heads = per_head(dims, |b, h| {
-        let mut dq = vec![0.0f32; dims.sq * dims.d];
-        let mut dk = vec![0.0f32; dims.sk * dims.d];
-        let mut dv = vec![0.0f32; dims.sk * dims.d];
-        for i in 0..dims.sq {
-            let (qi, doi) = (row(q, dims, dims.sq, b, i, h), row(d_o, dims, dims.sq, b, i, h));
-            let delta = dot(doi, row(o, dims, dims.sq, b, i, h));
-            let l = lse[(b * dims.h + h) * dims.sq + i];
-            let dqi = &mut dq[i * dims.d..(i + 1) * dims.d];
-            for j in 0..dims.sk {
-                let (kj, vj) = (row(k, dims, dims.sk, b, j, h), row(v, dims, dims.sk, b, j, h));
-                let p = (scale * dot(qi, kj) - l).exp();
-                axpy(p, doi, &mut dv[j * dims.d..(j + 1) * dims.d]);
-                let ds = scale * p * (dot(doi, vj) - delta);
-                axpy(ds, kj, dqi);
-                axpy(ds, qi, &mut dk[j * dims.d..(j + 1) * dims.d]);
-            }
-        }
-        (dq, dk, dv)
-    });
-    let dq: Vec<&[f32]> = heads.iter().map(|x| x.0.as_slice()).collect();
-    let dk: Vec<&[f32]> = heads.iter().map(|x| x.1.as_slice()).collect();
-    let dv: Vec<&[f32]> = heads.iter().map(|x| x.2.as_slice()).collect();
-    (scatter(&dq, dims, dims.sq), scatter(&dk, dims, dims.sk), scatter(&dv, dims, dims.sk))
+    let (mut dq, mut dk, mut dv) = (output(ctx, 0, q_shape)?, output(ctx, 1, k_shape.clone())?, output(ctx, 2, k_shape)?);
+    let (dq, dk, dv) = (tensor_mut::<T>(&mut dq, 0)?, tensor_mut::<T>(&mut dk, 1)?, tensor_mut::<T>(&mut dv, 2)?);
+    kernels::backward(q, k, v, o, lse, d_o, dims, scale, dq, dk, dv);
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    /// Σ o∘w in f64 through an explicit softmax: the loss whose gradient the backward computes.
-    fn loss64(q: &[f32], k: &[f32], v: &[f32], w: &[f32], dims: Dims, scale: f64) -> f64 {
-        let mut total = 0.0;
-        for b in 0..dims.b {
-            for h in 0..dims.h {
-                for i in 0..dims.sq {
-                    let qi = row(q, dims, dims.sq, b, i, h);
-                    let s: Vec<f64> = (0..dims.sk)
-                        .map(|j| scale * qi.iter().zip(row(k, dims, dims.sk, b, j, h)).map(|(a, c)| *a as f64 * *c as f64).sum::<f64>())
-                        .collect();
-                    let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = s.iter().map(|x| (x - max).exp()).sum();
-                    for (j, sj) in s.iter().enumerate() {
-                        let p = (sj - max).exp() / z;
-                        let vj = row(v, dims, dims.sk, b, j, h);
-                        total += p * vj.iter().zip(row(w, dims, dims.sq, b, i, h)).map(|(a, c)| *a as f64 * *c as f64).sum::<f64>();
-                    }
-                }
-            }
-        }
-        total
-    }
-
-    /// Forward and backward against an f64 softmax and its central differences, with
-    /// Sq != Sk (cross-attention), two batches and three heads.
-    #[test]
-    fn matches_softmax_attention_and_its_gradient() {
-        let dims = Dims { b: 2, sq: 5, sk: 7, h: 3, d: 4 };
-        let (nq, nk) = (dims.b * dims.sq * dims.h * dims.d, dims.b * dims.sk * dims.h * dims.d);
-        let (q, k, v, w) = (values(nq, 1), values(nk, 2), values(nk, 3), values(nq, 4));
-        let scale = 0.7f32;
-        let (o, lse) = forward(&q, &k, &v, dims, scale);
-        let loss = loss64(&q, &k, &v, &w, dims, scale as f64);
-        let got: f64 = o.iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).sum();
-        assert!((got - loss).abs() < 1e-5 * loss.abs().max(1.0), "{got} vs {loss}");
-        let (dq, dk, dv) = backward(&q, &k, &v, &o, &lse, &w, dims, scale);
-        let eps = 1e-2f32;
-        for (which, grad) in [(0, &dq), (1, &dk), (2, &dv)] {
-            for idx in (0..grad.len()).step_by(7) {
-                let mut inputs = [q.clone(), k.clone(), v.clone()];
-                inputs[which][idx] += eps;
-                let plus = loss64(&inputs[0], &inputs[1], &inputs[2], &w, dims, scale as f64);
-                inputs[which][idx] -= 2.0 * eps;
-                let minus = loss64(&inputs[0], &inputs[1], &inputs[2], &w, dims, scale as f64);
-                let numeric = (plus - minus) / (2.0 * eps as f64);
-                assert!((grad[idx] as f64 - numeric).abs() < 2e-4, "input {which}[{idx}]: {} vs {numeric}", grad[idx]);
-            }
-        }
-    }
 
     #[test]
     fn manifest_attention_entries() {

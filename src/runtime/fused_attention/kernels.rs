@@ -1,0 +1,513 @@
+//! The CPU kernels of the fused attention pair: blocked FlashAttention (FlashAttention-2's
+//! algorithm). The forward keeps a running max and sum per query row over blocks of keys
+//! (online softmax); the backward recomputes each block's probabilities from the saved
+//! log-sum-exp. Nothing of size [H, Sq, Sk] exists: the largest temporaries are one
+//! [query block, key block] tile per task. Inputs are widened to f32 one block at a time;
+//! every product runs on the `gemm` crate (runtime-dispatched AVX-512 / AVX2+FMA kernels),
+//! the exponentials on a polynomial exp compiled for the same instruction sets (pulp).
+//!
+//! Parallelism (rayon): the forward over (batch, head, query block); the backward over
+//! (batch, head, group of key blocks), each task accumulating its own dk/dv rows and a dq
+//! partial over all queries (summed afterwards when a head has several groups).
+
+use rayon::prelude::*;
+
+use super::{Dims, Element};
+
+/// Query rows per tile.
+const QUERY_BLOCK: usize = 64;
+/// Key rows per tile.
+const KEY_BLOCK: usize = 256;
+
+/// A strided f32 matrix view: element (i, j) at `data[i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// The first `rows * cols` values of `data`, row-major.
+    fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert!(data.len() >= rows * cols, "matrix view out of bounds");
+        Mat { data, rows, cols, row_stride: cols, col_stride: 1 }
+    }
+
+    fn t(self) -> Self {
+        Mat { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+    }
+}
+
+/// `dst` ([a.rows, b.cols], row-major) = beta·a·b, or += beta·a·b when `accumulate`.
+fn matmul(dst: &mut [f32], a: Mat, b: Mat, beta: f32, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(b.rows == k && dst.len() == m * n, "matmul shapes");
+    // SAFETY: `Mat::new` checked that each operand's strided extent lies in its slice, dst is
+    // exactly m x n row-major, and a `&mut` dst cannot alias the shared a and b.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// exp(x) within ~2 ulp for x in [-87, 88] (clamped to that range: ~1e-38 below, which
+/// no softmax sum notices), branch-free so that
+/// loops over it vectorise: 2^n · e^r with n = round(x·log2 e), r = x - n·ln 2 in two parts,
+/// e^r by Cephes' degree-6 polynomial.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e_r = p * r * r + r + 1.0;
+    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Lanes of the reductions below: independent accumulators, so that they vectorise (a single
+/// f32 accumulator is a serial dependency the compiler may not reorder).
+const LANES: usize = 16;
+
+#[inline(always)]
+fn max_of(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    tail.iter().chain(&acc).fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a })
+}
+
+/// x ← exp(x - shift), returning the sum of the new values.
+#[inline(always)]
+fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(chunk) {
+            *v = exp(*v - shift);
+            *a += *v;
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for v in chunks.into_remainder() {
+        *v = exp(*v - shift);
+        sum += *v;
+    }
+    sum
+}
+
+/// Rows `first..first + dst.len() / D` of head `h` in batch `b` of a [B, seq, H, D] tensor,
+/// widened into `dst` ([rows, D]).
+fn load_rows<T: Element>(x: &[T], dims: Dims, seq: usize, b: usize, h: usize, first: usize, dst: &mut [f32]) {
+    for (i, out) in dst.chunks_exact_mut(dims.d).enumerate() {
+        let start = ((b * seq + first + i) * dims.h + h) * dims.d;
+        for (o, v) in out.iter_mut().zip(&x[start..start + dims.d]) {
+            *o = v.widen();
+        }
+    }
+}
+
+/// `(first, len)` of each block of `size` over `0..total`.
+fn blocks(total: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..total).step_by(size).map(move |first| (first, size.min(total - first)))
+}
+
+/// o = softmax(scale·q·kᵀ)·v into `o` ([B, Sq, H, D]) and lse = log Σ exp(scale·q·kᵀ) into
+/// `lse` ([B, H, Sq]).
+pub(super) fn forward<T: Element>(q: &[T], k: &[T], v: &[T], dims: Dims, scale: f32, o: &mut [T], lse: &mut [f32]) {
+    let query_blocks = dims.sq.div_ceil(QUERY_BLOCK);
+    let tiles: Vec<(Vec<f32>, Vec<f32>)> = (0..dims.b * dims.h * query_blocks)
+        .into_par_iter()
+        .map(|task| {
+            let (head, block) = (task / query_blocks, task % query_blocks);
+            let first = block * QUERY_BLOCK;
+            forward_tile(q, k, v, dims, scale, head / dims.h, head % dims.h, first, QUERY_BLOCK.min(dims.sq - first))
+        })
+        .collect();
+    // Tile (b, h, block) holds rows block·QUERY_BLOCK.. of head h of batch b.
+    let tile_of = |b: usize, h: usize, s: usize| &tiles[(b * dims.h + h) * query_blocks + s / QUERY_BLOCK];
+    o.par_chunks_mut(dims.h * dims.d).enumerate().for_each(|(row, out)| {
+        let (b, s) = (row / dims.sq, row % dims.sq);
+        for (h, out) in out.chunks_exact_mut(dims.d).enumerate() {
+            let tile = &tile_of(b, h, s).0[(s % QUERY_BLOCK) * dims.d..];
+            for (o, x) in out.iter_mut().zip(tile) {
+                *o = T::narrow(*x);
+            }
+        }
+    });
+    lse.par_chunks_mut(dims.sq.max(1)).enumerate().for_each(|(head, out)| {
+        let rows = tiles[head * query_blocks..(head + 1) * query_blocks].iter().flat_map(|t| &t.1);
+        for (o, x) in out.iter_mut().zip(rows) {
+            *o = *x;
+        }
+    });
+}
+
+/// One query block's output rows ([m, D]) and log-sum-exps ([m]).
+#[allow(clippy::too_many_arguments)] // the inputs, their geometry and the tile's place
+fn forward_tile<T: Element>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dims: Dims,
+    scale: f32,
+    b: usize,
+    h: usize,
+    first: usize,
+    m: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let d = dims.d;
+    let mut qb = vec![0.0f32; m * d];
+    load_rows(q, dims, dims.sq, b, h, first, &mut qb);
+    let (mut kb, mut vb) = (vec![0.0f32; KEY_BLOCK * d], vec![0.0f32; KEY_BLOCK * d]);
+    let mut scores = vec![0.0f32; m * KEY_BLOCK];
+    let mut o = vec![0.0f32; m * d];
+    let (mut max, mut sum) = (vec![f32::NEG_INFINITY; m], vec![0.0f32; m]);
+    for (k0, n) in blocks(dims.sk, KEY_BLOCK) {
+        let (kb, vb, scores) = (&mut kb[..n * d], &mut vb[..n * d], &mut scores[..m * n]);
+        load_rows(k, dims, dims.sk, b, h, k0, kb);
+        load_rows(v, dims, dims.sk, b, h, k0, vb);
+        matmul(scores, Mat::new(&qb, m, d), Mat::new(kb, n, d).t(), scale, false);
+        pulp::Arch::new().dispatch(|| {
+            for (i, (row, out)) in scores.chunks_exact_mut(n).zip(o.chunks_exact_mut(d)).enumerate() {
+                let new_max = max[i].max(max_of(row));
+                // Earlier blocks' terms were scaled by exp(-max); rescale them to the new max.
+                let correction = exp(max[i] - new_max);
+                sum[i] = sum[i] * correction + exp_shifted(row, new_max);
+                if correction != 1.0 {
+                    out.iter_mut().for_each(|x| *x *= correction);
+                }
+                max[i] = new_max;
+            }
+        });
+        matmul(&mut o, Mat::new(scores, m, n), Mat::new(vb, n, d), 1.0, true);
+    }
+    for (i, out) in o.chunks_exact_mut(d).enumerate() {
+        out.iter_mut().for_each(|x| *x /= sum[i]);
+        max[i] += sum[i].ln();
+    }
+    (o, max)
+}
+
+/// The gradients of Σ o∘do: dq into `dq` ([B, Sq, H, D]), dk and dv into `dk`, `dv`
+/// ([B, Sk, H, D]), from the forward's o and lse.
+#[allow(clippy::too_many_arguments)] // the operator's six inputs, its geometry, attribute and three outputs
+pub(super) fn backward<T: Element>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &[T],
+    lse: &[f32],
+    d_o: &[T],
+    dims: Dims,
+    scale: f32,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    let key_blocks = dims.sk.div_ceil(KEY_BLOCK);
+    // Enough groups per head to give every thread work; each costs a dq partial [Sq, D].
+    let groups = rayon::current_num_threads().div_ceil(dims.b * dims.h).clamp(1, key_blocks.max(1));
+    let group_keys = |g: usize| (g * key_blocks / groups * KEY_BLOCK)..((g + 1) * key_blocks / groups * KEY_BLOCK).min(dims.sk);
+    let group_of_block: Vec<usize> = (0..groups).flat_map(|g| std::iter::repeat_n(g, group_keys(g).len().div_ceil(KEY_BLOCK))).collect();
+    let inputs = BackwardInputs { q, k, v, o, lse, d_o, dims, scale };
+    let tiles: Vec<BackwardTile> = (0..dims.b * dims.h * groups)
+        .into_par_iter()
+        .map(|task| {
+            let (head, g) = (task / groups, task % groups);
+            inputs.key_group(head / dims.h, head % dims.h, group_keys(g))
+        })
+        .collect();
+    dq.par_chunks_mut(dims.h * dims.d).enumerate().for_each(|(row, out)| {
+        let (b, s) = (row / dims.sq, row % dims.sq);
+        for (h, out) in out.chunks_exact_mut(dims.d).enumerate() {
+            let head_tiles = &tiles[(b * dims.h + h) * groups..(b * dims.h + h + 1) * groups];
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = T::narrow(head_tiles.iter().map(|t| t.dq[s * dims.d + j]).sum());
+            }
+        }
+    });
+    for (out, pick) in [(dk, 0), (dv, 1)] {
+        out.par_chunks_mut(dims.h * dims.d).enumerate().for_each(|(row, out)| {
+            let (b, s) = (row / dims.sk, row % dims.sk);
+            let g = group_of_block[s / KEY_BLOCK];
+            for (h, out) in out.chunks_exact_mut(dims.d).enumerate() {
+                let tile = &tiles[(b * dims.h + h) * groups + g];
+                let rows = if pick == 0 { &tile.dk } else { &tile.dv };
+                let start = (s - group_keys(g).start) * dims.d;
+                for (o, x) in out.iter_mut().zip(&rows[start..start + dims.d]) {
+                    *o = T::narrow(*x);
+                }
+            }
+        });
+    }
+}
+
+struct BackwardInputs<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    o: &'a [T],
+    lse: &'a [f32],
+    d_o: &'a [T],
+    dims: Dims,
+    scale: f32,
+}
+
+/// One task's results: dk and dv rows of its keys ([keys, D]), its part of dq ([Sq, D]).
+struct BackwardTile {
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    dq: Vec<f32>,
+}
+
+impl<T: Element> BackwardInputs<'_, T> {
+    /// dv += pᵀ·do, ds = p∘(do·vᵀ - rowsum(do∘o)), dq += scale·ds·k, dk += scale·dsᵀ·q, with
+    /// p = exp(scale·q·kᵀ - lse) recomputed per tile, for the keys `keys` of head h in batch b.
+    fn key_group(&self, b: usize, h: usize, keys: std::ops::Range<usize>) -> BackwardTile {
+        let (dims, d) = (self.dims, self.dims.d);
+        let lse = &self.lse[(b * dims.h + h) * dims.sq..(b * dims.h + h + 1) * dims.sq];
+        // rowsum(do∘o), per query row.
+        let mut delta = vec![0.0f32; dims.sq];
+        let (mut ob, mut dob) = (vec![0.0f32; QUERY_BLOCK * d], vec![0.0f32; QUERY_BLOCK * d]);
+        for (q0, m) in blocks(dims.sq, QUERY_BLOCK) {
+            load_rows(self.o, dims, dims.sq, b, h, q0, &mut ob[..m * d]);
+            load_rows(self.d_o, dims, dims.sq, b, h, q0, &mut dob[..m * d]);
+            for (i, (x, y)) in ob.chunks_exact(d).zip(dob.chunks_exact(d)).take(m).enumerate() {
+                delta[q0 + i] = x.iter().zip(y).map(|(a, c)| a * c).sum();
+            }
+        }
+        let mut tile = BackwardTile { dk: vec![0.0; keys.len() * d], dv: vec![0.0; keys.len() * d], dq: vec![0.0; dims.sq * d] };
+        let mut qb = ob;
+        let (mut kb, mut vb) = (vec![0.0f32; KEY_BLOCK * d], vec![0.0f32; KEY_BLOCK * d]);
+        let (mut p, mut ds) = (vec![0.0f32; QUERY_BLOCK * KEY_BLOCK], vec![0.0f32; QUERY_BLOCK * KEY_BLOCK]);
+        for (k0, n) in blocks(keys.len(), KEY_BLOCK) {
+            let (kb, vb) = (&mut kb[..n * d], &mut vb[..n * d]);
+            load_rows(self.k, dims, dims.sk, b, h, keys.start + k0, kb);
+            load_rows(self.v, dims, dims.sk, b, h, keys.start + k0, vb);
+            let dk = &mut tile.dk[k0 * d..(k0 + n) * d];
+            let dv = &mut tile.dv[k0 * d..(k0 + n) * d];
+            for (q0, m) in blocks(dims.sq, QUERY_BLOCK) {
+                let (qb, dob, p, ds) = (&mut qb[..m * d], &mut dob[..m * d], &mut p[..m * n], &mut ds[..m * n]);
+                load_rows(self.q, dims, dims.sq, b, h, q0, qb);
+                load_rows(self.d_o, dims, dims.sq, b, h, q0, dob);
+                matmul(p, Mat::new(qb, m, d), Mat::new(kb, n, d).t(), self.scale, false);
+                matmul(ds, Mat::new(dob, m, d), Mat::new(vb, n, d).t(), 1.0, false);
+                pulp::Arch::new().dispatch(|| {
+                    for (i, (p, ds)) in p.chunks_exact_mut(n).zip(ds.chunks_exact_mut(n)).enumerate() {
+                        let (l, delta) = (lse[q0 + i], delta[q0 + i]);
+                        for (p, ds) in p.iter_mut().zip(ds) {
+                            *p = exp(*p - l);
+                            *ds = *p * (*ds - delta);
+                        }
+                    }
+                });
+                matmul(dv, Mat::new(p, m, n).t(), Mat::new(dob, m, d), 1.0, true);
+                matmul(&mut tile.dq[q0 * d..(q0 + m) * d], Mat::new(ds, m, n), Mat::new(kb, n, d), self.scale, true);
+                matmul(dk, Mat::new(ds, m, n).t(), Mat::new(qb, m, d), self.scale, true);
+            }
+        }
+        tile
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use half::bf16;
+
+    use super::*;
+
+    fn values(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                amplitude * (((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+            })
+            .collect()
+    }
+
+    /// Plain softmax attention in f64 (every score of a row at once) and the gradient of
+    /// Σ o∘w by the textbook formulas: the independent check of the blocked kernels.
+    struct Reference {
+        o: Vec<f64>,
+        lse: Vec<f64>,
+        dq: Vec<f64>,
+        dk: Vec<f64>,
+        dv: Vec<f64>,
+    }
+
+    fn reference(q: &[f32], k: &[f32], v: &[f32], w: &[f32], dims: Dims, scale: f64) -> Reference {
+        let Dims { b: nb, sq, sk, h: nh, d } = dims;
+        let at = |seq: usize, b: usize, s: usize, h: usize| ((b * seq + s) * nh + h) * d;
+        let dot = |x: &[f32], i: usize, y: &[f32], j: usize| (0..d).map(|c| x[i + c] as f64 * y[j + c] as f64).sum::<f64>();
+        let mut r = Reference {
+            o: vec![0.0; q.len()],
+            lse: vec![0.0; nb * nh * sq],
+            dq: vec![0.0; q.len()],
+            dk: vec![0.0; k.len()],
+            dv: vec![0.0; v.len()],
+        };
+        for b in 0..nb {
+            for h in 0..nh {
+                for i in 0..sq {
+                    let qi = at(sq, b, i, h);
+                    let s: Vec<f64> = (0..sk).map(|j| scale * dot(q, qi, k, at(sk, b, j, h))).collect();
+                    let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - max).exp()).sum();
+                    r.lse[(b * nh + h) * sq + i] = max + z.ln();
+                    let p: Vec<f64> = s.iter().map(|x| (x - max).exp() / z).collect();
+                    let dp: Vec<f64> = (0..sk).map(|j| dot(w, qi, v, at(sk, b, j, h))).collect();
+                    let delta: f64 = p.iter().zip(&dp).map(|(a, c)| a * c).sum();
+                    for j in 0..sk {
+                        let (kj, ds) = (at(sk, b, j, h), scale * p[j] * (dp[j] - delta));
+                        for c in 0..d {
+                            r.o[qi + c] += p[j] * v[kj + c] as f64;
+                            r.dv[kj + c] += p[j] * w[qi + c] as f64;
+                            r.dq[qi + c] += ds * k[kj + c] as f64;
+                            r.dk[kj + c] += ds * q[qi + c] as f64;
+                        }
+                    }
+                }
+            }
+        }
+        r
+    }
+
+    /// max |got - want| / max |want|.
+    fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+        let err = got.iter().zip(want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
+        err / want.iter().map(|w| w.abs()).fold(0.0, f64::max)
+    }
+
+    /// The f64 reference's gradient against central differences of its own loss.
+    #[test]
+    fn reference_gradient_matches_central_differences() {
+        let dims = Dims { b: 2, sq: 5, sk: 7, h: 3, d: 4 };
+        let (nq, nk) = (dims.b * dims.sq * dims.h * dims.d, dims.b * dims.sk * dims.h * dims.d);
+        let (q, k, v, w) = (values(nq, 1, 1.0), values(nk, 2, 1.0), values(nk, 3, 1.0), values(nq, 4, 1.0));
+        let loss = |q: &[f32], k: &[f32], v: &[f32]| reference(q, k, v, &w, dims, 0.7).o.iter().zip(&w).map(|(o, w)| o * *w as f64).sum::<f64>();
+        let r = reference(&q, &k, &v, &w, dims, 0.7);
+        let eps = 1e-2f32;
+        for (which, grad) in [(0, &r.dq), (1, &r.dk), (2, &r.dv)] {
+            for idx in (0..grad.len()).step_by(5) {
+                let mut inputs = [q.clone(), k.clone(), v.clone()];
+                inputs[which][idx] += eps;
+                let plus = loss(&inputs[0], &inputs[1], &inputs[2]);
+                inputs[which][idx] -= 2.0 * eps;
+                let minus = loss(&inputs[0], &inputs[1], &inputs[2]);
+                let numeric = (plus - minus) / (2.0 * eps as f64);
+                assert!((grad[idx] - numeric).abs() < 2e-4, "input {which}[{idx}]: {} vs {numeric}", grad[idx]);
+            }
+        }
+    }
+
+    /// (label, dims, scale, input amplitude, rayon threads).
+    const CASES: [(&str, Dims, f32, f32, usize); 5] = [
+        ("tiny", Dims { b: 2, sq: 5, sk: 7, h: 3, d: 4 }, 0.7, 1.0, 2),
+        // Partial query and key tiles (150 = 2·64 + 22, 600 = 2·256 + 88), large scores: the
+        // running max moves between key tiles, so a missing rescale shows.
+        ("partial tiles", Dims { b: 1, sq: 150, sk: 600, h: 2, d: 16 }, 1.0, 3.0, 2),
+        // 8 threads over 2 heads: three key groups per head, summed dq partials.
+        ("key groups", Dims { b: 1, sq: 150, sk: 600, h: 2, d: 16 }, 1.0, 3.0, 8),
+        // Wan's head dim and scale, self-attention over whole tiles, two batches.
+        ("head dim 128", Dims { b: 2, sq: 128, sk: 128, h: 1, d: 128 }, 0.088_388_35, 2.0, 2),
+        // Cross-attention: 512 text keys.
+        ("cross", Dims { b: 1, sq: 70, sk: 512, h: 2, d: 128 }, 0.088_388_35, 2.0, 2),
+    ];
+
+    fn run<T: Element>(q: &[f32], k: &[f32], v: &[f32], w: &[f32], dims: Dims, scale: f32) -> [Vec<f32>; 5] {
+        let cast = |x: &[f32]| x.iter().map(|v| T::narrow(*v)).collect::<Vec<T>>();
+        let widen = |x: &[T]| x.iter().map(|v| v.widen()).collect::<Vec<f32>>();
+        let (q, k, v, w) = (cast(q), cast(k), cast(v), cast(w));
+        let (mut o, mut lse) = (vec![T::narrow(0.0); q.len()], vec![0.0f32; dims.b * dims.h * dims.sq]);
+        forward(&q, &k, &v, dims, scale, &mut o, &mut lse);
+        let (mut dq, mut dk, mut dv) = (o.clone(), k.clone(), v.clone());
+        backward(&q, &k, &v, &o, &lse, &w, dims, scale, &mut dq, &mut dk, &mut dv);
+        [widen(&o), lse, widen(&dq), widen(&dk), widen(&dv)]
+    }
+
+    /// The float32 kernels against the f64 reference. Measured: at most 2.1e-6 of each output's
+    /// largest value (the partial-tiles cases, whose scores reach ~±50: their float32 rounding
+    /// alone moves p by ~3e-6), 1e-6 at Wan's scale, lse 1.2e-7. The bound is 10x that; a
+    /// wrong tile (missing rescale, off-by-one tail, unsummed dq partial) is off by >1e-2.
+    #[test]
+    fn blocked_kernels_match_the_f64_reference() {
+        for (label, dims, scale, amplitude, threads) in CASES {
+            let (nq, nk) = (dims.b * dims.sq * dims.h * dims.d, dims.b * dims.sk * dims.h * dims.d);
+            let (q, k, v, w) = (values(nq, 1, amplitude), values(nk, 2, amplitude), values(nk, 3, 1.0), values(nq, 4, 1.0));
+            let want = reference(&q, &k, &v, &w, dims, scale as f64);
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap_or_else(|e| panic!("{e}"));
+            let got = pool.install(|| run::<f32>(&q, &k, &v, &w, dims, scale));
+            for (name, got, want) in [("o", &got[0], &want.o), ("lse", &got[1], &want.lse), ("dq", &got[2], &want.dq), ("dk", &got[3], &want.dk), ("dv", &got[4], &want.dv)] {
+                let err = rel_err(got, want);
+                println!("{label}: {name} rel {err:.1e}");
+                assert!(err < 2e-5, "{label}: {name} differs from the f64 reference by {err:.2e} of its largest value");
+            }
+        }
+    }
+
+    /// bf16 inputs are widened exactly and run the float32 math: outputs are the float32
+    /// kernels' on the same values, rounded once to bf16.
+    #[test]
+    fn bf16_kernels_are_the_f32_kernels_rounded() {
+        let (_, dims, scale, amplitude, _) = CASES[1];
+        let (nq, nk) = (dims.b * dims.sq * dims.h * dims.d, dims.b * dims.sk * dims.h * dims.d);
+        let round = |x: Vec<f32>| x.into_iter().map(|v| bf16::from_f32(v).to_f32()).collect::<Vec<_>>();
+        let (q, k, v) = (round(values(nq, 1, amplitude)), round(values(nk, 2, amplitude)), round(values(nk, 3, 1.0)));
+        let w = round(values(nq, 4, 1.0));
+        let wide = run::<f32>(&q, &k, &v, &w, dims, scale);
+        let narrow = run::<bf16>(&q, &k, &v, &w, dims, scale);
+        assert_eq!(narrow[0], round(wide[0].clone()), "o");
+        assert_eq!(narrow[1], wide[1], "lse");
+        // The backward reads the rounded o; the f32 run above read it unrounded.
+        let (mut dq, mut dk, mut dv) = (vec![0.0f32; nq], vec![0.0f32; nk], vec![0.0f32; nk]);
+        backward(&q, &k, &v, &narrow[0], &narrow[1], &w, dims, scale, &mut dq, &mut dk, &mut dv);
+        for (name, got, want) in [("dq", &narrow[2], dq), ("dk", &narrow[3], dk), ("dv", &narrow[4], dv)] {
+            assert_eq!(*got, round(want), "{name}");
+        }
+    }
+
+    /// The vectorised exp against the standard library's, over the range softmax uses.
+    #[test]
+    fn exp_is_within_two_ulp() {
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let (got, want) = (exp(x), (x as f64).exp());
+            assert!(((got as f64 - want) / want).abs() < 2.5e-7, "exp({x}) = {got}, want {want}");
+        }
+        assert!(exp(-1e4) < 1e-37 && exp(-1e4) >= 0.0);
+    }
+}
