@@ -125,7 +125,7 @@ def bench(name: str, threads: int) -> dict:
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     fs_sec = sum(r["seconds"] for r in records[warm:]) / len(records[warm:])
     summary = json.loads((out / "summary.json").read_text())
-    ref_cmd = [sys.executable, "-m", "flowstep_export.reference_train", "--artifacts", str(artifacts), "--data", str(data),
+    ref_cmd = [sys.executable, "-m", "flowstep_export.reference.reference_train", "--artifacts", str(artifacts), "--data", str(data),
                "--steps", str(steps), "--warmup", str(warm), "--threads", str(threads)]
     env_cwd = ROOT / "export"
     rss_ref, stdout = peak_rss_gb_cwd(ref_cmd, env_cwd)
@@ -186,7 +186,7 @@ def long_sequences(threads: int, only_frames: list[int]) -> str:
             rss_fs, _ = peak_rss_gb(cmd)
             records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"seconds"' in l][1:]
             fs = sum(r["seconds"] for r in records) / len(records)
-            ref_cmd = [sys.executable, "-m", "flowstep_export.reference_train", "--artifacts", str(artifacts), "--data", str(data),
+            ref_cmd = [sys.executable, "-m", "flowstep_export.reference.reference_train", "--artifacts", str(artifacts), "--data", str(data),
                        "--steps", str(steps), "--warmup", "1", "--threads", str(threads)] + (["--gradient-checkpointing"] if checkpointing else [])
             print(" ".join(ref_cmd), flush=True)
             rss_ref, stdout = peak_rss_gb_cwd(ref_cmd, ROOT / "export")

@@ -72,4 +72,4 @@ C
 fi
 cd "$root/export"
 LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PYTHONPATH="$work/site:$root/export" \
-    "$venv/bin/python" -m flowstep_export.cuda_kernels "$out"
+    "$venv/bin/python" -m flowstep_export.pipeline.cuda_kernels "$out"

@@ -46,8 +46,8 @@ prepare() {  # base weights (bf16) and one sample per size, once per machine
 import sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
-from flowstep_export.configs import get_config
-from flowstep_export.model import WanModel, init_random
+from flowstep_export.model.configs import get_config
+from flowstep_export.model.model import WanModel, init_random
 c = get_config("wan2.1-t2v-1.3b")
 m = WanModel(c); init_random(m, 0)
 save_file({k: v.to(torch.bfloat16).contiguous() for k, v in m.state_dict().items()}, "/tmp/base.safetensors")
@@ -67,9 +67,9 @@ lora_init() {  # lora_init ART: the export's LoRA init (seed 0, 175 MB: regenera
 import hashlib, json, sys
 from pathlib import Path
 from safetensors.torch import save_file
-from flowstep_export.configs import get_config
-from flowstep_export.lora import LoraConfig, inject_lora, lora_state
-from flowstep_export.model import WanModel
+from flowstep_export.model.configs import get_config
+from flowstep_export.model.lora import LoraConfig, inject_lora, lora_state
+from flowstep_export.model.model import WanModel
 art = Path(sys.argv[1])
 manifest = json.loads((art / "manifest.json").read_text())
 m = WanModel(get_config("wan2.1-t2v-1.3b"))
@@ -90,7 +90,7 @@ if [[ "$phase" == reference ]]; then
     [[ "$REFERENCE" == 1 ]] || exit 0
     for size in $SIZES; do
         IFS=, read -r C F H W <<< "$size"; t=$(tokens "$size")
-        peak_mem "$OUT/peak_reference_$t" python3 -m flowstep_export.reference_train --impl torch --device cuda \
+        peak_mem "$OUT/peak_reference_$t" python3 -m flowstep_export.reference.reference_train --impl torch --device cuda \
             --artifacts "$FS/wan13b" --base /tmp/base.safetensors --data "/tmp/data-${F}x${H}x${W}" --steps "$STEPS" --warmup 1 \
             --precision bfloat16 --gradient-checkpointing | tee "$OUT/reference_$t.json" || echo "reference at $t tokens failed"
     done

@@ -24,15 +24,15 @@ cd export
 rm -rf ../models/tiny/artifacts && mv "$tmp/tiny" ../models/tiny/artifacts
 "$venv/bin/python" -m flowstep_export --model tiny --out "$tmp/tiny-fused" --lora-rank 8 --attention fused --ship-base -q >/dev/null
 rm -rf ../models/tiny-fused/artifacts && mkdir -p ../models/tiny-fused && mv "$tmp/tiny-fused" ../models/tiny-fused/artifacts
-"$venv/bin/python" -c "import onnx, sys; from flowstep_export.reference_ops import operator_test_model; onnx.save(operator_test_model(), sys.argv[1])" ../tests/golden/flash_attention_bf16.onnx
+"$venv/bin/python" -c "import onnx, sys; from flowstep_export.reference.reference_ops import operator_test_model; onnx.save(operator_test_model(), sys.argv[1])" ../tests/golden/flash_attention_bf16.onnx
 "$venv/bin/python" - <<'PY'
 import onnx
 from onnx import TensorProto
-from flowstep_export.reference_ops import pair_model
+from flowstep_export.reference.reference_ops import pair_model
 for name, elem in (("bf16", TensorProto.BFLOAT16), ("fp16", TensorProto.FLOAT16)):
     onnx.save(pair_model(elem, 128 ** -0.5), f"../tests/golden/flash_attention_pair_{name}.onnx")
 PY
-"$venv/bin/python" -m flowstep_export.goldens --artifacts ../models/tiny/artifacts --out ../models/tiny/golden.safetensors
+"$venv/bin/python" -m flowstep_export.reference.goldens --artifacts ../models/tiny/artifacts --out ../models/tiny/golden.safetensors
 "$venv/bin/python" -m flowstep_export --model tiny-ti2v --out "$tmp/tiny-ti2v" --lora-rank 8 --attention-chunk 12 --ship-base -q >/dev/null
 rm -rf ../models/tiny-ti2v/artifacts && mkdir -p ../models/tiny-ti2v && mv "$tmp/tiny-ti2v" ../models/tiny-ti2v/artifacts
 for expert in high_noise:1 low_noise:2; do

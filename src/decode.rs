@@ -1,5 +1,5 @@
 //! Wan's VAE decoders on ONNX Runtime: latent videos to RGB frames, and the files a person
-//! looks at (contact sheet, GIF, MP4). The graphs come from `python -m flowstep_export.vae_decoder`,
+//! looks at (contact sheet, GIF, MP4). The graphs come from `python -m flowstep_export.pipeline.vae_decoder`,
 //! for Wan2.1's VAE (16 latent channels, 8× spatial) or Wan2.2's (48 channels, 16×; TI2V-5B);
 //! the manifest's `z_dim` and `upsampling` say which.
 //!
@@ -103,7 +103,7 @@ impl VaeDecoder {
     pub fn open(dir: &Path, options: &SessionOptions, latent_channels: usize) -> Result<Self> {
         let path = dir.join(MANIFEST);
         let text = crate::small_file::read_text(&path, "VAE decoder manifest", MAX_MANIFEST_BYTES)
-            .map_err(|e| bad(&path, format!("cannot read the VAE decoder manifest ({}); make the directory with python -m flowstep_export.vae_decoder", strip_path(&e, &path))))?;
+            .map_err(|e| bad(&path, format!("cannot read the VAE decoder manifest ({}); make the directory with python -m flowstep_export.pipeline.vae_decoder", strip_path(&e, &path))))?;
         let m: Manifest = serde_json::from_str(&text).map_err(|e| bad(&path, format!("not a VAE decoder manifest: {e}")))?;
         if m.format != FORMAT || m.version != 1 {
             return Err(bad(&path, format!("format {} version {}; this flowstep reads {FORMAT} version 1", m.format, m.version)));

@@ -1,6 +1,6 @@
 //! ONNX graph regression tests: the committed tiny artifacts, run by flowstep's executor,
 //! reproduce what PyTorch computed for them (`models/tiny/golden.safetensors`, written by
-//! `python -m flowstep_export.goldens`). No Python needed.
+//! `python -m flowstep_export.reference.goldens`). No Python needed.
 
 mod common;
 

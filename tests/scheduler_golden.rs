@@ -1,7 +1,7 @@
 //! The Rust scheduler against DiffSynth-Studio's own `FlowMatchScheduler("Wan")`, and against
 //! its own committed table.
 //!
-//! `tests/golden/schedule_*.csv` are written by `python -m flowstep_export.schedule_goldens`
+//! `tests/golden/schedule_*.csv` are written by `python -m flowstep_export.reference.schedule_goldens`
 //! (DiffSynth 2.1.12, torch float32 linspace, on an AMD EPYC with AVX2);
 //! `export/tests/test_schedule_reference.py` checks they are still what DiffSynth computes on
 //! the machine running the tests, within the spread PyTorch's CPU kernels allow.

@@ -12,8 +12,8 @@ import warnings
 from pathlib import Path
 
 from . import DEFAULT_ATTENTION_CHUNK
-from .configs import PRESETS, get_config
-from .lora import DEFAULT_TARGETS, LoraConfig
+from .model.configs import PRESETS, get_config
+from .model.lora import DEFAULT_TARGETS, LoraConfig
 
 GRAPHS = ("training_model", "eval_model", "optimizer_model", "inference_model")
 
@@ -74,8 +74,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     import dataclasses
 
-    from .export import ExportOptions, export_artifacts
-    from .validate import validate_artifacts
+    from .pipeline.export import ExportOptions, export_artifacts
+    from .pipeline.validate import validate_artifacts
 
     try:
         config = get_config(args.model)

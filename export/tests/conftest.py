@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from flowstep_export.configs import get_config
-from flowstep_export.export import ExportOptions, export_artifacts
-from flowstep_export.lora import LoraConfig
+from flowstep_export.model.configs import get_config
+from flowstep_export.pipeline.export import ExportOptions, export_artifacts
+from flowstep_export.model.lora import LoraConfig
 from wan_fixtures import write_text_encoder, write_tokenizer, write_vae
 
 TINY_LORA = LoraConfig(rank=8)
@@ -36,7 +36,7 @@ def alpha_run(tmp_path_factory):
 def vae_decoder(tmp_path_factory) -> Path:
     """A random tiny Wan VAE (`wan_2.1_vae.safetensors`, ComfyUI's layout with the original key
     names) and its decoder exported to `decoder/`: shared, the export takes ~45 s."""
-    from flowstep_export.vae_decoder import main as export_main
+    from flowstep_export.pipeline.vae_decoder import main as export_main
     from wan_fixtures import write_vae
 
     d = tmp_path_factory.mktemp("vae")

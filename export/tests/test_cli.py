@@ -51,10 +51,10 @@ def test_validation_catches_a_fixed_latent_axis(tmp_path):
 
     import pytest
 
-    from flowstep_export.configs import get_config
-    from flowstep_export.export import ExportOptions, export_artifacts
-    from flowstep_export.lora import LoraConfig
-    from flowstep_export.validate import validate_artifacts
+    from flowstep_export.model.configs import get_config
+    from flowstep_export.pipeline.export import ExportOptions, export_artifacts
+    from flowstep_export.model.lora import LoraConfig
+    from flowstep_export.pipeline.validate import validate_artifacts
 
     config = dataclasses.replace(get_config("tiny"), example_latent=(1, 8, 8))
     options = ExportOptions(out=tmp_path, lora=LoraConfig(rank=2), graphs=("inference_model",))
@@ -68,8 +68,8 @@ def test_cli_loads_base_with_model_prefix(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from flowstep_export.configs import get_config
-    from flowstep_export.model import WanModel, init_random
+    from flowstep_export.model.configs import get_config
+    from flowstep_export.model.model import WanModel, init_random
 
     model = WanModel(get_config("tiny"))
     init_random(model, 3)

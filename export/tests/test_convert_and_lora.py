@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flowstep_export.convert_diffsynth import main as convert_main
-from flowstep_export.goldens import load_model
+from flowstep_export.data.convert_diffsynth import main as convert_main
+from flowstep_export.reference.goldens import load_model
 
 from independent import TINY, flowstep_bin
 

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from flowstep_export import cuda_coverage, cuda_kernels
+from flowstep_export.pipeline import cuda_coverage, cuda_kernels
 
 REPO = Path(__file__).resolve().parents[2]
 EXPORT_DIR = REPO / "export"
@@ -98,7 +98,7 @@ def test_unknown_types_are_problems_not_passes():
 
 def test_cli_exit_codes(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "flowstep_export.cuda_coverage", *map(str, args)],
+        return subprocess.run([sys.executable, "-m", "flowstep_export.pipeline.cuda_coverage", *map(str, args)],
                               cwd=EXPORT_DIR, capture_output=True, text=True, timeout=300)
 
     ok = run(REPO / "models" / "tiny" / "artifacts")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from flowstep_export.media import MAX_FRAMES, MAX_SIDE, Bucket, parse_frames, parse_resolutions
+from flowstep_export.data.media import MAX_FRAMES, MAX_SIDE, Bucket, parse_frames, parse_resolutions
 from independent import TINY, flowstep
 
 
@@ -98,11 +98,11 @@ def test_lr_schedules_match_torch_at_the_warmup_boundary(tmp_path, schedule):
 @pytest.mark.parametrize("warmup, timed", [(0, 3), (2, 1), (3, 0)])
 def test_reference_trainer_times_the_steps_after_its_warmup(tmp_path, warmup, timed):
     """reference_train.py's --warmup excludes exactly that many steps from the timing. Run as its
-    own process: it switches flowstep_export.model's attention and norms to PyTorch's stock ops."""
+    own process: it switches flowstep_export.model.model's attention and norms to PyTorch's stock ops."""
     data = tmp_path / "data"
     data.mkdir()
     save_file({"latents": torch.randn(16, 2, 8, 8), "context": torch.randn(16, 64)}, str(data / "0.safetensors"))
-    r = subprocess.run([sys.executable, "-m", "flowstep_export.reference_train", "--artifacts", str(TINY), "--data", str(data),
+    r = subprocess.run([sys.executable, "-m", "flowstep_export.reference.reference_train", "--artifacts", str(TINY), "--data", str(data),
                         "--steps", "3", "--warmup", str(warmup), "--impl", "torch"],
                        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -117,7 +117,7 @@ def test_norms_where_eps_matters(scale):
     zero row): the eps term decides the norms' values and gradients there, which the order-1
     inputs of test_pointwise.py cannot see. References: F.layer_norm and Wan's RMSNorm formula
     under float64 autograd."""
-    from flowstep_export import pointwise
+    from flowstep_export.model import pointwise
 
     g = torch.Generator().manual_seed(0)
     x, dy, w = torch.randn(2, 5, 48, generator=g) * scale, torch.randn(2, 5, 48, generator=g), torch.randn(48, generator=g)
@@ -149,7 +149,7 @@ def test_frame_resampling_matches_diffsynth(raw_fps, fps, frames, available):
     (LoadVideo with fix_frame_rate): round to the nearest source frame, clamp to the last."""
     from diffsynth.core.data.operators import FrameSamplerByRateMixin
 
-    from flowstep_export.media import frame_ids
+    from flowstep_export.data.media import frame_ids
 
     sampler = FrameSamplerByRateMixin(num_frames=frames, frame_rate=fps, fix_frame_rate=True)
     want = [sampler.map_single_frame_id(i, raw_fps, available) for i in range(frames)]
@@ -160,7 +160,7 @@ def test_frame_resampling_matches_diffsynth(raw_fps, fps, frames, available):
 def test_source_size_limits_hold_at_their_values():
     """media.bucket_for: a source of exactly MAX_SOURCE_PIXELS pixels is read, one row more is
     refused; covering the bucket may crop away exactly MAX_COVER times its area, not more."""
-    from flowstep_export.media import MAX_COVER, MAX_SOURCE_PIXELS, bucket_for
+    from flowstep_export.data.media import MAX_COVER, MAX_SOURCE_PIXELS, bucket_for
 
     bucket = Bucket(16, 16)
     side = 1 << 13

@@ -96,7 +96,7 @@ def test_boundaries_are_the_switch_timesteps(boundary, switch):
 def test_converted_cache_boundaries(tmp_path, data):
     """Boundaries stored in a DiffSynth cache survive conversion and set the range; against
     an expert's own range they are an error unless both flags choose."""
-    from flowstep_export.convert_diffsynth import main as convert
+    from flowstep_export.data.convert_diffsynth import main as convert
 
     cache = tmp_path / "cache"
     cache.mkdir()

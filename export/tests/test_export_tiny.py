@@ -7,11 +7,11 @@ import onnx
 import pytest
 import torch
 
-from flowstep_export.configs import get_config
-from flowstep_export.export import build_model, example_inputs
-from flowstep_export.lora import base_state, lora_state
-from flowstep_export.steps import flat_layout, flatten
-from flowstep_export.validate import adamw_reference, eager_loss_and_grads, manifest_matches_graphs, stock_reference, session
+from flowstep_export.model.configs import get_config
+from flowstep_export.pipeline.export import build_model, example_inputs
+from flowstep_export.model.lora import base_state, lora_state
+from flowstep_export.pipeline.steps import flat_layout, flatten
+from flowstep_export.pipeline.validate import adamw_reference, eager_loss_and_grads, manifest_matches_graphs, stock_reference, session
 
 # Relative to the largest magnitude of each output. float32 on both sides with different
 # summation orders; observed agreement is ~1e-6 (loss ~1e-7), so 1e-4 still catches any
@@ -176,9 +176,9 @@ def test_only_standard_ops(tiny_artifacts):
 @pytest.mark.skipif(not __import__("os").environ.get("FLOWSTEP_SLOW"), reason="opt-in: FLOWSTEP_SLOW=1 (1.3B export, ~7 min, 12 GB)")
 def test_export_wan_1_3b(tmp_path):
     """The real 1.3B configuration exports and validates at two latent sizes."""
-    from flowstep_export.export import ExportOptions, export_artifacts
-    from flowstep_export.lora import LoraConfig
-    from flowstep_export.validate import validate_artifacts
+    from flowstep_export.pipeline.export import ExportOptions, export_artifacts
+    from flowstep_export.model.lora import LoraConfig
+    from flowstep_export.pipeline.validate import validate_artifacts
 
     config = get_config("wan2.1-t2v-1.3b")
     options = ExportOptions(out=tmp_path, lora=LoraConfig(rank=32), graphs=("training_model", "optimizer_model"))

@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 import torch
 
-from flowstep_export.configs import get_config
-from flowstep_export.reference_ops import FlashAttention, FlashAttentionGrad
+from flowstep_export.model.configs import get_config
+from flowstep_export.reference.reference_ops import FlashAttention, FlashAttentionGrad
 from test_long_sequences import export_tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,7 +89,7 @@ def test_committed_pair_models_are_current_and_chain_the_operators():
     from onnx import TensorProto
     from onnx.reference import ReferenceEvaluator
 
-    from flowstep_export.reference_ops import NEW_OPS, pair_model
+    from flowstep_export.reference.reference_ops import NEW_OPS, pair_model
 
     scale = 128 ** -0.5
     for name, elem in (("bf16", TensorProto.BFLOAT16), ("fp16", TensorProto.FLOAT16)):

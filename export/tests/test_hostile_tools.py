@@ -45,14 +45,14 @@ def samples(out: Path) -> list[str]:
 
 
 def prepare(videos: Path, out: Path, encoders: Path, *extra, vae=None, text_encoder=None):
-    return run_tool("prepare", "--videos", videos, "--out", out, "--vae", vae or encoders / "vae.pth",
+    return run_tool("data.prepare", "--videos", videos, "--out", out, "--vae", vae or encoders / "vae.pth",
                     "--text-encoder", text_encoder or encoders / "t5.pth", "--tokenizer", encoders / "tokenizer",
                     "--resolution", "32x48", "--frames", "5", "--text-len", TEXT_LEN, "--precision", "float32", "-q",
                     *extra)
 
 
 def encode(out: Path, encoders: Path, *extra, text_encoder=None):
-    return run_tool("encode_prompts", "--out", out, "--text-encoder", text_encoder or encoders / "t5.pth",
+    return run_tool("data.encode_prompts", "--out", out, "--text-encoder", text_encoder or encoders / "t5.pth",
                     "--tokenizer", encoders / "tokenizer", "--text-len", TEXT_LEN, "--precision", "float32", *extra)
 
 
@@ -84,7 +84,7 @@ def test_convert_never_runs_a_pickled_command(tmp_path):
     marker = tmp_path / "pwned"
     save_cache_sample(tmp_path / "cache" / "0.pth", {"payload": RunsCommand(f"touch {marker}")})
     out = tmp_path / "data"
-    r = run_tool("convert_diffsynth", tmp_path / "cache", out)
+    r = run_tool("data.convert_diffsynth", tmp_path / "cache", out)
     assert not marker.exists(), "unpickling the cache ran its command"
     one_error(r, "0.pth", "refused", "system")
     assert samples(out) == []
@@ -96,7 +96,7 @@ def test_convert_reads_diffsynth_caches_with_images_without_unpickling_them(tmp_
     video = [Image.new("RGB", (48, 32)) for _ in range(5)]
     save_cache_sample(tmp_path / "cache" / "0.pth", {"input_video": video, "input_image": video[0], "height": 32,
                                                      "rand_device": "cuda", "tiled": False, "cfg_scale": 1})
-    r = run_tool("convert_diffsynth", tmp_path / "cache", tmp_path / "data")
+    r = run_tool("data.convert_diffsynth", tmp_path / "cache", tmp_path / "data")
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "data").glob("*.safetensors"))) == 1
 
@@ -166,7 +166,7 @@ def test_special_files_as_inputs_neither_hang_nor_are_ignored(encoders, tmp_path
     # a DiffSynth cache sample
     save_cache_sample(tmp_path / "cache" / "0.pth")
     fifo_or_zero(tmp_path / "cache" / "1.pth", kind)
-    one_error(run_tool("convert_diffsynth", tmp_path / "cache", tmp_path / "o6"), "1.pth", word)
+    one_error(run_tool("data.convert_diffsynth", tmp_path / "cache", tmp_path / "o6"), "1.pth", word)
     for i in range(1, 7):
         assert samples(tmp_path / f"o{i}") == []
 
@@ -221,7 +221,7 @@ def test_encode_prompts_refuses_nonfinite_contexts(encoders, tmp_path):
 def test_convert_refuses_bad_timestep_boundaries(tmp_path, low, high):
     save_cache_sample(tmp_path / "cache" / "0.pth", {"min_timestep_boundary": low, "max_timestep_boundary": high})
     out = tmp_path / "data"
-    one_error(run_tool("convert_diffsynth", tmp_path / "cache", out), "0.pth", "timestep_boundary")
+    one_error(run_tool("data.convert_diffsynth", tmp_path / "cache", out), "0.pth", "timestep_boundary")
     assert samples(out) == []
 
 
@@ -231,7 +231,7 @@ def test_convert_refuses_a_batch_of_two(tmp_path, name, shape):
     extra = {"input_latents": torch.randn(*shape)} if name == "input_latents" else None
     save_cache_sample(tmp_path / "cache" / "0.pth", extra, context=torch.randn(*shape) if name == "context" else None)
     out = tmp_path / "data"
-    one_error(run_tool("convert_diffsynth", tmp_path / "cache", out), "0.pth", name, "batch 2")
+    one_error(run_tool("data.convert_diffsynth", tmp_path / "cache", out), "0.pth", name, "batch 2")
     assert samples(out) == []
 
 
@@ -259,9 +259,9 @@ def test_corrupt_checkpoints_are_one_line_naming_the_file(encoders, tmp_path):
             cache = tmp_path / "cache" / name
             cache.mkdir(parents=True)
             (cache / name).write_bytes(path.read_bytes())
-            one_error(run_tool("convert_diffsynth", cache, tmp_path / "c"), name)
+            one_error(run_tool("data.convert_diffsynth", cache, tmp_path / "c"), name)
     for name in ("empty.pth", "header.safetensors", "values.pth"):
-        one_error(run_tool("vae_decoder", "--vae", files[name], "--out", tmp_path / "d"), name)
+        one_error(run_tool("pipeline.vae_decoder", "--vae", files[name], "--out", tmp_path / "d"), name)
         one_error(encode(tmp_path / "p", encoders, "a ball", text_encoder=files[name]), name)
     for out in ("o", "c", "d", "p"):
         assert samples(tmp_path / out) == []
@@ -279,7 +279,7 @@ def test_prepare_checks_numbers_before_any_work(tmp_path, flag, value):
     """Checked before anything is read: the encoders named here do not exist."""
     args = {"--resolution": "32x48", "--frames": "5", "--text-len": "16", flag: value}
     out = tmp_path / "data"
-    r = run_tool("prepare", "--videos", tmp_path, "--out", out, "--vae", tmp_path / "no.pth", "--text-encoder",
+    r = run_tool("data.prepare", "--videos", tmp_path, "--out", out, "--vae", tmp_path / "no.pth", "--text-encoder",
                  tmp_path / "no.pth", "--tokenizer", tmp_path / "no", *[f"{k}={v}" for k, v in args.items()])
     one_error(r, flag)
     assert not out.exists()
@@ -288,7 +288,7 @@ def test_prepare_checks_numbers_before_any_work(tmp_path, flag, value):
 @pytest.mark.parametrize("value", ["0", "-1", "100000000"])
 def test_encode_prompts_checks_text_len_first(tmp_path, value):
     out = tmp_path / "p"
-    r = run_tool("encode_prompts", "a ball", "--out", out, "--text-encoder", tmp_path / "no.pth",
+    r = run_tool("data.encode_prompts", "a ball", "--out", out, "--text-encoder", tmp_path / "no.pth",
                  "--tokenizer", tmp_path / "no", f"--text-len={value}")
     one_error(r, f"--text-len {value}")
     assert not out.exists()
@@ -325,7 +325,7 @@ def test_convert_leaves_nothing_when_a_later_sample_fails(tmp_path):
     save_cache_sample(tmp_path / "cache" / "0.pth")
     save_cache_sample(tmp_path / "cache" / "1.pth", context=torch.full((1, 16, 64), math.nan))
     out = tmp_path / "data"
-    one_error(run_tool("convert_diffsynth", tmp_path / "cache", out), "1.pth", "NaN")
+    one_error(run_tool("data.convert_diffsynth", tmp_path / "cache", out), "1.pth", "NaN")
     assert samples(out) == []
 
 

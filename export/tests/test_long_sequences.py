@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flowstep_export import cuda_coverage
-from flowstep_export.attention import flash_attention
-from flowstep_export.configs import get_config
-from flowstep_export.export import ExportOptions, export_artifacts
-from flowstep_export.validate import validate_artifacts
+from flowstep_export.pipeline import cuda_coverage
+from flowstep_export.model.attention import flash_attention
+from flowstep_export.model.configs import get_config
+from flowstep_export.pipeline.export import ExportOptions, export_artifacts
+from flowstep_export.pipeline.validate import validate_artifacts
 
 from conftest import TINY_LORA
 
@@ -152,8 +152,8 @@ def _lowered_attention_pair(chunk: int) -> onnx.ModelProto:
     """One FlashAttention + FlashAttentionGrad pair (dynamic query length), lowered, with the
     chunk geometry exposed as extra outputs."""
     from onnx import TensorProto, helper
-    from flowstep_export.attention import DOMAIN
-    from flowstep_export.lower_attention import lower_attention
+    from flowstep_export.model.attention import DOMAIN
+    from flowstep_export.pipeline.lower_attention import lower_attention
 
     f32 = TensorProto.FLOAT
     dims = {"q": [1, "S", 2, 8], "k": [1, 11, 2, 8], "v": [1, 11, 2, 8], "do": [1, "S", 2, 8]}

@@ -98,13 +98,13 @@ def assert_same_random_init(committed: dict, fresh: dict):
 
 
 def test_committed_goldens_equal_regenerated_ones():
-    """models/tiny/golden.safetensors is what `python -m flowstep_export.goldens` computes from
+    """models/tiny/golden.safetensors is what `python -m flowstep_export.reference.goldens` computes from
     the committed artifacts today (to float32 summation-order noise: thread counts differ)."""
-    from flowstep_export.goldens import make_goldens
-    from flowstep_export.validate import stock_reference
+    from flowstep_export.reference.goldens import make_goldens
+    from flowstep_export.pipeline.validate import stock_reference
 
     committed = load_file(str(ROOT / "models" / "tiny" / "golden.safetensors"))
-    with stock_reference():  # as `python -m flowstep_export.goldens` computes them
+    with stock_reference():  # as `python -m flowstep_export.reference.goldens` computes them
         fresh = make_goldens(TINY)
     assert sorted(committed) == sorted(fresh)
     for k, v in fresh.items():

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from flowstep_export.configs import get_config
-from flowstep_export.lora import LoraConfig, inject_lora
-from flowstep_export.model import WanModel, init_random
+from flowstep_export.model.configs import get_config
+from flowstep_export.model.lora import LoraConfig, inject_lora
+from flowstep_export.model.model import WanModel, init_random
 
 diffsynth_dit = pytest.importorskip("diffsynth.models.wan_video_dit")
 from diffsynth.pipelines.wan_video import model_fn_wan_video  # noqa: E402

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flowstep_export import pointwise
-from flowstep_export.configs import get_config
+from flowstep_export.model import pointwise
+from flowstep_export.model.configs import get_config
 
 from independent import TINY
 

@@ -1,4 +1,4 @@
-"""`python -m flowstep_export.prepare` on generated videos with small random Wan encoders: the
+"""`python -m flowstep_export.data.prepare` on generated videos with small random Wan encoders: the
 samples equal DiffSynth's own pipeline units on the same files (its video loader, crop, VAE and
 prompt embedder), land in two size buckets, skip bad files with one line, resume, and load in
 `flowstep eval`."""
@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from flowstep_export.prepare import main as prepare_main
+from flowstep_export.data.prepare import main as prepare_main
 from independent import TINY, flowstep_bin
 from wan_fixtures import TEXT_LEN, reference_vae, text_encoder_config, write_video
 
@@ -267,7 +267,7 @@ def test_encode_prompts_matches_the_prepared_context(encoders, tmp_path, capsys)
     from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer, WanTextEncoder
     from diffsynth.pipelines.wan_video import WanVideoPipeline, WanVideoUnit_PromptEmbedder
 
-    from flowstep_export.encode_prompts import main as encode_main
+    from flowstep_export.data.encode_prompts import main as encode_main
 
     prompts = [CAPTIONS["wide.mp4"], "the green square"]
     assert encode_main([*prompts, "--out", str(tmp_path / "p"), "--text-encoder", str(encoders / "t5.pth"),
@@ -293,7 +293,7 @@ def test_hugging_face_umt5_names_load(encoders, tmp_path):
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-    from flowstep_export.encode_prompts import main as encode_main
+    from flowstep_export.data.encode_prompts import main as encode_main
 
     tokenizer = AutoTokenizer.from_pretrained(str(encoders / "tokenizer"))
     torch.manual_seed(5)

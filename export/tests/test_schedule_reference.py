@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowstep_export.schedule_goldens import CASES, case_name, diffsynth_table
-from flowstep_export.scheduler_ref import training_schedule
+from flowstep_export.reference.schedule_goldens import CASES, case_name, diffsynth_table
+from flowstep_export.reference.scheduler_ref import training_schedule
 from torch_spread import SIGMA_ULPS, TIMESTEP_ULPS, weight_tolerance
 
 GOLDEN = Path(__file__).resolve().parents[2] / "tests" / "golden"

@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowstep_export.scheduler_ref import training_schedule
+from flowstep_export.reference.scheduler_ref import training_schedule
 from independent import ROOT, flowstep
 from torch_spread import SIGMA_ULPS, TIMESTEP_ULPS, weight_tolerance
 

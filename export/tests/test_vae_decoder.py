@@ -41,7 +41,7 @@ def test_sample_decodes_like_diffsynth(decoder, tmp_path):
     manifest = json.loads((decoder / "decoder" / "vae_decoder.json").read_text())
     assert manifest["check"]["max_abs_diff"] <= ATOL and manifest["caches"] > 0
     # --device cuda: every node has a CUDA kernel in ONNX Runtime 1.31.1 (checked without a GPU).
-    from flowstep_export.cuda_coverage import main as cuda_coverage
+    from flowstep_export.pipeline.cuda_coverage import main as cuda_coverage
 
     assert cuda_coverage([str(decoder / "decoder" / g) for g in manifest["graphs"].values()]) == 0
     tools = tmp_path / "bin"

@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowstep_export.configs import get_config
-from flowstep_export.export import ExportOptions, export_artifacts
-from flowstep_export.lora import LoraConfig
-from flowstep_export.model import WanModel, init_random
+from flowstep_export.model.configs import get_config
+from flowstep_export.pipeline.export import ExportOptions, export_artifacts
+from flowstep_export.model.lora import LoraConfig
+from flowstep_export.model.model import WanModel, init_random
 from independent import ROOT, diffsynth_flags, diffsynth_peft, flatten, flowstep, manifest, velocity
 
 diffsynth_dit = pytest.importorskip("diffsynth.models.wan_video_dit")

@@ -10,8 +10,8 @@ import imageio.v2 as iio
 import numpy as np
 from PIL import Image
 
-from flowstep_export.encode_prompts import main as encode_prompts
-from flowstep_export.prepare import main as prepare
+from flowstep_export.data.encode_prompts import main as encode_prompts
+from flowstep_export.data.prepare import main as prepare
 from independent import TINY, flowstep_bin
 from wan_fixtures import TEXT_LEN, write_text_encoder, write_tokenizer, write_video
 

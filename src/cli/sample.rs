@@ -63,7 +63,7 @@ pub struct Args {
     pub out: PathBuf,
 
     /// Decode the samples to RGB frames with Wan's VAE decoder exported by
-    /// `python -m flowstep_export.vae_decoder` (this DIR holds vae_decoder.json). Writes
+    /// `python -m flowstep_export.pipeline.vae_decoder` (this DIR holds vae_decoder.json). Writes
     /// videos.png (contact sheet: up to 8 frames per sample), videos.gif and, when `ffmpeg` is
     /// on PATH, video-XXX.mp4 (H.264).
     #[arg(long, value_name = "DIR")]

@@ -30,7 +30,7 @@ pub struct Args {
 
     /// Dataset directory: one .safetensors per sample with `latents` [C,F,H,W], `context`
     /// [L,D] and the conditioning an I2V/TI2V model takes (`y`, `clip_feature`,
-    /// `first_frame_latents`; see `python -m flowstep_export.convert_diffsynth` for DiffSynth caches).
+    /// `first_frame_latents`; see `python -m flowstep_export.data.convert_diffsynth` for DiffSynth caches).
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
 
@@ -150,7 +150,7 @@ pub struct Args {
     pub sample_steps: usize,
 
     /// Decode the training-time samples to RGB with Wan's VAE decoder exported by
-    /// `python -m flowstep_export.vae_decoder` (as `flowstep sample --vae-decoder`): each
+    /// `python -m flowstep_export.pipeline.vae_decoder` (as `flowstep sample --vae-decoder`): each
     /// prompt's folder also gets videos.png (contact sheet), videos.gif and, when `ffmpeg` is
     /// on PATH, an MP4.
     #[arg(long, value_name = "DIR", requires = "sample_every")]

@@ -1,6 +1,6 @@
 //! Gradient clipping by total norm (`--max-grad-norm`), with torch's `clip_grad_norm_`
 //! semantics, on the gradient where it lives: a one-node graph (assets/grad_sum_squares.onnx,
-//! written by `python -m flowstep_export.grad_norm_graph`) sums the squares of the
+//! written by `python -m flowstep_export.pipeline.grad_norm_graph`) sums the squares of the
 //! accumulated gradient buffer on the device, and the clip factor becomes part of the
 //! optimizer's `grad_scale`, so nothing model-sized is copied and no export changes.
 

@@ -1,7 +1,7 @@
 //! The `com.flowstep` attention operators of fused exports (`--attention fused`, issue 13):
 //! `FlashAttention(q, k, v) -> (o, lse)` and `FlashAttentionGrad(q, k, v, o, lse, do) ->
 //! (dq, dk, dv)`, attribute `scale`; q, o, dq [B, Sq, H, D], k, v [B, Sk, H, D], lse
-//! [B, H, Sq] float32 (export/flowstep_export/attention.py defines them).
+//! [B, H, Sq] float32 (export/flowstep_export/model/attention.py defines them).
 //!
 //! This is the CPU reference implementation, registered through ort's custom-operator API
 //! for float32 and bfloat16 inputs: plain math, one query row at a time, so nothing of size

@@ -28,7 +28,7 @@ value_info. Nodes with no match are sorted in two lists:
 Constant nodes are not checked: ONNX Runtime turns them into initializers when it loads the graph,
 there is no Constant kernel. Functions local to the model are inlined first, as ONNX Runtime does.
 
-CLI: `python -m flowstep_export.cuda_coverage ARTIFACTS_DIR_OR_MODEL...` prints problems (and the
+CLI: `python -m flowstep_export.pipeline.cuda_coverage ARTIFACTS_DIR_OR_MODEL...` prints problems (and the
 CPU-by-design nodes) per graph and exits 1 if any graph has a problem.
 """
 
@@ -226,7 +226,7 @@ def _model_paths(args: list[str]) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m flowstep_export.cuda_coverage ARTIFACTS_DIR_OR_MODEL.onnx...")
+        print("usage: python -m flowstep_export.pipeline.cuda_coverage ARTIFACTS_DIR_OR_MODEL.onnx...")
         return 0 if args else 2
     paths = _model_paths(args)
     if not paths:

@@ -1,7 +1,7 @@
 """Writes tests/golden/schedule_*.csv from DiffSynth-Studio's own FlowMatchScheduler
 (template "Wan", float32 torch.linspace): the reference tables for the Rust scheduler.
 
-python -m flowstep_export.schedule_goldens --out ../tests/golden
+python -m flowstep_export.reference.schedule_goldens --out ../tests/golden
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ through a 16-channel latent grid, with colour and motion set by the text embeddi
   never seen in pretraining. The LoRA learns it from purple blobs moving right, down and
   left; "purple up" is held out.
 
-python -m flowstep_export.toy_world --out ../models/toy   (pretrain, export, datasets)
+python -m flowstep_export.data.toy_world --out ../models/toy   (pretrain, export, datasets)
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .configs import get_config
-from .model import WanModel, init_random
+from ..model.configs import get_config
+from ..model.model import WanModel, init_random
 
 CHANNELS, FRAMES, SIZE = 16, 4, 16
 TEXT_LEN, TEXT_DIM = 16, 64
@@ -138,7 +138,7 @@ def write_dataset(out: Path, items: list[tuple[str, str]], seed: int) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flowstep_export.toy_world", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m flowstep_export.data.toy_world", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=2500, help="pretraining steps (batch 16)")
@@ -156,8 +156,8 @@ def main(argv=None) -> int:
     for name, ctx in {"purple-up": context(CONCEPT, "up"), "yellow-up": context("yellow", "up"),
                       "empty": torch.zeros(TEXT_LEN, TEXT_DIM)}.items():
         save_file({"context": ctx.contiguous()}, str(prompts / f"{name}.safetensors"))
-    from .export import ExportOptions, export_artifacts
-    from .lora import LoraConfig
+    from ..pipeline.export import ExportOptions, export_artifacts
+    from ..model.lora import LoraConfig
 
     logging.basicConfig(level=logging.WARNING)
     export_artifacts(get_config("toy"), ExportOptions(out=args.out / "artifacts", base=args.out / "base.safetensors",

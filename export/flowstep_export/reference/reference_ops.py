@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-from .attention import DOMAIN
+from ..model.attention import DOMAIN
 
 
 def _heads_first(x: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Turn a folder of captioned videos and images into a flowstep dataset.
 
-python -m flowstep_export.prepare --videos DIR --out DATA --vae Wan2.1_VAE.pth \\
+python -m flowstep_export.data.prepare --videos DIR --out DATA --vae Wan2.1_VAE.pth \\
     --text-encoder models_t5_umt5-xxl-enc-bf16.pth --tokenizer google/umt5-xxl \\
     --resolution 480x832 --frames 81 [--fps 16]
 
@@ -37,8 +37,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .deps import run_reporting_errors
-from .files import (file_problem, read_text, require_regular_file, save_tensors, sha256_of_file,
+from ..deps import run_reporting_errors
+from ..files import (file_problem, read_text, require_regular_file, save_tensors, sha256_of_file,
                     warn_if_outside)
 
 MULTIPLE = 16  # VAE /8 times the DiT's patch 2
@@ -164,7 +164,7 @@ class Progress:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m flowstep_export.prepare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m flowstep_export.data.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", required=True, type=Path, help="folder of videos/images with captions (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help="dataset folder to write (flowstep train --data)")
@@ -231,8 +231,8 @@ def prepare(args: argparse.Namespace) -> dict:
 
     import torch
 
-    from .wan_text import encode_prompt, load_text_encoder, load_tokenizer
-    from .wan_vae import load_vae
+    from ..model.wan_text import encode_prompt, load_text_encoder, load_tokenizer
+    from ..model.wan_vae import load_vae
 
     tokenizer = load_tokenizer(args.tokenizer, args.text_len)
     items = find_items(args.videos)

@@ -7,7 +7,7 @@ provider is CUDAExecutionProvider. Regenerate with `scripts/cuda_kernel_registry
 wheel and, on a machine without CUDA, links the provider against no-op CUDA libraries: the registry
 is built by the provider's code, no GPU call is needed to list it).
 
-    python -m flowstep_export.cuda_kernels OUT.json   # with onnxruntime-gpu importable
+    python -m flowstep_export.pipeline.cuda_kernels OUT.json   # with onnxruntime-gpu importable
 
 Each kernel is one registration: domain ("" is ai.onnx), op, since..until (ONNX Runtime's version
 range; until null = open-ended) and its type constraints (constraint name, or argument name for
@@ -23,7 +23,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent / "data" / "cuda_kernels_ort-1.31.1.json"
+DATA = Path(__file__).resolve().parent / "cuda_kernels_ort-1.31.1.json"
 OPEN = 2147483647  # ONNX Runtime's "no end version"
 
 
@@ -67,7 +67,7 @@ def dump_registry() -> dict:
                        "manylinux_2_28_x86_64.whl)",
             "onnxruntime_version": onnxruntime.__version__,
             "build_info": onnxruntime.get_build_info(),
-            "generator": "export/flowstep_export/cuda_kernels.py via scripts/cuda_kernel_registry.sh",
+            "generator": "export/flowstep_export/pipeline/cuda_kernels.py via scripts/cuda_kernel_registry.sh",
             "registrations": len(kernels),
         },
         "kernels": rows,

@@ -7,7 +7,7 @@ loss = w(t)·MSE), torch.optim.AdamW. Float32 by default (flowstep's default pre
 weights and activations (`--precision bfloat16`, LoRA and AdamW float32 as in flowstep); the
 same base weights, LoRA init and data as a flowstep run on the same artifacts.
 
-python -m flowstep_export.reference_train --artifacts DIR --data DIR --steps N [--threads T]
+python -m flowstep_export.reference.reference_train --artifacts DIR --data DIR --steps N [--threads T]
 prints one JSON object: seconds per step (after warm-up), steps/s, peak RSS.
 """
 
@@ -26,9 +26,9 @@ from safetensors.torch import load_file
 def build_torch(artifacts: Path, base_file: Path | None, device: str, dtype: torch.dtype):
     """flowstep_export's Wan modules (equal to DiffSynth's, see export/tests) with SDPA and
     PEFT-equivalent LoRA: for machines without DiffSynth installed (the GPU machine)."""
-    from . import model as wan
-    from .configs import get_config
-    from .lora import LoraConfig, inject_lora
+    from ..model import model as wan
+    from ..model.configs import get_config
+    from ..model.lora import LoraConfig, inject_lora
 
     manifest = json.loads((artifacts / "manifest.json").read_text())
     lora = manifest["lora"]
@@ -88,7 +88,7 @@ def build(artifacts: Path, base_file: Path | None, device: str, dtype: torch.dty
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flowstep_export.reference_train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m flowstep_export.reference.reference_train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", type=Path, required=True)
     p.add_argument("--base", type=Path, help="base weights when the artifacts ship none")

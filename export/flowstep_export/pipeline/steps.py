@@ -8,7 +8,7 @@ import dataclasses
 import torch
 from torch.func import functional_call
 
-from .model import WanModel
+from ..model.model import WanModel
 
 
 @dataclasses.dataclass(frozen=True)

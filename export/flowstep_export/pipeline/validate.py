@@ -13,7 +13,7 @@ import onnxruntime as ort
 import torch
 from safetensors.torch import load_file
 
-from . import model as wan
+from ..model import model as wan
 from .steps import adamw, sft_loss
 
 
@@ -125,7 +125,7 @@ def graph_runner(out: Path, precision: str, attention: str = "chunked"):
         return run
     from onnx.reference import ReferenceEvaluator
 
-    from .reference_ops import NEW_OPS
+    from ..reference.reference_ops import NEW_OPS
 
     def run(name, feed):
         evaluator = ReferenceEvaluator(str(out / f"{name}.onnx"), new_ops=NEW_OPS)
@@ -152,7 +152,7 @@ def validate_artifacts(out: Path, config, options, rtol: float = 1e-4) -> dict:
     import copy
 
     from .export import build_model, example_inputs
-    from .lora import base_state, lora_state
+    from ..model.lora import base_state, lora_state
     from .steps import flat_layout, flatten
 
     model, lora_names = build_model(config, options)

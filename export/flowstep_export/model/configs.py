@@ -111,7 +111,7 @@ PRESETS: dict[str, WanConfig] = {
     # A few hundred thousand parameters: the shipped demo and the CI parity tests.
     "tiny": WanConfig("tiny", dim=64, ffn_dim=256, num_heads=2, num_layers=2,
                       text_dim=64, text_len=16, freq_dim=64, example_latent=(3, 8, 8)),
-    # The demo's toy world (flowstep_export.toy_world): pretrained on CPU in minutes.
+    # The demo's toy world (flowstep_export.data.toy_world): pretrained on CPU in minutes.
     "toy": WanConfig("toy", dim=128, ffn_dim=512, num_heads=4, num_layers=4,
                      text_dim=64, text_len=16, freq_dim=64, example_latent=(4, 16, 16)),
     # Wan's block at a small width with the real text encoder shape (benchmarks).

@@ -12,12 +12,13 @@ import onnx
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import DEFAULT_ATTENTION_CHUNK, trace
-from .attention import DOMAIN, OPERATORS
-from .configs import WanConfig
-from .lora import LoraConfig, base_state, inject_lora, lora_state
+from .. import DEFAULT_ATTENTION_CHUNK
+from . import trace
+from ..model.attention import DOMAIN, OPERATORS
+from ..model.configs import WanConfig
+from ..model.lora import LoraConfig, base_state, inject_lora, lora_state
 from .manifest import write_manifest
-from .model import WanModel, init_random, rope_tables
+from ..model.model import WanModel, init_random, rope_tables
 from .steps import StepFunctions, adamw, flat_layout, flatten
 
 log = logging.getLogger("flowstep_export")

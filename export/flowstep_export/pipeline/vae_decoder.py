@@ -1,6 +1,6 @@
 """Export Wan2.1's VAE decoder to ONNX inference graphs that `flowstep sample --vae-decoder` runs.
 
-python -m flowstep_export.vae_decoder --vae Wan2.1_VAE.pth --out DIR
+python -m flowstep_export.pipeline.vae_decoder --vae Wan2.1_VAE.pth --out DIR
 
 DiffSynth decodes a latent video one latent frame at a time (`VideoVAE_.decode`): every causal
 3-D convolution of `Decoder3d` keeps the last two frames of its input in a feature cache that the
@@ -39,9 +39,9 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from . import OPSET
-from .deps import run_reporting_errors
-from .wan_vae import load_vae
+from .. import OPSET
+from ..deps import run_reporting_errors
+from ..model.wan_vae import load_vae
 
 log = logging.getLogger("flowstep_export")
 
@@ -210,7 +210,7 @@ def decode_with_onnx(out: Path, latent: np.ndarray, ort) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flowstep_export.vae_decoder", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m flowstep_export.pipeline.vae_decoder", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vae", required=True, type=Path, help="Wan2.1 VAE checkpoint: Wan2.1_VAE.pth, DiffSynth's "
                    "`model.` keys, or ComfyUI's wan_2.1_vae.safetensors")

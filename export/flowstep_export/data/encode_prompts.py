@@ -1,6 +1,6 @@
 """Encode text prompts with Wan's umT5 into the context files `flowstep sample --context` reads.
 
-python -m flowstep_export.encode_prompts --text-encoder models_t5_umt5-xxl-enc-bf16.pth \\
+python -m flowstep_export.data.encode_prompts --text-encoder models_t5_umt5-xxl-enc-bf16.pth \\
     --tokenizer google/umt5-xxl --out prompts/ "a red ball rolls left" "a cat on a sofa"
 
 Writes prompts/prompt-000.safetensors, ... each with `context` [text_len, 4096] (zero after the
@@ -14,13 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .deps import run_reporting_errors
-from .files import read_text, require_regular_file, save_tensors
+from ..deps import run_reporting_errors
+from ..files import read_text, require_regular_file, save_tensors
 from .prepare import MAX_TEXT_LEN, check_text_len
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flowstep_export.encode_prompts", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m flowstep_export.data.encode_prompts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="*", help="prompt texts")
     p.add_argument("--from-file", type=Path, help="a text file with one prompt per line")
@@ -50,7 +50,7 @@ def encode(args) -> None:
     require_regular_file(args.text_encoder, f"--text-encoder {args.text_encoder}")
     import torch
 
-    from .wan_text import encode_prompt, load_text_encoder, load_tokenizer
+    from ..model.wan_text import encode_prompt, load_text_encoder, load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer, args.text_len)
     encoder = load_text_encoder(args.text_encoder, torch.bfloat16 if args.precision == "bfloat16" else torch.float32,

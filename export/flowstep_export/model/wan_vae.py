@@ -21,7 +21,7 @@ WAN21_Z_DIM = 16
 def read_state_dict(path: Path, label: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a .safetensors or torch (.pth/.pt/.ckpt) checkpoint, `model.` prefix removed;
     torch files unpickled with `weights_only`. `label` (e.g. `--vae PATH`) names it in errors."""
-    from .files import check_tensor_storage, load_safetensors_file, load_torch_file, require_regular_file
+    from ..files import check_tensor_storage, load_safetensors_file, load_torch_file, require_regular_file
 
     require_regular_file(path, label)
     if path.suffix == ".safetensors":

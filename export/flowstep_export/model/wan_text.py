@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .files import require_regular_file
+from ..files import require_regular_file
 from .wan_vae import read_state_dict
 
 TOKENIZER_FILE_LIMIT = 256 << 20  # umT5's tokenizer.json is 16 MiB

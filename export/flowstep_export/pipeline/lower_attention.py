@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .attention import DOMAIN
+from ..model.attention import DOMAIN
 
 FLOAT = TensorProto.FLOAT
 

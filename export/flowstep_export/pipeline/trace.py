@@ -18,8 +18,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from . import OPSET
-from .attention import DOMAIN, OPERATORS, TRANSLATION_TABLE
+from .. import OPSET
+from ..model.attention import DOMAIN, OPERATORS, TRANSLATION_TABLE
 from .lower_attention import lower_attention
 
 aten = torch.ops.aten

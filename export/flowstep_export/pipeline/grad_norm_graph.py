@@ -3,7 +3,7 @@ accumulated gradient where it lives (the device): one ReduceSumSquare over the f
 buffer, any P. flowstep embeds the file; export/tests/test_grad_norm_graph.py checks that the
 committed file is what this script writes.
 
-python -m flowstep_export.grad_norm_graph [--out assets/grad_sum_squares.onnx]
+python -m flowstep_export.pipeline.grad_norm_graph [--out assets/grad_sum_squares.onnx]
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .deps import run_reporting_errors
+from ..deps import run_reporting_errors
 
-DEFAULT_OUT = Path(__file__).resolve().parents[2] / "assets" / "grad_sum_squares.onnx"
+DEFAULT_OUT = Path(__file__).resolve().parents[3] / "assets" / "grad_sum_squares.onnx"
 OPSET = 18  # ReduceSumSquare-18: reduces over every axis when no `axes` input is given
 
 
@@ -32,7 +32,7 @@ def graph_bytes() -> bytes:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flowstep_export.grad_norm_graph", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m flowstep_export.pipeline.grad_norm_graph", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)

@@ -10,9 +10,9 @@ import onnx
 import onnxruntime
 import torch
 
-from . import FORMAT_VERSION, OPSET, __version__
-from .configs import WanConfig
-from .lora import LoraConfig
+from .. import FORMAT_VERSION, OPSET, __version__
+from ..model.configs import WanConfig
+from ..model.lora import LoraConfig
 
 DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
           onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64"}

@@ -1,6 +1,6 @@
 """Golden inputs and outputs for the Rust regression tests, computed by PyTorch.
 
-python -m flowstep_export.goldens --artifacts models/tiny/artifacts --out models/tiny/golden.safetensors
+python -m flowstep_export.reference.goldens --artifacts models/tiny/artifacts --out models/tiny/golden.safetensors
 
 - `step.*`: one training-graph call (fixed LoRA, latents, timestep, context, target,
   weight) with the loss and flat gradient from eager autograd.
@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .configs import get_config
-from .lora import LoraConfig, inject_lora
-from .model import WanModel
-from .steps import LoraTensor, sft_loss
+from ..model.configs import get_config
+from ..model.lora import LoraConfig, inject_lora
+from ..model.model import WanModel
+from ..pipeline.steps import LoraTensor, sft_loss
 
 LOOP_STEPS = 3
 LOOP_HPARAMS = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01, "shift": 5.0}
@@ -104,12 +104,12 @@ def make_goldens(artifacts: Path, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flowstep_export.goldens", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m flowstep_export.reference.goldens", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
-    from .validate import stock_reference
+    from ..pipeline.validate import stock_reference
 
     with stock_reference():  # PyTorch's own softmax attention, not the operator pair under test
         goldens = make_goldens(args.artifacts)

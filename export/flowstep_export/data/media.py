@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import one_line
+from ..files import one_line
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

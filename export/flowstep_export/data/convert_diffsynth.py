@@ -21,7 +21,7 @@ with torch's `weights_only` unpickler, which builds only tensors and plain value
 frames DiffSynth stores beside the tensors load as inert stand-ins (never decoded); a file that
 needs anything else is refused. The samples appear in OUT only when every one converted.
 
-python -m flowstep_export.convert_diffsynth CACHE_DIR OUT_DIR [--dtype bf16|f32]
+python -m flowstep_export.data.convert_diffsynth CACHE_DIR OUT_DIR [--dtype bf16|f32]
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from .deps import run_reporting_errors
-from .files import check_tensor_storage, load_torch_file, require_regular_file, save_tensors, warn_if_outside, write_text
+from ..deps import run_reporting_errors
+from ..files import check_tensor_storage, load_torch_file, require_regular_file, save_tensors, warn_if_outside, write_text
 
 LATENT_KEYS = ("input_latents",)
 CONTEXT_KEYS = ("context", "prompt_emb")
@@ -187,7 +187,7 @@ def convert(cache: Path, out: Path, dtype: torch.dtype) -> tuple[int, list[str],
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flowstep_export.convert_diffsynth", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m flowstep_export.data.convert_diffsynth", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cache", type=Path, help="DiffSynth data_process output (searched recursively for *.pth)")
     p.add_argument("out", type=Path, help="flowstep dataset directory to write")

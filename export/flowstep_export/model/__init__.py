@@ -1,0 +1,1 @@
+"""The Wan DiT and its encoders in DiffSynth-Studio's module structure and state-dict names."""

@@ -1,0 +1,1 @@
+"""The export: model -> traced graphs -> training artifacts, validated against PyTorch."""

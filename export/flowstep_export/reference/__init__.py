@@ -1,0 +1,1 @@
+"""Independent PyTorch references the tests and goldens compare flowstep with."""
