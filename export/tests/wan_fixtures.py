@@ -48,6 +48,21 @@ def reference_vae(path: Path):
     return vae
 
 
+def reference_vae22(path: Path):
+    """DiffSynth's WanVideoVAE38 with the weights of `path` (encoder and decoder width
+    `VAE_DIM`), built here, without initialising, as DiffSynth's own loader does."""
+    from diffsynth.core.vram import skip_model_initialization
+    from diffsynth.models.wan_video_vae import VideoVAE38_, WanVideoVAE38
+
+    state = torch.load(path, weights_only=True)
+    with skip_model_initialization():
+        vae = WanVideoVAE38(z_dim=48, dim=VAE_DIM)
+        vae.model = VideoVAE38_(dim=VAE_DIM, dec_dim=VAE_DIM, z_dim=48)
+    vae.model.load_state_dict(state, assign=True)
+    vae.model.eval().requires_grad_(False)
+    return vae
+
+
 def text_encoder_config(vocab: int) -> dict:
     return dict(vocab=vocab, dim=TEXT_DIM, dim_attn=TEXT_DIM, dim_ffn=128, num_heads=2, num_layers=2, num_buckets=32)
 
@@ -85,3 +100,23 @@ def write_video(path: Path, frames: int, height: int, width: int, fps: float = 8
         img[height // 3:height // 3 + 8, 4 * f % width:4 * f % width + 8] = 255
         writer.append_data(img)
     writer.close()
+
+
+def write_vae22(path: Path, seed: int = 0) -> None:
+    """A random Wan2.2 VAE (DiffSynth's VideoVAE38_, 48 latent channels, encoder and decoder
+    width 8) saved with the original file's key names, weights drawn as in `write_vae`."""
+    from diffsynth.models.wan_video_vae import VideoVAE38_
+
+    torch.manual_seed(seed)
+    model = VideoVAE38_(dim=VAE_DIM, dec_dim=VAE_DIM, z_dim=48)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=p[0].numel() ** -0.5)
+            else:
+                torch.nn.init.normal_(p, mean=1.0 if "gamma" in name else 0.0, std=0.1)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)

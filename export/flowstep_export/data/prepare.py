@@ -11,6 +11,15 @@ relative to DIR, and a `prompt` column) or, without it, from a `.txt` beside eac
   latents  [16, (T-1)/4+1, H/8, W/8]  Wan VAE latents (DiffSynth's normalised `input_latents`)
   context  [text_len, 4096]           umT5 embeddings, zero after the prompt's tokens
 
+With the Wan2.2 VAE (`Wan2.2_VAE.pth`, for Wan2.2 TI2V-5B) the latents are [48, (T-1)/4+1,
+H/16, W/16], H and W multiples of 32, and each sample also holds TI2V's first-frame condition
+
+  first_frame_latents  [48, 1, H/16, W/16]  the clip's first frame alone through the VAE
+
+as DiffSynth's training computes it (its `input_image` is the video's frame 0, encoded by
+`WanVideoUnit_ImageEmbedderFused`). TI2V trains on the frames after the first, so a file that
+gives one frame (an image, or a video in the 1-frame bucket) is skipped.
+
 stored as bf16 (or float32 with --dtype f32); T, H, W are the file's frame and resolution
 bucket. Each sample's metadata records the settings it was made with (resolution and frame
 buckets, fps, text length, dtype, sha256 of the VAE, text encoder and tokenizer files). A file
@@ -41,7 +50,8 @@ from ..deps import run_reporting_errors
 from ..files import (file_problem, read_text, require_regular_file, save_tensors, sha256_of_file,
                     warn_if_outside)
 
-MULTIPLE = 16  # VAE /8 times the DiT's patch 2
+DIT_PATCH = 2  # the DiT's spatial patch: the resolution is a multiple of the VAE's factor times this
+LEAST_VAE_FACTOR = 8  # Wan2.1's; checked before the VAE is read
 PRECISIONS = ("bfloat16", "float32")
 FPS_RANGE = (0.01, 1000.0)
 MAX_TEXT_LEN = 4096  # Wan's is 512
@@ -168,11 +178,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", required=True, type=Path, help="folder of videos/images with captions (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help="dataset folder to write (flowstep train --data)")
-    p.add_argument("--vae", required=True, type=Path, help="Wan2.1 VAE: Wan2.1_VAE.pth or wan_2.1_vae.safetensors")
+    p.add_argument("--vae", required=True, type=Path, help="Wan VAE: Wan2.1_VAE.pth or wan_2.1_vae.safetensors (Wan2.1, "
+                   "Wan2.2 A14B), or Wan2.2_VAE.pth (Wan2.2 TI2V-5B: also writes first_frame_latents)")
     p.add_argument("--text-encoder", required=True, type=Path, help="umT5 encoder: models_t5_umt5-xxl-enc-bf16.pth")
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer folder (Wan's google/umt5-xxl)")
     p.add_argument("--resolution", action="append", required=True, metavar="HxW",
-                   help="resolution bucket HEIGHTxWIDTH, multiples of 16; repeat or comma-separate for several "
+                   help="resolution bucket HEIGHTxWIDTH, multiples of 16 (32 with the Wan2.2 VAE); repeat or comma-separate for several "
                         "(each file goes to the one nearest its aspect ratio)")
     p.add_argument("--frames", action="append", required=True, metavar="N",
                    help="frame bucket, 4k+1 (e.g. 81); repeat or comma-separate for several (each video gets the "
@@ -221,7 +232,7 @@ def prepare(args: argparse.Namespace) -> dict:
     from .media import parse_frames, parse_resolutions, read_clip
 
     # Every option before any work.
-    buckets = parse_resolutions(args.resolution, MULTIPLE)
+    parse_resolutions(args.resolution, LEAST_VAE_FACTOR * DIT_PATCH)
     frame_buckets = parse_frames(args.frames)
     if args.fps is not None and not (math.isfinite(args.fps) and FPS_RANGE[0] <= args.fps <= FPS_RANGE[1]):
         raise ValueError(f"--fps {args.fps:g}: must be from {FPS_RANGE[0]:g} to {FPS_RANGE[1]:g}")
@@ -232,10 +243,17 @@ def prepare(args: argparse.Namespace) -> dict:
     import torch
 
     from ..model.wan_text import encode_prompt, load_text_encoder, load_tokenizer
-    from ..model.wan_vae import load_vae
+    from ..model.wan_vae import WAN22_Z_DIM, load_vae
 
     tokenizer = load_tokenizer(args.tokenizer, args.text_len)
     items = find_items(args.videos)
+    vae = load_vae(args.vae, f"--vae {args.vae}")
+    buckets = parse_resolutions(args.resolution, vae.upsampling_factor * DIT_PATCH)
+    # The Wan2.2 VAE is TI2V-5B's: its samples carry the first frame's latents.
+    first_frame = vae.z_dim == WAN22_Z_DIM
+    if first_frame and max(frame_buckets) == 1:
+        raise ValueError(f"--frames {','.join(map(str, frame_buckets))}: TI2V (the Wan2.2 VAE) trains on the frames "
+                         "after the first; give a bucket of 5 frames or more")
     settings = {"resolutions": ",".join(map(str, buckets)), "frame_buckets": ",".join(map(str, frame_buckets)),
                 "fps": "source" if args.fps is None else f"{args.fps:g}", "text_len": str(args.text_len),
                 "dtype": args.dtype, "vae_sha256": sha256_of_file(args.vae),
@@ -260,7 +278,6 @@ def prepare(args: argparse.Namespace) -> dict:
     compute = torch.bfloat16 if args.precision == "bfloat16" else torch.float32
     stored = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     encoder = load_text_encoder(args.text_encoder, compute, f"--text-encoder {args.text_encoder}").to(args.device)
-    vae = load_vae(args.vae, f"--vae {args.vae}")
     vae.model.to(device=args.device, dtype=compute)
     progress = Progress(len(todo), args.quiet)
 
@@ -280,19 +297,25 @@ def prepare(args: argparse.Namespace) -> dict:
             if (problem := file_problem(item.source)) is not None:
                 raise ValueError(problem)
             clip = read_clip(item.source, buckets, frame_buckets, args.fps)
+            if first_frame and clip.pixels.shape[1] == 1:
+                raise ValueError("one frame: TI2V (the Wan2.2 VAE) trains on the frames after the first; it needs a video "
+                                 f"of {min(f for f in frame_buckets if f > 1)} frames or more")
         except ValueError as e:
             progress.message(f"skipped {item.source}: {e}{drop_stale(item)}")
             counts["skipped"] += 1
             continue
         with torch.no_grad():
             pixels = torch.from_numpy(clip.pixels).to(compute)
-            latents = vae.encode([pixels], device=args.device)[0]
-            context = encode_prompt(tokenizer, encoder, item.caption, args.device)
-        sample = {"latents": latents.to("cpu", stored).contiguous(), "context": context.to("cpu", stored).contiguous()}
+            tensors = {"latents": vae.encode([pixels], device=args.device)[0],
+                       "context": encode_prompt(tokenizer, encoder, item.caption, args.device)}
+            if first_frame:  # DiffSynth's WanVideoUnit_ImageEmbedderFused on frame 0
+                tensors["first_frame_latents"] = vae.encode([pixels[:, :1]], device=args.device)[0]
+        sample = {name: t.to("cpu", stored).contiguous() for name, t in tensors.items()}
         nonfinite = [name for name, t in sample.items() if not torch.isfinite(t).all()]
         if nonfinite:
-            encoders = {"latents": f"the VAE ({args.vae.name})", "context": f"the text encoder ({args.text_encoder.name})"}
-            progress.message(f"skipped {item.source}: {' and '.join(encoders[n] for n in nonfinite)} gave NaN or Inf "
+            encoders = {"latents": f"the VAE ({args.vae.name})", "first_frame_latents": f"the VAE ({args.vae.name})",
+                        "context": f"the text encoder ({args.text_encoder.name})"}
+            progress.message(f"skipped {item.source}: {' and '.join(dict.fromkeys(encoders[n] for n in nonfinite))} gave NaN or Inf "
                              f"values; nothing written{drop_stale(item)}")
             counts["skipped"] += 1
             continue
