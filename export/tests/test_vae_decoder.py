@@ -143,7 +143,7 @@ def test_wan22_decoder_decodes_ti2v_samples_like_diffsynth(vae22_decoder, tmp_pa
     manifest = json.loads((vae22_decoder / "decoder" / "vae_decoder.json").read_text())
     assert manifest["z_dim"] == 48 and manifest["upsampling"] == {"time": 4, "space": 16}, manifest
     assert manifest["check"]["max_abs_diff"] <= ATOL
-    from flowstep_export.cuda_coverage import main as cuda_coverage
+    from flowstep_export.pipeline.cuda_coverage import main as cuda_coverage
 
     assert cuda_coverage([str(vae22_decoder / "decoder" / g) for g in manifest["graphs"].values()]) == 0
     condition = tmp_path / "condition.safetensors"
