@@ -15,14 +15,10 @@ TEXT_DIM, TEXT_LEN = 64, 16  # the tiny DiT's text_dim and text_len
 WORDS = "a red ball rolls left right up down blue square the on over green sky night".split()
 
 
-def write_vae(path: Path, seed: int = 0) -> None:
-    """A random Wan2.1 VAE (DiffSynth's VideoVAE_ at width 8) saved with the original file's key
-    names. Every weight is random (DiffSynth zeroes the attention output projection at init,
-    which would leave the attention block untested) and scaled so activations stay O(1)."""
-    from diffsynth.models.wan_video_vae import VideoVAE_
-
-    torch.manual_seed(seed)
-    model = VideoVAE_(dim=VAE_DIM, z_dim=16)
+def save_random(model: torch.nn.Module, path: Path) -> None:
+    """Draws every weight of `model` (DiffSynth zeroes the attention output projection at init,
+    which would leave the attention block untested), scaled so activations stay O(1), and saves
+    its state dict to `path` (.safetensors or torch)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
@@ -34,6 +30,16 @@ def write_vae(path: Path, seed: int = 0) -> None:
         save_file(state, str(path))
     else:
         torch.save(state, path)
+
+
+def write_vae(path: Path, seed: int = 0) -> None:
+    """A random Wan2.1 VAE (DiffSynth's VideoVAE_ at width 8) saved with the original file's key
+    names (`save_random`)."""
+    from diffsynth.models.wan_video_vae import VideoVAE_
+
+    torch.manual_seed(seed)
+    model = VideoVAE_(dim=VAE_DIM, z_dim=16)
+    save_random(model, path)
 
 
 def reference_vae(path: Path):
@@ -104,19 +110,9 @@ def write_video(path: Path, frames: int, height: int, width: int, fps: float = 8
 
 def write_vae22(path: Path, seed: int = 0) -> None:
     """A random Wan2.2 VAE (DiffSynth's VideoVAE38_, 48 latent channels, encoder and decoder
-    width 8) saved with the original file's key names, weights drawn as in `write_vae`."""
+    width 8) saved with the original file's key names (`save_random`)."""
     from diffsynth.models.wan_video_vae import VideoVAE38_
 
     torch.manual_seed(seed)
     model = VideoVAE38_(dim=VAE_DIM, dec_dim=VAE_DIM, z_dim=48)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                torch.nn.init.normal_(p, std=p[0].numel() ** -0.5)
-            else:
-                torch.nn.init.normal_(p, mean=1.0 if "gamma" in name else 0.0, std=0.1)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if path.suffix == ".safetensors":
-        save_file(state, str(path))
-    else:
-        torch.save(state, path)
+    save_random(model, path)
