@@ -1,5 +1,7 @@
-//! Wan's VAE decoder on ONNX Runtime: latent videos to RGB frames, and the files a person
-//! looks at (contact sheet, GIF, MP4). The graphs come from `python -m flowstep_export.pipeline.vae_decoder`.
+//! Wan's VAE decoders on ONNX Runtime: latent videos to RGB frames, and the files a person
+//! looks at (contact sheet, GIF, MP4). The graphs come from `python -m flowstep_export.pipeline.vae_decoder`,
+//! for Wan2.1's VAE (16 latent channels, 8× spatial) or Wan2.2's (48 channels, 16×; TI2V-5B);
+//! the manifest's `z_dim` and `upsampling` say which.
 //!
 //! The decoder streams one latent frame per call, as DiffSynth's `VideoVAE_.decode` does: the
 //! `first` graph decodes latent frame 0 to one RGB frame and returns the causal feature caches;
@@ -169,7 +171,8 @@ impl VaeDecoder {
         }
     }
 
-    /// Decodes one latent video [C, F, H, W] to 1 + 4(F-1) RGB frames of 8H × 8W in [-1, 1],
+    /// Decodes one latent video [C, F, H, W] to 1 + 4(F-1) RGB frames of sH × sW in [-1, 1]
+    /// (s the spatial upsampling: 8 for Wan2.1's VAE, 16 for Wan2.2's),
     /// whole or in overlapping spatial tiles (DiffSynth's `tiled_decode`: less memory, blended
     /// seams).
     pub fn decode(&mut self, latents: &[f32], shape: [usize; 4], tile: Option<Tile>) -> Result<Video> {

@@ -6,7 +6,7 @@ import pytest
 from flowstep_export.model.configs import get_config
 from flowstep_export.pipeline.export import ExportOptions, export_artifacts
 from flowstep_export.model.lora import LoraConfig
-from wan_fixtures import write_text_encoder, write_tokenizer, write_vae
+from wan_fixtures import write_text_encoder, write_tokenizer, write_vae, write_vae22
 
 TINY_LORA = LoraConfig(rank=8)
 
@@ -45,11 +45,25 @@ def vae_decoder(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def vae22_decoder(tmp_path_factory) -> Path:
+    """A random tiny Wan2.2 VAE (`Wan2.2_VAE.pth`) and its decoder exported to `decoder/`:
+    shared by test_vae_decoder and test_videos_end_to_end, the export takes minutes."""
+    from flowstep_export.pipeline.vae_decoder import main as export_main
+
+    d = tmp_path_factory.mktemp("vae22")
+    write_vae22(d / "Wan2.2_VAE.pth", seed=2)
+    assert export_main(["--vae", str(d / "Wan2.2_VAE.pth"), "--out", str(d / "decoder")]) == 0
+    return d
+
+
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
-    """Random tiny Wan VAE, umT5 and tokenizer files, as a user's checkpoints (test_prepare, test_hostile_tools)."""
+    """Random tiny Wan2.1 and Wan2.2 VAEs, umT5 and tokenizer files, as a user's checkpoints
+    (test_prepare, test_hostile_tools)."""
     d = tmp_path_factory.mktemp("encoders")
     vocab = write_tokenizer(d / "tokenizer")
     write_vae(d / "vae.pth")
+    write_vae22(d / "Wan2.2_VAE.pth")
     write_text_encoder(d / "t5.pth", vocab)
     return d

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from flowstep_export.data.prepare import main as prepare_main
 from independent import TINY, flowstep_bin
-from wan_fixtures import TEXT_LEN, reference_vae, text_encoder_config, write_video
+from wan_fixtures import TEXT_LEN, reference_vae, reference_vae22, text_encoder_config, write_video
 
 CAPTIONS = {"wide.mp4": "a red ball rolls left", "tall.webm": "blue square over the green sky", "still.png": "the night sky"}
 
@@ -51,12 +51,18 @@ def run_prepare(videos, encoders, out, capsys):
     return rc, captured.out, captured.err
 
 
-def diffsynth_reference(path, caption, frames, height, width, encoders, fps=None):
+def diffsynth_reference(path, caption, frames, height, width, encoders, fps=None, ti2v=False):
     """DiffSynth's pipeline units on the same file: LoadVideo + ImageCropAndResize, then
-    WanVideoUnit_InputVideoEmbedder and WanVideoUnit_PromptEmbedder."""
+    WanVideoUnit_InputVideoEmbedder and WanVideoUnit_PromptEmbedder; with `ti2v`, the Wan2.2 VAE
+    (WanVideoVAE38) and WanVideoUnit_ImageEmbedderFused on the clip's frame 0, the `input_image`
+    DiffSynth's training passes (examples/wanvideo/model_training/train.py: data["video"][0]).
+    Returns the sample's tensors by name."""
+    from types import SimpleNamespace
+
     from diffsynth.core.data.operators import ImageCropAndResize, LoadVideo
     from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer, WanTextEncoder
-    from diffsynth.pipelines.wan_video import WanVideoPipeline, WanVideoUnit_InputVideoEmbedder, WanVideoUnit_PromptEmbedder
+    from diffsynth.pipelines.wan_video import (WanVideoPipeline, WanVideoUnit_ImageEmbedderFused,
+                                               WanVideoUnit_InputVideoEmbedder, WanVideoUnit_PromptEmbedder)
 
     crop = ImageCropAndResize(height=height, width=width)
     if path.suffix == ".png":
@@ -66,7 +72,7 @@ def diffsynth_reference(path, caption, frames, height, width, encoders, fps=None
         clip = LoadVideo(num_frames=frames, frame_processor=crop, **resample)(str(path))
     pipe = WanVideoPipeline(device="cpu", torch_dtype=torch.float32)
     pipe.scheduler.training = True  # DiffSynth's training path: the unit returns the clean input_latents
-    pipe.vae = reference_vae(encoders / "vae.pth")
+    pipe.vae = reference_vae22(encoders / "Wan2.2_VAE.pth") if ti2v else reference_vae(encoders / "vae.pth")
     pipe.tokenizer = HuggingfaceTokenizer(name=str(encoders / "tokenizer"), seq_len=TEXT_LEN, clean="whitespace")
     pipe.text_encoder = WanTextEncoder(**text_encoder_config(pipe.tokenizer.vocab_size)).eval()
     pipe.text_encoder.load_state_dict(torch.load(encoders / "t5.pth", weights_only=True))
@@ -75,7 +81,15 @@ def diffsynth_reference(path, caption, frames, height, width, encoders, fps=None
             pipe, input_video=clip, noise=None, tiled=False, tile_size=None, tile_stride=None, vace_reference_image=None,
             framewise_decoding=False, animate2_reference_image=None, animate2_reference_video=None)["input_latents"]
         context = WanVideoUnit_PromptEmbedder().encode_prompt(pipe, caption)
-    return latents[0], context[0]
+        tensors = {"latents": latents[0], "context": context[0]}
+        if ti2v:
+            # The unit reads one attribute of the DiT: TI2V-5B's config sets it.
+            pipe.dit = SimpleNamespace(fuse_vae_embedding_in_latents=True)
+            noise = torch.zeros_like(latents)
+            fused = WanVideoUnit_ImageEmbedderFused().process(pipe, input_image=clip[0], latents=noise, height=height,
+                                                              width=width, tiled=False, tile_size=None, tile_stride=None)
+            tensors["first_frame_latents"] = fused["first_frame_latents"][0]
+    return tensors
 
 
 def test_prepare_matches_diffsynth_buckets_skips_and_resumes(videos, encoders, tmp_path, capsys):
@@ -102,10 +116,10 @@ def test_prepare_matches_diffsynth_buckets_skips_and_resumes(videos, encoders, t
         assert list(sample["latents"].shape) == [16, (frames - 1) // 4 + 1, height // 8, width // 8], name
         assert list(sample["context"].shape) == [TEXT_LEN, 64]
         caption = CAPTIONS[source.name]
-        ref_latents, ref_context = diffsynth_reference(source, caption, frames, height, width, encoders)
+        reference = diffsynth_reference(source, caption, frames, height, width, encoders)
         # Same float32 ops on the same pixels: only summation order may differ.
-        torch.testing.assert_close(sample["latents"], ref_latents, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(sample["context"], ref_context, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sample["latents"], reference["latents"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sample["context"], reference["context"], rtol=1e-4, atol=1e-5)
         n_tokens = len(caption.split()) + 1  # words + </s>
         assert sample["context"][n_tokens:].abs().max() == 0 and sample["context"][n_tokens - 1].abs().max() > 0
         with safe_open(str(out / f"{name}.safetensors"), "pt") as f:
@@ -121,6 +135,55 @@ def test_prepare_matches_diffsynth_buckets_skips_and_resumes(videos, encoders, t
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["samples"] == 3
+
+
+def test_prepare_wan22_vae_makes_ti2v_samples_as_diffsynth(videos, encoders, tmp_path, capsys):
+    """The Wan2.2 VAE (TI2V-5B's): 48-channel latents at 16x and each clip's first_frame_latents,
+    equal to DiffSynth's InputVideoEmbedder and ImageEmbedderFused units with its WanVideoVAE38;
+    resolutions are multiples of 32 (16x times the DiT's patch 2); one-frame files are skipped
+    (TI2V trains on the frames after the first); the dataset trains tiny-ti2v in `flowstep eval`."""
+    out = tmp_path / "data"
+
+    def run(resolution, frames="5,9"):
+        rc = prepare_main(["--videos", str(videos), "--out", str(out), "--vae", str(encoders / "Wan2.2_VAE.pth"),
+                           "--text-encoder", str(encoders / "t5.pth"), "--tokenizer", str(encoders / "tokenizer"),
+                           "--resolution", resolution, "--frames", frames, "--text-len", str(TEXT_LEN),
+                           "--dtype", "f32", "--precision", "float32", "-q"])
+        captured = capsys.readouterr()
+        return rc, captured.out, captured.err
+
+    rc, _, err = run("32x48")
+    assert rc == 1 and err.strip() == ("error: --resolution 32x48: height and width must be multiples of 32 (the VAE's "
+                                       "compression times the DiT's patch 2) from 32 to 4096"), err
+    rc, _, err = run("32x64", frames="1")
+    assert rc == 1 and err.count("\n") == 1 and "--frames 1: TI2V (the Wan2.2 VAE) trains on the frames after the first" in err, err
+    assert not out.exists() or not list(out.iterdir())
+
+    rc, stdout, stderr = run("32x64,64x32")
+    assert rc == 0, stderr
+    assert "2 prepared, 0 already" in stdout and "4 skipped" in stdout, stdout
+    assert any("still.png: one frame: TI2V (the Wan2.2 VAE) trains on the frames after the first; it needs a video of 5 "
+               "frames or more" in line for line in stderr.splitlines()), stderr
+    expected = {"wide.mp4": (videos / "wide.mp4", 9, 32, 64), "more__tall.webm": (videos / "more" / "tall.webm", 5, 64, 32)}
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{k}.safetensors" for k in expected)
+    for name, (source, frames, height, width) in expected.items():
+        sample = load_file(str(out / f"{name}.safetensors"))
+        assert list(sample["latents"].shape) == [48, (frames - 1) // 4 + 1, height // 16, width // 16], name
+        assert list(sample["first_frame_latents"].shape) == [48, 1, height // 16, width // 16], name
+        reference = diffsynth_reference(source, CAPTIONS[source.name], frames, height, width, encoders, ti2v=True)
+        assert set(sample) == set(reference) == {"latents", "context", "first_frame_latents"}
+        # Same float32 ops on the same pixels: only summation order may differ (measured: 0 for
+        # the latents, which run the same PyTorch ops).
+        for key, atol in (("latents", 1e-4), ("first_frame_latents", 1e-4), ("context", 1e-5)):
+            torch.testing.assert_close(sample[key], reference[key], rtol=1e-4, atol=atol, msg=f"{name} {key}")
+        # A causal VAE's first latent frame sees frame 0 only: the condition is the video's own frame 0.
+        torch.testing.assert_close(sample["first_frame_latents"], sample["latents"][:, :1], rtol=1e-4, atol=1e-4)
+
+    ti2v = TINY.parent.parent / "tiny-ti2v" / "artifacts"
+    r = subprocess.run([str(flowstep_bin()), "-q", "eval", "--artifacts", str(ti2v), "--data", str(out), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["samples"] == 2
 
 
 def test_prepare_records_settings_and_re_encodes_samples_made_with_others(videos, encoders, tmp_path, capsys):
@@ -209,7 +272,7 @@ def test_prepare_fps_resamples_as_diffsynth(videos, encoders, tmp_path, capsys):
                        "--dtype", "f32", "--precision", "float32", "-q"])
     assert rc == 0, capsys.readouterr().err
     latents = load_file(str(out / "wide.mp4.safetensors"))["latents"]
-    reference, _ = diffsynth_reference(videos / "wide.mp4", CAPTIONS["wide.mp4"], 5, 32, 48, encoders, fps=4)
+    reference = diffsynth_reference(videos / "wide.mp4", CAPTIONS["wide.mp4"], 5, 32, 48, encoders, fps=4)["latents"]
     assert list(latents.shape) == [16, 2, 4, 6]
     torch.testing.assert_close(latents, reference, rtol=1e-4, atol=1e-4)
 

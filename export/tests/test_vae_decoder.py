@@ -1,6 +1,7 @@
-"""Wan's VAE decoder exported to ONNX and run by `flowstep sample --vae-decoder`: the decoded
-frames equal DiffSynth's `WanVideoVAE.decode` of the same latents with the same random weights,
-and the contact sheet, GIF and MP4 hold those frames."""
+"""Wan's VAE decoders exported to ONNX and run by `flowstep sample --vae-decoder`: the decoded
+frames equal DiffSynth's `WanVideoVAE.decode` (Wan2.1) and `WanVideoVAE38.decode` (Wan2.2, for
+TI2V-5B) of the same latents with the same random weights, and the contact sheet, GIF and MP4
+hold those frames."""
 
 import json
 import os
@@ -12,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from independent import TINY, flowstep_bin
-from wan_fixtures import reference_vae
+from wan_fixtures import reference_vae, reference_vae22
 
 PROMPT = TINY.parent.parent / "toy" / "prompts" / "yellow-up.safetensors"  # a [16, 64] context
+TINY_TI2V = TINY.parent.parent / "tiny-ti2v" / "artifacts"  # 48 latent channels, text [16, 64]
 # float32 on both sides: ONNX Runtime's convolutions sum in another order than PyTorch's. Measured
 # max |diff| ~5e-6 over ~40 layers; 1e-4 leaves room for other CPUs and is still 80 times smaller
 # than one 8-bit level (2/255). A wrong cache frame, padding or axis order gives errors of 0.1-1.
@@ -132,3 +134,44 @@ def test_no_ffmpeg_is_one_warning_and_bad_decoder_dir_is_one_error(decoder, tmp_
         r = sample(tmp_path / "b", bad, empty, shape="2,4,4")
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
         assert not (tmp_path / "b").exists(), "a bad decoder is refused before any work"
+
+
+def test_wan22_decoder_decodes_ti2v_samples_like_diffsynth(vae22_decoder, tmp_path):
+    """The Wan2.2 VAE's decoder (48 channels, 16x: DiffSynth's Decoder3d_38 and unpatchify)
+    decodes tiny-ti2v's samples as WanVideoVAE38.decode does, whole and in tiles; the sampled
+    latent frame 0 is the condition's, so its decoded frame is the same for every seed."""
+    manifest = json.loads((vae22_decoder / "decoder" / "vae_decoder.json").read_text())
+    assert manifest["z_dim"] == 48 and manifest["upsampling"] == {"time": 4, "space": 16}, manifest
+    assert manifest["check"]["max_abs_diff"] <= ATOL
+    from flowstep_export.pipeline.cuda_coverage import main as cuda_coverage
+
+    assert cuda_coverage([str(vae22_decoder / "decoder" / g) for g in manifest["graphs"].values()]) == 0
+    condition = tmp_path / "condition.safetensors"
+    first = torch.randn(48, 1, 4, 6, generator=torch.Generator().manual_seed(5))
+    save_file({"first_frame_latents": first}, str(condition))
+    vae = reference_vae22(vae22_decoder / "Wan2.2_VAE.pth")
+    for tile in (None, (2, 4)):
+        out = tmp_path / f"tile-{tile}"
+        r = subprocess.run([str(flowstep_bin()), "sample", "--artifacts", str(TINY_TI2V), "--context", str(PROMPT),
+                            "--condition", str(condition), "--shape", "3,4,6", "--num-samples", "2", "--steps", "2",
+                            "--seed", "3", "--out", str(out), "--vae-decoder", str(vae22_decoder / "decoder"),
+                            "--save-frames", *(["--vae-tile", ",".join(map(str, tile))] if tile else [])],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        latents = load_file(str(out / "samples.safetensors"))["latents"]
+        assert list(latents.shape) == [2, 48, 3, 4, 6]
+        assert torch.equal(latents[:, :, :1], first.expand(2, -1, -1, -1, -1))
+        frames = load_file(str(out / "videos.safetensors"))["frames"]
+        # 3 latent frames -> 1 + 4·2 frames; 4x6 latents -> 64x96 pixels.
+        assert list(frames.shape) == [2, 3, 9, 64, 96]
+        with torch.no_grad():
+            whole = vae.decode(latents, device="cpu")
+            reference = whole if tile is None else vae.decode(latents, device="cpu", tiled=True, tile_size=tile,
+                                                              tile_stride=(tile[0] // 2, tile[1] // 2))
+        assert reference.std() > 0.2 and (reference.abs() < 0.99).float().mean() > 0.5, "the test needs frames away from the clamp"
+        if tile is not None:
+            assert (reference - whole).abs().max() > 0.05, "the tiles must matter for this test to mean anything"
+        torch.testing.assert_close(frames, reference, rtol=0, atol=ATOL)
+        assert torch.equal(frames[0, :, 0], frames[1, :, 0]) and (frames[0, :, 1:] - frames[1, :, 1:]).abs().max() > 0.05
+        gif = Image.open(out / "videos.gif")
+        assert gif.n_frames == 9 and gif.size == (2 * 96 + 4, 64)

@@ -1,14 +1,17 @@
 """Issue 12's whole path on a clean checkout: short generated videos are prepared into a
 two-bucket dataset with random tiny Wan encoders (DiffSynth's classes), `flowstep train` trains
 the tiny DiT on it with samples during training, and the samples are decoded to frames by the
-exported VAE decoder."""
+exported VAE decoder. The same for TI2V (issue 23): the Wan2.2 VAE's latents and first-frame
+condition, tiny-ti2v, and `flowstep sample --condition --vae-decoder`."""
 
 import json
 import subprocess
 
 import imageio.v2 as iio
 import numpy as np
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from flowstep_export.data.encode_prompts import main as encode_prompts
 from flowstep_export.data.prepare import main as prepare
@@ -55,3 +58,49 @@ def test_videos_to_lora_and_back_to_videos(vae_decoder, tmp_path):
         assert Image.open(folder / "videos.png").size[1] == 32
         assert (folder / "samples.safetensors").is_file()
     assert not np.array_equal(iio.mimread(early / "videos.gif")[4], iio.mimread(late / "videos.gif")[4]), "the LoRA moved between the two sample sets"
+
+
+def test_ti2v_videos_to_lora_and_back_to_videos(vae22_decoder, tmp_path):
+    vocab = write_tokenizer(tmp_path / "tokenizer")
+    write_text_encoder(tmp_path / "t5.pth", vocab)
+    text = ["--text-encoder", str(tmp_path / "t5.pth"), "--tokenizer", str(tmp_path / "tokenizer"), "--text-len", str(TEXT_LEN)]
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(2):
+        write_video(videos / f"wide{i}.mp4", frames=10 + i, height=40, width=72)  # -> 32x64, 9 frames
+        (videos / f"wide{i}.txt").write_text("a red ball rolls left\n")
+    data = tmp_path / "data"
+    assert prepare(["--videos", str(videos), "--out", str(data), "--vae", str(vae22_decoder / "Wan2.2_VAE.pth"), *text,
+                    "--resolution", "32x64", "--frames", "5,9", "--dtype", "f32", "--precision", "float32", "-q"]) == 0
+    condition = data / "wide0.mp4.safetensors"
+    assert list(load_file(str(condition))["first_frame_latents"].shape) == [48, 1, 2, 4]
+
+    prompts = tmp_path / "prompts"
+    assert encode_prompts(["--out", str(prompts), *text, "--precision", "float32", "a red ball rolls left"]) == 0
+    (prompts / "prompts.txt").write_text(f"prompt-000.safetensors seed=3 steps=3 condition={condition}\n")
+    ti2v = TINY.parent.parent / "tiny-ti2v" / "artifacts"
+    out = tmp_path / "run"
+    r = subprocess.run([str(flowstep_bin()), "train", "--artifacts", str(ti2v), "--data", str(data), "--out", str(out),
+                        "--steps", "4", "--seed", "1", "--lr", "1e-3", "--sample-every", "2",
+                        "--sample-prompts", str(prompts / "prompts.txt"), "--vae-decoder", str(vae22_decoder / "decoder")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["buckets"] == [{"latent_shape": [48, 3, 2, 4], "samples": 2}]
+    for step in ("step-000002", "step-000004"):
+        gif = iio.mimread(out / "samples" / step / "00-prompt-000" / "videos.gif")
+        assert len(gif) == 9 and gif[0].shape[:2] == (32, 64)
+
+    # The trained LoRA, sampled from the prepared clip's first frame and decoded to frames.
+    video = tmp_path / "video"
+    r = subprocess.run([str(flowstep_bin()), "sample", "--artifacts", str(ti2v), "--lora", str(out / "lora.safetensors"),
+                        "--context", str(prompts / "prompt-000.safetensors"), "--condition", str(condition),
+                        "--shape", "3,2,4", "--num-samples", "2", "--steps", "3", "--out", str(video),
+                        "--vae-decoder", str(vae22_decoder / "decoder"), "--save-frames"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    frames = load_file(str(video / "videos.safetensors"))["frames"]
+    assert list(frames.shape) == [2, 3, 9, 32, 64] and frames.std() > 0.05
+    # Frame 0 is the clip's first frame through the VAE and back, whatever the seed; the rest is sampled.
+    assert torch.equal(frames[0, :, 0], frames[1, :, 0]) and (frames[0, :, 1:] - frames[1, :, 1:]).abs().max() > 0.05
+    assert len(iio.mimread(video / "videos.gif")) == 9

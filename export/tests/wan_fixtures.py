@@ -15,14 +15,10 @@ TEXT_DIM, TEXT_LEN = 64, 16  # the tiny DiT's text_dim and text_len
 WORDS = "a red ball rolls left right up down blue square the on over green sky night".split()
 
 
-def write_vae(path: Path, seed: int = 0) -> None:
-    """A random Wan2.1 VAE (DiffSynth's VideoVAE_ at width 8) saved with the original file's key
-    names. Every weight is random (DiffSynth zeroes the attention output projection at init,
-    which would leave the attention block untested) and scaled so activations stay O(1)."""
-    from diffsynth.models.wan_video_vae import VideoVAE_
-
-    torch.manual_seed(seed)
-    model = VideoVAE_(dim=VAE_DIM, z_dim=16)
+def save_random(model: torch.nn.Module, path: Path) -> None:
+    """Draws every weight of `model` (DiffSynth zeroes the attention output projection at init,
+    which would leave the attention block untested), scaled so activations stay O(1), and saves
+    its state dict to `path` (.safetensors or torch)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
@@ -36,6 +32,16 @@ def write_vae(path: Path, seed: int = 0) -> None:
         torch.save(state, path)
 
 
+def write_vae(path: Path, seed: int = 0) -> None:
+    """A random Wan2.1 VAE (DiffSynth's VideoVAE_ at width 8) saved with the original file's key
+    names (`save_random`)."""
+    from diffsynth.models.wan_video_vae import VideoVAE_
+
+    torch.manual_seed(seed)
+    model = VideoVAE_(dim=VAE_DIM, z_dim=16)
+    save_random(model, path)
+
+
 def reference_vae(path: Path):
     """DiffSynth's WanVideoVAE with the weights of `path`, built here (not by flowstep_export)."""
     from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE
@@ -45,6 +51,21 @@ def reference_vae(path: Path):
     vae = WanVideoVAE(z_dim=16)
     vae.model = VideoVAE_(dim=VAE_DIM, z_dim=16).eval().requires_grad_(False)
     vae.model.load_state_dict(state)
+    return vae
+
+
+def reference_vae22(path: Path):
+    """DiffSynth's WanVideoVAE38 with the weights of `path` (encoder and decoder width
+    `VAE_DIM`), built here, without initialising, as DiffSynth's own loader does."""
+    from diffsynth.core.vram import skip_model_initialization
+    from diffsynth.models.wan_video_vae import VideoVAE38_, WanVideoVAE38
+
+    state = torch.load(path, weights_only=True)
+    with skip_model_initialization():
+        vae = WanVideoVAE38(z_dim=48, dim=VAE_DIM)
+        vae.model = VideoVAE38_(dim=VAE_DIM, dec_dim=VAE_DIM, z_dim=48)
+    vae.model.load_state_dict(state, assign=True)
+    vae.model.eval().requires_grad_(False)
     return vae
 
 
@@ -85,3 +106,13 @@ def write_video(path: Path, frames: int, height: int, width: int, fps: float = 8
         img[height // 3:height // 3 + 8, 4 * f % width:4 * f % width + 8] = 255
         writer.append_data(img)
     writer.close()
+
+
+def write_vae22(path: Path, seed: int = 0) -> None:
+    """A random Wan2.2 VAE (DiffSynth's VideoVAE38_, 48 latent channels, encoder and decoder
+    width 8) saved with the original file's key names (`save_random`)."""
+    from diffsynth.models.wan_video_vae import VideoVAE38_
+
+    torch.manual_seed(seed)
+    model = VideoVAE38_(dim=VAE_DIM, dec_dim=VAE_DIM, z_dim=48)
+    save_random(model, path)

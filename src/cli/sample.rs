@@ -126,7 +126,9 @@ pub struct Args {
 
     /// Image conditioning for an I2V/TI2V model: a .safetensors with the tensors its manifest
     /// lists, as in a training sample at --shape's size (`y` [C_y, F, H, W] and `clip_feature`
-    /// [257, 1280] for I2V; `first_frame_latents` [C, 1, H, W] for TI2V, kept in frame 0).
+    /// [257, 1280] for I2V; `first_frame_latents` [C, 1, H, W] for TI2V, kept in frame 0). A
+    /// sample that `python -m flowstep_export.data.prepare` made with the Wan2.2 VAE at this size
+    /// holds TI2V's.
     #[arg(long, value_name = "FILE")]
     pub condition: Option<PathBuf>,
 

@@ -50,7 +50,7 @@ def parse_resolutions(values: list[str], multiple: int) -> list[Bucket]:
             raise ValueError(f"--resolution {item!r}: expected HEIGHTxWIDTH, e.g. 480x832") from None
         if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE) or height % multiple or width % multiple:
             raise ValueError(f"--resolution {item}: height and width must be multiples of {multiple} "
-                             f"(the VAE's 8 times the DiT's patch 2) from {multiple} to {MAX_SIDE}")
+                             f"(the VAE's compression times the DiT's patch 2) from {multiple} to {MAX_SIDE}")
         buckets.append(Bucket(height, width))
     if not buckets:
         raise ValueError("--resolution: give at least one HEIGHTxWIDTH")

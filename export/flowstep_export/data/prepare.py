@@ -11,6 +11,15 @@ relative to DIR, and a `prompt` column) or, without it, from a `.txt` beside eac
   latents  [16, (T-1)/4+1, H/8, W/8]  Wan VAE latents (DiffSynth's normalised `input_latents`)
   context  [text_len, 4096]           umT5 embeddings, zero after the prompt's tokens
 
+With the Wan2.2 VAE (`Wan2.2_VAE.pth`, for Wan2.2 TI2V-5B) the latents are [48, (T-1)/4+1,
+H/16, W/16], H and W multiples of 32, and each sample also holds TI2V's first-frame condition
+
+  first_frame_latents  [48, 1, H/16, W/16]  the clip's first frame alone through the VAE
+
+as DiffSynth's training computes it (its `input_image` is the video's frame 0, encoded by
+`WanVideoUnit_ImageEmbedderFused`). TI2V trains on the frames after the first, so a file that
+gives one frame (an image, or a video in the 1-frame bucket) is skipped.
+
 stored as bf16 (or float32 with --dtype f32); T, H, W are the file's frame and resolution
 bucket. Each sample's metadata records the settings it was made with (resolution and frame
 buckets, fps, text length, dtype, sha256 of the VAE, text encoder and tokenizer files). A file
@@ -46,6 +55,7 @@ from .dataset_config import FPS_RANGE, MULTIPLE
 from ..files import (file_problem, read_text, require_regular_file, save_tensors, sha256_of_file,
                     warn_if_outside)
 
+DIT_PATCH = 2  # the DiT's spatial patch: the resolution is a multiple of the VAE's factor times this
 PRECISIONS = ("bfloat16", "float32")
 MAX_TEXT_LEN = 4096  # Wan's is 512
 # Metadata keys of the settings a sample was made with, and the flag that sets each.
@@ -175,11 +185,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "folders, each with its resolution, caption_extension, num_repeats and frame_extraction "
                         "(head, chunk, slide, uniform, full); see flowstep_export/data/dataset_config.py")
     p.add_argument("--out", required=True, type=Path, help="dataset folder to write (flowstep train --data)")
-    p.add_argument("--vae", required=True, type=Path, help="Wan2.1 VAE: Wan2.1_VAE.pth or wan_2.1_vae.safetensors")
+    p.add_argument("--vae", required=True, type=Path, help="Wan VAE: Wan2.1_VAE.pth or wan_2.1_vae.safetensors (Wan2.1, "
+                   "Wan2.2 A14B), or Wan2.2_VAE.pth (Wan2.2 TI2V-5B: also writes first_frame_latents)")
     p.add_argument("--text-encoder", required=True, type=Path, help="umT5 encoder: models_t5_umt5-xxl-enc-bf16.pth")
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer folder (Wan's google/umt5-xxl)")
     p.add_argument("--resolution", action="append", metavar="HxW",
-                   help="resolution bucket HEIGHTxWIDTH, multiples of 16; repeat or comma-separate for several "
+                   help="resolution bucket HEIGHTxWIDTH, multiples of 16 (32 with the Wan2.2 VAE); repeat or comma-separate for several "
                         "(each file goes to the one nearest its aspect ratio)")
     p.add_argument("--frames", action="append", metavar="N",
                    help="frame bucket, 4k+1 (e.g. 81); repeat or comma-separate for several (each video gets the "
@@ -271,7 +282,7 @@ def prepare(args: argparse.Namespace) -> dict:
     import torch
 
     from ..model.wan_text import encode_prompt, load_text_encoder, load_tokenizer
-    from ..model.wan_vae import load_vae
+    from ..model.wan_vae import WAN22_Z_DIM, load_vae
 
     tokenizer = load_tokenizer(args.tokenizer, args.text_len)
     shared = {"text_len": str(args.text_len), "dtype": args.dtype, "vae_sha256": sha256_of_file(args.vae),
@@ -284,6 +295,18 @@ def prepare(args: argparse.Namespace) -> dict:
             settings["frame_extraction"] = spec.extraction.describe()
         prefix = "" if spec.name is None else output_name(Path(spec.name)) + "__"
         jobs += [(spec, item, prefix + item.name, settings) for item in find_items(spec.folder, spec.caption_extension)]
+    vae = load_vae(args.vae, f"--vae {args.vae}")
+    multiple = vae.upsampling_factor * DIT_PATCH
+    for spec in specs:
+        if bad := [b for b in spec.buckets if b.height % multiple or b.width % multiple]:
+            raise ValueError(f"--resolution {bad[0].height}x{bad[0].width}: height and width must be multiples of {multiple} "
+                             "with this VAE (its compression times the DiT's patch 2)")
+    # The Wan2.2 VAE is TI2V-5B's: its samples carry the first frame's latents.
+    ti2v = vae.z_dim == WAN22_Z_DIM
+    for spec in specs:
+        if ti2v and max(spec.extraction.target_frames) == 1:
+            raise ValueError(f"--frames {','.join(map(str, spec.extraction.target_frames))}: TI2V (the Wan2.2 VAE) trains on the "
+                             "frames after the first; give a bucket of 5 frames or more")
     args.out.mkdir(parents=True, exist_ok=True)
     existing = {p.name.removesuffix(".safetensors") for p in args.out.glob("*.safetensors")}
     stale = {}  # sample name -> why its existing sample is made again
@@ -305,12 +328,14 @@ def prepare(args: argparse.Namespace) -> dict:
     def encode(pixels, caption):
         if not encoders:  # loaded once something needs encoding
             encoders["text"] = load_text_encoder(args.text_encoder, compute, f"--text-encoder {args.text_encoder}").to(args.device)
-            encoders["vae"] = load_vae(args.vae, f"--vae {args.vae}")
-            encoders["vae"].model.to(device=args.device, dtype=compute)
+            vae.model.to(device=args.device, dtype=compute)
         with torch.no_grad():
-            latents = encoders["vae"].encode([torch.from_numpy(pixels).to(compute)], device=args.device)[0]
-            context = encode_prompt(tokenizer, encoders["text"], caption, args.device)
-        return {"latents": latents.to("cpu", stored).contiguous(), "context": context.to("cpu", stored).contiguous()}
+            pixels = torch.from_numpy(pixels).to(compute)
+            tensors = {"latents": vae.encode([pixels], device=args.device)[0],
+                       "context": encode_prompt(tokenizer, encoders["text"], caption, args.device)}
+            if ti2v:  # DiffSynth's WanVideoUnit_ImageEmbedderFused on frame 0
+                tensors["first_frame_latents"] = vae.encode([pixels[:, :1]], device=args.device)[0]
+        return {name: t.to("cpu", stored).contiguous() for name, t in tensors.items()}
 
     def drop_old(base: str, keep: set[str]) -> str:
         """Removes the samples of a file that it no longer makes (kept, they would mix other settings
@@ -334,6 +359,9 @@ def prepare(args: argparse.Namespace) -> dict:
             if (problem := file_problem(item.source)) is not None:
                 raise ValueError(problem)
             for clip in read_clips(item.source, spec.buckets, spec.extraction, spec.fps):
+                if ti2v and clip.pixels.shape[1] == 1:
+                    raise ValueError("one frame: TI2V (the Wan2.2 VAE) trains on the frames after the first; it needs a video "
+                                     f"of {min(f for f in spec.extraction.target_frames if f > 1)} frames or more")
                 name = sample_name(base, spec, clip, video)
                 why = why_re_encode(args.out / f"{name}.safetensors", settings) if name in existing else "new"
                 if why is None:
@@ -341,8 +369,9 @@ def prepare(args: argparse.Namespace) -> dict:
                 else:
                     sample = encode(clip.pixels, item.caption)
                     if nonfinite := [n for n, t in sample.items() if not torch.isfinite(t).all()]:
-                        encoder = {"latents": f"the VAE ({args.vae.name})", "context": f"the text encoder ({args.text_encoder.name})"}
-                        raise ValueError(f"{' and '.join(encoder[n] for n in nonfinite)} gave NaN or Inf values; nothing written")
+                        encoder = {"latents": f"the VAE ({args.vae.name})", "first_frame_latents": f"the VAE ({args.vae.name})",
+                                   "context": f"the text encoder ({args.text_encoder.name})"}
+                        raise ValueError(f"{' and '.join(dict.fromkeys(encoder[n] for n in nonfinite))} gave NaN or Inf values; nothing written")
                     metadata = {"source": str(item.source.relative_to(spec.folder)), "caption": item.caption,
                                 "bucket": str(clip.bucket), "frames": str(clip.pixels.shape[1]), "first_frame": str(clip.start),
                                 "vae": args.vae.name, "text_encoder": args.text_encoder.name} | settings

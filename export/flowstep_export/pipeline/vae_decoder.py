@@ -1,17 +1,21 @@
-"""Export Wan2.1's VAE decoder to ONNX inference graphs that `flowstep sample --vae-decoder` runs.
+"""Export Wan's VAE decoder to ONNX inference graphs that `flowstep sample --vae-decoder` runs.
 
 python -m flowstep_export.pipeline.vae_decoder --vae Wan2.1_VAE.pth --out DIR
+python -m flowstep_export.pipeline.vae_decoder --vae Wan2.2_VAE.pth --out DIR   # TI2V-5B
 
 DiffSynth decodes a latent video one latent frame at a time (`VideoVAE_.decode`): every causal
 3-D convolution of `Decoder3d` keeps the last two frames of its input in a feature cache that the
 next frame's call reads, so memory stays at one chunk (4 output frames) whatever the length. The
 export keeps that structure, as a streaming pair of graphs over one latent frame each:
 
-  vae_decoder_first.onnx  latent [1,16,1,h,w]                      -> frames [1,3,1,8h,8w], cache_out_*
-  vae_decoder_step.onnx   latent [1,16,1,h,w], cache_* [1,C,2,H,W] -> frames [1,3,4,8h,8w], cache_out_*
+  vae_decoder_first.onnx  latent [1,z,1,h,w]                      -> frames [1,3,1,sh,sw], cache_out_*
+  vae_decoder_step.onnx   latent [1,z,1,h,w], cache_* [1,C,2,H,W] -> frames [1,3,4,sh,sw], cache_out_*
+
+z and s are 16 and 8 for the Wan2.1 VAE, 48 and 16 for the Wan2.2 VAE (whose `Decoder3d_38`
+gives 12 channels at 8× that the graphs unpatchify to RGB at 16×, as `VideoVAE38_.decode`).
 
 h and w are dynamic; the frame count is whatever number of step calls the caller makes (a video
-of F latent frames gives 1 + 4(F-1) frames). The graphs run DiffSynth's own `Decoder3d.forward`
+of F latent frames gives 1 + 4(F-1) frames). The graphs run DiffSynth's own decoder's `forward`
 with its cache list passed in as tensors. Two graphs, because the first latent frame is decoded
 differently: DiffSynth's temporal upsampling ('Rep' cache) skips it, so it gives one frame, not
 four. Every cache is exchanged as two frames; where DiffSynth keeps one frame (or 'Rep') the
@@ -41,7 +45,7 @@ from onnx import numpy_helper
 
 from .. import OPSET
 from ..deps import run_reporting_errors
-from ..model.wan_vae import load_vae
+from ..model.wan_vae import load_vae, vae_name
 
 log = logging.getLogger("flowstep_export")
 
@@ -55,7 +59,8 @@ CHECK_ATOL = 1e-4
 
 
 class DecoderChunk(torch.nn.Module):
-    """One latent frame through DiffSynth's `Decoder3d`, the feature cache as tensors."""
+    """One latent frame through DiffSynth's `Decoder3d` (Wan2.1) or `Decoder3d_38` (Wan2.2), the
+    feature cache as tensors."""
 
     def __init__(self, vae, first: bool):
         super().__init__()
@@ -63,8 +68,9 @@ class DecoderChunk(torch.nn.Module):
         self.first = first
         self.register_buffer("mean", vae.scale[0].float().clone())
         self.register_buffer("inv_std", vae.scale[1].float().clone())
-        from diffsynth.models.wan_video_vae import Resample, count_conv3d
+        from diffsynth.models.wan_video_vae import Decoder3d_38, Resample, count_conv3d
 
+        self.wan22 = isinstance(self.model.decoder, Decoder3d_38)
         # DiffSynth sizes the cache list by counting every CausalConv3d, shortcuts included;
         # only the first `used` slots are ever filled (counted on the first call).
         self.slots = count_conv3d(self.model.decoder)
@@ -78,13 +84,22 @@ class DecoderChunk(torch.nn.Module):
                     m.register_forward_pre_hook(lambda _m, args: self.rep_inputs.append(args[0]))
 
     def forward(self, latent, *caches):
+        from diffsynth.models.wan_video_vae import unpatchify
+
         z_dim = self.mean.shape[0]
-        # VideoVAE_.decode: z / scale[1] + scale[0], then conv2, then the decoder per frame.
+        # VideoVAE_.decode (and VideoVAE38_'s): z / scale[1] + scale[0], then conv2, then the
+        # decoder per frame.
         z = latent / self.inv_std.view(1, z_dim, 1, 1, 1) + self.mean.view(1, z_dim, 1, 1, 1)
         x = self.model.conv2(z)
         self.rep_inputs.clear()
         feat_cache = [None] * self.slots if self.first else list(caches) + [None] * (self.slots - len(caches))
-        out, feat_cache, used = self.model.decoder(x, feat_cache=feat_cache, feat_idx=[0])
+        if self.wan22:
+            # VideoVAE38_.decode: the first chunk flagged (its shortcut drops the frames before
+            # the first), the 12 output channels unpatchified to RGB at twice the size.
+            out, feat_cache, used = self.model.decoder(x, feat_cache=feat_cache, feat_idx=[0], first_chunk=self.first)
+            out = unpatchify(out, patch_size=2)
+        else:
+            out, feat_cache, used = self.model.decoder(x, feat_cache=feat_cache, feat_idx=[0])
         self.num_caches = used[0]
         rep = iter(self.rep_inputs)
         caches_out = []
@@ -177,7 +192,7 @@ def write_vae_decoder(vae, source: str, out: Path) -> dict:
         onnx.save_model(model, str(out / name))
         onnx.checker.check_model(str(out / name))
     manifest = {
-        "format": FORMAT, "version": 1, "source": source, "z_dim": z_dim, "dim": vae.model.dim,
+        "format": FORMAT, "version": 1, "source": source, "vae": vae_name(vae), "z_dim": z_dim, "dim": vae.model.decoder.dim,
         "upsampling": {"time": 4, "space": vae.upsampling_factor}, "caches": n,
         "graphs": {"first": FIRST, "step": STEP}, "weights": WEIGHTS,
         "output": {"layout": "[1, 3, T, H, W] RGB", "range": "unclamped; clamp to [-1, 1] after blending tiles"},
@@ -196,7 +211,7 @@ def write_vae_decoder(vae, source: str, out: Path) -> dict:
 
 
 def decode_with_onnx(out: Path, latent: np.ndarray, ort) -> np.ndarray:
-    """[1, z, F, h, w] latents -> [1, 3, 1+4(F-1), 8h, 8w] frames in [-1, 1] through the two graphs."""
+    """[1, z, F, h, w] latents -> [1, 3, 1+4(F-1), sh, sw] frames in [-1, 1] through the two graphs."""
     first = ort.InferenceSession(str(out / FIRST), providers=["CPUExecutionProvider"])
     step = ort.InferenceSession(str(out / STEP), providers=["CPUExecutionProvider"])
     results = first.run(None, {"latent": latent[:, :, :1]})
@@ -212,8 +227,8 @@ def decode_with_onnx(out: Path, latent: np.ndarray, ort) -> np.ndarray:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m flowstep_export.pipeline.vae_decoder", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vae", required=True, type=Path, help="Wan2.1 VAE checkpoint: Wan2.1_VAE.pth, DiffSynth's "
-                   "`model.` keys, or ComfyUI's wan_2.1_vae.safetensors")
+    p.add_argument("--vae", required=True, type=Path, help="Wan VAE checkpoint: Wan2.1_VAE.pth or Wan2.2_VAE.pth "
+                   "(TI2V-5B), DiffSynth's `model.` keys, or ComfyUI's wan_2.1_vae.safetensors")
     p.add_argument("--out", required=True, type=Path, help="directory for the graphs (the DIR of flowstep sample --vae-decoder)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
