@@ -271,7 +271,7 @@ def link_repeats(out: Path, name: str, repeats: int) -> list[str]:
 
 
 def prepare(args: argparse.Namespace) -> dict:
-    from .media import VIDEO_SUFFIXES, read_clips
+    from .media import VIDEO_SUFFIXES, parse_resolutions, read_clips
 
     # Every option before any work.
     specs = dataset_specs(args)
@@ -296,11 +296,8 @@ def prepare(args: argparse.Namespace) -> dict:
         prefix = "" if spec.name is None else output_name(Path(spec.name)) + "__"
         jobs += [(spec, item, prefix + item.name, settings) for item in find_items(spec.folder, spec.caption_extension)]
     vae = load_vae(args.vae, f"--vae {args.vae}")
-    multiple = vae.upsampling_factor * DIT_PATCH
-    for spec in specs:
-        if bad := [b for b in spec.buckets if b.height % multiple or b.width % multiple]:
-            raise ValueError(f"--resolution {bad[0].height}x{bad[0].width}: height and width must be multiples of {multiple} "
-                             "with this VAE (its compression times the DiT's patch 2)")
+    for spec in specs:  # the stride this VAE needs (32 for Wan2.2's), with parse_resolutions' message
+        parse_resolutions([f"{b.height}x{b.width}" for b in spec.buckets], vae.upsampling_factor * DIT_PATCH)
     # The Wan2.2 VAE is TI2V-5B's: its samples carry the first frame's latents.
     ti2v = vae.z_dim == WAN22_Z_DIM
     for spec in specs:
