@@ -451,16 +451,17 @@ fn failed_sampling_leaves_no_partial_outputs() {
     let out = dir.path().join("out");
     assert_error(&sample(dir.path(), &out, &["--vae-decoder", path_str(&decoder)]), &["frames (VAE decoder output)"]);
     assert!(!out.exists(), "a failed sample left {:?}", files_under(&out));
-    // Into an existing --out: its files stay, nothing new appears.
+    // An existing --out with files: refused without --overwrite; with it, a failure keeps them.
     std::fs::create_dir_all(&out).unwrap_or_default();
     write(&out.join("notes.txt"), b"mine");
-    assert_error(&sample(dir.path(), &out, &["--vae-decoder", path_str(&decoder)]), &["frames (VAE decoder output)"]);
+    assert_error(&sample(dir.path(), &out, &["--vae-decoder", path_str(&decoder)]), &["--overwrite"]);
+    assert_error(&sample(dir.path(), &out, &["--vae-decoder", path_str(&decoder), "--overwrite"]), &["frames (VAE decoder output)"]);
     assert_eq!(files_under(&out), ["notes.txt"]);
     assert!(files_under(dir.path()).iter().all(|f| !f.contains(".tmp-")), "{:?}", files_under(dir.path()));
-    // Without a decoder the same command succeeds and writes its files under their names.
-    let r = sample(dir.path(), &out, &[]);
+    // Without a decoder the same command succeeds and replaces --out as a whole.
+    let r = sample(dir.path(), &out, &["--overwrite"]);
     assert!(r.status.success(), "{}", stderr(&r));
-    assert_eq!(files_under(&out), ["notes.txt", "samples.gif", "samples.json", "samples.png", "samples.safetensors"]);
+    assert_eq!(files_under(&out), ["samples.gif", "samples.json", "samples.png", "samples.safetensors"]);
     // Training-time samples: step 2's fail; step 1's are whole, step 2 has no directory.
     let art = tiny_artifacts();
     let data = dir.path().join("data");
