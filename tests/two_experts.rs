@@ -184,7 +184,7 @@ fn samples_during_training_use_the_pair() {
     let sampled = dir.path().join("sampled");
     let r = flowstep(&["-q", "sample", "--artifacts", path_str(&expert("high_noise")), "--lora", path_str(&f32_out.join("lora_high_noise.safetensors")),
         "--expert-artifacts", path_str(&expert("low_noise")), "--expert-lora", path_str(&f32_out.join("lora_low_noise.safetensors")),
-        "--context", path_str(&dir.path().join("prompt.safetensors")), "--shape", "2,8,8", "--steps", "4", "--seed", "1", "--num-samples", "1",
+        "--context", path_str(&dir.path().join("prompt.safetensors")), "--shape", "2,8,8", "--steps", "4", "--cfg-scale", "1", "--seed", "1", "--num-samples", "1",
         "--out", path_str(&sampled)]);
     assert!(r.status.success(), "{}", stderr(&r));
     assert!(trained == latents(&sampled.join("samples.safetensors")), "training-time samples are not the pair's");
