@@ -38,6 +38,17 @@ pub struct StepRecord {
     /// On the first step after a resume that changed hyperparameters: what changed.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub hyperparameter_changes: Vec<String>,
+    /// Data-parallel ranks that computed the step (written when more than one).
+    #[serde(skip_serializing_if = "is_one", default = "one")]
+    pub world_size: usize,
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Events the loop emits; observers never change training.
