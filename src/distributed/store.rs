@@ -29,9 +29,17 @@ impl Store {
         let address = format!("{host}:{port}");
         let deadline = Instant::now() + timeout;
         let stream = loop {
-            let attempt = (host, port).to_socket_addrs().and_then(|mut addrs| {
-                let addr = addrs.next().ok_or_else(|| std::io::Error::other("no address"))?;
-                TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            // Every address of the name: `localhost` gives ::1 first, and the store may
+            // listen on IPv4 alone.
+            let attempt = (host, port).to_socket_addrs().and_then(|addrs| {
+                let mut last = std::io::Error::other("the name has no address");
+                for addr in addrs {
+                    match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                        Ok(stream) => return Ok(stream),
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
             });
             match attempt {
                 Ok(stream) => break stream,

@@ -174,9 +174,11 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let writes = ranks.writes_files();
         let lock = if writes { Some(lock_out(&config.out)?) } else { None };
         let run = run::describe(config, ranks.world_size(), &artifacts, dataset.len(), total_steps)?;
+        // It names files, which rank 0 alone writes (and OUT may not exist yet elsewhere).
         let output_name = match &config.output_name {
             Some(name) => name.clone(),
-            None => default_output_name(&config.out)?,
+            None if writes => default_output_name(&config.out)?,
+            None => String::new(),
         };
         let facts = RunFacts {
             manifest,
