@@ -112,3 +112,44 @@ pub(super) fn rendezvous(host: &str, port: u16, rank: usize, world_size: usize) 
         joined = store.add(&key, 0)?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(vars: &[(&str, &str)]) -> Result<Launch> {
+        Launch::from_vars(|name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()))
+    }
+
+    fn refused(vars: &[(&str, &str)], expect: &str) {
+        match launch(vars) {
+            Err(e) => assert!(e.to_string().contains(expect), "{e}"),
+            Ok(l) => panic!("{vars:?} was accepted as {l:?}"),
+        }
+    }
+
+    #[test]
+    fn launches_read_from_the_environment() {
+        assert_eq!(launch(&[]).ok(), Some(Launch::Alone));
+        assert_eq!(launch(&[("PMI_SIZE", "1"), ("PMI_RANK", "0")]).ok(), Some(Launch::Alone));
+        assert_eq!(launch(&[("PMI_SIZE", "4"), ("PMI_RANK", "2")]).ok(), Some(Launch::Mpi { stated_size: Some(4), stated_by: "PMI_SIZE" }));
+        assert_eq!(launch(&[("OMPI_COMM_WORLD_SIZE", "2"), ("WORLD_SIZE", "2")]).ok(), Some(Launch::Mpi { stated_size: Some(2), stated_by: "OMPI_COMM_WORLD_SIZE" }));
+        let torchrun = [("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "29500")];
+        assert_eq!(launch(&torchrun).ok(), Some(Launch::Torchrun { rank: 1, world_size: 2, local_rank: 1, master_addr: "h".into(), master_port: 29500 }));
+        // torchrun with one process is a plain run.
+        assert_eq!(launch(&[("WORLD_SIZE", "1"), ("RANK", "0")]).ok(), Some(Launch::Alone));
+    }
+
+    /// Each launch that would train separate copies, or cannot be joined, is one line naming
+    /// the variable. Shown to fail with each check removed (the launch is accepted).
+    #[test]
+    fn launches_that_would_train_copies_are_refused() {
+        refused(&[("PMI_SIZE", "2"), ("WORLD_SIZE", "3")], "WORLD_SIZE=3 disagrees with the MPI launcher's PMI_SIZE=2");
+        refused(&[("SLURM_NTASKS", "4"), ("SLURM_PROCID", "0")], "srun started 4 tasks without an MPI environment");
+        refused(&[("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")], "RANK is not set");
+        refused(&[("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")], "RANK=\"2\" is not a rank of WORLD_SIZE=2");
+        refused(&[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "1")], "MASTER_ADDR is not set");
+        refused(&[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "x")], "MASTER_PORT=\"x\" is not a port number");
+        refused(&[("WORLD_SIZE", "two")], "WORLD_SIZE=\"two\" is not a number");
+    }
+}
