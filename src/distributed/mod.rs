@@ -11,6 +11,7 @@ mod store;
 pub use launch::Launch;
 pub use store::Store;
 
+use libloading::Library;
 use ort::value::Tensor;
 
 use crate::error::{Error, Result};
@@ -145,4 +146,13 @@ impl Ranks {
 fn unfinalized(mpi: mpi::Mpi, error: Error) -> Error {
     std::mem::forget(mpi);
     error
+}
+
+/// The function `name` of `lib` as the pointer type `T`.
+///
+/// # Safety
+/// `T` must be the symbol's C signature.
+pub(super) unsafe fn symbol<T: Copy>(lib: &Library, name: &str) -> Result<T> {
+    // SAFETY: per this function's contract.
+    unsafe { lib.get::<T>(format!("{name}\0").as_bytes()) }.map(|s| *s).map_err(|e| Error::Distributed(format!("no {name}: {e}")))
 }

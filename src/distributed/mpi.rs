@@ -6,6 +6,7 @@ use std::ffi::{c_char, c_int, c_void};
 
 use libloading::Library;
 
+use super::symbol;
 use crate::error::{Error, Result};
 
 /// Handles and constants of the MPICH ABI (`mpi.h` of MPICH 3.1 and later, unchanged since).
@@ -54,23 +55,23 @@ impl Mpi {
         let lib = unsafe { Library::new(library) }.map_err(|e| {
             fail(format!("cannot be opened ({e}); install MPICH with scripts/setup_mpi.sh, or set FLOWSTEP_MPI_LIB to an MPICH-ABI libmpi.so.12"))
         })?;
-        // SAFETY: each symbol has the C signature of MPI's standard binding in the MPICH ABI.
-        let symbols = unsafe {
-            if lib.get::<*const c_void>(b"ompi_mpi_comm_world\0").is_ok() {
-                return Err(fail("is Open MPI, whose ABI flowstep does not bind; use MPICH (scripts/setup_mpi.sh) or another MPICH-ABI MPI (Intel MPI, Cray MPICH, MVAPICH)".into()));
-            }
-            let get = |name: &[u8]| lib.get::<*const c_void>(name).map(|s| *s).map_err(|e| fail(format!("no {}: {e}", String::from_utf8_lossy(&name[..name.len() - 1]))));
+        // SAFETY: Open MPI exports this object; reading its address calls nothing.
+        if unsafe { lib.get::<*const c_void>(b"ompi_mpi_comm_world\0") }.is_ok() {
+            return Err(fail("is Open MPI, whose ABI flowstep does not bind; use MPICH (scripts/setup_mpi.sh) or another MPICH-ABI MPI (Intel MPI, Cray MPICH, MVAPICH)".into()));
+        }
+        // SAFETY: each symbol has the C signature of MPI's standard binding in the MPICH ABI
+        // that the variable it is read into declares.
+        let (init, comm_rank, comm_size, allreduce, bcast, abort, finalize): (InitFn, CommQueryFn, CommQueryFn, AllreduceFn, BcastFn, AbortFn, FinalizeFn) = unsafe {
             (
-                std::mem::transmute::<*const c_void, InitFn>(get(b"MPI_Init\0")?),
-                std::mem::transmute::<*const c_void, CommQueryFn>(get(b"MPI_Comm_rank\0")?),
-                std::mem::transmute::<*const c_void, CommQueryFn>(get(b"MPI_Comm_size\0")?),
-                std::mem::transmute::<*const c_void, AllreduceFn>(get(b"MPI_Allreduce\0")?),
-                std::mem::transmute::<*const c_void, BcastFn>(get(b"MPI_Bcast\0")?),
-                std::mem::transmute::<*const c_void, AbortFn>(get(b"MPI_Abort\0")?),
-                std::mem::transmute::<*const c_void, FinalizeFn>(get(b"MPI_Finalize\0")?),
+                symbol(&lib, "MPI_Init")?,
+                symbol(&lib, "MPI_Comm_rank")?,
+                symbol(&lib, "MPI_Comm_size")?,
+                symbol(&lib, "MPI_Allreduce")?,
+                symbol(&lib, "MPI_Bcast")?,
+                symbol(&lib, "MPI_Abort")?,
+                symbol(&lib, "MPI_Finalize")?,
             )
         };
-        let (init, comm_rank, comm_size, allreduce, bcast, abort, finalize) = symbols;
         let (mut rank, mut size) = (0, 0);
         // SAFETY: MPI_Init accepts null argc/argv; the out-pointers are valid ints.
         unsafe {

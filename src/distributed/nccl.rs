@@ -10,6 +10,7 @@ use std::ffi::{CStr, c_char, c_int, c_void};
 use libloading::Library;
 use ort::value::Tensor;
 
+use super::symbol;
 use crate::error::{Error, Result};
 use crate::runtime::Device;
 
@@ -59,24 +60,21 @@ impl Api {
         };
         let nccl = open(NCCL_LIBRARY, "put the nvidia-nccl-cu13 wheel's nvidia/nccl/lib on LD_LIBRARY_PATH")?;
         let cudart = open(CUDART_LIBRARY, "install the CUDA runtime with scripts/setup_ort.sh --gpu")?;
-        let get = |lib: &Library, name: &str| {
-            // SAFETY: read as a plain address; each is transmuted below to its C signature.
-            unsafe { lib.get::<*const c_void>(format!("{name}\0").as_bytes()) }.map(|s| *s).map_err(|e| Error::Distributed(format!("no {name}: {e}")))
-        };
-        // SAFETY: each symbol has the C signature of nccl.h / cuda_runtime_api.h written here.
+        // SAFETY: each symbol has the C signature of nccl.h / cuda_runtime_api.h declared in
+        // the field it is read into.
         unsafe {
             Ok(Self {
-                get_unique_id: std::mem::transmute::<*const c_void, _>(get(&nccl, "ncclGetUniqueId")?),
-                comm_init_rank: std::mem::transmute::<*const c_void, _>(get(&nccl, "ncclCommInitRank")?),
-                all_reduce: std::mem::transmute::<*const c_void, _>(get(&nccl, "ncclAllReduce")?),
-                comm_abort: std::mem::transmute::<*const c_void, _>(get(&nccl, "ncclCommAbort")?),
-                comm_destroy: std::mem::transmute::<*const c_void, _>(get(&nccl, "ncclCommDestroy")?),
-                error_string: std::mem::transmute::<*const c_void, _>(get(&nccl, "ncclGetErrorString")?),
-                set_device: std::mem::transmute::<*const c_void, _>(get(&cudart, "cudaSetDevice")?),
-                malloc: std::mem::transmute::<*const c_void, _>(get(&cudart, "cudaMalloc")?),
-                free: std::mem::transmute::<*const c_void, _>(get(&cudart, "cudaFree")?),
-                memcpy: std::mem::transmute::<*const c_void, _>(get(&cudart, "cudaMemcpy")?),
-                stream_synchronize: std::mem::transmute::<*const c_void, _>(get(&cudart, "cudaStreamSynchronize")?),
+                get_unique_id: symbol(&nccl, "ncclGetUniqueId")?,
+                comm_init_rank: symbol(&nccl, "ncclCommInitRank")?,
+                all_reduce: symbol(&nccl, "ncclAllReduce")?,
+                comm_abort: symbol(&nccl, "ncclCommAbort")?,
+                comm_destroy: symbol(&nccl, "ncclCommDestroy")?,
+                error_string: symbol(&nccl, "ncclGetErrorString")?,
+                set_device: symbol(&cudart, "cudaSetDevice")?,
+                malloc: symbol(&cudart, "cudaMalloc")?,
+                free: symbol(&cudart, "cudaFree")?,
+                memcpy: symbol(&cudart, "cudaMemcpy")?,
+                stream_synchronize: symbol(&cudart, "cudaStreamSynchronize")?,
                 _nccl: nccl,
                 _cudart: cudart,
             })
