@@ -89,10 +89,9 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// W = 2 and W = 4 ranks with --grad-accum 1 equal one process with --grad-accum W: the loss
 /// of every step and the final LoRA (W = 2 exactly, W = 4 within the tolerance above).
-/// Shown to fail: with every rank taking the step's first counters (`first + k·W` without
-/// `+ rank`) the losses differ from step 1; with the gradient not summed (sum_over_ranks
-/// returning early) the LoRA differs by ~1e-3; with the divisor left at the rank's own count,
-/// the grad norms in metrics.jsonl differ by W×.
+/// Shown to fail (mutations run by hand): with every rank taking the step's first counters
+/// (`first + k·W` without `+ rank`), and with the gradient sum left out of sum_over_ranks, the
+/// W=2 losses differ.
 #[test]
 fn ranks_equal_one_process_with_grad_accum_w() {
     let dir = tempdir();
@@ -136,7 +135,8 @@ fn ranks_equal_one_process_with_grad_accum_w() {
 /// train step 1 on the good sample's own draws), and the summary counts the skip made on
 /// rank 1. Without --skip-bad-samples the bad sample stops every rank, naming rank 1.
 /// Shown to fail: with the divisor `G·W` instead of the summed count the grad norm halves;
-/// with skipped counts not summed over ranks the summary says 0.
+/// with skipped counts not summed over ranks the summary says 0; with the failing rank
+/// returning instead of aborting, rank 0 waits on its collective and mpiexec hangs (180 s).
 #[test]
 fn skipped_sample_on_one_rank() {
     let dir = tempdir();
@@ -179,8 +179,8 @@ fn rank_pid(out: &Path, rank: usize) -> Option<u32> {
 
 /// Killing rank 1 mid-run stops rank 0 within a bounded time (MPI's launcher ends the job,
 /// naming the rank), the last checkpoint stays intact, and the run resumes from it with
-/// another world size. Shown to fail (hang, then the 60 s limit) when rank 0's collectives
-/// had no launcher behind them: the same run under two independent processes.
+/// another world size. MPICH's launcher does the stopping (a SIGKILLed rank can print
+/// nothing); this test guards that it stays so, and that the checkpoint and resume work.
 #[test]
 fn killed_rank_stops_all_and_the_run_resumes() {
     let dir = tempdir();
@@ -212,8 +212,7 @@ fn killed_rank_stops_all_and_the_run_resumes() {
 /// A run of 2 ranks resumed by 1 process with --grad-accum 2 (the same samples per step)
 /// continues exactly: the LoRA equals an uninterrupted one-process run. Resuming with another
 /// number of samples per step is refused in one line that says what would continue it.
-/// Shown to fail: with `grad-accum` recorded per rank (not × ranks), the resume is refused;
-/// without the world-size check the refusal names only --grad-accum 1 → 1.
+/// Shown to fail: with `grad-accum` recorded per rank (not × ranks), the resume is refused.
 #[test]
 fn resume_with_another_world_size() {
     let dir = tempdir();
@@ -234,8 +233,9 @@ fn resume_with_another_world_size() {
 
 /// Launches that would train separate copies are refused in one line: WORLD_SIZE that
 /// disagrees with the MPI launcher's, and torchrun ranks on the CPU (which meet through
-/// torchrun's own TCPStore first). Shown to fail: without the checks the mpiexec case trains
-/// and the torchrun case trains two copies into one OUT (the second fails on the lock).
+/// torchrun's own TCPStore first). Shown to fail: without the device check the torchrun ranks
+/// train as two separate processes (the second fails on OUT's lock); the environment checks
+/// are mutated in src/distributed/launch.rs's unit tests.
 #[test]
 fn refused_launches() {
     let dir = tempdir();
@@ -267,8 +267,7 @@ fn refused_launches() {
 
 /// flowstep's store client against torch's TCPStore server: a value set by flowstep reads back
 /// in Python and the other way round, and ADD counts. Shown to fail with the keys sent without
-/// torch's "/" prefix (Python's get times out) and with a wrong command byte (the server
-/// drops the connection).
+/// torch's "/" prefix (flowstep's get of Python's key times out).
 #[test]
 fn store_client_speaks_torch_tcpstore() {
     let venv = Command::new(repo().join("scripts/setup_python.sh")).output().unwrap_or_else(|e| panic!("{e}"));

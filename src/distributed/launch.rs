@@ -141,7 +141,7 @@ mod tests {
     }
 
     /// Each launch that would train separate copies, or cannot be joined, is one line naming
-    /// the variable. Shown to fail with each check removed (the launch is accepted).
+    /// the variable (removing any one check accepts its launch here).
     #[test]
     fn launches_that_would_train_copies_are_refused() {
         refused(&[("PMI_SIZE", "2"), ("WORLD_SIZE", "3")], "WORLD_SIZE=3 disagrees with the MPI launcher's PMI_SIZE=2");

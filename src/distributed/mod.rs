@@ -1,4 +1,4 @@
-//! Data-parallel training over W ranks (docs/DESIGN.md §4, "Several ranks"): how this
+//! Data-parallel training over W ranks (docs/DESIGN.md §4a): how this
 //! process was launched (mpirun/srun, torchrun, or alone), and the collective library that
 //! sums gradients and step counts across the ranks: MPI for CPU ranks (mpi.rs), NCCL for
 //! CUDA ranks (nccl.rs). Both are opened at run time, so building needs neither.
