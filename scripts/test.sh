@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test: sets up ONNX Runtime and the pinned Python environment (cached under
-# ~/.cache/flowstep), builds flowstep, then the Rust tests and the Python export tests.
+# Runs every test: sets up ONNX Runtime, the pinned Python environment and MPICH (cached
+# under ~/.cache/flowstep), builds flowstep, then the Rust tests and the Python export tests.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -8,6 +8,8 @@ cd "$root"
 echo "== setup"
 scripts/setup_ort.sh >/dev/null
 venv="$(scripts/setup_python.sh)"
+# MPICH for the data-parallel tests (tests/data_parallel.rs), cached under ~/.cache/flowstep.
+export FLOWSTEP_MPI_PREFIX="$(scripts/setup_mpi.sh)"
 
 echo "== cargo build"
 cargo build --release --locked 2>&1 | tail -n 3

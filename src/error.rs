@@ -58,11 +58,26 @@ pub enum Error {
     #[error("{0}")]
     Device(String),
 
+    /// Launching, joining or summing across data-parallel ranks.
+    #[error("{0}")]
+    Distributed(String),
+
     #[error("interrupted")]
     Interrupted,
 }
 
 impl Error {
+    /// A failure that every data-parallel rank reaches at the same step from the summed
+    /// values (a non-finite loss or update under `--on-nonfinite stop`), so that each rank
+    /// can stop by itself; any other failure is one rank's alone.
+    pub fn is_shared_by_ranks(&self) -> bool {
+        match self {
+            Error::NonFiniteLoss { .. } => true,
+            Error::NonFinite { what, .. } => *what != "parameter",
+            _ => false,
+        }
+    }
+
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io { path: path.as_ref().to_path_buf(), source }
     }

@@ -9,6 +9,7 @@ pub mod artifacts;
 pub mod checkpoint;
 pub mod data;
 pub mod decode;
+pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod executor;

@@ -46,6 +46,9 @@ pub struct StepRecord {
     /// A Wan2.2 pair job: each expert that took micro-steps in this step, by role.
     #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
     pub experts: BTreeMap<String, ExpertStep>,
+    /// Data-parallel ranks that computed the step (written when more than one).
+    #[serde(skip_serializing_if = "is_one", default = "one")]
+    pub world_size: usize,
 }
 
 /// One expert's share of a pair job's optimizer step.
@@ -58,6 +61,14 @@ pub struct ExpertStep {
     /// L2 norm of this expert's averaged gradient, before clipping.
     pub grad_norm: f32,
     pub applied: bool,
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Events the loop emits; observers never change training.

@@ -72,7 +72,7 @@ fn three_steps_equal_pytorch_reference_loop() {
         batch.context.extract_tensor_mut().1.copy_from_slice(&golden.values("loop.context"));
         batch.set_scalars(golden.scalar(&format!("{p}timestep")), golden.scalar(&format!("{p}weight")));
         let loss = graphs.accumulate(&batch).unwrap_or_else(|e| panic!("{e}"));
-        let out = graphs.apply(step as u64 + 1, 1e-3, &hp).unwrap_or_else(|e| panic!("{e}"));
+        let out = graphs.apply(step as u64 + 1, 1e-3, &hp, graphs.accumulated()).unwrap_or_else(|e| panic!("{e}"));
         let want_loss = golden.scalar(&format!("{p}loss"));
         assert!(((loss - want_loss) / want_loss).abs() < 1e-5, "step {step}: loss {loss} vs {want_loss}");
         let want_norm = golden.scalar(&format!("{p}grad_norm"));

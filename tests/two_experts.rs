@@ -258,7 +258,7 @@ fn the_low_noise_window_equals_its_micro_steps_alone() {
             batch.set_scalars(draw.timestep, draw.weight);
             graphs.accumulate(&batch).unwrap_or_else(|e| panic!("{e}"));
         }
-        assert!(graphs.apply(update, 2e-3, &AdamW::default()).unwrap_or_else(|e| panic!("{e}")).applied);
+        assert!(graphs.apply(update, 2e-3, &AdamW::default(), 2).unwrap_or_else(|e| panic!("{e}")).applied);
     }
     let (params, m, v) = graphs.state().unwrap_or_else(|e| panic!("{e}"));
     let state = flowstep::tensor_file::TensorFile::open(&out.join("checkpoints/step-000004/state.safetensors")).unwrap_or_else(|e| panic!("{e}"));

@@ -1,5 +1,6 @@
 //! Command-line surface (docs/DESIGN.md §7): global flags, one file per command.
 
+mod allreduce_bench;
 mod draws;
 mod eval;
 mod export_flags;
@@ -56,6 +57,9 @@ pub enum Command {
     /// The timestep, noise and sample draws of a train run (for reference tests).
     #[command(hide = true)]
     Draws(draws::Args),
+    /// Time the data-parallel gradient all-reduce across the launched ranks.
+    #[command(hide = true)]
+    AllreduceBench(allreduce_bench::Args),
 }
 
 /// Global flags every command sees.
@@ -98,6 +102,7 @@ pub fn run() -> ExitCode {
         Command::Sample(args) => sample::run(*args, &globals),
         Command::ExportLora(args) => export_lora::run(args, &globals),
         Command::Draws(args) => draws::run(args, &globals),
+        Command::AllreduceBench(args) => allreduce_bench::run(args, &globals),
     };
     match result {
         Ok(code) => code,

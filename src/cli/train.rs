@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use flowstep::decode::Tile;
+use flowstep::distributed::{Launch, Ranks};
 use flowstep::eval::EvalConfig;
 use flowstep::executor::AdamW;
 use flowstep::lora_io::LoraFormat;
-use flowstep::metrics::Progress;
+use flowstep::metrics::{Observer, Progress, TrainEvent};
+use flowstep::runtime::Device;
 use flowstep::optim::LrSchedule;
 use flowstep::tensor_file::SaveDtype;
 use flowstep::train::{Length, NonFinitePolicy, PairConfig, SamplingConfig, TrainConfig, train};
@@ -232,7 +234,16 @@ pub fn run(args: Args, resolved: toml::Table, stored: Option<(PathBuf, toml::Tab
             eprintln!("warning: resuming with a flag unlike {}: {change}", path.display());
         }
     }
-    let session = super::init_runtime(globals, &args.device)?;
+    let launch = Launch::from_env()?;
+    let mut device_args = args.device;
+    // Rank r of a launch uses the GPU of its LOCAL_RANK.
+    device_args.device = match device_args.device {
+        Device::Cuda(_) if launch != Launch::Alone => Device::Cuda(launch.local_rank() as i32),
+        Device::TensorRt(_) if launch != Launch::Alone => Device::TensorRt(launch.local_rank() as i32),
+        other => other,
+    };
+    let session = super::init_runtime(globals, &device_args)?;
+    let mut ranks = Ranks::join(&launch, session.device)?;
     let length = match (args.steps, args.epochs) {
         (Some(s), _) => Length::Steps(s),
         (None, Some(e)) => Length::Epochs(e),
@@ -301,8 +312,26 @@ pub fn run(args: Args, resolved: toml::Table, stored: Option<(PathBuf, toml::Tab
         }
         eprintln!("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)");
     });
+    let (rank, world_size) = (ranks.rank(), ranks.world_size());
     let mut progress = Progress::new(globals.quiet);
-    let summary = train(&config, &mut [&mut progress], &interrupt)?;
+    let mut lines = RankLines { rank };
+    let observer: &mut dyn Observer = if ranks.writes_files() { &mut progress } else { &mut lines };
+    let summary = match train(&config, &mut ranks, &mut [observer], &interrupt) {
+        Ok(summary) => summary,
+        Err(e) if world_size > 1 => {
+            eprintln!("error: rank {rank} of {world_size}: {e:#}");
+            // Every rank reaches the non-finite decision together and stops by itself; any
+            // other failure is this rank's alone, and the others must not wait for it.
+            if !e.is_shared_by_ranks() {
+                ranks.abort();
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !ranks.writes_files() {
+        return Ok(if summary.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS });
+    }
     print_summary(&summary);
     if summary.interrupted {
         eprintln!("interrupted at step {}; resume with the same command plus --resume", summary.start_step + summary.steps);
@@ -315,6 +344,9 @@ fn print_summary(s: &flowstep::train::TrainSummary) {
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.5}"));
     eprintln!("── summary ─────────────────────────────────────");
     eprintln!("steps          {} → {} of {}", s.start_step, s.start_step + s.steps, s.total_steps);
+    if s.world_size > 1 {
+        eprintln!("ranks          {} (data parallel)", s.world_size);
+    }
     eprintln!("loss           first {}  last-10 mean {}", fmt(s.first_loss), fmt(s.final_loss));
     if s.eval_before.is_some() || s.eval_after.is_some() {
         eprintln!("eval loss      before {}  after {}", fmt(s.eval_before), fmt(s.eval_after));
@@ -354,5 +386,22 @@ fn print_summary(s: &flowstep::train::TrainSummary) {
     eprintln!("metrics        {}", s.metrics.display());
     if let Some(p) = &s.plot {
         eprintln!("loss curve     {}", p.display());
+    }
+}
+
+/// What a rank other than 0 prints: its own messages and warnings, named by rank (rank 0
+/// shows the progress and writes every file).
+struct RankLines {
+    rank: usize,
+}
+
+impl Observer for RankLines {
+    fn on_event(&mut self, event: &TrainEvent<'_>) -> flowstep::Result<()> {
+        match event {
+            TrainEvent::Message(m) => eprintln!("rank {}: {m}", self.rank),
+            TrainEvent::Warning(m) => eprintln!("rank {}: warning: {m}", self.rank),
+            _ => {}
+        }
+        Ok(())
     }
 }

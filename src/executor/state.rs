@@ -192,14 +192,24 @@ impl TrainingGraphs {
         self.micro = 0;
     }
 
-    /// AdamW over the accumulated gradient (scaled by 1/micro-steps, then clipped when
-    /// clipping is on); `step` is the 1-based optimizer step for bias correction. A
-    /// non-finite gradient norm or updated parameter leaves the state as it was.
-    pub fn apply(&mut self, step: u64, lr: f64, hp: &AdamW) -> Result<OptimizerOutcome> {
+    /// Sums the accumulated gradient across data-parallel ranks with `sum`, in place; a rank
+    /// whose samples were all skipped takes part with zeros.
+    pub fn sum_gradient(&mut self, sum: impl FnOnce(&mut Tensor<f32>) -> Result<()>) -> Result<()> {
         if self.micro == 0 {
+            self.grads[0] = self.memory.tensor(&[self.num_params], &vec![0.0; self.num_params])?;
+            self.micro = 1;
+        }
+        sum(&mut self.grads[(self.micro - 1) % 2])
+    }
+
+    /// AdamW over the accumulated gradient of `samples` samples (scaled by 1/samples, then
+    /// clipped when clipping is on); `step` is the 1-based optimizer step for bias
+    /// correction. A non-finite gradient norm or updated parameter leaves the state as it was.
+    pub fn apply(&mut self, step: u64, lr: f64, hp: &AdamW, samples: usize) -> Result<OptimizerOutcome> {
+        if self.micro == 0 || samples == 0 {
             return Err(Error::Config("optimizer step with no accumulated gradient".into()));
         }
-        let average = 1.0 / self.micro as f64;
+        let average = 1.0 / samples as f64;
         // The clip factor scales the averaged gradient, as clip_grad_norm_ after accumulation.
         let (grad_norm, grad_scale) = match self.clip.as_mut() {
             Some(clip) => {

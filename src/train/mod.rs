@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::Serialize;
 
 use crate::data::Bucket;
+use crate::distributed::Ranks;
 use crate::error::Result;
 use crate::eval::EvalConfig;
 use crate::executor::AdamW;
@@ -115,6 +116,8 @@ pub struct TrainSummary {
     pub eval_after: Option<f64>,
     pub skipped_steps: u64,
     pub skipped_samples: u64,
+    /// Data-parallel ranks that trained this part of the run.
+    pub world_size: usize,
     /// Hyperparameters this resume changed (`--allow-changed-hyperparameters`).
     pub hyperparameter_changes: Vec<String>,
     pub seconds: f64,
@@ -166,11 +169,12 @@ pub fn lora_file_name(manifest: &crate::artifacts::Manifest) -> String {
     }
 }
 
-pub fn train(config: &TrainConfig, observers: &mut [&mut dyn Observer], interrupt: &AtomicBool) -> Result<TrainSummary> {
-    let mut trainer = Trainer::start(config, observers)?;
+pub fn train(config: &TrainConfig, ranks: &mut Ranks, observers: &mut [&mut dyn Observer], interrupt: &AtomicBool) -> Result<TrainSummary> {
+    let mut trainer = Trainer::start(config, ranks, observers)?;
     let mut interrupted = false;
     while !trainer.done() {
-        if interrupt.load(Ordering::SeqCst) {
+        // Every rank stops at the same step, whichever of them was interrupted.
+        if trainer.any_rank(interrupt.load(Ordering::SeqCst))? {
             interrupted = true;
             break;
         }

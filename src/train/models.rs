@@ -20,6 +20,8 @@ pub(super) struct Window {
     pub loss_sum: f64,
     /// The first sample whose loss was NaN/Inf, and that loss.
     pub nonfinite: Option<(PathBuf, f32)>,
+    /// Data parallel: another rank met a non-finite loss of this model in the step.
+    pub nonfinite_elsewhere: bool,
 }
 
 /// One trained LoRA with everything that belongs to it alone.

@@ -13,9 +13,11 @@ use crate::optim::LrSchedule;
 use crate::timesteps::{LossWeighting, TimestepSampling};
 
 /// The run as stored in `trainer.json` (`run`): `identity` never changes across resumes,
-/// `hyperparameters` only with `--allow-changed-hyperparameters`. Keys are flag names.
+/// `hyperparameters` only with `--allow-changed-hyperparameters`. Keys are flag names;
+/// `grad-accum` is the samples per step, `--grad-accum` × ranks, which a resume may split
+/// over another number of ranks (`world-size`, recorded when more than one).
 /// `models`: the run's exports (a pair's experts high noise first).
-pub(super) fn describe(config: &TrainConfig, models: &[&Artifacts], dataset_len: usize, total_steps: u64) -> Result<Value> {
+pub(super) fn describe(config: &TrainConfig, world_size: usize, models: &[&Artifacts], dataset_len: usize, total_steps: u64) -> Result<Value> {
     let sha = |artifacts: &Artifacts, graph: &str| artifacts.graph(graph).ok().and_then(|g| artifacts.manifest.files.get(&g.file).cloned()).unwrap_or_default();
     let graphs: Vec<String> = models.iter().map(|a| format!("{}+{}", sha(a, TRAINING), sha(a, OPTIMIZER))).collect();
     let sft = &config.sft;
@@ -39,7 +41,7 @@ pub(super) fn describe(config: &TrainConfig, models: &[&Artifacts], dataset_len:
         "identity": {
             "artifacts": graphs.join(","),
             "seed": config.seed,
-            "grad-accum": config.grad_accum,
+            "grad-accum": config.grad_accum * world_size,
             "repeat": config.repeat,
             "dataset size": dataset_len,
             "shift": sft.shift,
@@ -58,6 +60,9 @@ pub(super) fn describe(config: &TrainConfig, models: &[&Artifacts], dataset_len:
     if sft.sampling != TimestepSampling::Uniform || sft.loss_weighting != LossWeighting::Diffsynth {
         run["identity"]["timestep-sampling"] = json!(sft.sampling.to_string());
         run["identity"]["loss-weighting"] = json!(sft.loss_weighting);
+    }
+    if world_size > 1 {
+        run["world-size"] = json!(world_size);
     }
     // Through text and back, so floats compare as a checkpoint's parsed values do.
     serde_json::from_str(&run.to_string()).map_err(|e| Error::Config(e.to_string()))
@@ -80,6 +85,18 @@ pub(super) fn check_resume(dir: &Path, step: u64, saved: &Value, now: &Value, to
     let refuse = |reason: String| Error::Checkpoint { path: dir.to_path_buf(), reason };
     if total_steps < step {
         return Err(refuse(format!("is at step {step}, past --steps {total_steps}; a resume cannot go back")));
+    }
+    let ranks = |run: &Value| run["world-size"].as_u64().unwrap_or(1);
+    let (saved_ranks, ranks_now) = (ranks(saved), ranks(now));
+    let per_step = |run: &Value| run["identity"]["grad-accum"].as_u64().unwrap_or(0);
+    if saved_ranks != ranks_now && per_step(saved) != per_step(now) {
+        let samples = per_step(saved);
+        let fix = if samples % ranks_now == 0 {
+            format!("--grad-accum {} with {ranks_now} ranks continues it exactly", samples / ranks_now)
+        } else {
+            format!("{samples} is not a multiple of {ranks_now} ranks; resume it with a number of ranks that divides it")
+        };
+        return Err(refuse(format!("was trained with {samples} samples per step ({saved_ranks} rank(s) × --grad-accum {}); {fix}", samples / saved_ranks.max(1))));
     }
     let identity = differences(&saved["identity"], &now["identity"]);
     if !identity.is_empty() {

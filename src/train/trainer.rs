@@ -15,6 +15,7 @@ use super::{ExpertSummary, NonFinitePolicy, TrainConfig, TrainSummary, run};
 use crate::artifacts::{Artifacts, ExpertRole, sha256_file};
 use crate::checkpoint::{self, CheckpointState, LoraSpec, SavedLora, TrainerState};
 use crate::data::{DataOrder, Dataset, SampleSpec};
+use crate::distributed::Ranks;
 use crate::error::{Error, IoContext, Result};
 use crate::eval::evaluate;
 use crate::executor::{Batch, LossGraph, TrainingGraphs, load_base_weights};
@@ -57,19 +58,20 @@ impl Drop for OutLock {
     }
 }
 
-/// Where the run's events go: metrics.jsonl, TensorBoard, the in-memory record, the
-/// caller's observers.
+/// Where the run's events go: metrics.jsonl and TensorBoard (on the rank that writes
+/// files), the in-memory record, the caller's observers.
 struct Events<'a, 'o> {
-    jsonl: JsonlWriter,
-    tensorboard: TensorBoard,
+    files: Option<(JsonlWriter, TensorBoard)>,
     recorder: Recorder,
     observers: &'a mut [&'o mut dyn Observer],
 }
 
 impl Events<'_, '_> {
     fn emit(&mut self, event: TrainEvent<'_>) -> Result<()> {
-        self.jsonl.on_event(&event)?;
-        self.tensorboard.on_event(&event)?;
+        if let Some((jsonl, tensorboard)) = &mut self.files {
+            jsonl.on_event(&event)?;
+            tensorboard.on_event(&event)?;
+        }
         self.recorder.on_event(&event)?;
         for o in self.observers.iter_mut() {
             o.on_event(&event)?;
@@ -86,10 +88,17 @@ struct Timing {
     sample_seconds: f64,
 }
 
-/// The micro-steps of one optimizer step, summed (each model's share is its [`Window`]).
+/// The micro-steps of one optimizer step, summed (on this rank, then over the ranks; each
+/// model's share is its [`Window`]).
 struct Accumulated {
+    /// Samples whose gradient was accumulated.
+    samples: usize,
+    /// Samples skipped as bad (`--skip-bad-samples`).
+    skipped: u64,
     loss_sum: f64,
     first: Option<TimestepDraw>,
+    /// False when a loss was NaN/Inf (on any rank, once summed).
+    finite: bool,
     graph_seconds: f64,
 }
 
@@ -136,13 +145,15 @@ pub struct Trainer<'a, 'o> {
     output_name: String,
     /// The LoRA written with the newest checkpoint, per model.
     last_checkpoint_loras: Vec<PathBuf>,
-    _lock: OutLock,
+    ranks: &'a mut Ranks,
+    /// Held by the rank that writes files.
+    _lock: Option<OutLock>,
 }
 
 impl<'a, 'o> Trainer<'a, 'o> {
     /// Start or resume: validates the inputs, takes the output lock, loads the graphs and
     /// the initial (or checkpointed) state, and evaluates once before a fresh run.
-    pub fn start(config: &'a TrainConfig, observers: &'a mut [&'o mut dyn Observer]) -> Result<Self> {
+    pub fn start(config: &'a TrainConfig, ranks: &'a mut Ranks, observers: &'a mut [&'o mut dyn Observer]) -> Result<Self> {
         let started = Instant::now();
         config.validate()?;
         let mut exports = vec![(Artifacts::open(&config.artifacts)?, config.base.clone(), config.init_lora.clone())];
@@ -177,21 +188,26 @@ impl<'a, 'o> Trainer<'a, 'o> {
         };
         let sampler = SftSampler::new(SftConfig { shift: config.sft.shift, ..config.sft.clone() }, config.seed)?;
         let (order, total_steps) = config.plan(dataset.len())?;
-        let lock = lock_out(&config.out)?;
-        let run = run::describe(config, &exports.iter().map(|(a, _, _)| a).collect::<Vec<_>>(), dataset.len(), total_steps)?;
+        let writes = ranks.writes_files();
+        let lock = if writes { Some(lock_out(&config.out)?) } else { None };
+        let run = run::describe(config, ranks.world_size(), &exports.iter().map(|(a, _, _)| a).collect::<Vec<_>>(), dataset.len(), total_steps)?;
+        // It names files, which rank 0 alone writes (and OUT may not exist yet elsewhere).
         let output_name = match &config.output_name {
             Some(name) => name.clone(),
-            None => default_output_name(&config.out)?,
+            None if writes => default_output_name(&config.out)?,
+            None => String::new(),
         };
 
-        checkpoint::clean_partial(&config.out)?;
-        crate::tensor_file::clean_temp(&config.out)?;
-        for dir in ["samples", "loras"].map(|name| config.out.join(name)) {
-            if dir.is_dir() {
-                crate::tensor_file::clean_temp(&dir)?;
+        if writes {
+            checkpoint::clean_partial(&config.out)?;
+            crate::tensor_file::clean_temp(&config.out)?;
+            for dir in ["samples", "loras"].map(|name| config.out.join(name)) {
+                if dir.is_dir() {
+                    crate::tensor_file::clean_temp(&dir)?;
+                }
             }
         }
-        let existing = checkpoint::list(&config.out)?;
+        let existing = if config.out.is_dir() { checkpoint::list(&config.out)? } else { Vec::new() };
         if !config.resume && !existing.is_empty() {
             return Err(Error::Config(format!(
                 "{} already has checkpoints (newest step {}); pass --resume to continue that run, or choose another --out",
@@ -225,9 +241,10 @@ impl<'a, 'o> Trainer<'a, 'o> {
             if let Some(max) = config.max_grad_norm {
                 graphs.clip_grad_norm(max, &config.session)?;
             }
+            // Evaluation only informs the files, which one rank writes.
             let eval_graph = match &eval_set {
-                Some(_) => Some(LossGraph::load(artifacts, &config.session, &base)?),
-                None => None,
+                Some(_) if writes => Some(LossGraph::load(artifacts, &config.session, &base)?),
+                _ => None,
             };
             if prompts.is_some() {
                 let from_timestep = match (&manifest.expert, paired) {
@@ -238,8 +255,9 @@ impl<'a, 'o> Trainer<'a, 'o> {
             }
             models.push(TrainedModel { artifacts: artifacts.clone(), graphs, eval_graph, sampler: own, lora_meta, window: Window::default() });
         }
+        // Samples only inform the files, which one rank writes.
         let sample_writer = match (prompts, &config.sampling) {
-            (Some(prompts), Some(sampling)) => Some(SampleWriter::load(&sample_models, &config.session, prompts, sampling)?),
+            (Some(prompts), Some(sampling)) if writes => Some(SampleWriter::load(&sample_models, &config.session, prompts, sampling)?),
             _ => None,
         };
         drop(sample_models);
@@ -253,12 +271,15 @@ impl<'a, 'o> Trainer<'a, 'o> {
             expert_updates: models.iter().filter_map(|m| m.role(paired)).map(|r| (r.as_str().to_string(), 0)).collect(),
         };
         let resumed_from = existing.last().filter(|_| config.resume).map(|(_, dir)| dir.clone());
+        check_same_start(ranks, &config.out, resumed_from.as_ref().map(|_| existing.last().map_or(0, |(s, _)| *s)))?;
         let mut changes = Vec::new();
+        let mut resumed_ranks = ranks.world_size() as u64;
         match &resumed_from {
             Some(dir) => {
                 let wanted: Vec<(Option<&str>, usize)> = models.iter().map(|m| (m.role(paired).map(ExpertRole::as_str), m.artifacts.num_params())).collect();
                 let (saved, tensors) = checkpoint::load_models(dir, &wanted)?;
                 changes = run::check_resume(dir, saved.step, &saved.run, &run, total_steps, config.allow_changed_hyperparameters)?;
+                resumed_ranks = saved.run["world-size"].as_u64().unwrap_or(1);
                 for (model, t) in models.iter_mut().zip(&tensors) {
                     model.graphs.set_state(&t.params, &t.m, &t.v)?;
                 }
@@ -273,19 +294,23 @@ impl<'a, 'o> Trainer<'a, 'o> {
                 }
             }
         }
-        if let Some((name, text)) = &config.run_config {
-            crate::tensor_file::write_atomic(&config.out.join(name), text.as_bytes())?;
-        }
         let start_step = state.step;
         let metrics_path = config.out.join("metrics.jsonl");
-        let jsonl = JsonlWriter::open(&metrics_path, start_step)?;
-        // A resumed run reports (summary, loss.png) the whole run, not only its own steps.
         let mut recorder = Recorder::default();
-        if start_step > 0 && metrics_path.is_file() {
-            recorder.steps = read_jsonl(&metrics_path)?;
-            recorder.evals = recorder.steps.iter().filter_map(|r| r.eval_loss.map(|e| (r.step, e))).collect();
-        }
-        let tensorboard = TensorBoard::open(&config.out.join("tensorboard"), start_step)?;
+        let files = if writes {
+            if let Some((name, text)) = &config.run_config {
+                crate::tensor_file::write_atomic(&config.out.join(name), text.as_bytes())?;
+            }
+            let jsonl = JsonlWriter::open(&metrics_path, start_step)?;
+            // A resumed run reports (summary, loss.png) the whole run, not only its own steps.
+            if start_step > 0 && metrics_path.is_file() {
+                recorder.steps = read_jsonl(&metrics_path)?;
+                recorder.evals = recorder.steps.iter().filter_map(|r| r.eval_loss.map(|e| (r.step, e))).collect();
+            }
+            Some((jsonl, TensorBoard::open(&config.out.join("tensorboard"), start_step)?))
+        } else {
+            None
+        };
         let eval_before = state.eval_before;
         let mut trainer = Self {
             config,
@@ -303,7 +328,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             state,
             start_step,
             batches: HashMap::new(),
-            events: Events { jsonl, tensorboard, recorder, observers },
+            events: Events { files, recorder, observers },
             started,
             timing: Timing::default(),
             eval_before,
@@ -314,6 +339,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             params_nonfinite_loss: None,
             output_name,
             last_checkpoint_loras: Vec::new(),
+            ranks,
             _lock: lock,
         };
         if config.resume && resumed_from.is_none() {
@@ -325,9 +351,15 @@ impl<'a, 'o> Trainer<'a, 'o> {
             trainer.events.emit(TrainEvent::Warning(message))?;
         }
         trainer.events.emit(TrainEvent::Started { start_step, total_steps, resumed_from: resumed_from.as_deref() })?;
+        if resumed_ranks != trainer.ranks.world_size() as u64 {
+            let message = format!("resuming a run of {resumed_ranks} rank(s) with {}, each with --grad-accum {}: the same samples per step", trainer.ranks.world_size(), config.grad_accum);
+            trainer.events.emit(TrainEvent::Message(message))?;
+        }
         if !changes.is_empty() {
             trainer.events.emit(TrainEvent::Warning(format!("resuming with changed hyperparameters: {}", changes.join(", "))))?;
-            trainer.events.jsonl.record_changes(changes.clone());
+            if let Some((jsonl, _)) = &mut trainer.events.files {
+                jsonl.record_changes(changes.clone());
+            }
         }
         trainer.changes = changes;
         if start_step == 0 {
@@ -343,6 +375,13 @@ impl<'a, 'o> Trainer<'a, 'o> {
         self.state.step >= self.total_steps
     }
 
+    /// True when `flag` is true on any rank.
+    pub fn any_rank(&mut self, flag: bool) -> Result<bool> {
+        let mut sum = [if flag { 1.0 } else { 0.0 }];
+        self.ranks.sum(&mut sum)?;
+        Ok(sum[0] > 0.0)
+    }
+
     /// Optimizer steps finished by this process.
     pub fn steps_this_run(&self) -> u64 {
         self.state.step - self.start_step
@@ -353,13 +392,25 @@ impl<'a, 'o> Trainer<'a, 'o> {
     pub fn step(&mut self) -> Result<()> {
         let step_start = Instant::now();
         let lr = self.config.schedule.lr(self.config.lr, self.state.step, self.total_steps);
-        let mut acc = Accumulated { loss_sum: 0.0, first: None, graph_seconds: 0.0 };
-        let mut micro = 0;
-        while micro < self.config.grad_accum {
-            if self.micro_step(&mut acc)? {
-                micro += 1;
+        let mut acc = Accumulated { samples: 0, skipped: 0, loss_sum: 0.0, first: None, finite: true, graph_seconds: 0.0 };
+        let world = self.ranks.world_size() as u64;
+        if world == 1 {
+            // A skipped sample is replaced by the next one: every step has --grad-accum samples.
+            while acc.samples < self.config.grad_accum {
+                let counter = self.state.micro_steps;
+                self.state.micro_steps += 1;
+                self.micro_step(counter, &mut acc)?;
             }
+        } else {
+            // The step's counters are fixed, G·W of them; rank r takes those at offsets ≡ r
+            // (mod W). A skipped sample is not replaced: the ranks sum how many contributed.
+            let first = self.state.micro_steps;
+            for k in 0..self.config.grad_accum as u64 {
+                self.micro_step(first + self.ranks.rank() as u64 + k * world, &mut acc)?;
+            }
+            self.state.micro_steps = first + self.config.grad_accum as u64 * world;
         }
+        self.sum_over_ranks(&mut acc)?;
         let (applied, grad_norm, clipped_grad_norm, experts) = self.apply(lr, &mut acc)?;
         let seconds = step_start.elapsed().as_secs_f64();
         self.timing.step_seconds += seconds;
@@ -368,7 +419,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let record = StepRecord {
             step: self.state.step,
             epoch: self.order.epoch_of(self.state.micro_steps.saturating_sub(1)),
-            loss: acc.loss_sum / self.config.grad_accum as f64,
+            loss: acc.loss_sum / acc.samples as f64,
             timestep: draw.timestep,
             weight: draw.weight,
             lr,
@@ -380,6 +431,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             hyperparameter_changes: Vec::new(),
             expert: (!experts.is_empty()).then(|| experts.keys().cloned().collect::<Vec<_>>().join("+")),
             experts,
+            world_size: self.ranks.world_size(),
         };
         let step = self.state.step;
         let periodic = self.config.eval_every.is_some_and(|n| n > 0 && step.is_multiple_of(n));
@@ -395,11 +447,11 @@ impl<'a, 'o> Trainer<'a, 'o> {
         if self.config.sampling.as_ref().is_some_and(|s| (s.every > 0 && step.is_multiple_of(s.every)) || self.done()) {
             self.sample(step)?;
         }
-        let save = self.config.save_every.is_some_and(|n| n > 0 && step.is_multiple_of(n)) && !self.done();
+        let save = self.config.save_every.is_some_and(|n| n > 0 && step.is_multiple_of(n)) && !self.done() && self.ranks.writes_files();
         if save {
             self.checkpoint()?;
         }
-        if (evaluated || save) && !self.done() {
+        if (evaluated || save) && !self.done() && self.ranks.writes_files() {
             // finish() draws the final curve.
             self.refresh_plot()?;
         }
@@ -418,16 +470,14 @@ impl<'a, 'o> Trainer<'a, 'o> {
         }
     }
 
-    /// One sample through the training graph, its gradient added to the accumulator.
-    /// False when the sample was skipped as bad (`--skip-bad-samples`).
-    fn micro_step(&mut self, acc: &mut Accumulated) -> Result<bool> {
-        let counter = self.state.micro_steps;
-        self.state.micro_steps += 1;
+    /// The sample of micro-step `counter` through the training graph, its gradient added to
+    /// the accumulator, or skipped as bad (`--skip-bad-samples`).
+    fn micro_step(&mut self, counter: u64, acc: &mut Accumulated) -> Result<()> {
         let index = self.order.sample(counter);
         let sample = match self.dataset.load(index) {
             Ok(s) => s,
             Err(e @ Error::NonFiniteSample { .. }) if self.config.skip_bad_samples => {
-                self.state.skipped_samples += 1;
+                acc.skipped += 1;
                 self.events.emit(TrainEvent::Message(format!("skipping {e}")))?;
                 // Every epoch visits every sample, so an epoch is all bad only when the
                 // whole dataset is; until then the good samples carry the run.
@@ -435,7 +485,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
                 if self.bad_samples.len() == self.dataset.len() {
                     return Err(Error::Data { path: self.config.data.clone(), reason: format!("all {} samples have non-finite values; nothing to train on", self.dataset.len()) });
                 }
-                return Ok(false);
+                return Ok(());
             }
             Err(e) => return Err(e),
         };
@@ -458,11 +508,48 @@ impl<'a, 'o> Trainer<'a, 'o> {
         let window = &mut model.window;
         window.micro_steps += 1;
         window.loss_sum += loss as f64;
-        if !loss.is_finite() && window.nonfinite.is_none() {
-            window.nonfinite = Some((sample.path.clone(), loss));
+        if !loss.is_finite() {
+            acc.finite = false;
+            if window.nonfinite.is_none() {
+                window.nonfinite = Some((sample.path.clone(), loss));
+            }
         }
         acc.loss_sum += loss as f64;
-        Ok(true)
+        acc.samples += 1;
+        Ok(())
+    }
+
+    /// Sums the step's sample count, skipped samples, loss and finite flag over the ranks,
+    /// and each model's micro-steps, loss and finite flag; then the gradient of each model
+    /// that took micro-steps on some rank with every loss finite. Alone, the sums are the values.
+    fn sum_over_ranks(&mut self, acc: &mut Accumulated) -> Result<()> {
+        if self.ranks.world_size() == 1 {
+            self.state.skipped_samples += acc.skipped;
+            return Ok(());
+        }
+        let mut sums = vec![acc.samples as f64, acc.skipped as f64, acc.loss_sum, if acc.finite { 0.0 } else { 1.0 }];
+        for model in &self.models {
+            let w = &model.window;
+            sums.extend([w.micro_steps as f64, w.loss_sum, if w.nonfinite.is_some() { 1.0 } else { 0.0 }]);
+        }
+        self.ranks.sum(&mut sums)?;
+        (acc.samples, acc.skipped, acc.loss_sum, acc.finite) = (sums[0] as usize, sums[1] as u64, sums[2], sums[3] == 0.0);
+        for (model, s) in self.models.iter_mut().zip(sums[4..].chunks(3)) {
+            let w = &mut model.window;
+            (w.micro_steps, w.loss_sum) = (s[0] as usize, s[1]);
+            w.nonfinite_elsewhere = s[2] > 0.0 && w.nonfinite.is_none();
+        }
+        self.state.skipped_samples += acc.skipped;
+        if acc.finite && acc.samples > 0 {
+            let t = Instant::now();
+            // Every rank takes the same models in the same order: the conditions are sums.
+            for model in self.models.iter_mut().filter(|m| m.window.micro_steps > 0) {
+                let ranks = &mut *self.ranks;
+                model.graphs.sum_gradient(|gradient| ranks.sum_gradient(gradient))?;
+            }
+            acc.graph_seconds += t.elapsed().as_secs_f64();
+        }
+        Ok(())
     }
 
     /// The optimizer update of every model that took micro-steps, over its accumulated
@@ -471,6 +558,17 @@ impl<'a, 'o> Trainer<'a, 'o> {
     /// pair's norms are over both experts' gradients together (each averaged over its own
     /// micro-steps), as the norm of all the job's LoRA parameters.
     fn apply(&mut self, lr: f64, acc: &mut Accumulated) -> Result<(bool, f32, f32, std::collections::BTreeMap<String, ExpertStep>)> {
+        if acc.finite && acc.samples == 0 {
+            for model in &mut self.models {
+                model.window = Window::default();
+                model.graphs.discard_gradient();
+            }
+            self.events.emit(TrainEvent::Warning(format!("step {}: every sample was skipped as bad; no update", self.state.step + 1)))?;
+            self.state.skipped_steps += 1;
+            self.state.step += 1;
+            self.committed = self.state.clone();
+            return Ok((false, f32::NAN, f32::NAN, std::collections::BTreeMap::new()));
+        }
         let paired = self.config.pair.is_some();
         let mut experts = std::collections::BTreeMap::new();
         let (mut applied, mut norm_sq, mut clipped_sq) = (true, 0.0f64, 0.0f64);
@@ -481,14 +579,14 @@ impl<'a, 'o> Trainer<'a, 'o> {
                 continue;
             }
             let role = model.role(paired);
-            let outcome = if window.nonfinite.is_none() {
+            let outcome = if window.nonfinite.is_none() && !window.nonfinite_elsewhere {
                 let t = Instant::now();
                 // Bias correction counts this LoRA's own applied updates.
                 let updates = match role {
                     Some(r) => self.state.expert_updates.get(r.as_str()).copied().unwrap_or(0),
                     None => self.state.step - self.state.skipped_steps,
                 };
-                let o = model.graphs.apply(updates + 1, lr, &self.config.adamw)?;
+                let o = model.graphs.apply(updates + 1, lr, &self.config.adamw, window.micro_steps)?;
                 acc.graph_seconds += t.elapsed().as_secs_f64();
                 Some(o)
             } else {
@@ -529,7 +627,13 @@ impl<'a, 'o> Trainer<'a, 'o> {
             }
             match self.config.on_nonfinite {
                 NonFinitePolicy::Stop => {
-                    let (what, value) = if grad_norm.is_finite() { ("parameter update", f64::NAN) } else { ("gradient norm", grad_norm as f64) };
+                    let (what, value) = if !acc.finite {
+                        ("loss of a sample on another rank", f64::NAN)
+                    } else if grad_norm.is_finite() {
+                        ("parameter update", f64::NAN)
+                    } else {
+                        ("gradient norm", grad_norm as f64)
+                    };
                     return Err(Error::NonFinite { step: self.state.step + 1, what, value });
                 }
                 NonFinitePolicy::Skip => self.state.skipped_steps += 1,
@@ -620,7 +724,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
     /// a resume loses no work. Its own failure (a full disk) is reported and the original
     /// error stands.
     pub fn rescue(&mut self) {
-        if self.saved_step.is_some_and(|s| s >= self.committed.step) || self.committed.step == self.start_step {
+        if !self.ranks.writes_files() || self.saved_step.is_some_and(|s| s >= self.committed.step) || self.committed.step == self.start_step {
             return;
         }
         let message = match self.checkpoint() {
@@ -634,11 +738,12 @@ impl<'a, 'o> Trainer<'a, 'o> {
     /// the summary.
     pub fn finish(mut self, interrupted: bool) -> Result<TrainSummary> {
         let config = self.config;
-        if self.state.step > self.start_step || self.last_checkpoint.is_none() {
+        let writes = self.ranks.writes_files();
+        if writes && (self.state.step > self.start_step || self.last_checkpoint.is_none()) {
             self.checkpoint()?;
         }
         let mut lora_paths = Vec::new();
-        if self.done() {
+        if self.done() && writes {
             let names: Vec<String> = self.models.iter().map(|m| super::lora_file_name(&m.artifacts.manifest)).collect();
             if let Some(cause) = &self.params_nonfinite_loss {
                 return Err(Error::Config(format!(
@@ -657,7 +762,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             }
         }
         let metrics_path = config.out.join("metrics.jsonl");
-        let plot = self.refresh_plot()?;
+        let plot = if writes { self.refresh_plot()? } else { None };
         self.events.emit(TrainEvent::Finished)?;
         let steps = self.steps_this_run();
         let losses: Vec<f64> = self.events.recorder.steps.iter().map(|r| r.loss).filter(|l| l.is_finite()).collect();
@@ -687,6 +792,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             eval_after: self.eval_after,
             skipped_steps: self.state.skipped_steps,
             skipped_samples: self.state.skipped_samples,
+            world_size: self.ranks.world_size(),
             hyperparameter_changes: self.changes.clone(),
             seconds: self.started.elapsed().as_secs_f64(),
             seconds_per_step: if steps > 0 { step_seconds / steps as f64 } else { 0.0 },
@@ -702,8 +808,10 @@ impl<'a, 'o> Trainer<'a, 'o> {
             plot,
             experts,
         };
-        let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Config(e.to_string()))?;
-        crate::tensor_file::write_atomic(&config.out.join("summary.json"), &json)?;
+        if writes {
+            let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Config(e.to_string()))?;
+            crate::tensor_file::write_atomic(&config.out.join("summary.json"), &json)?;
+        }
         Ok(summary)
     }
 }
@@ -722,6 +830,27 @@ fn expert_summary(role: ExpertRole, records: &[StepRecord], lora: Option<&PathBu
         lora: lora.cloned(),
         checkpoint_lora: checkpoint_lora.cloned(),
     }
+}
+
+/// Every rank starts from the same step: the checkpoint it resumes (`resumed`), or a fresh
+/// run. Ranks that see different checkpoints would train from different states; OUT must be
+/// one directory that every rank reads (a shared file system across machines).
+fn check_same_start(ranks: &mut Ranks, out: &Path, resumed: Option<u64>) -> Result<()> {
+    if ranks.world_size() == 1 {
+        return Ok(());
+    }
+    // Equal values exactly when W·Σx² = (Σx)²; every rank decides alike from the same sums.
+    let x = resumed.map_or(-1.0, |s| s as f64);
+    let mut sums = [x, x * x];
+    ranks.sum(&mut sums)?;
+    if (ranks.world_size() as f64 * sums[1] - sums[0] * sums[0]).abs() > 0.5 {
+        let mine = resumed.map_or("no checkpoint".to_string(), |s| format!("the checkpoint of step {s}"));
+        return Err(Error::Checkpoint {
+            path: out.join("checkpoints"),
+            reason: format!("rank {} resumes {mine} and another rank something else; OUT must be one directory that every rank sees", ranks.rank()),
+        });
+    }
+    Ok(())
 }
 
 /// OUT's directory name (of the absolute path, so that `--out .` names the directory).
