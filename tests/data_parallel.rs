@@ -201,8 +201,9 @@ fn killed_rank_stops_all_and_the_run_resumes() {
     assert!(!r.status.success());
     assert!(killed_at.elapsed() < Duration::from_secs(30), "rank 0 stopped {:?} after rank 1 died", killed_at.elapsed());
     let err = String::from_utf8_lossy(&[r.stdout.as_slice(), r.stderr.as_slice()].concat()).into_owned();
-    // MPICH's launcher names the process it lost by PID (a SIGKILLed rank prints nothing).
-    assert!(err.contains("BAD TERMINATION") && err.contains(&format!("PID {pid} ")), "the launcher names the dead rank's process:\n{err}");
+    // MPICH's launcher reports the process it lost (a SIGKILLed rank prints nothing); the PID it
+    // names is its own child's, which need not be the one found for rank 1 here.
+    assert!(err.contains("BAD TERMINATION") && err.contains("EXIT CODE: 9"), "the launcher reports the killed rank:\n{err}");
     let (newest, _) = flowstep::checkpoint::list(&out).unwrap_or_default().last().cloned().unwrap_or_else(|| panic!("no checkpoint"));
     let resumed = single(&art, &data, &out, &(newest + 2).to_string(), &["--resume", "--grad-accum", "2"]);
     ok(&resumed, "resume with one process");
