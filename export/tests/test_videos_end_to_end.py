@@ -88,7 +88,7 @@ def test_ti2v_videos_to_lora_and_back_to_videos(vae22_decoder, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["buckets"] == [{"latent_shape": [48, 3, 2, 4], "samples": 2}]
     for step in ("step-000002", "step-000004"):
-        gif = iio.mimread(out / "samples" / step / "00-prompt-000" / "videos.gif")
+        gif = iio.mimread(out / "samples" / step / "00-a-red-ball-rolls-left" / "videos.gif")
         assert len(gif) == 9 and gif[0].shape[:2] == (32, 64)
 
     # The trained LoRA, sampled from the prepared clip's first frame and decoded to frames.
