@@ -2,7 +2,8 @@
 
 python -m flowstep_export.data.prepare --videos DIR --out DATA --vae Wan2.1_VAE.pth \\
     --text-encoder models_t5_umt5-xxl-enc-bf16.pth --tokenizer google/umt5-xxl \\
-    --resolution 480x832 --frames 81 [--fps 16]
+    --resolution 480x832 --frames 81 [--fps 16] \\
+    [--model wan2.1-i2v-14b --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth]
 
 Captions come from DIR/metadata.csv (DiffSynth's layout: a `video` or `image` column with paths
 relative to DIR, and a `prompt` column) or, without it, from a `.txt` beside each file
@@ -11,12 +12,22 @@ relative to DIR, and a `prompt` column) or, without it, from a `.txt` beside eac
   latents  [16, (T-1)/4+1, H/8, W/8]  Wan VAE latents (DiffSynth's normalised `input_latents`)
   context  [text_len, 4096]           umT5 embeddings, zero after the prompt's tokens
 
-stored as bf16 (or float32 with --dtype f32); T, H, W are the file's frame and resolution
-bucket. Each sample's metadata records the settings it was made with (resolution and frame
-buckets, fps, text length, dtype, sha256 of the VAE, text encoder and tokenizer files). A file
-already in DATA with the same settings is skipped, so an interrupted run continues where it
-stopped; one made with other settings, or with none recorded (an older prepare), is re-encoded
-in place. A file that cannot be used gets one line, is skipped and counted.
+and, for an image-to-video --model (wan2.1-i2v-14b, wan2.2-i2v-a14b), the conditioning its DiT
+takes, from the clip's first frame as DiffSynth's trainer (`--extra_inputs input_image`) does:
+
+  y             [20, (T-1)/4+1, H/8, W/8]  a first-frame mask (4 channels) and the VAE latents
+                                           of the first frame followed by black frames
+  clip_feature  [257, 1280]                CLIP ViT-H image tokens (Wan2.1 only; --clip)
+
+An image beside a video with the same name (clip.mp4 + clip.png), or a metadata.csv
+`input_image` column, gives that video's input image instead of its first frame; it is cropped
+to the video's bucket. All are stored as bf16 (or float32 with --dtype f32); T, H, W are the
+file's frame and resolution bucket. Each sample's metadata records the settings it was made with
+(resolution and frame buckets, fps, text length, dtype, sha256 of the VAE, text encoder and
+tokenizer files, the conditioning and the CLIP file's sha256) and, for I2V, where its input
+image came from. A file already in DATA with the same settings is skipped, so an interrupted run
+continues where it stopped; one made with other settings, or with none recorded (an older
+prepare), is re-encoded in place. A file that cannot be used gets one line, is skipped and counted.
 
 Only files under DIR are read: a metadata.csv path that leaves DIR stops the run, and a link in
 DIR to a file outside it gets a warning naming the target. Captions and metadata.csv are UTF-8
@@ -48,8 +59,12 @@ MAX_TEXT_LEN = 4096  # Wan's is 512
 # Metadata keys of the settings a sample was made with, and the flag that sets each.
 SETTING_FLAGS = {"resolutions": "--resolution", "frame_buckets": "--frames", "fps": "--fps", "text_len": "--text-len",
                  "dtype": "--dtype", "vae_sha256": "--vae", "text_encoder_sha256": "--text-encoder",
-                 "tokenizer_sha256": "--tokenizer"}
+                 "tokenizer_sha256": "--tokenizer", "conditioning": "--model", "image_encoder_sha256": "--clip"}
+# What samples made before prepare wrote image conditioning were: text-to-video, no CLIP.
+TEXT_ONLY = {"conditioning": "none", "image_encoder_sha256": "none"}
 NO_SETTINGS = "with no recorded settings"
+FIRST_FRAME = "first frame"
+IMAGE_COLUMN = "input_image"  # DiffSynth's name for the I2V image
 
 
 @dataclass
@@ -57,6 +72,11 @@ class Item:
     source: Path
     caption: str | None
     name: str  # output file stem, from the path relative to --videos
+    image: Path | None = None  # the clip's input image for I2V; None: its first frame
+
+    def image_label(self, root: Path) -> str:
+        """Where the I2V input image comes from, as recorded in the sample."""
+        return FIRST_FRAME if self.image is None else str(self.image.relative_to(root))
 
 
 def escape_part(part: str) -> str:
@@ -102,21 +122,23 @@ def read_metadata(metadata: Path, root: Path) -> list[Item]:
     items, rows_of = [], {}
     for number, row in enumerate(rows, start=1):
         label = f"{metadata}, row {number}"
-        if row[column] is None or row["prompt"] is None:
+        if row[column] is None or row["prompt"] is None or row.get(IMAGE_COLUMN, "") is None:
             raise ValueError(f"{label}: fewer fields than the header")
         rel = inside(root, row[column], label)
+        image = root / inside(root, row[IMAGE_COLUMN], f"{label}, {IMAGE_COLUMN}") if row.get(IMAGE_COLUMN) else None
         if rel in rows_of:
             raise ValueError(f"{metadata}: rows {rows_of[rel]} and {number} both name {rel}; one sample per file")
         rows_of[rel] = number
         source = root / rel
         if os.path.lexists(source):
             warn_if_outside(source, root, f"{label} ({rel})")
-        items.append(Item(source, row["prompt"], output_name(rel)))
+        items.append(Item(source, row["prompt"], output_name(rel), image))
     return items
 
 
-def find_items(root: Path) -> list[Item]:
-    """Files and captions, from metadata.csv or sidecar .txt files."""
+def find_items(root: Path, input_images: bool) -> list[Item]:
+    """Files and captions, from metadata.csv or sidecar .txt files; with `input_images`, an image
+    beside a video with its name is the video's input image, not a sample of its own."""
     from .media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
     if not root.is_dir():
@@ -127,6 +149,15 @@ def find_items(root: Path) -> list[Item]:
     media = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES + IMAGE_SUFFIXES and not p.is_dir())
     if not media:
         raise ValueError(f"--videos {root}: no videos ({', '.join(VIDEO_SUFFIXES)}) or images, and no metadata.csv")
+    images_of = {}  # video -> the image beside it
+    if input_images:
+        videos = {p.with_suffix(""): p for p in media if p.suffix.lower() in VIDEO_SUFFIXES}
+        for image in (p for p in media if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix("") in videos):
+            video = videos[image.with_suffix("")]
+            if video in images_of:
+                raise ValueError(f"{video}: two images beside it ({images_of[video].name}, {image.name}); keep one as its input image")
+            images_of[video] = image
+        media = [p for p in media if p not in images_of.values()]
     items = []
     for path in media:
         warn_if_outside(path, root, str(path))
@@ -135,7 +166,9 @@ def find_items(root: Path) -> list[Item]:
         if os.path.lexists(txt):
             warn_if_outside(txt, root, str(txt))
             caption = read_text(txt).strip()
-        items.append(Item(path, caption, output_name(path.relative_to(root))))
+        if (image := images_of.get(path)) is not None:
+            warn_if_outside(image, root, str(image))
+        items.append(Item(path, caption, output_name(path.relative_to(root)), image))
     return items
 
 
@@ -179,6 +212,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "longest it can fill; images are 1 frame)")
     p.add_argument("--fps", type=float, help="resample videos to this frame rate first (Wan2.1: 16); default: "
                    f"consecutive source frames; from {FPS_RANGE[0]:g} to {FPS_RANGE[1]:g}")
+    p.add_argument("--model", default=None, metavar="PRESET",
+                   help="the DiT the dataset is for (a flowstep_export --model preset): for an image-to-video one "
+                        "(wan2.1-i2v-14b, wan2.2-i2v-a14b) each sample also gets `y` and, for Wan2.1, `clip_feature`; "
+                        "default: text-to-video (latents and context)")
+    p.add_argument("--clip", type=Path, help="Wan2.1 I2V's image encoder, models_clip_open-clip-xlm-roberta-large-"
+                   "vit-huge-14.pth (needed by --model wan2.1-i2v-14b)")
     p.add_argument("--text-len", type=int, default=512,
                    help=f"prompt tokens (default 512, Wan's; the DiT's text_len; at most {MAX_TEXT_LEN})")
     p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16", help="stored precision (default bf16)")
@@ -200,8 +239,9 @@ def tokenizer_sha256(folder: Path) -> str:
     return hashlib.sha256("".join(f"{sha256_of_file(p)}  {p.name}\n" for p in files).encode()).hexdigest()
 
 
-def why_re_encode(path: Path, settings: dict[str, str]) -> str | None:
-    """Why the existing sample `path` must be made again with `settings`, or None to keep it."""
+def why_re_encode(path: Path, settings: dict[str, str], input_image: str | None) -> str | None:
+    """Why the existing sample `path` must be made again with `settings` (and, for I2V, from
+    `input_image`), or None to keep it."""
     from safetensors import safe_open
 
     if (problem := file_problem(path)) is not None:  # a FIFO would hang the read, a directory the write
@@ -211,14 +251,41 @@ def why_re_encode(path: Path, settings: dict[str, str]) -> str | None:
             recorded = f.metadata() or {}
     except Exception:  # safetensors raises its own SafetensorError, and OSError
         return "unreadable"
+    recorded = TEXT_ONLY | recorded
     if not all(key in recorded for key in settings):
         return NO_SETTINGS
     changed = [flag for key, flag in SETTING_FLAGS.items() if recorded[key] != settings[key]]
+    if not changed and input_image is not None and recorded.get("input_image") != input_image:
+        changed.append("input image")
     return f"made with another {' and '.join(changed)}" if changed else None
 
 
+def image_conditioning(args: argparse.Namespace) -> list[str]:
+    """The conditioning tensors --model's DiT takes (none for text-to-video), --clip checked."""
+    from ..model.configs import get_config
+
+    if args.model is None:
+        names = []
+    else:
+        config = get_config(args.model)
+        if config.variant == "ti2v":
+            raise ValueError(f"--model {args.model}: TI2V samples need the Wan2.2 VAE, which prepare does not read yet")
+        names = [name for name, _ in config.conditioning]
+        if args.text_len != config.text_len:
+            raise ValueError(f"--text-len {args.text_len}: --model {args.model} takes {config.text_len} prompt tokens")
+    if "clip_feature" in names and args.clip is None:
+        raise ValueError(f"--model {args.model} takes CLIP image features: give --clip "
+                         "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    if args.clip is not None:
+        if "clip_feature" not in names:
+            raise ValueError(f"--clip {args.clip}: {'text-to-video (no --model)' if args.model is None else f'--model {args.model}'} "
+                             "takes no CLIP image features")
+        require_regular_file(args.clip, f"--clip {args.clip}")
+    return names
+
+
 def prepare(args: argparse.Namespace) -> dict:
-    from .media import parse_frames, parse_resolutions, read_clip
+    from .media import parse_frames, parse_resolutions, read_clip, read_image
 
     # Every option before any work.
     buckets = parse_resolutions(args.resolution, MULTIPLE)
@@ -228,18 +295,29 @@ def prepare(args: argparse.Namespace) -> dict:
     check_text_len(args.text_len)
     require_regular_file(args.vae, f"--vae {args.vae}")
     require_regular_file(args.text_encoder, f"--text-encoder {args.text_encoder}")
+    conditioning = image_conditioning(args)
 
     import torch
 
     from ..model.wan_text import encode_prompt, load_text_encoder, load_tokenizer
     from ..model.wan_vae import load_vae
+    from .image_conditioning import encode_clip, encode_y
 
     tokenizer = load_tokenizer(args.tokenizer, args.text_len)
-    items = find_items(args.videos)
+    items = find_items(args.videos, input_images=bool(conditioning))
+    if not conditioning and (given := sum(item.image is not None for item in items)):
+        print(f"warning: metadata.csv gives {given} files an {IMAGE_COLUMN}; text-to-video samples take none "
+              "(--model an I2V preset uses them)", file=sys.stderr)
     settings = {"resolutions": ",".join(map(str, buckets)), "frame_buckets": ",".join(map(str, frame_buckets)),
                 "fps": "source" if args.fps is None else f"{args.fps:g}", "text_len": str(args.text_len),
                 "dtype": args.dtype, "vae_sha256": sha256_of_file(args.vae),
-                "text_encoder_sha256": sha256_of_file(args.text_encoder), "tokenizer_sha256": tokenizer_sha256(args.tokenizer)}
+                "text_encoder_sha256": sha256_of_file(args.text_encoder), "tokenizer_sha256": tokenizer_sha256(args.tokenizer),
+                "conditioning": ",".join(conditioning) or "none",
+                "image_encoder_sha256": "none" if args.clip is None else sha256_of_file(args.clip)}
+
+    def input_image(item: Item) -> str | None:
+        return item.image_label(args.videos) if conditioning else None
+
     args.out.mkdir(parents=True, exist_ok=True)
     stale = {}  # item name -> why its existing sample is made again
     todo = []
@@ -247,7 +325,7 @@ def prepare(args: argparse.Namespace) -> dict:
         path = args.out / f"{item.name}.safetensors"
         if not path.exists():
             todo.append(item)
-        elif (why := why_re_encode(path, settings)) is not None:
+        elif (why := why_re_encode(path, settings, input_image(item))) is not None:
             stale[item.name] = why
             todo.append(item)
     counts = {"files": len(items), "done_before": len(items) - len(todo), "prepared": 0, "skipped": 0,
@@ -262,6 +340,10 @@ def prepare(args: argparse.Namespace) -> dict:
     encoder = load_text_encoder(args.text_encoder, compute, f"--text-encoder {args.text_encoder}").to(args.device)
     vae = load_vae(args.vae, f"--vae {args.vae}")
     vae.model.to(device=args.device, dtype=compute)
+    if "clip_feature" in conditioning:
+        from ..model.wan_clip import load_image_encoder
+
+        image_encoder = load_image_encoder(args.clip, compute, f"--clip {args.clip}").to(args.device)
     progress = Progress(len(todo), args.quiet)
 
     def drop_stale(item: Item) -> str:
@@ -280,6 +362,12 @@ def prepare(args: argparse.Namespace) -> dict:
             if (problem := file_problem(item.source)) is not None:
                 raise ValueError(problem)
             clip = read_clip(item.source, buckets, frame_buckets, args.fps)
+            if item.image is not None and conditioning:
+                if (problem := file_problem(item.image)) is not None:
+                    raise ValueError(f"input image {item.image}: {problem}")
+                input_pixels = read_image(item.image, clip.bucket)
+            else:
+                input_pixels = clip.pixels[:, 0]
         except ValueError as e:
             progress.message(f"skipped {item.source}: {e}{drop_stale(item)}")
             counts["skipped"] += 1
@@ -288,17 +376,26 @@ def prepare(args: argparse.Namespace) -> dict:
             pixels = torch.from_numpy(clip.pixels).to(compute)
             latents = vae.encode([pixels], device=args.device)[0]
             context = encode_prompt(tokenizer, encoder, item.caption, args.device)
-        sample = {"latents": latents.to("cpu", stored).contiguous(), "context": context.to("cpu", stored).contiguous()}
+            tensors = {"latents": latents, "context": context}
+            if conditioning:
+                input_pixels = torch.from_numpy(input_pixels).to(compute)
+                tensors["y"] = encode_y(vae, input_pixels, clip.pixels.shape[1], args.device)
+            if "clip_feature" in conditioning:
+                tensors["clip_feature"] = encode_clip(image_encoder, input_pixels, args.device)
+        sample = {name: t.to("cpu", stored).contiguous() for name, t in tensors.items()}
         nonfinite = [name for name, t in sample.items() if not torch.isfinite(t).all()]
         if nonfinite:
-            encoders = {"latents": f"the VAE ({args.vae.name})", "context": f"the text encoder ({args.text_encoder.name})"}
-            progress.message(f"skipped {item.source}: {' and '.join(encoders[n] for n in nonfinite)} gave NaN or Inf "
+            encoders = {"latents": f"the VAE ({args.vae.name})", "context": f"the text encoder ({args.text_encoder.name})",
+                        "y": f"the VAE ({args.vae.name})", "clip_feature": f"the image encoder ({Path(args.clip or '').name})"}
+            progress.message(f"skipped {item.source}: {' and '.join(dict.fromkeys(encoders[n] for n in nonfinite))} gave NaN or Inf "
                              f"values; nothing written{drop_stale(item)}")
             counts["skipped"] += 1
             continue
         metadata = {"source": str(item.source.relative_to(args.videos)), "caption": item.caption,
                     "bucket": str(clip.bucket), "frames": str(clip.pixels.shape[1]),
                     "vae": args.vae.name, "text_encoder": args.text_encoder.name} | settings
+        if conditioning:
+            metadata["input_image"] = input_image(item)
         save_tensors(sample, args.out / f"{item.name}.safetensors", metadata)
         counts["prepared"] += 1
         if item.name in stale:
