@@ -6,7 +6,6 @@ graphs' loss and LoRA gradient against DiffSynth's FlowMatchSFTLoss + PEFT under
 from __future__ import annotations
 
 import json
-import logging
 from types import SimpleNamespace
 from unittest import mock
 
@@ -62,16 +61,6 @@ def test_forward_equals_diffsynth(name, latent):
         # against our float32 stay below 1e-5 of the output scale.
         err = (a - b).abs().max() / b.abs().max()
         assert err < 1e-5, f"{name} {latent} t={t}: rel err {err:.2e}"
-
-
-@pytest.fixture(scope="module")
-def tiny_i2v(tmp_path_factory):
-    """tiny-i2v is not committed (DiffSynth's img_emb is 1280 wide: 7 MB of base weights)."""
-    logging.getLogger("flowstep_export").setLevel(logging.ERROR)
-    options = ExportOptions(out=tmp_path_factory.mktemp("tiny-i2v"), lora=LoraConfig(rank=8), ship_base=True,
-                            attention_chunk=12, graphs=("training_model", "inference_model", "optimizer_model"))
-    export_artifacts(get_config("tiny-i2v"), options)
-    return options.out
 
 
 def artifacts(which, tiny_i2v):
