@@ -142,3 +142,29 @@ def test_i2v_settings_re_encode_and_one_line_errors(videos, encoders, clip_encod
     ]:
         rc, _, stderr = run(d, encoders, tmp_path / "refused", capsys, *extra)
         assert rc == 1 and len(stderr.strip().splitlines()) == 1 and message in stderr, (extra, stderr)
+
+
+def test_metadata_csv_input_image_column(videos, encoders, tmp_path, capsys):
+    """DiffSynth's metadata.csv with an `input_image` column: the named image is the clip's input
+    image, an empty cell means the first frame, a missing file skips the clip with one line, and a
+    path outside --videos stops the run."""
+    d = tmp_path / "csv"
+    d.mkdir()
+    for name in ("wide.mp4", "given.mp4", "given.png"):
+        shutil.copy(videos / name, d / name)
+    shutil.copy(videos / "wide.mp4", d / "lost.mp4")
+    (d / "metadata.csv").write_text("video,prompt,input_image\nwide.mp4,a red ball,given.png\ngiven.mp4,the sky,\n"
+                                    "lost.mp4,a ball,gone.png\n")
+    out = tmp_path / "data"
+    rc, stdout, stderr = run(d, encoders, out, capsys, "--model", "tiny-i2v-a14b")
+    assert rc == 0 and "2 prepared" in stdout and "1 skipped" in stdout, (stdout, stderr)
+    assert "lost.mp4: input image" in stderr and "gone.png: no such file" in stderr and len(stderr.strip().splitlines()) == 1
+    wide = load_file(str(out / "wide.mp4.safetensors"))
+    reference = diffsynth_units(diffsynth_input_image(d / "given.png", 9, 32, 48), 9, 32, 48, encoders, None)
+    torch.testing.assert_close(wide["y"], reference["y"], rtol=1e-5, atol=1e-5)
+    with safe_open(str(out / "given.mp4.safetensors"), "pt") as f:
+        assert f.metadata()["input_image"] == "first frame"
+
+    (d / "metadata.csv").write_text("video,prompt,input_image\nwide.mp4,a red ball,../given.png\n")
+    rc, _, stderr = run(d, encoders, out, capsys, "--model", "tiny-i2v-a14b")
+    assert rc == 1 and "row 1, input_image: `../given.png` is outside --videos" in stderr, stderr
