@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from flowstep_export.data.encode_image import main as encode_image
 from flowstep_export.data.prepare import main as prepare_main
 from wan_fixtures import (TEXT_LEN, reference_image_encoder, reference_vae, write_image_encoder, write_video)
 
@@ -107,6 +108,16 @@ def test_i2v_conditioning_matches_diffsynth_units(videos, encoders, clip_encoder
             meta = f.metadata()
         assert meta["conditioning"] == ("y,clip_feature" if with_clip else "y")
         assert meta["input_image"] == ("given.png" if name == "given.mp4" else "first frame")
+    # encode_image makes the same tensors from the same image for sampling (flowstep sample --condition).
+    condition = tmp_path / "given.safetensors"
+    assert encode_image(["--image", str(videos / "given.png"), "--out", str(condition), "--model", model,
+                         "--vae", str(encoders / "vae.pth"), *(["--clip", str(clip_encoder)] if with_clip else []),
+                         "--resolution", "48x32", "--frames", "5", "--precision", "float32"]) == 0
+    given = load_file(str(out / "given.mp4.safetensors"))
+    encoded = load_file(str(condition))
+    assert set(encoded) == set(given) - {"latents", "context"}
+    for name, t in encoded.items():
+        torch.testing.assert_close(t, given[name], rtol=0, atol=0)
     # For a video, the first frame's latents are y's image part only when the input image is that frame.
     wide = load_file(str(out / "wide.mp4.safetensors"))
     assert (wide["y"][4:, 0] - wide["latents"][:, 0]).abs().max() < 1e-5
@@ -168,3 +179,19 @@ def test_metadata_csv_input_image_column(videos, encoders, tmp_path, capsys):
     (d / "metadata.csv").write_text("video,prompt,input_image\nwide.mp4,a red ball,../given.png\n")
     rc, _, stderr = run(d, encoders, out, capsys, "--model", "tiny-i2v-a14b")
     assert rc == 1 and "row 1, input_image: `../given.png` is outside --videos" in stderr, stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--model": "tiny"}, "--model tiny: a text-to-video model takes no image"),
+    ({"--model": "tiny-i2v"}, "--model tiny-i2v takes CLIP image features: give --clip"),
+    ({"--resolution": "48x32,32x48"}, "give one size and one frame count"),
+    ({"--frames": "6"}, "--frames 6: must be 4k+1"),
+    ({"--image": "missing.png"}, "--image missing.png: no such file"),
+])
+def test_encode_image_refuses_with_one_line(encoders, videos, tmp_path, capsys, change, message):
+    flags = {"--image": str(videos / "given.png"), "--out": str(tmp_path / "c.safetensors"), "--model": "tiny-i2v-a14b",
+             "--vae": str(encoders / "vae.pth"), "--resolution": "48x32", "--frames": "5"} | change
+    assert encode_image([x for kv in flags.items() for x in kv]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "c.safetensors").exists()

@@ -260,27 +260,28 @@ def why_re_encode(path: Path, settings: dict[str, str], input_image: str | None)
     return f"made with another {' and '.join(changed)}" if changed else None
 
 
-def image_conditioning(args: argparse.Namespace) -> list[str]:
-    """The conditioning tensors --model's DiT takes (none for text-to-video), --clip checked."""
+def image_conditioning(model: str | None, clip: Path | None, text_len: int | None = None) -> list[str]:
+    """The conditioning tensors the DiT `model` (--model) takes, none for text-to-video; --clip
+    and, when given, --text-len checked against it."""
     from ..model.configs import get_config
 
-    if args.model is None:
+    if model is None:
         names = []
     else:
-        config = get_config(args.model)
+        config = get_config(model)
         if config.variant == "ti2v":
-            raise ValueError(f"--model {args.model}: TI2V samples need the Wan2.2 VAE, which prepare does not read yet")
+            raise ValueError(f"--model {model}: TI2V samples need the Wan2.2 VAE, which flowstep_export does not read yet")
         names = [name for name, _ in config.conditioning]
-        if args.text_len != config.text_len:
-            raise ValueError(f"--text-len {args.text_len}: --model {args.model} takes {config.text_len} prompt tokens")
-    if "clip_feature" in names and args.clip is None:
-        raise ValueError(f"--model {args.model} takes CLIP image features: give --clip "
+        if text_len is not None and text_len != config.text_len:
+            raise ValueError(f"--text-len {text_len}: --model {model} takes {config.text_len} prompt tokens")
+    if "clip_feature" in names and clip is None:
+        raise ValueError(f"--model {model} takes CLIP image features: give --clip "
                          "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
-    if args.clip is not None:
+    if clip is not None:
         if "clip_feature" not in names:
-            raise ValueError(f"--clip {args.clip}: {'text-to-video (no --model)' if args.model is None else f'--model {args.model}'} "
+            raise ValueError(f"--clip {clip}: {'text-to-video (no --model)' if model is None else f'--model {model}'} "
                              "takes no CLIP image features")
-        require_regular_file(args.clip, f"--clip {args.clip}")
+        require_regular_file(clip, f"--clip {clip}")
     return names
 
 
@@ -295,7 +296,7 @@ def prepare(args: argparse.Namespace) -> dict:
     check_text_len(args.text_len)
     require_regular_file(args.vae, f"--vae {args.vae}")
     require_regular_file(args.text_encoder, f"--text-encoder {args.text_encoder}")
-    conditioning = image_conditioning(args)
+    conditioning = image_conditioning(args.model, args.clip, args.text_len)
 
     import torch
 
