@@ -142,8 +142,11 @@ def test_i2v_settings_re_encode_and_one_line_errors(videos, encoders, clip_encod
     rc, stdout, _ = run(d, encoders, out, capsys, "--model", "tiny-i2v-a14b")
     assert rc == 0 and "1 prepared (1 re-encoded: 1 made with another input image)" in stdout, stdout
 
+    flat = tmp_path / "flat_clip.pth"
+    torch.save({"visual.patch_embedding.weight": torch.zeros(3), "visual.pos_embedding": torch.zeros(1, 5, 3)}, flat)
     for extra, message in [
         (["--model", "tiny-i2v"], "--model tiny-i2v takes CLIP image features: give --clip"),
+        (["--model", "tiny-i2v", "--clip", flat], "not Wan's CLIP image encoder (visual.patch_embedding.weight has shape [3]"),
         (["--model", "tiny-i2v-a14b", "--clip", clip_encoder], "--model tiny-i2v-a14b takes no CLIP image features"),
         (["--clip", clip_encoder], "text-to-video (no --model) takes no CLIP image features"),
         (["--model", "tiny-ti2v"], "--model tiny-ti2v: TI2V samples need the Wan2.2 VAE"),

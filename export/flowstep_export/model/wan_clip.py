@@ -9,6 +9,8 @@ random encoder loads the same way; the head count is ViT-H's 16, which the weigh
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import torch
@@ -47,9 +49,9 @@ def load_image_encoder(path: Path, dtype: torch.dtype, label: str | None = None)
     except (ValueError, IndexError):
         raise ValueError(f"{path}: not Wan's CLIP image encoder (visual.patch_embedding.weight has shape "
                          f"{list(visual['patch_embedding.weight'].shape)}, or another tensor has too few dims)") from None
-    grid = round((positions - 1) ** 0.5)
-    layers = {int(k.split(".")[1]) for k in visual if k.startswith("transformer.")}
-    if grid * grid != positions - 1 or dim % HEADS or layers != set(range(len(layers))) or len(layers) < 2:
+    grid = math.isqrt(max(positions - 1, 0))
+    layers = {int(m.group(1)) for k in visual if (m := re.match(r"transformer\.(\d+)\.", k))}
+    if grid < 1 or grid * grid != positions - 1 or dim % HEADS or layers != set(range(len(layers))) or len(layers) < 2:
         raise ValueError(f"{path}: not Wan's CLIP image encoder ({positions} positions, width {dim}, "
                          f"{len(layers)} blocks; expected a square grid plus one, a multiple of {HEADS}, at least 2 blocks)")
     sizes = dict(image_size=grid * patch, patch_size=patch, vision_dim=dim, vision_mlp_ratio=mlp / dim,
