@@ -50,7 +50,7 @@ def tiny_i2v(tmp_path_factory) -> Path:
     """tiny-i2v is not committed (DiffSynth's img_emb is 1280 wide: 7 MB of base weights)."""
     logging.getLogger("flowstep_export").setLevel(logging.ERROR)
     options = ExportOptions(out=tmp_path_factory.mktemp("tiny-i2v"), lora=LoraConfig(rank=8), ship_base=True,
-                            attention_chunk=12, graphs=("training_model", "inference_model", "optimizer_model"))
+                            attention_chunk=12, graphs=("training_model", "inference_model", "optimizer_model", "eval_model"))
     export_artifacts(get_config("tiny-i2v"), options)
     return options.out
 
