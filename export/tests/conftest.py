@@ -57,6 +57,16 @@ def vae22_decoder(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def tiny_i2v(tmp_path_factory) -> Path:
+    """tiny-i2v is not committed (DiffSynth's img_emb is 1280 wide: 7 MB of base weights)."""
+    logging.getLogger("flowstep_export").setLevel(logging.ERROR)
+    options = ExportOptions(out=tmp_path_factory.mktemp("tiny-i2v"), lora=LoraConfig(rank=8), ship_base=True,
+                            attention_chunk=12, graphs=("training_model", "inference_model", "optimizer_model", "eval_model"))
+    export_artifacts(get_config("tiny-i2v"), options)
+    return options.out
+
+
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
     """Random tiny Wan2.1 and Wan2.2 VAEs, umT5 and tokenizer files, as a user's checkpoints

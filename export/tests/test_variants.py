@@ -6,7 +6,6 @@ graphs' loss and LoRA gradient against DiffSynth's FlowMatchSFTLoss + PEFT under
 from __future__ import annotations
 
 import json
-import logging
 from types import SimpleNamespace
 from unittest import mock
 
@@ -62,16 +61,6 @@ def test_forward_equals_diffsynth(name, latent):
         # against our float32 stay below 1e-5 of the output scale.
         err = (a - b).abs().max() / b.abs().max()
         assert err < 1e-5, f"{name} {latent} t={t}: rel err {err:.2e}"
-
-
-@pytest.fixture(scope="module")
-def tiny_i2v(tmp_path_factory):
-    """tiny-i2v is not committed (DiffSynth's img_emb is 1280 wide: 7 MB of base weights)."""
-    logging.getLogger("flowstep_export").setLevel(logging.ERROR)
-    options = ExportOptions(out=tmp_path_factory.mktemp("tiny-i2v"), lora=LoraConfig(rank=8), ship_base=True,
-                            attention_chunk=12, graphs=("training_model", "inference_model", "optimizer_model"))
-    export_artifacts(get_config("tiny-i2v"), options)
-    return options.out
 
 
 def artifacts(which, tiny_i2v):
@@ -231,3 +220,49 @@ def test_i2v_a14b_expert_exports_and_flowstep_accepts_its_manifest(tmp_path):
     assert not any("img" in t["name"] for t in m["base_weights"]["tensors"])
     result = flowstep("inspect", "--no-load", "--artifacts", tmp_path)
     assert "expert      low_noise of a Wan2.2 pair: timestep boundaries [0.358, 1)" in result.stdout, result.stdout
+
+
+def static_i2v_video(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A static latent video (every frame one per-sample colour pattern) [16, 3, 8, 8] and its
+    `y` as prepare builds it from the first frame: the first-frame mask, then that frame's
+    latents followed by zeros (the latents of black frames stand-in)."""
+    from flowstep_export.data.image_conditioning import first_frame_mask
+
+    g = torch.Generator().manual_seed(seed)
+    frame = 2.5 * torch.randn(16, 1, 1, 1, generator=g) + 0.5 * torch.randn(1, 1, 8, 8, generator=g)
+    image_latents = torch.cat([frame, torch.zeros(16, 2, 8, 8)], dim=1)
+    return frame.expand(16, 3, 8, 8).contiguous(), torch.cat([first_frame_mask(9, 64, 64), image_latents])
+
+
+def test_i2v_lora_learns_to_use_its_image(tiny_i2v, tmp_path):
+    """An I2V LoRA does something measurable with its image: trained on static videos, it predicts
+    held-out videos better from their own `y` than from another video's (same latents, noise,
+    context and CLIP tokens; only `y` differs). Measured: 0.34% apart before training (7.4298 vs
+    7.4548), 3.2% after 600 steps (6.8256 vs 7.0545); the TI2V analogue is tests/variants.rs."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(4242)
+    context, clip = torch.randn(16, 64, generator=g), torch.zeros(257, 1280)
+
+    def write(folder, i, video, y):
+        folder.mkdir(exist_ok=True)
+        save_file({"latents": video, "context": context, "y": y, "clip_feature": clip}, str(folder / f"{i:03}.safetensors"))
+
+    train, own, other = (tmp_path / d for d in ("train", "own", "other"))
+    for i in range(16):
+        write(train, i, *static_i2v_video(i))
+    for i in range(6):
+        video, y = static_i2v_video(100 + i)
+        write(own, i, video, y)
+        write(other, i, video, static_i2v_video(100 + (i + 1) % 6)[1])
+
+    def eval_loss(data, lora=None):
+        r = flowstep("eval", "--artifacts", tiny_i2v, "--data", data, "--json", "--seed", 3, *(["--lora", lora] if lora else []))
+        return json.loads(r.stdout)["eval_loss"]
+
+    before_own, before_other = eval_loss(own), eval_loss(other)
+    out = tmp_path / "run"
+    flowstep("-q", "train", "--artifacts", tiny_i2v, "--data", train, "--out", out, "--steps", 600, "--lr", "5e-3", "--seed", 1)
+    after_own, after_other = eval_loss(own, out / "lora.safetensors"), eval_loss(other, out / "lora.safetensors")
+    assert abs(before_own / before_other - 1) < 0.01, (before_own, before_other)
+    assert after_own < 0.98 * after_other, (after_own, after_other)

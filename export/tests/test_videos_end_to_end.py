@@ -2,7 +2,8 @@
 two-bucket dataset with random tiny Wan encoders (DiffSynth's classes), `flowstep train` trains
 the tiny DiT on it with samples during training, and the samples are decoded to frames by the
 exported VAE decoder. The same for TI2V (issue 23): the Wan2.2 VAE's latents and first-frame
-condition, tiny-ti2v, and `flowstep sample --condition --vae-decoder`."""
+condition, tiny-ti2v, and `flowstep sample --condition --vae-decoder`; and for image-to-video
+(tiny Wan2.1 I2V: `y` and CLIP features)."""
 
 import json
 import subprocess
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 from flowstep_export.data.encode_prompts import main as encode_prompts
 from flowstep_export.data.prepare import main as prepare
 from independent import TINY, flowstep_bin
-from wan_fixtures import TEXT_LEN, write_text_encoder, write_tokenizer, write_video
+from wan_fixtures import TEXT_LEN, write_image_encoder, write_text_encoder, write_tokenizer, write_video
 
 
 def test_videos_to_lora_and_back_to_videos(vae_decoder, tmp_path):
@@ -104,3 +105,48 @@ def test_ti2v_videos_to_lora_and_back_to_videos(vae22_decoder, tmp_path):
     # Frame 0 is the clip's first frame through the VAE and back, whatever the seed; the rest is sampled.
     assert torch.equal(frames[0, :, 0], frames[1, :, 0]) and (frames[0, :, 1:] - frames[1, :, 1:]).abs().max() > 0.05
     assert len(iio.mimread(video / "videos.gif")) == 9
+
+
+def test_i2v_videos_to_lora_and_back_to_videos(vae_decoder, tiny_i2v, tmp_path):
+    """prepare --model tiny-i2v --clip, flowstep train with samples during training conditioned on
+    a prepared sample's `y` and `clip_feature`, then flowstep sample --condition --vae-decoder."""
+    vocab = write_tokenizer(tmp_path / "tokenizer")
+    write_text_encoder(tmp_path / "t5.pth", vocab)
+    write_image_encoder(tmp_path / "clip.pth")
+    text = ["--text-encoder", str(tmp_path / "t5.pth"), "--tokenizer", str(tmp_path / "tokenizer"), "--text-len", str(TEXT_LEN)]
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(2):
+        write_video(videos / f"wide{i}.mp4", frames=9 + i, height=40, width=56)  # -> 32x48, 9 frames
+        (videos / f"wide{i}.txt").write_text("a red ball rolls left\n")
+    data = tmp_path / "data"
+    assert prepare(["--videos", str(videos), "--out", str(data), "--vae", str(vae_decoder / "wan_2.1_vae.safetensors"),
+                    *text, "--model", "tiny-i2v", "--clip", str(tmp_path / "clip.pth"), "--resolution", "32x48",
+                    "--frames", "9", "--dtype", "f32", "--precision", "float32", "-q"]) == 0
+
+    prompts = tmp_path / "prompts"
+    assert encode_prompts(["--out", str(prompts), *text, "--precision", "float32", "a red ball rolls left"]) == 0
+    condition = data / "wide0.mp4.safetensors"  # a prepared sample holds the `y` and `clip_feature` sampling takes
+    (prompts / "prompts.txt").write_text(f"prompt-000.safetensors seed=3 steps=3 condition={condition}\n")
+    out = tmp_path / "run"
+    r = subprocess.run([str(flowstep_bin()), "train", "--artifacts", str(tiny_i2v), "--data", str(data), "--out", str(out),
+                        "--steps", "4", "--seed", "1", "--lr", "1e-3", "--sample-every", "4", "--lora-dtype", "f32",
+                        "--sample-prompts", str(prompts / "prompts.txt"), "--vae-decoder", str(vae_decoder / "decoder")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "summary.json").read_text())["buckets"] == [{"latent_shape": [16, 3, 4, 6], "samples": 2}]
+    during = out / "samples" / "step-000004" / "00-a-red-ball-rolls-left"
+    gif = iio.mimread(during / "videos.gif")
+    assert len(gif) == 9 and gif[0].shape[:2] == (32, 48)
+
+    after = tmp_path / "sample"
+    r = subprocess.run([str(flowstep_bin()), "sample", "--artifacts", str(tiny_i2v), "--lora", str(out / "lora.safetensors"),
+                        "--context", str(prompts / "prompt-000.safetensors"), "--condition", str(condition),
+                        "--shape", "3,4,6", "--num-samples", "1", "--steps", "3", "--seed", "3", "--vae-decoder", str(vae_decoder / "decoder"),
+                        "--out", str(after)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert len(iio.mimread(after / "videos.gif")) == 9
+    # flowstep sample with the same seed, steps, LoRA (saved in float32) and condition draws what
+    # the run drew at its last step.
+    drawn, again = (load_file(str(d / "samples.safetensors"))["latents"] for d in (during, after))
+    assert torch.allclose(drawn, again, atol=1e-5), (drawn - again).abs().max()

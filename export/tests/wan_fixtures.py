@@ -116,3 +116,32 @@ def write_vae22(path: Path, seed: int = 0) -> None:
     torch.manual_seed(seed)
     model = VideoVAE38_(dim=VAE_DIM, dec_dim=VAE_DIM, z_dim=48)
     save_random(model, path)
+
+
+CLIP_SIZES = dict(vision_layers=2, vision_mlp_ratio=0.5)  # ViT-H/14's width, 224 px and heads; 2 of its 32 blocks
+
+
+def write_image_encoder(path: Path, seed: int = 0) -> None:
+    """A random Wan2.1 CLIP image encoder at ViT-H/14's width (the DiT's img_emb takes 1280) with
+    two blocks, saved as Wan's models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth is: the
+    whole CLIP's keys (`visual.*`, `log_scale`, and here one stand-in `textual.*` tensor)."""
+    from diffsynth.models.wan_video_image_encoder import clip_xlm_roberta_vit_h_14
+
+    torch.manual_seed(seed)
+    state = clip_xlm_roberta_vit_h_14(pretrained=False, **CLIP_SIZES).state_dict()
+    state["textual.token_embedding.weight"] = torch.randn(8, 4)
+    torch.save(state, path)
+
+
+def reference_image_encoder(path: Path):
+    """DiffSynth's WanImageEncoder with the weights of `path` through DiffSynth's own state-dict
+    converter, built here (not by flowstep_export); its constructor takes no sizes, so its model
+    is replaced by one of CLIP_SIZES as that constructor builds it."""
+    from diffsynth.models.wan_video_image_encoder import WanImageEncoder, clip_xlm_roberta_vit_h_14
+    from diffsynth.utils.state_dict_converters.wan_video_image_encoder import WanImageEncoderStateDictConverter
+
+    encoder = WanImageEncoder.__new__(WanImageEncoder)
+    torch.nn.Module.__init__(encoder)
+    encoder.model, encoder.transforms = clip_xlm_roberta_vit_h_14(pretrained=False, return_transforms=True, **CLIP_SIZES)
+    encoder.load_state_dict(WanImageEncoderStateDictConverter(torch.load(path, weights_only=True)))
+    return encoder.eval().requires_grad_(False)

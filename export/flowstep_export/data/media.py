@@ -217,6 +217,22 @@ def read_clips(path: Path, buckets: list[Bucket], extraction: FrameExtraction, f
     return (Clip(to_pixels([frames[ids[j]] for j in range(start, start + n)]), bucket, total, start) for start, n in windows)
 
 
+def read_image(path: Path, bucket: Bucket) -> np.ndarray:
+    """The image `path` cropped to `bucket` (an I2V clip's input image): [3, H, W] in [-1, 1].
+    ValueError (one line, naming it) when it cannot be used."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:  # reads the header only
+            bucket_for(img.width, img.height, [bucket])
+            image = img.convert("RGB")
+    except ValueError as e:
+        raise ValueError(f"input image {path}: {e}") from None
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"input image {path}: cannot decode image: {one_line(e)}") from None
+    return to_pixels([crop_and_resize(image, bucket)])[:, 0]
+
+
 def to_pixels(images) -> np.ndarray:
     """PIL frames -> [3, T, H, W] in [-1, 1], as DiffSynth's `preprocess_video`."""
     video = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # T H W C

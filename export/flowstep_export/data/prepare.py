@@ -2,7 +2,8 @@
 
 python -m flowstep_export.data.prepare --videos DIR --out DATA --vae Wan2.1_VAE.pth \\
     --text-encoder models_t5_umt5-xxl-enc-bf16.pth --tokenizer google/umt5-xxl \\
-    --resolution 480x832 --frames 81 [--fps 16]
+    --resolution 480x832 --frames 81 [--fps 16] \\
+    [--model wan2.1-i2v-14b --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth]
 
 Captions come from DIR/metadata.csv (DiffSynth's layout: a `video` or `image` column with paths
 relative to DIR, and a `prompt` column) or, without it, from a `.txt` beside each file
@@ -11,8 +12,20 @@ relative to DIR, and a `prompt` column) or, without it, from a `.txt` beside eac
   latents  [16, (T-1)/4+1, H/8, W/8]  Wan VAE latents (DiffSynth's normalised `input_latents`)
   context  [text_len, 4096]           umT5 embeddings, zero after the prompt's tokens
 
-With the Wan2.2 VAE (`Wan2.2_VAE.pth`, for Wan2.2 TI2V-5B) the latents are [48, (T-1)/4+1,
-H/16, W/16], H and W multiples of 32, and each sample also holds TI2V's first-frame condition
+and, for an image-to-video --model (wan2.1-i2v-14b, wan2.2-i2v-a14b), the conditioning its DiT
+takes, from the clip's first frame as DiffSynth's trainer (`--extra_inputs input_image`) does:
+
+  y             [20, (T-1)/4+1, H/8, W/8]  a first-frame mask (4 channels) and the VAE latents
+                                           of the first frame followed by black frames
+  clip_feature  [257, 1280]                CLIP ViT-H image tokens (Wan2.1 only; --clip)
+
+An image beside a video with the same name (clip.mp4 + clip.png), or a metadata.csv
+`input_image` column, gives that video's input image instead of its first frame; it is cropped
+to the video's bucket.
+
+With the Wan2.2 VAE (`Wan2.2_VAE.pth`, for Wan2.2 TI2V-5B; no --model) the latents are [48,
+(T-1)/4+1, H/16, W/16], H and W multiples of 32, and each sample also holds TI2V's first-frame
+condition
 
   first_frame_latents  [48, 1, H/16, W/16]  the clip's first frame alone through the VAE
 
@@ -20,12 +33,13 @@ as DiffSynth's training computes it (its `input_image` is the video's frame 0, e
 `WanVideoUnit_ImageEmbedderFused`). TI2V trains on the frames after the first, so a file that
 gives one frame (an image, or a video in the 1-frame bucket) is skipped.
 
-stored as bf16 (or float32 with --dtype f32); T, H, W are the file's frame and resolution
+All are stored as bf16 (or float32 with --dtype f32); T, H, W are the file's frame and resolution
 bucket. Each sample's metadata records the settings it was made with (resolution and frame
-buckets, fps, text length, dtype, sha256 of the VAE, text encoder and tokenizer files). A file
-already in DATA with the same settings is skipped, so an interrupted run continues where it
-stopped; one made with other settings, or with none recorded (an older prepare), is re-encoded
-in place. A file that cannot be used gets one line, is skipped and counted.
+buckets, fps, text length, dtype, sha256 of the VAE, text encoder and tokenizer files, the
+conditioning and the CLIP file's sha256) and, for I2V, where its input image came from
+(`input_image`). A file already in DATA with the same settings is skipped, so an interrupted run
+continues where it stopped; one made with other settings, or with none recorded (an older
+prepare), is re-encoded in place. A file that cannot be used gets one line, is skipped and counted.
 
 `--config dataset.toml` replaces --videos/--resolution/--frames/--fps with a dataset config in
 musubi-tuner's format (dataset_config.py): several folders, each with its resolution, caption
@@ -61,8 +75,13 @@ MAX_TEXT_LEN = 4096  # Wan's is 512
 # Metadata keys of the settings a sample was made with, and the flag that sets each.
 SETTING_FLAGS = {"resolutions": "--resolution", "frame_buckets": "--frames", "fps": "--fps", "text_len": "--text-len",
                  "dtype": "--dtype", "vae_sha256": "--vae", "text_encoder_sha256": "--text-encoder",
-                 "tokenizer_sha256": "--tokenizer", "frame_extraction": "frame_extraction"}
+                 "tokenizer_sha256": "--tokenizer", "frame_extraction": "frame_extraction",
+                 "conditioning": "--model", "image_encoder_sha256": "--clip"}
+# What samples made before prepare wrote image conditioning were: text-to-video, no CLIP.
+TEXT_ONLY = {"conditioning": "none", "image_encoder_sha256": "none"}
 NO_SETTINGS = "with no recorded settings"
+FIRST_FRAME = "first frame"
+IMAGE_COLUMN = "input_image"  # DiffSynth's name for the I2V image
 
 
 @dataclass
@@ -70,6 +89,11 @@ class Item:
     source: Path
     caption: str | None
     name: str  # output file stem, from the path relative to --videos
+    image: Path | None = None  # the clip's input image for I2V; None: its first frame
+
+    def image_label(self, root: Path) -> str:
+        """Where the I2V input image comes from, as recorded in the sample."""
+        return FIRST_FRAME if self.image is None else str(self.image.relative_to(root))
 
 
 def escape_part(part: str) -> str:
@@ -115,21 +139,24 @@ def read_metadata(metadata: Path, root: Path) -> list[Item]:
     items, rows_of = [], {}
     for number, row in enumerate(rows, start=1):
         label = f"{metadata}, row {number}"
-        if row[column] is None or row["prompt"] is None:
+        if row[column] is None or row["prompt"] is None or row.get(IMAGE_COLUMN, "") is None:
             raise ValueError(f"{label}: fewer fields than the header")
         rel = inside(root, row[column], label)
+        image = root / inside(root, row[IMAGE_COLUMN], f"{label}, {IMAGE_COLUMN}") if row.get(IMAGE_COLUMN) else None
         if rel in rows_of:
             raise ValueError(f"{metadata}: rows {rows_of[rel]} and {number} both name {rel}; one sample per file")
         rows_of[rel] = number
         source = root / rel
         if os.path.lexists(source):
             warn_if_outside(source, root, f"{label} ({rel})")
-        items.append(Item(source, row["prompt"], output_name(rel)))
+        items.append(Item(source, row["prompt"], output_name(rel), image))
     return items
 
 
-def find_items(root: Path, caption_extension: str = ".txt") -> list[Item]:
-    """Files and captions, from metadata.csv or sidecar caption files (`.txt` by default)."""
+def find_items(root: Path, caption_extension: str = ".txt", input_images: bool = False) -> list[Item]:
+    """Files and captions, from metadata.csv or sidecar caption files (`.txt` by default); with
+    `input_images`, an image beside a video with its name is the video's input image, not a
+    sample of its own."""
     from .media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
     if not root.is_dir():
@@ -140,6 +167,15 @@ def find_items(root: Path, caption_extension: str = ".txt") -> list[Item]:
     media = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES + IMAGE_SUFFIXES and not p.is_dir())
     if not media:
         raise ValueError(f"--videos {root}: no videos ({', '.join(VIDEO_SUFFIXES)}) or images, and no metadata.csv")
+    images_of = {}  # video -> the image beside it
+    if input_images:
+        videos = {p.with_suffix(""): p for p in media if p.suffix.lower() in VIDEO_SUFFIXES}
+        for image in (p for p in media if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix("") in videos):
+            video = videos[image.with_suffix("")]
+            if video in images_of:
+                raise ValueError(f"{video}: two images beside it ({images_of[video].name}, {image.name}); keep one as its input image")
+            images_of[video] = image
+        media = [p for p in media if p not in images_of.values()]
     items = []
     for path in media:
         warn_if_outside(path, root, str(path))
@@ -148,7 +184,9 @@ def find_items(root: Path, caption_extension: str = ".txt") -> list[Item]:
         if os.path.lexists(txt):
             warn_if_outside(txt, root, str(txt))
             caption = read_text(txt).strip()
-        items.append(Item(path, caption, output_name(path.relative_to(root))))
+        if (image := images_of.get(path)) is not None:
+            warn_if_outside(image, root, str(image))
+        items.append(Item(path, caption, output_name(path.relative_to(root)), image))
     return items
 
 
@@ -197,6 +235,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "longest it can fill; images are 1 frame)")
     p.add_argument("--fps", type=float, help="resample videos to this frame rate first (Wan2.1: 16); default: "
                    f"consecutive source frames; from {FPS_RANGE[0]:g} to {FPS_RANGE[1]:g}")
+    p.add_argument("--model", default=None, metavar="PRESET",
+                   help="the DiT the dataset is for (a flowstep_export --model preset): for an image-to-video one "
+                        "(wan2.1-i2v-14b, wan2.2-i2v-a14b) each sample also gets `y` and, for Wan2.1, `clip_feature`; "
+                        "default: text-to-video (latents and context)")
+    p.add_argument("--clip", type=Path, help="Wan2.1 I2V's image encoder, models_clip_open-clip-xlm-roberta-large-"
+                   "vit-huge-14.pth (needed by --model wan2.1-i2v-14b)")
     p.add_argument("--text-len", type=int, default=512,
                    help=f"prompt tokens (default 512, Wan's; the DiT's text_len; at most {MAX_TEXT_LEN})")
     p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16", help="stored precision (default bf16)")
@@ -218,8 +262,9 @@ def tokenizer_sha256(folder: Path) -> str:
     return hashlib.sha256("".join(f"{sha256_of_file(p)}  {p.name}\n" for p in files).encode()).hexdigest()
 
 
-def why_re_encode(path: Path, settings: dict[str, str]) -> str | None:
-    """Why the existing sample `path` must be made again with `settings`, or None to keep it."""
+def why_re_encode(path: Path, settings: dict[str, str], input_image: str | None) -> str | None:
+    """Why the existing sample `path` must be made again with `settings` (and, for I2V, from
+    `input_image`), or None to keep it."""
     from safetensors import safe_open
 
     if (problem := file_problem(path)) is not None:  # a FIFO would hang the read, a directory the write
@@ -229,9 +274,12 @@ def why_re_encode(path: Path, settings: dict[str, str]) -> str | None:
             recorded = f.metadata() or {}
     except Exception:  # safetensors raises its own SafetensorError, and OSError
         return "unreadable"
+    recorded = TEXT_ONLY | recorded
     if not all(key in recorded for key in settings):
         return NO_SETTINGS
     changed = [SETTING_FLAGS[key] for key in settings if recorded[key] != settings[key]]
+    if not changed and input_image is not None and recorded.get("input_image") != input_image:
+        changed.append("input image")
     return f"made with another {' and '.join(changed)}" if changed else None
 
 
@@ -270,23 +318,53 @@ def link_repeats(out: Path, name: str, repeats: int) -> list[str]:
     return names
 
 
+def image_conditioning(model: str | None, clip: Path | None, text_len: int | None = None) -> list[str]:
+    """The conditioning tensors the DiT `model` (--model) takes, none for text-to-video; --clip
+    and, when given, --text-len checked against it."""
+    from ..model.configs import get_config
+
+    if model is None:
+        names = []
+    else:
+        config = get_config(model)
+        if config.variant == "ti2v":
+            raise ValueError(f"--model {model}: TI2V takes no --model; its first_frame_latents come from the Wan2.2 VAE "
+                             "(--vae Wan2.2_VAE.pth)")
+        names = [name for name, _ in config.conditioning]
+        if text_len is not None and text_len != config.text_len:
+            raise ValueError(f"--text-len {text_len}: --model {model} takes {config.text_len} prompt tokens")
+    if "clip_feature" in names and clip is None:
+        raise ValueError(f"--model {model} takes CLIP image features: give --clip "
+                         "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    if clip is not None:
+        if "clip_feature" not in names:
+            raise ValueError(f"--clip {clip}: {'text-to-video (no --model)' if model is None else f'--model {model}'} "
+                             "takes no CLIP image features")
+        require_regular_file(clip, f"--clip {clip}")
+    return names
+
+
 def prepare(args: argparse.Namespace) -> dict:
-    from .media import VIDEO_SUFFIXES, parse_resolutions, read_clips
+    from .media import VIDEO_SUFFIXES, parse_resolutions, read_clips, read_image
 
     # Every option before any work.
     specs = dataset_specs(args)
     check_text_len(args.text_len)
     require_regular_file(args.vae, f"--vae {args.vae}")
     require_regular_file(args.text_encoder, f"--text-encoder {args.text_encoder}")
+    conditioning = image_conditioning(args.model, args.clip, args.text_len)
 
     import torch
 
     from ..model.wan_text import encode_prompt, load_text_encoder, load_tokenizer
     from ..model.wan_vae import WAN22_Z_DIM, load_vae
+    from .image_conditioning import encode_clip, encode_y
 
     tokenizer = load_tokenizer(args.tokenizer, args.text_len)
     shared = {"text_len": str(args.text_len), "dtype": args.dtype, "vae_sha256": sha256_of_file(args.vae),
-              "text_encoder_sha256": sha256_of_file(args.text_encoder), "tokenizer_sha256": tokenizer_sha256(args.tokenizer)}
+              "text_encoder_sha256": sha256_of_file(args.text_encoder), "tokenizer_sha256": tokenizer_sha256(args.tokenizer),
+              "conditioning": ",".join(conditioning) or "none",
+              "image_encoder_sha256": "none" if args.clip is None else sha256_of_file(args.clip)}
     jobs = []  # (spec, item, the sample name base, settings)
     for spec in specs:
         settings = {"resolutions": ",".join(map(str, spec.buckets)), "frame_buckets": ",".join(map(str, spec.extraction.target_frames)),
@@ -294,16 +372,28 @@ def prepare(args: argparse.Namespace) -> dict:
         if spec.name is not None:
             settings["frame_extraction"] = spec.extraction.describe()
         prefix = "" if spec.name is None else output_name(Path(spec.name)) + "__"
-        jobs += [(spec, item, prefix + item.name, settings) for item in find_items(spec.folder, spec.caption_extension)]
+        jobs += [(spec, item, prefix + item.name, settings)
+                 for item in find_items(spec.folder, spec.caption_extension, input_images=bool(conditioning))]
+    if not conditioning and (given := sum(item.image is not None for _, item, _, _ in jobs)):
+        print(f"warning: metadata.csv gives {given} files an {IMAGE_COLUMN}; text-to-video samples take none "
+              "(--model an I2V preset uses them)", file=sys.stderr)
     vae = load_vae(args.vae, f"--vae {args.vae}")
-    for spec in specs:  # the stride this VAE needs (32 for Wan2.2's), with parse_resolutions' message
-        parse_resolutions([f"{b.height}x{b.width}" for b in spec.buckets], vae.upsampling_factor * DIT_PATCH)
     # The Wan2.2 VAE is TI2V-5B's: its samples carry the first frame's latents.
     ti2v = vae.z_dim == WAN22_Z_DIM
+    if ti2v and conditioning:
+        raise ValueError(f"--vae {args.vae}: the Wan2.2 VAE is TI2V-5B's; --model {args.model}'s y holds the Wan2.1 VAE's "
+                         "latents (Wan2.1_VAE.pth)")
+    for spec in specs:  # the stride this VAE needs (32 for Wan2.2's), with parse_resolutions' message
+        parse_resolutions([f"{b.height}x{b.width}" for b in spec.buckets], vae.upsampling_factor * DIT_PATCH)
     for spec in specs:
         if ti2v and max(spec.extraction.target_frames) == 1:
             raise ValueError(f"--frames {','.join(map(str, spec.extraction.target_frames))}: TI2V (the Wan2.2 VAE) trains on the "
                              "frames after the first; give a bucket of 5 frames or more")
+
+    def input_image(spec, item: Item) -> str | None:
+        """Where an I2V sample's input image comes from (recorded as `input_image`); None for T2V."""
+        return item.image_label(spec.folder) if conditioning else None
+
     args.out.mkdir(parents=True, exist_ok=True)
     existing = {p.name.removesuffix(".safetensors") for p in args.out.glob("*.safetensors")}
     stale = {}  # sample name -> why its existing sample is made again
@@ -311,7 +401,7 @@ def prepare(args: argparse.Namespace) -> dict:
     for spec, item, base, settings in jobs:
         # Flags: one sample per file, known by name before decoding. Config: clips, known after.
         if spec.name is None and base in existing:
-            if (why := why_re_encode(args.out / f"{base}.safetensors", settings)) is None:
+            if (why := why_re_encode(args.out / f"{base}.safetensors", settings, input_image(spec, item))) is None:
                 continue
             stale[base] = why
         todo.append((spec, item, base, settings))
@@ -322,16 +412,25 @@ def prepare(args: argparse.Namespace) -> dict:
     stored = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     encoders = {}
 
-    def encode(pixels, caption):
+    def encode(pixels, caption, input_pixels):
         if not encoders:  # loaded once something needs encoding
             encoders["text"] = load_text_encoder(args.text_encoder, compute, f"--text-encoder {args.text_encoder}").to(args.device)
             vae.model.to(device=args.device, dtype=compute)
+            if "clip_feature" in conditioning:
+                from ..model.wan_clip import load_image_encoder
+
+                encoders["image"] = load_image_encoder(args.clip, compute, f"--clip {args.clip}").to(args.device)
         with torch.no_grad():
             pixels = torch.from_numpy(pixels).to(compute)
             tensors = {"latents": vae.encode([pixels], device=args.device)[0],
                        "context": encode_prompt(tokenizer, encoders["text"], caption, args.device)}
             if ti2v:  # DiffSynth's WanVideoUnit_ImageEmbedderFused on frame 0
                 tensors["first_frame_latents"] = vae.encode([pixels[:, :1]], device=args.device)[0]
+            if conditioning:  # DiffSynth's WanVideoUnit_ImageEmbedderVAE / _ImageEmbedderCLIP
+                input_pixels = torch.from_numpy(input_pixels).to(compute)
+                tensors["y"] = encode_y(vae, input_pixels, pixels.shape[1], args.device)
+            if "clip_feature" in conditioning:
+                tensors["clip_feature"] = encode_clip(encoders["image"], input_pixels, args.device)
         return {name: t.to("cpu", stored).contiguous() for name, t in tensors.items()}
 
     def drop_old(base: str, keep: set[str]) -> str:
@@ -355,23 +454,36 @@ def prepare(args: argparse.Namespace) -> dict:
                 raise ValueError(f"no caption: write {item.source.with_suffix(spec.caption_extension).name} beside it, or list it in metadata.csv")
             if (problem := file_problem(item.source)) is not None:
                 raise ValueError(problem)
+            given_image = None  # the input image, read once per bucket
             for clip in read_clips(item.source, spec.buckets, spec.extraction, spec.fps):
                 if ti2v and clip.pixels.shape[1] == 1:
                     raise ValueError("one frame: TI2V (the Wan2.2 VAE) trains on the frames after the first; it needs a video "
                                      f"of {min(f for f in spec.extraction.target_frames if f > 1)} frames or more")
+                if item.image is not None and conditioning:
+                    if given_image is None or given_image[0] != clip.bucket:
+                        if (problem := file_problem(item.image)) is not None:
+                            raise ValueError(f"input image {item.image}: {problem}")
+                        given_image = (clip.bucket, read_image(item.image, clip.bucket))
+                    input_pixels = given_image[1]
+                else:
+                    input_pixels = clip.pixels[:, 0]
                 name = sample_name(base, spec, clip, video)
-                why = why_re_encode(args.out / f"{name}.safetensors", settings) if name in existing else "new"
+                why = (why_re_encode(args.out / f"{name}.safetensors", settings, input_image(spec, item))
+                       if name in existing else "new")
                 if why is None:
                     counts["done_before"] += 1
                 else:
-                    sample = encode(clip.pixels, item.caption)
+                    sample = encode(clip.pixels, item.caption, input_pixels)
                     if nonfinite := [n for n, t in sample.items() if not torch.isfinite(t).all()]:
                         encoder = {"latents": f"the VAE ({args.vae.name})", "first_frame_latents": f"the VAE ({args.vae.name})",
-                                   "context": f"the text encoder ({args.text_encoder.name})"}
+                                   "y": f"the VAE ({args.vae.name})", "context": f"the text encoder ({args.text_encoder.name})",
+                                   "clip_feature": f"the image encoder ({Path(args.clip or '').name})"}
                         raise ValueError(f"{' and '.join(dict.fromkeys(encoder[n] for n in nonfinite))} gave NaN or Inf values; nothing written")
                     metadata = {"source": str(item.source.relative_to(spec.folder)), "caption": item.caption,
                                 "bucket": str(clip.bucket), "frames": str(clip.pixels.shape[1]), "first_frame": str(clip.start),
                                 "vae": args.vae.name, "text_encoder": args.text_encoder.name} | settings
+                    if conditioning:  # `first_frame` is the clip's start in the video; this, its I2V image
+                        metadata["input_image"] = input_image(spec, item)
                     save_tensors(sample, args.out / f"{name}.safetensors", metadata)
                     counts["prepared"] += 1
                     if why != "new":
