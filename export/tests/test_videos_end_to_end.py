@@ -142,7 +142,7 @@ def test_i2v_videos_to_lora_and_back_to_videos(vae_decoder, tiny_i2v, tmp_path):
     after = tmp_path / "sample"
     r = subprocess.run([str(flowstep_bin()), "sample", "--artifacts", str(tiny_i2v), "--lora", str(out / "lora.safetensors"),
                         "--context", str(prompts / "prompt-000.safetensors"), "--condition", str(condition),
-                        "--shape", "3,4,6", "--num-samples", "1", "--steps", "3", "--seed", "3", "--vae-decoder", str(vae_decoder / "decoder"),
+                        "--shape", "3,4,6", "--num-samples", "1", "--steps", "3", "--cfg-scale", "1", "--seed", "3", "--vae-decoder", str(vae_decoder / "decoder"),
                         "--out", str(after)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert len(iio.mimread(after / "videos.gif")) == 9
