@@ -25,8 +25,10 @@ from independent import TINY, flowstep
 
 FP8_RTOL = 1e-5
 # models/tiny's layout (rank 8, chunk 12), so that its float32 graphs and these share a LoRA.
+# The committed tiny base, not a fresh seeded init: its bits would depend on PyTorch's CPU kernels
+# (docs/DESIGN.md §4), and the converter test compares quantized bytes exactly.
 EXPORT = ["--model", "tiny", "--lora-rank", "8", "--attention-chunk", "12", "--base-dtype", "float8_e4m3fn", "--ship-base",
-          "--graphs", "training_model,eval_model,optimizer_model"]
+          "--base", str(TINY / "base.safetensors"), "--graphs", "training_model,eval_model,optimizer_model"]
 
 
 def export(out: Path, *extra) -> dict:
