@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
 TEXT_LIMIT = 64 << 20  # metadata.csv, captions, prompt files: far above any real one
@@ -163,3 +165,19 @@ def write_text(path: Path, text: str) -> None:
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def publish_files(out: Path, names: tuple[str, ...], write):
+    """Runs `write(temp)` in a temporary folder inside `out`, then moves `names` into `out` in
+    order, the manifest (the last name) last, after removing the old manifest, so that a
+    manifest never describes files of another export. Returns what `write` returned."""
+    out.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=".publish-", dir=out))
+    try:
+        result = write(temp)
+        (out / names[-1]).unlink(missing_ok=True)
+        for name in names:
+            os.replace(temp / name, out / name)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return result

@@ -22,10 +22,7 @@ import argparse
 import hashlib
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -34,7 +31,7 @@ import torch
 
 from .. import OPSET
 from ..deps import run_reporting_errors
-from ..files import require_regular_file
+from ..files import publish_files, require_regular_file
 
 log = logging.getLogger("flowstep_export")
 
@@ -77,16 +74,8 @@ def export_text_encoder(encoder_path: Path, tokenizer_path: Path, out: Path, tex
     vocab = encoder.token_embedding.num_embeddings
     if len(hf) > vocab:
         raise ValueError(f"--tokenizer {tokenizer_path}: {len(hf)} tokens, more than the encoder's {vocab} embeddings")
-    out.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=".text_encoder-", dir=out))
-    try:
-        manifest = write_text_encoder(encoder, tokenizer, encoder_path.name, text_len, temp)
-        (out / MANIFEST).unlink(missing_ok=True)  # an old manifest must not describe the new graph
-        for name in (GRAPH, WEIGHTS, TOKENIZER, MANIFEST):
-            os.replace(temp / name, out / name)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-    return manifest
+    return publish_files(out, (GRAPH, WEIGHTS, TOKENIZER, MANIFEST),
+                         lambda temp: write_text_encoder(encoder, tokenizer, encoder_path.name, text_len, temp))
 
 
 def write_text_encoder(encoder, tokenizer, source: str, text_len: int, out: Path) -> dict:

@@ -31,10 +31,7 @@ import argparse
 import hashlib
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -45,6 +42,7 @@ from onnx import numpy_helper
 
 from .. import OPSET
 from ..deps import run_reporting_errors
+from ..files import publish_files
 from ..model.wan_vae import load_vae, vae_name
 
 log = logging.getLogger("flowstep_export")
@@ -159,16 +157,7 @@ def export_vae_decoder(vae_path: Path, out: Path) -> dict:
     DiffSynth's decode on a random latent; returns the manifest. The files are written into a
     temporary folder in `out` and moved to their names once checked, the manifest last."""
     vae = load_vae(vae_path, f"--vae {vae_path}")
-    out.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=".vae_decoder-", dir=out))
-    try:
-        manifest = write_vae_decoder(vae, vae_path.name, temp)
-        (out / MANIFEST).unlink(missing_ok=True)  # an old manifest must not describe the new graphs
-        for name in (FIRST, STEP, WEIGHTS, MANIFEST):
-            os.replace(temp / name, out / name)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-    return manifest
+    return publish_files(out, (FIRST, STEP, WEIGHTS, MANIFEST), lambda temp: write_vae_decoder(vae, vae_path.name, temp))
 
 
 def write_vae_decoder(vae, source: str, out: Path) -> dict:
