@@ -62,7 +62,7 @@ pub fn prompt_slug(text: &str) -> String {
 }
 
 /// The prompt text a context file was encoded from (its `prompt` metadata, written by
-/// `python -m flowstep_export.encode_prompts`), if it records one.
+/// `python -m flowstep_export.data.encode_prompts`), if it records one.
 pub fn context_prompt(path: &Path) -> Result<Option<String>> {
     Ok(TensorFile::open(path)?.metadata().and_then(|m| m.get("prompt")).cloned())
 }

@@ -21,6 +21,11 @@ from wan_fixtures import TEXT_LEN, write_text_encoder, write_tokenizer
 
 PROMPT, NEGATIVE = "a red ball rolls  left", "blue square over the sky"
 LONG = " ".join(["a red ball rolls left"] * 5)  # 25 words: past TEXT_LEN tokens
+# Wan's standard negative prompt (`sample_neg_prompt`, wan/configs/shared_config.py in Wan2.1 and
+# musubi-tuner): what Wan's, DiffSynth's and musubi's samplers use when none is given.
+WAN_NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+                "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 # flowstep's embeddings against PyTorch's, both float32: the same umT5 ops, reordered by the
 # ONNX exporter and ONNX Runtime's kernels (measured max |diff| ~1e-6 on values up to ~3).
 ATOL = 1e-5
@@ -28,13 +33,14 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    """The tiny encoder's files, its ONNX export and its PyTorch contexts of PROMPT and NEGATIVE."""
+    """The tiny encoder's files, its ONNX export and its PyTorch contexts of PROMPT, NEGATIVE,
+    LONG and WAN_NEGATIVE (prompt-000 ... prompt-003)."""
     d = tmp_path_factory.mktemp("text")
     vocab = write_tokenizer(d / "tokenizer")
     write_text_encoder(d / "t5.pth", vocab, seed=3)
     text = ["--text-encoder", str(d / "t5.pth"), "--tokenizer", str(d / "tokenizer"), "--text-len", str(TEXT_LEN)]
     assert export_text_encoder([*text, "--out", str(d / "onnx")]) == 0
-    assert encode_prompts(["--out", str(d / "torch"), *text, "--precision", "float32", PROMPT, NEGATIVE, LONG]) == 0
+    assert encode_prompts(["--out", str(d / "torch"), *text, "--precision", "float32", PROMPT, NEGATIVE, LONG, WAN_NEGATIVE]) == 0
     return d
 
 
@@ -90,6 +96,10 @@ def test_a_prompt_past_text_len_is_truncated_as_diffsynth_does(encoder, tmp_path
     expected = torch_context(encoder, 2)
     assert np.abs(expected).sum(axis=1).all(), "every token is the prompt's: no padding"
     assert float(np.abs(context - expected).max()) <= ATOL
+    # No --negative-prompt: guidance is against Wan's standard negative prompt.
+    negative = load_file(str(tmp_path / "s" / "samples.safetensors"))["negative_context"]
+    assert float(np.abs(negative - torch_context(encoder, 3)).max()) <= ATOL
+    assert json.loads((tmp_path / "s" / "samples.json").read_text())["negative_prompt"] == WAN_NEGATIVE
 
 
 def test_train_samples_text_prompts_with_their_options(encoder, tmp_path):
@@ -108,10 +118,12 @@ def test_train_samples_text_prompts_with_their_options(encoder, tmp_path):
     # --w 96 --h 48 --f 5: latents 2 frames of 6x12; the second line keeps the data's bucket.
     assert (first["shape"], first["steps"], first["seed"], first["cfg_scale"]) == ([16, 2, 6, 12], 3, 7, 1.0)
     assert (second["shape"], second["steps"], second["seed"], second["cfg_scale"]) == ([16, 2, 8, 8], 2, 8, 2.5)
-    assert (first["prompt"], first["negative_prompt"], second["negative_prompt"]) == (PROMPT, None, NEGATIVE)
+    # A line without --n samples against Wan's standard negative prompt, as musubi-tuner's do.
+    assert (first["prompt"], first["negative_prompt"], second["negative_prompt"]) == (PROMPT, WAN_NEGATIVE, NEGATIVE)
     a, b = (load_file(str(step / p["name"] / "samples.safetensors")) for p in listed)
     for tensors in (a, b):
         assert float(np.abs(tensors["context"] - torch_context(encoder, 0)).max()) <= ATOL
+    assert float(np.abs(a["negative_context"] - torch_context(encoder, 3)).max()) <= ATOL
     assert float(np.abs(b["negative_context"] - torch_context(encoder, 1)).max()) <= ATOL
     # Each line's options reach the sampler: flowstep sample with them gives the same latents.
     for tensors, flags in [(a, ["--shape", "2,6,12", "--steps", "3", "--seed", "7", "--cfg-scale", "1"]),

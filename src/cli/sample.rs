@@ -12,7 +12,7 @@ use flowstep::artifacts::{Artifacts, ExpertRole};
 use flowstep::decode::{Tile, VaeDecoder, VideoOptions};
 use flowstep::executor::{VelocityGraph, WithLora};
 use flowstep::render::{centroid_motion, mean_rgb};
-use flowstep::sample::{DEFAULT_CFG_SCALE, DEFAULT_SHIFT, DEFAULT_STEPS, PromptTensors, SampleConfig, Stage, context_prompt, read_conditioning, read_context, sample, write_outputs};
+use flowstep::sample::{DEFAULT_CFG_SCALE, DEFAULT_SHIFT, DEFAULT_STEPS, PromptTensors, SampleConfig, WAN_NEGATIVE_PROMPT, Stage, context_prompt, read_conditioning, read_context, sample, write_outputs};
 use flowstep::tensor_file::{Staging, write_atomic};
 use flowstep::text_encoder::encode_prompts;
 use flowstep::video_files::Mp4;
@@ -33,7 +33,8 @@ pub struct Args {
     #[arg(long, value_name = "TEXT", requires = "text_encoder", conflicts_with = "context")]
     pub prompt: Option<String>,
 
-    /// Negative prompt text for guidance, encoded by --text-encoder.
+    /// Negative prompt text for guidance, encoded by --text-encoder; default with --prompt:
+    /// Wan's standard negative prompt (as Wan's, DiffSynth-Studio's and musubi-tuner's samplers).
     #[arg(long, value_name = "TEXT", requires = "text_encoder", conflicts_with = "negative_context")]
     pub negative_prompt: Option<String>,
 
@@ -48,7 +49,8 @@ pub struct Args {
     #[arg(long, value_name = "FILE", required_unless_present = "prompt")]
     pub context: Option<PathBuf>,
 
-    /// Negative prompt for guidance (a `context` file); default: an all-zero context.
+    /// Negative prompt for guidance (a `context` file); default: Wan's standard negative
+    /// prompt with --prompt, else an all-zero context.
     #[arg(long, value_name = "FILE")]
     pub negative_context: Option<PathBuf>,
 
@@ -228,6 +230,16 @@ fn progress_bar(len: u64, what: &str, quiet: bool) -> ProgressBar {
     bar
 }
 
+/// The negative prompt text to encode: --negative-prompt, or Wan's standard one for a text
+/// --prompt without a --negative-context.
+fn negative_prompt(args: &Args) -> Option<&str> {
+    match (&args.negative_prompt, &args.prompt, &args.negative_context) {
+        (Some(text), _, _) => Some(text),
+        (None, Some(_), None) => Some(WAN_NEGATIVE_PROMPT),
+        _ => None,
+    }
+}
+
 /// The prompt's and the optional negative prompt's contexts: text encoded by --text-encoder
 /// (which is dropped before the DiT loads), or read from context files.
 fn prompt_contexts(args: &Args, model: &flowstep::artifacts::ModelInfo, threads: Option<usize>) -> anyhow::Result<(Vec<f32>, Option<Vec<f32>>)> {
@@ -237,7 +249,7 @@ fn prompt_contexts(args: &Args, model: &flowstep::artifacts::ModelInfo, threads:
             anyhow::bail!("--context {}: no such file; --context takes a .safetensors file with `context` [L, D], text goes to --prompt \"TEXT\" --text-encoder DIR", context.display());
         }
     }
-    let texts: Vec<&str> = args.prompt.iter().chain(&args.negative_prompt).map(String::as_str).collect();
+    let texts: Vec<&str> = args.prompt.as_deref().into_iter().chain(negative_prompt(args)).collect();
     let mut encoded = match &args.text_encoder {
         Some(dir) => {
             anyhow::ensure!(!texts.is_empty(), "--text-encoder {}: nothing to encode; give --prompt or --negative-prompt", dir.display());
@@ -330,7 +342,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         videos.push(video);
     }
     bar.finish_and_clear();
-    let summary = serde_json::json!({"prompt": prompt, "negative_prompt": args.negative_prompt, "lora": args.lora, "expert_lora": args.expert_lora,
+    let summary = serde_json::json!({"prompt": prompt, "negative_prompt": negative_prompt(&args), "lora": args.lora, "expert_lora": args.expert_lora,
         "condition": args.condition, "context": args.context, "negative_context": args.negative_context, "shape": shape, "steps": args.steps,
         "cfg_scale": args.cfg_scale, "shift": args.shift, "samples": motions});
     // Every output is written aside and moved into --out only once all are complete.

@@ -22,8 +22,9 @@
 //! scale, `--fs` the shift, `--d` the seed, `--n` a negative prompt (the rest of the line up to
 //! the next ` --`). Context options: `seed`, `shape` (latent F,H,W), `steps`, `cfg`, `shift`,
 //! `negative` (a context file), `condition`. Defaults for both: seed 0, the training data's
-//! largest bucket, `--sample-steps`, cfg 1 (no guidance), shift 5 (as `flowstep sample`), an
-//! all-zero negative context. An image-to-video model needs `condition=FILE` (the tensors
+//! largest bucket, `--sample-steps`, cfg 1 (no guidance), shift 5 (as `flowstep sample`); the
+//! negative is Wan's standard negative prompt for a text line (as musubi-tuner) and an all-zero
+//! context for a context line. An image-to-video model needs `condition=FILE` (the tensors
 //! `flowstep sample --condition` takes, at the line's shape), so context lines only.
 
 use std::path::{Path, PathBuf};
@@ -38,7 +39,7 @@ use crate::decode::{Tile, VaeDecoder, VideoOptions};
 use crate::executor::{BaseWeights, VelocityGraph};
 use crate::runtime::SessionOptions;
 use crate::data::Conditioning;
-use crate::sample::{DEFAULT_SHIFT, PromptTensors, SampleConfig, Stage, context_prompt, prompt_slug, read_conditioning, read_context, sample, write_outputs};
+use crate::sample::{DEFAULT_SHIFT, PromptTensors, WAN_NEGATIVE_PROMPT, SampleConfig, Stage, context_prompt, prompt_slug, read_conditioning, read_context, sample, write_outputs};
 use crate::tensor_file::{Staging, write_atomic};
 use crate::video_files::Mp4;
 
@@ -69,7 +70,7 @@ const MAX_SAMPLE_VALUES: usize = 1 << 28;
 pub struct Prompt {
     pub name: String,
     /// The prompt and negative prompt of a text line.
-    pub text: Option<(String, Option<String>)>,
+    pub text: Option<(String, String)>,
     pub context: Vec<f32>,
     pub negative: Option<Vec<f32>>,
     pub conditioning: Vec<Conditioning>,
@@ -152,7 +153,7 @@ pub fn read_prompts(config: &SamplingConfig, model: &ModelInfo, default_shape: [
         return Err(Error::Config(format!("--text-encoder {}: --sample-prompts {} has no text lines to encode (only context files)", encoder.display(), file.display())));
     }
     if let Some(encoder) = &config.text_encoder {
-        let mut unique: Vec<&str> = texts.iter().flat_map(|(_, t)| std::iter::once(t.prompt.as_str()).chain(t.negative.as_deref())).collect();
+        let mut unique: Vec<&str> = texts.iter().flat_map(|(_, t)| [t.prompt.as_str(), t.negative.as_str()]).collect();
         unique.sort_unstable();
         unique.dedup();
         let encoded = encode_prompts(encoder, &unique, model, threads)?;
@@ -160,7 +161,7 @@ pub fn read_prompts(config: &SamplingConfig, model: &ModelInfo, default_shape: [
         for (index, line) in &texts {
             let prompt = &mut prompts[*index];
             prompt.context = lookup(&line.prompt).unwrap_or_default();
-            prompt.negative = line.negative.as_deref().and_then(lookup);
+            prompt.negative = lookup(&line.negative);
         }
     }
     Ok(prompts)
@@ -170,7 +171,7 @@ pub fn read_prompts(config: &SamplingConfig, model: &ModelInfo, default_shape: [
 #[derive(Debug, Clone)]
 struct TextLine {
     prompt: String,
-    negative: Option<String>,
+    negative: String,
     config: SampleConfig,
 }
 
@@ -185,7 +186,8 @@ fn parse_text_line(line: &str, model: &ModelInfo, default_shape: [usize; 3], def
     let [stride_f, stride_h, stride_w] = model.vae_stride();
     let [default_f, default_h, default_w] = default_shape;
     let (mut frames, mut height, mut width) = ((default_f - 1) * stride_f + 1, default_h * stride_h, default_w * stride_w);
-    let (mut seed, mut steps, mut cfg_scale, mut shift, mut negative) = (0u64, default_steps, 1.0f32, DEFAULT_SHIFT, None);
+    let (mut seed, mut steps, mut cfg_scale, mut shift) = (0u64, default_steps, 1.0f32, DEFAULT_SHIFT);
+    let mut negative = WAN_NEGATIVE_PROMPT.to_string();
     for part in parts {
         let (option, value) = part.split_once(' ').map_or((part.trim(), ""), |(o, v)| (o.trim(), v.trim()));
         let expected = |what: &str| format!("{}: expected {what}", format!("--{option} {value}").trim_end());
@@ -198,7 +200,7 @@ fn parse_text_line(line: &str, model: &ModelInfo, default_shape: [usize; 3], def
             "d" => seed = value.parse().map_err(|_| expected("a non-negative integer seed"))?,
             "g" | "l" => cfg_scale = value.parse().ok().filter(|c: &f32| c.is_finite()).ok_or_else(|| expected("a finite guidance scale"))?,
             "fs" => shift = value.parse().ok().filter(|s: &f32| s.is_finite() && *s > 0.0).ok_or_else(|| expected("a positive shift"))?,
-            "n" if !value.is_empty() => negative = Some(value.to_string()),
+            "n" if !value.is_empty() => negative = value.to_string(),
             "n" => return Err(expected("a negative prompt")),
             _ => return Err(format!("unknown option `--{option}` (--w, --h, --f, --s, --g or --l, --fs, --d, --n)")),
         }
@@ -304,7 +306,7 @@ impl SampleWriter {
             }
             let c = &prompt.config;
             let (text, negative) = prompt.text.clone().unzip();
-            listed.push(serde_json::json!({"name": prompt.name, "prompt": text, "negative_prompt": negative.flatten(), "seed": c.seed,
+            listed.push(serde_json::json!({"name": prompt.name, "prompt": text, "negative_prompt": negative, "seed": c.seed,
                 "shape": c.shape, "steps": c.steps, "cfg_scale": c.cfg_scale, "shift": c.shift}));
         }
         let json = serde_json::to_vec_pretty(&listed).map_err(|e| Error::Config(e.to_string()))?;
