@@ -67,6 +67,18 @@ def placeholders_filled(words: list[str]) -> list[str]:
             if w != "..." or words[i - 1].startswith("--")]
 
 
+LAUNCHERS = {"torchrun", "mpiexec", "mpirun", "srun"}
+
+
+def launched(words: list[str]) -> list[str]:
+    """The command a launcher starts (`torchrun ... flowstep train ...`, `VAR=... mpiexec -n 2
+    flowstep ...`): from the `flowstep` word on; other commands as they are."""
+    command = [w for w in words if not re.fullmatch(r"[A-Z_]+=\S*", w)] or words
+    if Path(command[0]).name in LAUNCHERS and "flowstep" in command:
+        return command[command.index("flowstep"):]
+    return words
+
+
 def quick_start() -> str:
     [body] = [body for heading, body in code_blocks(README.read_text()) if heading.startswith(QUICK_START)]
     return body
@@ -78,7 +90,7 @@ def test_other_readme_commands_parse():
         if heading.startswith(QUICK_START):
             continue
         for command in commands(body):
-            words = placeholders_filled(shlex.split(command))
+            words = launched(placeholders_filled(shlex.split(command)))
             if words[0] == "flowstep":
                 r = subprocess.run([str(flowstep_bin()), *words[1:], "--help"], capture_output=True, text=True, timeout=60)
             elif "-m" in words[:2] and words[words.index("-m") + 1].startswith("flowstep_export"):
@@ -89,7 +101,7 @@ def test_other_readme_commands_parse():
                 continue  # set-up lines (cd, VENV=..., echo) and the two scripts, which the test suite runs
             assert r.returncode == 0, f"README ({heading}): `{command}` does not parse:\n{r.stderr[-2000:]}"
             checked.append(words[0] if words[0] == "flowstep" else words[words.index("-m") + 1])
-    assert checked.count("flowstep") >= 8 and len(checked) >= 14, checked
+    assert checked.count("flowstep") >= 16 and len(checked) >= 22, checked
 
 
 # Runs `python -m MODULE ARGS` up to the end of its argument parsing, then exits 0.
