@@ -29,6 +29,7 @@ POINTWISE = ["tests/test_pointwise.py", "tests/test_edges.py::test_norms_where_e
 ATTENTION = ["tests/test_long_sequences.py", "-k", "lowered_attention or attention_operator"]
 MEDIA_PARSE = ["tests/test_edges.py", "-k", "frames or resolutions or source_size"]
 PREPARE = ["tests/test_prepare.py"]
+PREPARE_I2V = ["tests/test_prepare_i2v.py"]
 
 # (file, exact text (must occur once), replacement, pytest arguments run in export/)
 MUTANTS = [
@@ -53,6 +54,12 @@ MUTANTS = [
      ["tests/test_edges.py", "-k", "resampling"]),
     (f"{PKG}/data/media.py", "scale = max(bucket.width / width, bucket.height / height)\n    image =",
      "scale = min(bucket.width / width, bucket.height / height)\n    image =", PREPARE),
+    (f"{PKG}/data/image_conditioning.py", "    mask[:TEMPORAL] = 1", "    mask[:1] = 1", PREPARE_I2V),
+    (f"{PKG}/model/wan_clip.py", "HEADS = 16", "HEADS = 8", PREPARE_I2V),
+    (f"{PKG}/data/prepare.py", "            if item.image is not None and conditioning:", "            if False:", PREPARE_I2V),
+    (f"{PKG}/data/prepare.py", 'output_name(rel), image))', 'output_name(rel)))', PREPARE_I2V),
+    (f"{PKG}/data/prepare.py", "if recorded[key] != settings[key]]", 'if recorded[key] != settings[key] and key != "conditioning"]',
+     PREPARE_I2V),
     (f"{PKG}/reference/reference_train.py", "if step >= args.warmup:", "if step > args.warmup:", ["tests/test_edges.py", "-k", "reference_trainer"]),
     (f"{PKG}/pipeline/steps.py", "return weight * torch.mean(", "return torch.clamp(weight, max=1.0) * torch.mean(",
      ["tests/test_loss_weight_and_drift.py", "-k", "graph_loss and fresh"]),
