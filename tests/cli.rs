@@ -124,3 +124,23 @@ fn inspect_summarises_and_validates() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("26624 parameters") && text.contains("training_model") && text.contains("matches the manifest"), "{text}");
 }
+
+/// `flowstep inspect | head -1`: a reader that stops early ends the output quietly (exit 0),
+/// as for any Unix tool. Shown failing on the old code: println! panicked ("failed printing to
+/// stdout: Broken pipe", exit 101) at the first line written after the reader had gone.
+#[test]
+fn inspect_into_a_reader_that_stops_early_exits_quietly() {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flowstep"))
+        .args(["inspect", "--artifacts", path_str(&tiny_artifacts())])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run flowstep: {e}"));
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    // The reader is dropped here, before the graphs' lines (written after loading them).
+    assert!(first.starts_with("artifacts"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success() && out.stderr.is_empty(), "{:?}: {}", out.status, stderr(&out));
+}

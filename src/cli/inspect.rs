@@ -1,5 +1,6 @@
 //! `flowstep inspect`: validate an artifacts directory and summarise it.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -26,34 +27,36 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     let artifacts = Artifacts::open(&args.artifacts)?;
     let m = &artifacts.manifest;
     let md = &m.model;
-    println!("artifacts   {} (format {})", artifacts.dir.display(), m.format_version);
-    println!("model       {} ({}): dim {}, ffn {}, {} heads, {} layers, in {} out {}, text {}×{}",
-        md.name, md.variant, md.dim, md.ffn_dim, md.num_heads, md.num_layers, md.in_dim, md.out_dim, md.text_len, md.text_dim);
+    // A reader that stops early (`| head`) ends the output, not the program: see `super::run`.
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "artifacts   {} (format {})", artifacts.dir.display(), m.format_version)?;
+    writeln!(out, "model       {} ({}): dim {}, ffn {}, {} heads, {} layers, in {} out {}, text {}×{}",
+        md.name, md.variant, md.dim, md.ffn_dim, md.num_heads, md.num_layers, md.in_dim, md.out_dim, md.text_len, md.text_dim)?;
     if !md.conditioning.is_empty() {
-        println!("condition   {}", md.conditioning.iter().map(|c| format!("{} {}", c.name, c.describe())).collect::<Vec<_>>().join(", "));
+        writeln!(out, "condition   {}", md.conditioning.iter().map(|c| format!("{} {}", c.name, c.describe())).collect::<Vec<_>>().join(", "))?;
     }
     if let Some(e) = &m.expert {
-        println!("expert      {} of a Wan2.2 pair: timestep boundaries [{}, {}), sampling switches at t = {}",
-            e.role.as_str(), e.min_timestep_boundary, e.max_timestep_boundary, e.switch_timestep);
+        writeln!(out, "expert      {} of a Wan2.2 pair: timestep boundaries [{}, {}), sampling switches at t = {}",
+            e.role.as_str(), e.min_timestep_boundary, e.max_timestep_boundary, e.switch_timestep)?;
     }
     let base_values: usize = m.base_weights.tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
-    println!("base        {} tensors, {:.1} M values, {}", m.base_weights.tensors.len(), base_values as f64 / 1e6,
-        m.base_weights.file.as_deref().unwrap_or("not shipped: pass --base"));
-    println!("LoRA        rank {}, alpha {}, targets {}, {} tensors, {} parameters",
-        m.lora.rank, m.lora.alpha, m.lora.targets.join(","), m.lora.tensors.len(), m.lora.num_params);
-    println!("scheduler   {} (shift {}, {} timesteps)", m.scheduler.template, m.scheduler.shift, m.scheduler.num_train_timesteps);
+    writeln!(out, "base        {} tensors, {:.1} M values, {}", m.base_weights.tensors.len(), base_values as f64 / 1e6,
+        m.base_weights.file.as_deref().unwrap_or("not shipped: pass --base"))?;
+    writeln!(out, "LoRA        rank {}, alpha {}, targets {}, {} tensors, {} parameters",
+        m.lora.rank, m.lora.alpha, m.lora.targets.join(","), m.lora.tensors.len(), m.lora.num_params)?;
+    writeln!(out, "scheduler   {} (shift {}, {} timesteps)", m.scheduler.template, m.scheduler.shift, m.scheduler.num_train_timesteps)?;
     let t = &m.training;
-    println!("training    {}, attention {}, gradient checkpointing {}{}", t.precision, t.attention, if t.gradient_checkpointing { "on" } else { "off" },
-        if t.onnxruntime_disabled_optimizers.is_empty() { String::new() } else { format!(", ONNX Runtime optimizers off: {}", t.onnxruntime_disabled_optimizers.join(",")) });
-    println!("exporter    {}", m.exporter);
-    println!("sha256      {} files verified", m.files.len());
+    writeln!(out, "training    {}, attention {}, gradient checkpointing {}{}", t.precision, t.attention, if t.gradient_checkpointing { "on" } else { "off" },
+        if t.onnxruntime_disabled_optimizers.is_empty() { String::new() } else { format!(", ONNX Runtime optimizers off: {}", t.onnxruntime_disabled_optimizers.join(",")) })?;
+    writeln!(out, "exporter    {}", m.exporter)?;
+    writeln!(out, "sha256      {} files verified", m.files.len())?;
     if let Some(session) = session {
         for (name, sig) in &m.graphs {
             let s = flowstep::runtime::load_session(&artifacts.graph_path(name)?, &session.for_artifacts(m)?)?;
             check_session_io(&artifacts, name, &s)?;
             let size = std::fs::metadata(artifacts.graph_path(name)?).map(|x| x.len()).unwrap_or(0);
-            println!("graph       {name:<16} {:>7.1} MB, {} inputs, {} outputs: loaded on {} and matches the manifest",
-                size as f64 / 1e6, sig.inputs.len(), sig.outputs.len(), session.device);
+            writeln!(out, "graph       {name:<16} {:>7.1} MB, {} inputs, {} outputs: loaded on {} and matches the manifest",
+                size as f64 / 1e6, sig.inputs.len(), sig.outputs.len(), session.device)?;
         }
     }
     Ok(ExitCode::SUCCESS)

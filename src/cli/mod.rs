@@ -106,6 +106,8 @@ pub fn run() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // `flowstep inspect | head`: the reader has all it wanted.
+        Err(err) if err.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", one_line(&err));
             ExitCode::FAILURE
