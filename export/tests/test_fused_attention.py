@@ -47,7 +47,7 @@ def test_reference_operators_equal_softmax_autograd():
 
 
 def test_fused_export_validates_against_autograd(tmp_path):
-    out, report = export_tiny(tmp_path, attention="fused")
+    out, report = export_tiny(tmp_path, attention="fused", graphs=("training_model", "inference_model"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["training"]["attention"] == {"impl": "fused", "domain": "com.flowstep",
                                                  "operators": ["FlashAttention", "FlashAttentionGrad"]}
@@ -76,7 +76,7 @@ def test_committed_fused_twin_matches_committed_tiny():
 def test_fused_bf16_export_validates(tmp_path):
     """bf16 operator inputs (the CUDA kernels' dtype) through the reference evaluator: within
     validate.BF16_RATIO of PyTorch's own bf16 error, and really bf16 (far from exact)."""
-    out, report = export_tiny(tmp_path, attention="fused", precision="bfloat16")
+    out, report = export_tiny(tmp_path, attention="fused", precision="bfloat16", graphs=("training_model",))
     assert report["training.grad@3x8x8"]["max_rel"] > 1e-4
     fused = [n for n in onnx.load(str(out / "training_model.onnx")).graph.node if n.domain == "com.flowstep"]
     assert fused and all(n.op_type in ("FlashAttention", "FlashAttentionGrad") for n in fused)
