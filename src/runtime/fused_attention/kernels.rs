@@ -4,7 +4,7 @@
 //! log-sum-exp. Nothing of size [H, Sq, Sk] exists: the largest temporaries are one
 //! [query block, key block] tile per task. Inputs are widened to f32 one block at a time;
 //! every product runs on the `gemm` crate (runtime-dispatched AVX-512 / AVX2+FMA kernels),
-//! the exponentials on a polynomial exp compiled for the same instruction sets (pulp).
+//! the per-element row work (max, exp, dot) on [`rows`], vectorised for the same instruction sets.
 //!
 //! Parallelism (rayon): the forward over (batch, head, query block); the backward over
 //! (batch, head, group of key blocks), each task accumulating its own dk/dv rows and a dq
@@ -13,6 +13,10 @@
 use rayon::prelude::*;
 
 use super::{Dims, Element};
+
+mod rows;
+
+use rows::Isa;
 
 /// Query rows per tile.
 const QUERY_BLOCK: usize = 64;
@@ -70,62 +74,6 @@ fn matmul(dst: &mut [f32], a: Mat, b: Mat, beta: f32, accumulate: bool) {
             gemm::Parallelism::None,
         )
     }
-}
-
-/// exp(x) within ~2 ulp for x in [-87, 88] (clamped to that range: ~1e-38 below, which
-/// no softmax sum notices), branch-free so that
-/// loops over it vectorise: 2^n · e^r with n = round(x·log2 e), r = x - n·ln 2 in two parts,
-/// e^r by Cephes' degree-6 polynomial.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let e_r = p * r * r + r + 1.0;
-    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
-/// Lanes of the reductions below: independent accumulators, so that they vectorise (a single
-/// f32 accumulator is a serial dependency the compiler may not reorder).
-const LANES: usize = 16;
-
-#[inline(always)]
-fn max_of(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for (a, &v) in acc.iter_mut().zip(chunk) {
-            *a = if v > *a { v } else { *a };
-        }
-    }
-    tail.iter().chain(&acc).fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a })
-}
-
-/// x ← exp(x - shift), returning the sum of the new values.
-#[inline(always)]
-fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let mut chunks = x.chunks_exact_mut(LANES);
-    for chunk in &mut chunks {
-        for (a, v) in acc.iter_mut().zip(chunk) {
-            *v = exp(*v - shift);
-            *a += *v;
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for v in chunks.into_remainder() {
-        *v = exp(*v - shift);
-        sum += *v;
-    }
-    sum
 }
 
 /// Rows `first..first + dst.len() / D` of head `h` in batch `b` of a [B, seq, H, D] tensor,
@@ -188,7 +136,7 @@ fn forward_tile<T: Element>(
     first: usize,
     m: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    let d = dims.d;
+    let (d, isa) = (dims.d, Isa::detect());
     let mut qb = vec![0.0f32; m * d];
     load_rows(q, dims, dims.sq, b, h, first, &mut qb);
     let (mut kb, mut vb) = (vec![0.0f32; KEY_BLOCK * d], vec![0.0f32; KEY_BLOCK * d]);
@@ -200,18 +148,16 @@ fn forward_tile<T: Element>(
         load_rows(k, dims, dims.sk, b, h, k0, kb);
         load_rows(v, dims, dims.sk, b, h, k0, vb);
         matmul(scores, Mat::new(&qb, m, d), Mat::new(kb, n, d).t(), scale, false);
-        pulp::Arch::new().dispatch(|| {
-            for (i, (row, out)) in scores.chunks_exact_mut(n).zip(o.chunks_exact_mut(d)).enumerate() {
-                let new_max = max[i].max(max_of(row));
-                // Earlier blocks' terms were scaled by exp(-max); rescale them to the new max.
-                let correction = exp(max[i] - new_max);
-                sum[i] = sum[i] * correction + exp_shifted(row, new_max);
-                if correction != 1.0 {
-                    out.iter_mut().for_each(|x| *x *= correction);
-                }
-                max[i] = new_max;
+        for (i, (row, out)) in scores.chunks_exact_mut(n).zip(o.chunks_exact_mut(d)).enumerate() {
+            let new_max = max[i].max(rows::max(isa, row));
+            // Earlier blocks' terms were scaled by exp(-max); rescale them to the new max.
+            let correction = (max[i] - new_max).exp();
+            sum[i] = sum[i] * correction + rows::exp_shifted(isa, row, new_max);
+            if correction != 1.0 {
+                out.iter_mut().for_each(|x| *x *= correction);
             }
-        });
+            max[i] = new_max;
+        }
         matmul(&mut o, Mat::new(scores, m, n), Mat::new(vb, n, d), 1.0, true);
     }
     for (i, out) in o.chunks_exact_mut(d).enumerate() {
@@ -297,7 +243,7 @@ impl<T: Element> BackwardInputs<'_, T> {
     /// dv += pᵀ·do, ds = p∘(do·vᵀ - rowsum(do∘o)), dq += scale·ds·k, dk += scale·dsᵀ·q, with
     /// p = exp(scale·q·kᵀ - lse) recomputed per tile, for the keys `keys` of head h in batch b.
     fn key_group(&self, b: usize, h: usize, keys: std::ops::Range<usize>) -> BackwardTile {
-        let (dims, d) = (self.dims, self.dims.d);
+        let (dims, d, isa) = (self.dims, self.dims.d, Isa::detect());
         let lse = &self.lse[(b * dims.h + h) * dims.sq..(b * dims.h + h + 1) * dims.sq];
         // rowsum(do∘o), per query row.
         let mut delta = vec![0.0f32; dims.sq];
@@ -306,7 +252,7 @@ impl<T: Element> BackwardInputs<'_, T> {
             load_rows(self.o, dims, dims.sq, b, h, q0, &mut ob[..m * d]);
             load_rows(self.d_o, dims, dims.sq, b, h, q0, &mut dob[..m * d]);
             for (i, (x, y)) in ob.chunks_exact(d).zip(dob.chunks_exact(d)).take(m).enumerate() {
-                delta[q0 + i] = x.iter().zip(y).map(|(a, c)| a * c).sum();
+                delta[q0 + i] = rows::dot(isa, x, y);
             }
         }
         let mut tile = BackwardTile { dk: vec![0.0; keys.len() * d], dv: vec![0.0; keys.len() * d], dq: vec![0.0; dims.sq * d] };
@@ -325,15 +271,9 @@ impl<T: Element> BackwardInputs<'_, T> {
                 load_rows(self.d_o, dims, dims.sq, b, h, q0, dob);
                 matmul(p, Mat::new(qb, m, d), Mat::new(kb, n, d).t(), self.scale, false);
                 matmul(ds, Mat::new(dob, m, d), Mat::new(vb, n, d).t(), 1.0, false);
-                pulp::Arch::new().dispatch(|| {
-                    for (i, (p, ds)) in p.chunks_exact_mut(n).zip(ds.chunks_exact_mut(n)).enumerate() {
-                        let (l, delta) = (lse[q0 + i], delta[q0 + i]);
-                        for (p, ds) in p.iter_mut().zip(ds) {
-                            *p = exp(*p - l);
-                            *ds = *p * (*ds - delta);
-                        }
-                    }
-                });
+                for (i, (p, ds)) in p.chunks_exact_mut(n).zip(ds.chunks_exact_mut(n)).enumerate() {
+                    rows::softmax_grad(isa, p, ds, lse[q0 + i], delta[q0 + i]);
+                }
                 matmul(dv, Mat::new(p, m, n).t(), Mat::new(dob, m, d), 1.0, true);
                 matmul(&mut tile.dq[q0 * d..(q0 + m) * d], Mat::new(ds, m, n), Mat::new(kb, n, d), self.scale, true);
                 matmul(dk, Mat::new(ds, m, n).t(), Mat::new(qb, m, d), self.scale, true);
@@ -551,16 +491,5 @@ mod tests {
             let (wall, cpu) = (time(&pools[1], wall_ms, &mut bwd), time(&pools[0], thread_cpu_ms, &mut bwd));
             println!("| {label} | backward | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} |", wall.0, wall.1, cpu.0, cpu.1, 2.5 * flops / cpu.0 / 1e6);
         }
-    }
-
-    /// The vectorised exp against the standard library's, over the range softmax uses.
-    #[test]
-    fn exp_is_within_two_ulp() {
-        for i in 0..=200_000 {
-            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
-            let (got, want) = (exp(x), (x as f64).exp());
-            assert!(((got as f64 - want) / want).abs() < 2.5e-7, "exp({x}) = {got}, want {want}");
-        }
-        assert!(exp(-1e4) < 1e-37 && exp(-1e4) >= 0.0);
     }
 }
