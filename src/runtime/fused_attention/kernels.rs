@@ -6,11 +6,12 @@
 //! every product runs on the `gemm` crate (runtime-dispatched AVX-512 / AVX2+FMA kernels),
 //! the per-element row work (max, exp, dot) on [`rows`], vectorised for the same instruction sets.
 //!
-//! Parallelism (rayon): the forward over (batch, head, query block); the backward over
-//! (batch, head, group of key blocks), each task accumulating its own dk/dv rows and a dq
-//! partial over all queries (summed afterwards when a head has several groups).
+//! Parallelism ([`Parallel`]: ONNX Runtime's intra-op thread pool in the operators): the
+//! forward over (batch, head, query block); the backward over (batch, head, group of key
+//! blocks), each task accumulating its own dk/dv rows and a dq partial over all queries
+//! (summed afterwards when a head has several groups).
 
-use rayon::prelude::*;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use super::{Dims, Element};
 
@@ -93,21 +94,63 @@ fn blocks(total: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..total).step_by(size).map(move |first| (first, size.min(total - first)))
 }
 
+/// Runs the kernels' independent tasks on threads. The operators use ONNX Runtime's intra-op
+/// pool: a second pool (rayon) beside it competed for the same cores with its spinning
+/// threads, and a tiny-model attention call that computes in 0.3 ms waited up to 37 ms.
+pub(super) trait Parallel {
+    /// How many threads run the tasks (the backward splits keys to give each work).
+    fn threads(&self) -> usize;
+    /// f(i) once for every i in 0..n, returning when all have run.
+    fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync + Send)) -> Result<(), String>;
+}
+
+/// f(i) for every i in 0..n on `pool`, in order of i.
+fn run_tasks<R: Send + Sync>(pool: &dyn Parallel, n: usize, f: impl Fn(usize) -> R + Sync + Send) -> Result<Vec<R>, String> {
+    let slots: Vec<OnceLock<R>> = (0..n).map(|_| OnceLock::new()).collect();
+    pool.run(n, &|i| {
+        let _ = slots[i].set(f(i));
+    })?;
+    let results = slots.into_iter().map(OnceLock::into_inner);
+    results.enumerate().map(|(i, r)| r.ok_or_else(|| format!("parallel task {i} of {n} did not run"))).collect()
+}
+
+/// Rows handed to one task by [`for_each_row`].
+const ROWS_PER_TASK: usize = 64;
+
+/// f(row index, row) for every `row_len`-element row of `out`, on `pool`.
+fn for_each_row<T: Send>(pool: &dyn Parallel, out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) -> Result<(), String> {
+    // Each piece is locked once, by the one task that writes it.
+    let pieces: Vec<Mutex<&mut [T]>> = out.chunks_mut(row_len.max(1) * ROWS_PER_TASK).map(Mutex::new).collect();
+    pool.run(pieces.len(), &|i| {
+        let mut piece = pieces[i].lock().unwrap_or_else(PoisonError::into_inner);
+        for (j, row) in piece.chunks_exact_mut(row_len.max(1)).enumerate() {
+            f(i * ROWS_PER_TASK + j, row);
+        }
+    })
+}
+
 /// o = softmax(scale·q·kᵀ)·v into `o` ([B, Sq, H, D]) and lse = log Σ exp(scale·q·kᵀ) into
 /// `lse` ([B, H, Sq]).
-pub(super) fn forward<T: Element>(q: &[T], k: &[T], v: &[T], dims: Dims, scale: f32, o: &mut [T], lse: &mut [f32]) {
+#[allow(clippy::too_many_arguments)] // the operator's inputs, geometry, attribute, outputs and threads
+pub(super) fn forward<T: Element>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dims: Dims,
+    scale: f32,
+    o: &mut [T],
+    lse: &mut [f32],
+    pool: &dyn Parallel,
+) -> Result<(), String> {
     let query_blocks = dims.sq.div_ceil(QUERY_BLOCK);
-    let tiles: Vec<(Vec<f32>, Vec<f32>)> = (0..dims.b * dims.h * query_blocks)
-        .into_par_iter()
-        .map(|task| {
-            let (head, block) = (task / query_blocks, task % query_blocks);
-            let first = block * QUERY_BLOCK;
-            forward_tile(q, k, v, dims, scale, head / dims.h, head % dims.h, first, QUERY_BLOCK.min(dims.sq - first))
-        })
-        .collect();
+    let tiles = run_tasks(pool, dims.b * dims.h * query_blocks, |task| {
+        let (head, block) = (task / query_blocks, task % query_blocks);
+        let first = block * QUERY_BLOCK;
+        forward_tile(q, k, v, dims, scale, head / dims.h, head % dims.h, first, QUERY_BLOCK.min(dims.sq - first))
+    })?;
     // Tile (b, h, block) holds rows block·QUERY_BLOCK.. of head h of batch b.
     let tile_of = |b: usize, h: usize, s: usize| &tiles[(b * dims.h + h) * query_blocks + s / QUERY_BLOCK];
-    o.par_chunks_mut(dims.h * dims.d).enumerate().for_each(|(row, out)| {
+    for_each_row(pool, o, dims.h * dims.d, |row, out| {
         let (b, s) = (row / dims.sq, row % dims.sq);
         for (h, out) in out.chunks_exact_mut(dims.d).enumerate() {
             let tile = &tile_of(b, h, s).0[(s % QUERY_BLOCK) * dims.d..];
@@ -115,13 +158,13 @@ pub(super) fn forward<T: Element>(q: &[T], k: &[T], v: &[T], dims: Dims, scale: 
                 *o = T::narrow(*x);
             }
         }
-    });
-    lse.par_chunks_mut(dims.sq.max(1)).enumerate().for_each(|(head, out)| {
+    })?;
+    for_each_row(pool, lse, dims.sq, |head, out| {
         let rows = tiles[head * query_blocks..(head + 1) * query_blocks].iter().flat_map(|t| &t.1);
         for (o, x) in out.iter_mut().zip(rows) {
             *o = *x;
         }
-    });
+    })
 }
 
 /// One query block's output rows ([m, D]) and log-sum-exps ([m]).
@@ -170,7 +213,7 @@ fn forward_tile<T: Element>(
 
 /// The gradients of Σ o∘do: dq into `dq` ([B, Sq, H, D]), dk and dv into `dk`, `dv`
 /// ([B, Sk, H, D]), from the forward's o and lse.
-#[allow(clippy::too_many_arguments)] // the operator's six inputs, its geometry, attribute and three outputs
+#[allow(clippy::too_many_arguments)] // the operator's six inputs, its geometry, attribute, three outputs and threads
 pub(super) fn backward<T: Element>(
     q: &[T],
     k: &[T],
@@ -183,21 +226,19 @@ pub(super) fn backward<T: Element>(
     dq: &mut [T],
     dk: &mut [T],
     dv: &mut [T],
-) {
+    pool: &dyn Parallel,
+) -> Result<(), String> {
     let key_blocks = dims.sk.div_ceil(KEY_BLOCK);
     // Enough groups per head to give every thread work; each costs a dq partial [Sq, D].
-    let groups = rayon::current_num_threads().div_ceil(dims.b * dims.h).clamp(1, key_blocks.max(1));
+    let groups = pool.threads().div_ceil(dims.b * dims.h).clamp(1, key_blocks.max(1));
     let group_keys = |g: usize| (g * key_blocks / groups * KEY_BLOCK)..((g + 1) * key_blocks / groups * KEY_BLOCK).min(dims.sk);
     let group_of_block: Vec<usize> = (0..groups).flat_map(|g| std::iter::repeat_n(g, group_keys(g).len().div_ceil(KEY_BLOCK))).collect();
     let inputs = BackwardInputs { q, k, v, o, lse, d_o, dims, scale };
-    let tiles: Vec<BackwardTile> = (0..dims.b * dims.h * groups)
-        .into_par_iter()
-        .map(|task| {
-            let (head, g) = (task / groups, task % groups);
-            inputs.key_group(head / dims.h, head % dims.h, group_keys(g))
-        })
-        .collect();
-    dq.par_chunks_mut(dims.h * dims.d).enumerate().for_each(|(row, out)| {
+    let tiles = run_tasks(pool, dims.b * dims.h * groups, |task| {
+        let (head, g) = (task / groups, task % groups);
+        inputs.key_group(head / dims.h, head % dims.h, group_keys(g))
+    })?;
+    for_each_row(pool, dq, dims.h * dims.d, |row, out| {
         let (b, s) = (row / dims.sq, row % dims.sq);
         for (h, out) in out.chunks_exact_mut(dims.d).enumerate() {
             let head_tiles = &tiles[(b * dims.h + h) * groups..(b * dims.h + h + 1) * groups];
@@ -205,9 +246,9 @@ pub(super) fn backward<T: Element>(
                 *o = T::narrow(head_tiles.iter().map(|t| t.dq[s * dims.d + j]).sum());
             }
         }
-    });
+    })?;
     for (out, pick) in [(dk, 0), (dv, 1)] {
-        out.par_chunks_mut(dims.h * dims.d).enumerate().for_each(|(row, out)| {
+        for_each_row(pool, out, dims.h * dims.d, |row, out| {
             let (b, s) = (row / dims.sk, row % dims.sk);
             let g = group_of_block[s / KEY_BLOCK];
             for (h, out) in out.chunks_exact_mut(dims.d).enumerate() {
@@ -218,8 +259,9 @@ pub(super) fn backward<T: Element>(
                     *o = T::narrow(*x);
                 }
             }
-        });
+        })?;
     }
+    Ok(())
 }
 
 struct BackwardInputs<'a, T> {
@@ -287,8 +329,23 @@ impl<T: Element> BackwardInputs<'_, T> {
 #[cfg(test)]
 mod tests {
     use half::bf16;
+    use rayon::prelude::*;
 
     use super::*;
+
+    /// The current rayon pool (the one a test `install`s).
+    struct Rayon;
+
+    impl Parallel for Rayon {
+        fn threads(&self) -> usize {
+            rayon::current_num_threads()
+        }
+
+        fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync + Send)) -> Result<(), String> {
+            (0..n).into_par_iter().for_each(f);
+            Ok(())
+        }
+    }
 
     fn values(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
         let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -394,9 +451,9 @@ mod tests {
         let widen = |x: &[T]| x.iter().map(|v| v.widen()).collect::<Vec<f32>>();
         let (q, k, v, w) = (cast(q), cast(k), cast(v), cast(w));
         let (mut o, mut lse) = (vec![T::narrow(0.0); q.len()], vec![0.0f32; dims.b * dims.h * dims.sq]);
-        forward(&q, &k, &v, dims, scale, &mut o, &mut lse);
+        forward(&q, &k, &v, dims, scale, &mut o, &mut lse, &Rayon).unwrap_or_else(|e| panic!("{e}"));
         let (mut dq, mut dk, mut dv) = (o.clone(), k.clone(), v.clone());
-        backward(&q, &k, &v, &o, &lse, &w, dims, scale, &mut dq, &mut dk, &mut dv);
+        backward(&q, &k, &v, &o, &lse, &w, dims, scale, &mut dq, &mut dk, &mut dv, &Rayon).unwrap_or_else(|e| panic!("{e}"));
         [widen(&o), lse, widen(&dq), widen(&dk), widen(&dv)]
     }
 
@@ -435,7 +492,7 @@ mod tests {
         assert_eq!(narrow[1], wide[1], "lse");
         // The backward reads the rounded o; the f32 run above read it unrounded.
         let (mut dq, mut dk, mut dv) = (vec![0.0f32; nq], vec![0.0f32; nk], vec![0.0f32; nk]);
-        backward(&q, &k, &v, &narrow[0], &narrow[1], &w, dims, scale, &mut dq, &mut dk, &mut dv);
+        backward(&q, &k, &v, &narrow[0], &narrow[1], &w, dims, scale, &mut dq, &mut dk, &mut dv, &Rayon).unwrap_or_else(|e| panic!("{e}"));
         for (name, got, want) in [("dq", &narrow[2], dq), ("dk", &narrow[3], dk), ("dv", &narrow[4], dv)] {
             assert_eq!(*got, round(want), "{name}");
         }
@@ -484,11 +541,11 @@ mod tests {
             let (mut o, mut lse) = (vec![0.0f32; nq], vec![0.0f32; 2 * sq]);
             let (mut dq, mut dk, mut dv) = (vec![0.0f32; nq], vec![0.0f32; nk], vec![0.0f32; nk]);
             let flops = (4 * sq * sk * 128 * 2) as f64; // two [Sq, Sk, D] products per head
-            let mut fwd = || forward(&q, &k, &v, dims, 0.088_388_35, &mut o, &mut lse);
+            let mut fwd = || forward(&q, &k, &v, dims, 0.088_388_35, &mut o, &mut lse, &Rayon).unwrap_or_else(|e| panic!("{e}"));
             let (wall, cpu) = (time(&pools[1], wall_ms, &mut fwd), time(&pools[0], thread_cpu_ms, &mut fwd));
             println!("| {label} | forward | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} |", wall.0, wall.1, cpu.0, cpu.1, flops / cpu.0 / 1e6);
             let (o, lse) = (o.clone(), lse.clone());
-            let mut bwd = || backward(&q, &k, &v, &o, &lse, &w, dims, 0.088_388_35, &mut dq, &mut dk, &mut dv);
+            let mut bwd = || backward(&q, &k, &v, &o, &lse, &w, dims, 0.088_388_35, &mut dq, &mut dk, &mut dv, &Rayon).unwrap_or_else(|e| panic!("{e}"));
             let (wall, cpu) = (time(&pools[1], wall_ms, &mut bwd), time(&pools[0], thread_cpu_ms, &mut bwd));
             println!("| {label} | backward | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} |", wall.0, wall.1, cpu.0, cpu.1, 2.5 * flops / cpu.0 / 1e6);
         }
