@@ -111,7 +111,7 @@ const LOG2_E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = 2.121_944_4e-4;
 /// Cephes' e^r coefficients, highest degree first (e^r ≈ 1 + r + r²·P(r)).
-const POLY: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+const POLY: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
 const EXP_MIN: f32 = -87.0;
 const EXP_MAX: f32 = 88.0;
 
