@@ -81,12 +81,16 @@ pub fn check_device(device: Device, precision: &str) -> Result<()> {
     }
 }
 
-/// The operator domain to register on a session for `device` (which [`check_device`] accepted):
-/// on CUDA this opens the cuDNN shim first, so a missing library is one line at session build.
-pub fn domain_for(device: Device) -> Result<OperatorDomain> {
+/// The operator domain to register on a session for `device` (which [`check_device`] accepted)
+/// whose intra-op pool has `threads` threads (None: ONNX Runtime's default, one per core): on
+/// CUDA this opens the cuDNN shim first, so a missing library is one line at session build.
+pub fn domain_for(device: Device, threads: Option<usize>) -> Result<OperatorDomain> {
     let registering = || format!("registering {DOMAIN} for {device}");
     match device {
-        Device::Cpu => cpu_domain().map_err(Error::ort(registering())),
+        Device::Cpu => {
+            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            cpu_domain(threads).map_err(Error::ort(registering()))
+        }
         #[cfg(feature = "cuda-attention")]
         Device::Cuda(_) => {
             super::cuda_attention::shim().map_err(Error::Device)?;
@@ -97,12 +101,29 @@ pub fn domain_for(device: Device) -> Result<OperatorDomain> {
 }
 
 /// The operator domain for a CPU session: both operators, float32 and bfloat16.
-fn cpu_domain() -> ort::Result<OperatorDomain> {
+fn cpu_domain(threads: usize) -> ort::Result<OperatorDomain> {
     OperatorDomain::new(DOMAIN)?
-        .add(Forward::<f32>(PhantomData))?
-        .add(Forward::<bf16>(PhantomData))?
-        .add(Backward::<f32>(PhantomData))?
-        .add(Backward::<bf16>(PhantomData))
+        .add(Forward::<f32>(threads, PhantomData))?
+        .add(Forward::<bf16>(threads, PhantomData))?
+        .add(Backward::<f32>(threads, PhantomData))?
+        .add(Backward::<bf16>(threads, PhantomData))
+}
+
+/// The session's intra-op thread pool, which runs the kernels' tasks (`threads` threads).
+struct IntraOpPool<'a> {
+    ctx: &'a ComputeContext,
+    threads: usize,
+}
+
+impl kernels::Parallel for IntraOpPool<'_> {
+    fn threads(&self) -> usize {
+        self.threads
+    }
+
+    fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync + Send)) -> std::result::Result<(), String> {
+        // One batch per task: ONNX Runtime hands them out as threads come free.
+        self.ctx.par_for(n, n, f).map_err(|e| format!("intra-op thread pool: {e}"))
+    }
 }
 
 /// An input/output element type: widened to f32 for the math, narrowed back on output.
@@ -132,9 +153,10 @@ impl Element for bf16 {
     }
 }
 
-// `fn() -> T`: the operator holds no T, so it is Send + Sync for any element type.
-struct Forward<T>(PhantomData<fn() -> T>);
-struct Backward<T>(PhantomData<fn() -> T>);
+// `fn() -> T`: the operator holds no T, so it is Send + Sync for any element type. The usize
+// is the session's intra-op thread count.
+struct Forward<T>(usize, PhantomData<fn() -> T>);
+struct Backward<T>(usize, PhantomData<fn() -> T>);
 
 /// The `scale` attribute and the node name (for errors), read once per kernel.
 pub(crate) fn kernel_setup(op: &str, kctx: &KernelContext<'_>) -> ort::Result<(f32, String)> {
@@ -161,9 +183,9 @@ impl<T: Element> Operator for Forward<T> {
     }
 
     fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
-        let (scale, node) = kernel_setup(FORWARD, kctx)?;
+        let ((scale, node), threads) = (kernel_setup(FORWARD, kctx)?, self.0);
         Ok(Box::new(move |ctx: &ComputeContext| {
-            run_forward::<T>(ctx, scale).map_err(|e| ort::Error::new(format!("{DOMAIN}::{FORWARD} node `{node}` on cpu: {e}")))
+            run_forward::<T>(ctx, scale, threads).map_err(|e| ort::Error::new(format!("{DOMAIN}::{FORWARD} node `{node}` on cpu: {e}")))
         }))
     }
 }
@@ -185,9 +207,9 @@ impl<T: Element> Operator for Backward<T> {
     }
 
     fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
-        let (scale, node) = kernel_setup(BACKWARD, kctx)?;
+        let ((scale, node), threads) = (kernel_setup(BACKWARD, kctx)?, self.0);
         Ok(Box::new(move |ctx: &ComputeContext| {
-            run_backward::<T>(ctx, scale).map_err(|e| ort::Error::new(format!("{DOMAIN}::{BACKWARD} node `{node}` on cpu: {e}")))
+            run_backward::<T>(ctx, scale, threads).map_err(|e| ort::Error::new(format!("{DOMAIN}::{BACKWARD} node `{node}` on cpu: {e}")))
         }))
     }
 }
@@ -240,16 +262,16 @@ fn expect_shape(name: &str, got: &[i64], want: &[i64]) -> std::result::Result<()
     if got == want { Ok(()) } else { Err(format!("input `{name}` has shape {got:?}, expected {want:?}")) }
 }
 
-fn run_forward<T: Element>(ctx: &ComputeContext, scale: f32) -> std::result::Result<(), String> {
+fn run_forward<T: Element>(ctx: &ComputeContext, scale: f32, threads: usize) -> std::result::Result<(), String> {
     let (q, k, v) = (input(ctx, 0, "q")?, input(ctx, 1, "k")?, input(ctx, 2, "v")?);
     let ((q_shape, q), (k_shape, k), (v_shape, v)) = (tensor::<T>(&q, "q")?, tensor::<T>(&k, "k")?, tensor::<T>(&v, "v")?);
     let dims = Dims::of(&q_shape, &k_shape, &v_shape)?;
     let (mut o, mut lse) = (output(ctx, 0, q_shape)?, output(ctx, 1, dims.lse_shape())?);
-    kernels::forward(q, k, v, dims, scale, tensor_mut::<T>(&mut o, 0)?, tensor_mut::<f32>(&mut lse, 1)?);
-    Ok(())
+    let pool = IntraOpPool { ctx, threads };
+    kernels::forward(q, k, v, dims, scale, tensor_mut::<T>(&mut o, 0)?, tensor_mut::<f32>(&mut lse, 1)?, &pool)
 }
 
-fn run_backward<T: Element>(ctx: &ComputeContext, scale: f32) -> std::result::Result<(), String> {
+fn run_backward<T: Element>(ctx: &ComputeContext, scale: f32, threads: usize) -> std::result::Result<(), String> {
     let (q, k, v) = (input(ctx, 0, "q")?, input(ctx, 1, "k")?, input(ctx, 2, "v")?);
     let (o, lse, d_o) = (input(ctx, 3, "o")?, input(ctx, 4, "lse")?, input(ctx, 5, "do")?);
     let ((q_shape, q), (k_shape, k), (v_shape, v)) = (tensor::<T>(&q, "q")?, tensor::<T>(&k, "k")?, tensor::<T>(&v, "v")?);
@@ -260,8 +282,7 @@ fn run_backward<T: Element>(ctx: &ComputeContext, scale: f32) -> std::result::Re
     expect_shape("lse", &lse_shape, &dims.lse_shape())?;
     let (mut dq, mut dk, mut dv) = (output(ctx, 0, q_shape)?, output(ctx, 1, k_shape.clone())?, output(ctx, 2, k_shape)?);
     let (dq, dk, dv) = (tensor_mut::<T>(&mut dq, 0)?, tensor_mut::<T>(&mut dk, 1)?, tensor_mut::<T>(&mut dv, 2)?);
-    kernels::backward(q, k, v, o, lse, d_o, dims, scale, dq, dk, dv);
-    Ok(())
+    kernels::backward(q, k, v, o, lse, d_o, dims, scale, dq, dk, dv, &IntraOpPool { ctx, threads })
 }
 
 #[cfg(test)]

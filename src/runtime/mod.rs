@@ -148,7 +148,7 @@ fn build_session(model: GraphSource<'_>, options: &SessionOptions) -> Result<Ses
         builder = config(builder, "session.record_ep_graph_assignment_info", "1")?;
     }
     if options.attention == AttentionImpl::Fused {
-        let domain = fused_attention::domain_for(options.device)?;
+        let domain = fused_attention::domain_for(options.device, options.threads)?;
         builder = builder.with_operators(domain).map_err(|e| Error::Ort {
             during: format!("{during}: registering {}", fused_attention::DOMAIN),
             source: ort::Error::<()>::from(e),

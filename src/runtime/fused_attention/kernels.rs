@@ -4,18 +4,24 @@
 //! log-sum-exp. Nothing of size [H, Sq, Sk] exists: the largest temporaries are one
 //! [query block, key block] tile per task. Inputs are widened to f32 one block at a time;
 //! every product runs on the `gemm` crate (runtime-dispatched AVX-512 / AVX2+FMA kernels),
-//! the exponentials on a polynomial exp compiled for the same instruction sets (pulp).
+//! the per-element row work (max, exp, dot) on [`rows`], vectorised for the same instruction sets.
 //!
-//! Parallelism (rayon): the forward over (batch, head, query block); the backward over
-//! (batch, head, group of key blocks), each task accumulating its own dk/dv rows and a dq
-//! partial over all queries (summed afterwards when a head has several groups).
+//! Parallelism ([`Parallel`]: ONNX Runtime's intra-op thread pool in the operators): the
+//! forward over (batch, head, query block); the backward over (batch, head, group of key
+//! blocks), each task accumulating its own dk/dv rows and a dq partial over all queries
+//! (summed afterwards when a head has several groups).
 
-use rayon::prelude::*;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use super::{Dims, Element};
 
-/// Query rows per tile.
-const QUERY_BLOCK: usize = 64;
+mod rows;
+
+use rows::Isa;
+
+/// Query rows per tile (256 rather than 64: gemm packs each key block once per query tile,
+/// so larger query tiles pack less; measured 15% faster forward at 4,096 tokens).
+const QUERY_BLOCK: usize = 256;
 /// Key rows per tile.
 const KEY_BLOCK: usize = 256;
 
@@ -72,62 +78,6 @@ fn matmul(dst: &mut [f32], a: Mat, b: Mat, beta: f32, accumulate: bool) {
     }
 }
 
-/// exp(x) within ~2 ulp for x in [-87, 88] (clamped to that range: ~1e-38 below, which
-/// no softmax sum notices), branch-free so that
-/// loops over it vectorise: 2^n · e^r with n = round(x·log2 e), r = x - n·ln 2 in two parts,
-/// e^r by Cephes' degree-6 polynomial.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let e_r = p * r * r + r + 1.0;
-    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
-/// Lanes of the reductions below: independent accumulators, so that they vectorise (a single
-/// f32 accumulator is a serial dependency the compiler may not reorder).
-const LANES: usize = 16;
-
-#[inline(always)]
-fn max_of(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for (a, &v) in acc.iter_mut().zip(chunk) {
-            *a = if v > *a { v } else { *a };
-        }
-    }
-    tail.iter().chain(&acc).fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a })
-}
-
-/// x ← exp(x - shift), returning the sum of the new values.
-#[inline(always)]
-fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let mut chunks = x.chunks_exact_mut(LANES);
-    for chunk in &mut chunks {
-        for (a, v) in acc.iter_mut().zip(chunk) {
-            *v = exp(*v - shift);
-            *a += *v;
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for v in chunks.into_remainder() {
-        *v = exp(*v - shift);
-        sum += *v;
-    }
-    sum
-}
-
 /// Rows `first..first + dst.len() / D` of head `h` in batch `b` of a [B, seq, H, D] tensor,
 /// widened into `dst` ([rows, D]).
 fn load_rows<T: Element>(x: &[T], dims: Dims, seq: usize, b: usize, h: usize, first: usize, dst: &mut [f32]) {
@@ -144,21 +94,63 @@ fn blocks(total: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..total).step_by(size).map(move |first| (first, size.min(total - first)))
 }
 
+/// Runs the kernels' independent tasks on threads. The operators use ONNX Runtime's intra-op
+/// pool: a second pool (rayon) beside it competed for the same cores with its spinning
+/// threads, and a tiny-model attention call that computes in 0.3 ms waited up to 37 ms.
+pub(super) trait Parallel {
+    /// How many threads run the tasks (the backward splits keys to give each work).
+    fn threads(&self) -> usize;
+    /// f(i) once for every i in 0..n, returning when all have run.
+    fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync + Send)) -> Result<(), String>;
+}
+
+/// f(i) for every i in 0..n on `pool`, in order of i.
+fn run_tasks<R: Send + Sync>(pool: &dyn Parallel, n: usize, f: impl Fn(usize) -> R + Sync + Send) -> Result<Vec<R>, String> {
+    let slots: Vec<OnceLock<R>> = (0..n).map(|_| OnceLock::new()).collect();
+    pool.run(n, &|i| {
+        let _ = slots[i].set(f(i));
+    })?;
+    let results = slots.into_iter().map(OnceLock::into_inner);
+    results.enumerate().map(|(i, r)| r.ok_or_else(|| format!("parallel task {i} of {n} did not run"))).collect()
+}
+
+/// Rows handed to one task by [`for_each_row`].
+const ROWS_PER_TASK: usize = 64;
+
+/// f(row index, row) for every `row_len`-element row of `out`, on `pool`.
+fn for_each_row<T: Send>(pool: &dyn Parallel, out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) -> Result<(), String> {
+    // Each piece is locked once, by the one task that writes it.
+    let pieces: Vec<Mutex<&mut [T]>> = out.chunks_mut(row_len.max(1) * ROWS_PER_TASK).map(Mutex::new).collect();
+    pool.run(pieces.len(), &|i| {
+        let mut piece = pieces[i].lock().unwrap_or_else(PoisonError::into_inner);
+        for (j, row) in piece.chunks_exact_mut(row_len.max(1)).enumerate() {
+            f(i * ROWS_PER_TASK + j, row);
+        }
+    })
+}
+
 /// o = softmax(scale·q·kᵀ)·v into `o` ([B, Sq, H, D]) and lse = log Σ exp(scale·q·kᵀ) into
 /// `lse` ([B, H, Sq]).
-pub(super) fn forward<T: Element>(q: &[T], k: &[T], v: &[T], dims: Dims, scale: f32, o: &mut [T], lse: &mut [f32]) {
+#[allow(clippy::too_many_arguments)] // the operator's inputs, geometry, attribute, outputs and threads
+pub(super) fn forward<T: Element>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dims: Dims,
+    scale: f32,
+    o: &mut [T],
+    lse: &mut [f32],
+    pool: &dyn Parallel,
+) -> Result<(), String> {
     let query_blocks = dims.sq.div_ceil(QUERY_BLOCK);
-    let tiles: Vec<(Vec<f32>, Vec<f32>)> = (0..dims.b * dims.h * query_blocks)
-        .into_par_iter()
-        .map(|task| {
-            let (head, block) = (task / query_blocks, task % query_blocks);
-            let first = block * QUERY_BLOCK;
-            forward_tile(q, k, v, dims, scale, head / dims.h, head % dims.h, first, QUERY_BLOCK.min(dims.sq - first))
-        })
-        .collect();
+    let tiles = run_tasks(pool, dims.b * dims.h * query_blocks, |task| {
+        let (head, block) = (task / query_blocks, task % query_blocks);
+        let first = block * QUERY_BLOCK;
+        forward_tile(q, k, v, dims, scale, head / dims.h, head % dims.h, first, QUERY_BLOCK.min(dims.sq - first))
+    })?;
     // Tile (b, h, block) holds rows block·QUERY_BLOCK.. of head h of batch b.
     let tile_of = |b: usize, h: usize, s: usize| &tiles[(b * dims.h + h) * query_blocks + s / QUERY_BLOCK];
-    o.par_chunks_mut(dims.h * dims.d).enumerate().for_each(|(row, out)| {
+    for_each_row(pool, o, dims.h * dims.d, |row, out| {
         let (b, s) = (row / dims.sq, row % dims.sq);
         for (h, out) in out.chunks_exact_mut(dims.d).enumerate() {
             let tile = &tile_of(b, h, s).0[(s % QUERY_BLOCK) * dims.d..];
@@ -166,13 +158,13 @@ pub(super) fn forward<T: Element>(q: &[T], k: &[T], v: &[T], dims: Dims, scale: 
                 *o = T::narrow(*x);
             }
         }
-    });
-    lse.par_chunks_mut(dims.sq.max(1)).enumerate().for_each(|(head, out)| {
+    })?;
+    for_each_row(pool, lse, dims.sq, |head, out| {
         let rows = tiles[head * query_blocks..(head + 1) * query_blocks].iter().flat_map(|t| &t.1);
         for (o, x) in out.iter_mut().zip(rows) {
             *o = *x;
         }
-    });
+    })
 }
 
 /// One query block's output rows ([m, D]) and log-sum-exps ([m]).
@@ -188,7 +180,7 @@ fn forward_tile<T: Element>(
     first: usize,
     m: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    let d = dims.d;
+    let (d, isa) = (dims.d, Isa::detect());
     let mut qb = vec![0.0f32; m * d];
     load_rows(q, dims, dims.sq, b, h, first, &mut qb);
     let (mut kb, mut vb) = (vec![0.0f32; KEY_BLOCK * d], vec![0.0f32; KEY_BLOCK * d]);
@@ -200,18 +192,16 @@ fn forward_tile<T: Element>(
         load_rows(k, dims, dims.sk, b, h, k0, kb);
         load_rows(v, dims, dims.sk, b, h, k0, vb);
         matmul(scores, Mat::new(&qb, m, d), Mat::new(kb, n, d).t(), scale, false);
-        pulp::Arch::new().dispatch(|| {
-            for (i, (row, out)) in scores.chunks_exact_mut(n).zip(o.chunks_exact_mut(d)).enumerate() {
-                let new_max = max[i].max(max_of(row));
-                // Earlier blocks' terms were scaled by exp(-max); rescale them to the new max.
-                let correction = exp(max[i] - new_max);
-                sum[i] = sum[i] * correction + exp_shifted(row, new_max);
-                if correction != 1.0 {
-                    out.iter_mut().for_each(|x| *x *= correction);
-                }
-                max[i] = new_max;
+        for (i, (row, out)) in scores.chunks_exact_mut(n).zip(o.chunks_exact_mut(d)).enumerate() {
+            let new_max = max[i].max(rows::max(isa, row));
+            // Earlier blocks' terms were scaled by exp(-max); rescale them to the new max.
+            let correction = (max[i] - new_max).exp();
+            sum[i] = sum[i] * correction + rows::exp_shifted(isa, row, new_max);
+            if correction != 1.0 {
+                out.iter_mut().for_each(|x| *x *= correction);
             }
-        });
+            max[i] = new_max;
+        }
         matmul(&mut o, Mat::new(scores, m, n), Mat::new(vb, n, d), 1.0, true);
     }
     for (i, out) in o.chunks_exact_mut(d).enumerate() {
@@ -223,7 +213,7 @@ fn forward_tile<T: Element>(
 
 /// The gradients of Σ o∘do: dq into `dq` ([B, Sq, H, D]), dk and dv into `dk`, `dv`
 /// ([B, Sk, H, D]), from the forward's o and lse.
-#[allow(clippy::too_many_arguments)] // the operator's six inputs, its geometry, attribute and three outputs
+#[allow(clippy::too_many_arguments)] // the operator's six inputs, its geometry, attribute, three outputs and threads
 pub(super) fn backward<T: Element>(
     q: &[T],
     k: &[T],
@@ -236,21 +226,19 @@ pub(super) fn backward<T: Element>(
     dq: &mut [T],
     dk: &mut [T],
     dv: &mut [T],
-) {
+    pool: &dyn Parallel,
+) -> Result<(), String> {
     let key_blocks = dims.sk.div_ceil(KEY_BLOCK);
     // Enough groups per head to give every thread work; each costs a dq partial [Sq, D].
-    let groups = rayon::current_num_threads().div_ceil(dims.b * dims.h).clamp(1, key_blocks.max(1));
+    let groups = pool.threads().div_ceil(dims.b * dims.h).clamp(1, key_blocks.max(1));
     let group_keys = |g: usize| (g * key_blocks / groups * KEY_BLOCK)..((g + 1) * key_blocks / groups * KEY_BLOCK).min(dims.sk);
     let group_of_block: Vec<usize> = (0..groups).flat_map(|g| std::iter::repeat_n(g, group_keys(g).len().div_ceil(KEY_BLOCK))).collect();
     let inputs = BackwardInputs { q, k, v, o, lse, d_o, dims, scale };
-    let tiles: Vec<BackwardTile> = (0..dims.b * dims.h * groups)
-        .into_par_iter()
-        .map(|task| {
-            let (head, g) = (task / groups, task % groups);
-            inputs.key_group(head / dims.h, head % dims.h, group_keys(g))
-        })
-        .collect();
-    dq.par_chunks_mut(dims.h * dims.d).enumerate().for_each(|(row, out)| {
+    let tiles = run_tasks(pool, dims.b * dims.h * groups, |task| {
+        let (head, g) = (task / groups, task % groups);
+        inputs.key_group(head / dims.h, head % dims.h, group_keys(g))
+    })?;
+    for_each_row(pool, dq, dims.h * dims.d, |row, out| {
         let (b, s) = (row / dims.sq, row % dims.sq);
         for (h, out) in out.chunks_exact_mut(dims.d).enumerate() {
             let head_tiles = &tiles[(b * dims.h + h) * groups..(b * dims.h + h + 1) * groups];
@@ -258,9 +246,9 @@ pub(super) fn backward<T: Element>(
                 *o = T::narrow(head_tiles.iter().map(|t| t.dq[s * dims.d + j]).sum());
             }
         }
-    });
+    })?;
     for (out, pick) in [(dk, 0), (dv, 1)] {
-        out.par_chunks_mut(dims.h * dims.d).enumerate().for_each(|(row, out)| {
+        for_each_row(pool, out, dims.h * dims.d, |row, out| {
             let (b, s) = (row / dims.sk, row % dims.sk);
             let g = group_of_block[s / KEY_BLOCK];
             for (h, out) in out.chunks_exact_mut(dims.d).enumerate() {
@@ -271,8 +259,9 @@ pub(super) fn backward<T: Element>(
                     *o = T::narrow(*x);
                 }
             }
-        });
+        })?;
     }
+    Ok(())
 }
 
 struct BackwardInputs<'a, T> {
@@ -297,7 +286,7 @@ impl<T: Element> BackwardInputs<'_, T> {
     /// dv += pᵀ·do, ds = p∘(do·vᵀ - rowsum(do∘o)), dq += scale·ds·k, dk += scale·dsᵀ·q, with
     /// p = exp(scale·q·kᵀ - lse) recomputed per tile, for the keys `keys` of head h in batch b.
     fn key_group(&self, b: usize, h: usize, keys: std::ops::Range<usize>) -> BackwardTile {
-        let (dims, d) = (self.dims, self.dims.d);
+        let (dims, d, isa) = (self.dims, self.dims.d, Isa::detect());
         let lse = &self.lse[(b * dims.h + h) * dims.sq..(b * dims.h + h + 1) * dims.sq];
         // rowsum(do∘o), per query row.
         let mut delta = vec![0.0f32; dims.sq];
@@ -306,7 +295,7 @@ impl<T: Element> BackwardInputs<'_, T> {
             load_rows(self.o, dims, dims.sq, b, h, q0, &mut ob[..m * d]);
             load_rows(self.d_o, dims, dims.sq, b, h, q0, &mut dob[..m * d]);
             for (i, (x, y)) in ob.chunks_exact(d).zip(dob.chunks_exact(d)).take(m).enumerate() {
-                delta[q0 + i] = x.iter().zip(y).map(|(a, c)| a * c).sum();
+                delta[q0 + i] = rows::dot(isa, x, y);
             }
         }
         let mut tile = BackwardTile { dk: vec![0.0; keys.len() * d], dv: vec![0.0; keys.len() * d], dq: vec![0.0; dims.sq * d] };
@@ -325,15 +314,9 @@ impl<T: Element> BackwardInputs<'_, T> {
                 load_rows(self.d_o, dims, dims.sq, b, h, q0, dob);
                 matmul(p, Mat::new(qb, m, d), Mat::new(kb, n, d).t(), self.scale, false);
                 matmul(ds, Mat::new(dob, m, d), Mat::new(vb, n, d).t(), 1.0, false);
-                pulp::Arch::new().dispatch(|| {
-                    for (i, (p, ds)) in p.chunks_exact_mut(n).zip(ds.chunks_exact_mut(n)).enumerate() {
-                        let (l, delta) = (lse[q0 + i], delta[q0 + i]);
-                        for (p, ds) in p.iter_mut().zip(ds) {
-                            *p = exp(*p - l);
-                            *ds = *p * (*ds - delta);
-                        }
-                    }
-                });
+                for (i, (p, ds)) in p.chunks_exact_mut(n).zip(ds.chunks_exact_mut(n)).enumerate() {
+                    rows::softmax_grad(isa, p, ds, lse[q0 + i], delta[q0 + i]);
+                }
                 matmul(dv, Mat::new(p, m, n).t(), Mat::new(dob, m, d), 1.0, true);
                 matmul(&mut tile.dq[q0 * d..(q0 + m) * d], Mat::new(ds, m, n), Mat::new(kb, n, d), self.scale, true);
                 matmul(dk, Mat::new(ds, m, n).t(), Mat::new(qb, m, d), self.scale, true);
@@ -346,8 +329,23 @@ impl<T: Element> BackwardInputs<'_, T> {
 #[cfg(test)]
 mod tests {
     use half::bf16;
+    use rayon::prelude::*;
 
     use super::*;
+
+    /// The current rayon pool (the one a test `install`s).
+    struct Rayon;
+
+    impl Parallel for Rayon {
+        fn threads(&self) -> usize {
+            rayon::current_num_threads()
+        }
+
+        fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync + Send)) -> Result<(), String> {
+            (0..n).into_par_iter().for_each(f);
+            Ok(())
+        }
+    }
 
     fn values(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
         let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -437,11 +435,11 @@ mod tests {
     /// (label, dims, scale, input amplitude, rayon threads).
     const CASES: [(&str, Dims, f32, f32, usize); 5] = [
         ("tiny", Dims { b: 2, sq: 5, sk: 7, h: 3, d: 4 }, 0.7, 1.0, 2),
-        // Partial query and key tiles (150 = 2·64 + 22, 600 = 2·256 + 88), large scores: the
+        // Partial query and key tiles (600 = 2·256 + 88 of each), large scores: the
         // running max moves between key tiles, so a missing rescale shows.
-        ("partial tiles", Dims { b: 1, sq: 150, sk: 600, h: 2, d: 16 }, 1.0, 3.0, 2),
+        ("partial tiles", Dims { b: 1, sq: 600, sk: 600, h: 2, d: 16 }, 1.0, 3.0, 2),
         // 8 threads over 2 heads: three key groups per head, summed dq partials.
-        ("key groups", Dims { b: 1, sq: 150, sk: 600, h: 2, d: 16 }, 1.0, 3.0, 8),
+        ("key groups", Dims { b: 1, sq: 600, sk: 600, h: 2, d: 16 }, 1.0, 3.0, 8),
         // Wan's head dim and scale, self-attention over whole tiles, two batches.
         ("head dim 128", Dims { b: 2, sq: 128, sk: 128, h: 1, d: 128 }, 0.088_388_35, 2.0, 2),
         // Cross-attention: 512 text keys.
@@ -453,13 +451,13 @@ mod tests {
         let widen = |x: &[T]| x.iter().map(|v| v.widen()).collect::<Vec<f32>>();
         let (q, k, v, w) = (cast(q), cast(k), cast(v), cast(w));
         let (mut o, mut lse) = (vec![T::narrow(0.0); q.len()], vec![0.0f32; dims.b * dims.h * dims.sq]);
-        forward(&q, &k, &v, dims, scale, &mut o, &mut lse);
+        forward(&q, &k, &v, dims, scale, &mut o, &mut lse, &Rayon).unwrap_or_else(|e| panic!("{e}"));
         let (mut dq, mut dk, mut dv) = (o.clone(), k.clone(), v.clone());
-        backward(&q, &k, &v, &o, &lse, &w, dims, scale, &mut dq, &mut dk, &mut dv);
+        backward(&q, &k, &v, &o, &lse, &w, dims, scale, &mut dq, &mut dk, &mut dv, &Rayon).unwrap_or_else(|e| panic!("{e}"));
         [widen(&o), lse, widen(&dq), widen(&dk), widen(&dv)]
     }
 
-    /// The float32 kernels against the f64 reference. Measured: at most 2.1e-6 of each output's
+    /// The float32 kernels against the f64 reference. Measured: at most 2.6e-6 of each output's
     /// largest value (the partial-tiles cases, whose scores reach ~±50: their float32 rounding
     /// alone moves p by ~3e-6), 1e-6 at Wan's scale, lse 1.2e-7. The bound is 10x that; a
     /// wrong tile (missing rescale, off-by-one tail, unsummed dq partial) is off by >1e-2.
@@ -494,20 +492,62 @@ mod tests {
         assert_eq!(narrow[1], wide[1], "lse");
         // The backward reads the rounded o; the f32 run above read it unrounded.
         let (mut dq, mut dk, mut dv) = (vec![0.0f32; nq], vec![0.0f32; nk], vec![0.0f32; nk]);
-        backward(&q, &k, &v, &narrow[0], &narrow[1], &w, dims, scale, &mut dq, &mut dk, &mut dv);
+        backward(&q, &k, &v, &narrow[0], &narrow[1], &w, dims, scale, &mut dq, &mut dk, &mut dv, &Rayon).unwrap_or_else(|e| panic!("{e}"));
         for (name, got, want) in [("dq", &narrow[2], dq), ("dk", &narrow[3], dk), ("dv", &narrow[4], dv)] {
             assert_eq!(*got, round(want), "{name}");
         }
     }
 
-    /// The vectorised exp against the standard library's, over the range softmax uses.
+    /// This thread's CPU time in ms (Linux): under load from other processes it still counts
+    /// only this work, where wall time counts the time slices lost to them.
+    fn thread_cpu_ms() -> f64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_else(|e| panic!("{e}"));
+        stat.split_whitespace().next().and_then(|ns| ns.parse::<f64>().ok()).unwrap_or(f64::NAN) / 1e6
+    }
+
+    /// Kernel timing, not a test: `cargo test --release --lib kernel_timing -- --ignored
+    /// --nocapture` prints, at `small`'s attention shapes, wall ms per call on 2 rayon threads
+    /// and CPU ms per call on 1 (best and median of 7 after one warm-up; on a busy machine the
+    /// CPU column is the one to compare), and GFLOP/s of the products from the best CPU time.
     #[test]
-    fn exp_is_within_two_ulp() {
-        for i in 0..=200_000 {
-            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
-            let (got, want) = (exp(x), (x as f64).exp());
-            assert!(((got as f64 - want) / want).abs() < 2.5e-7, "exp({x}) = {got}, want {want}");
+    #[ignore]
+    fn kernel_timing() {
+        let pools = [1, 2].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap_or_else(|e| panic!("{e}")));
+        // (best, median) of 7 runs of `f` on `pool`, by `clock` (read on the pool's thread).
+        let time = |pool: &rayon::ThreadPool, clock: fn() -> f64, f: &mut (dyn FnMut() + Send)| {
+            pool.install(|| {
+                f();
+                let mut ms: Vec<f64> = (0..7)
+                    .map(|_| {
+                        let start = clock();
+                        f();
+                        clock() - start
+                    })
+                    .collect();
+                ms.sort_by(f64::total_cmp);
+                (ms[0], ms[3])
+            })
+        };
+        fn wall_ms() -> f64 {
+            static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+            EPOCH.get_or_init(std::time::Instant::now).elapsed().as_secs_f64() * 1e3
         }
-        assert!(exp(-1e4) < 1e-37 && exp(-1e4) >= 0.0);
+        println!("| shape (2 heads, head dim 128) | pass | 2 threads: best / median wall ms | 1 thread: best / median CPU ms | GFLOP/s per core |");
+        println!("|---|---|---|---|---|");
+        for (label, sq, sk) in [("self 1,280", 1280, 1280), ("cross 1,280 x 512", 1280, 512), ("self 4,096", 4096, 4096)] {
+            let dims = Dims { b: 1, sq, sk, h: 2, d: 128 };
+            let (nq, nk) = (sq * 2 * 128, sk * 2 * 128);
+            let (q, k, v, w) = (values(nq, 1, 2.0), values(nk, 2, 2.0), values(nk, 3, 1.0), values(nq, 4, 1.0));
+            let (mut o, mut lse) = (vec![0.0f32; nq], vec![0.0f32; 2 * sq]);
+            let (mut dq, mut dk, mut dv) = (vec![0.0f32; nq], vec![0.0f32; nk], vec![0.0f32; nk]);
+            let flops = (4 * sq * sk * 128 * 2) as f64; // two [Sq, Sk, D] products per head
+            let mut fwd = || forward(&q, &k, &v, dims, 0.088_388_35, &mut o, &mut lse, &Rayon).unwrap_or_else(|e| panic!("{e}"));
+            let (wall, cpu) = (time(&pools[1], wall_ms, &mut fwd), time(&pools[0], thread_cpu_ms, &mut fwd));
+            println!("| {label} | forward | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} |", wall.0, wall.1, cpu.0, cpu.1, flops / cpu.0 / 1e6);
+            let (o, lse) = (o.clone(), lse.clone());
+            let mut bwd = || backward(&q, &k, &v, &o, &lse, &w, dims, 0.088_388_35, &mut dq, &mut dk, &mut dv, &Rayon).unwrap_or_else(|e| panic!("{e}"));
+            let (wall, cpu) = (time(&pools[1], wall_ms, &mut bwd), time(&pools[0], thread_cpu_ms, &mut bwd));
+            println!("| {label} | backward | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} |", wall.0, wall.1, cpu.0, cpu.1, 2.5 * flops / cpu.0 / 1e6);
+        }
     }
 }

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Issue 25's measurement: flowstep with chunked and with fused attention against the PyTorch
+reference (DiffSynth's WanModel, SDPA, PEFT) with ATen's own CPU capability and with
+ATEN_CPU_CAPABILITY=avx2, interleaved over rounds (every variant once per round, so that a
+change in the machine's load hits all of them), same threads, artifacts and data. Prints a
+markdown table: s/step (median over rounds, spread), peak RSS, ratios vs PyTorch, CPU model
+and flags.
+
+Run through scripts/bench_cpu_attention.sh (it builds flowstep and sets up Python). Defaults
+are the issue's: `small` at 1,280 tokens (5x32x32 latent) and 16,384 tokens (16x64x64), full
+512-token context, 2 threads, 3 rounds: about 15 minutes on a 2-core Xeon, plus two exports
+(cached) on the first run. Check it quickly with tiny settings:
+    scripts/bench_cpu_attention.sh --model tiny --latents 2x8x8 --steps 4 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import CACHE, FLOWSTEP, ROOT, exporter_key, peak_rss_gb, run  # scripts/bench.py
+
+import torch  # noqa: E402  (after bench, which puts export/ on the path)
+from safetensors.torch import save_file  # noqa: E402
+
+# What `ATEN_CPU_CAPABILITY` is set to for each PyTorch variant (None: unset, ATen picks).
+ATEN_CAPABILITIES = {"PyTorch": None, "PyTorch avx2": "avx2"}
+# CPU flags that decide who wins: AVX-512 (and its bf16 part), AVX2 + FMA, AMX.
+FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+STEPS_TIMED_FROM = 1  # the first step (graph warm-up, allocations) is never timed
+
+
+def ensure_artifacts(model: str, attention: str) -> Path:
+    out = CACHE / f"artifacts-{model}-r32-{attention}-{exporter_key()}"
+    if not (out / "manifest.json").exists():
+        print(f"exporting {model} --attention {attention} (once, cached in {out}) ...", flush=True)
+        run([sys.executable, "-m", "flowstep_export", "--model", model, "--out", str(out), "--lora-rank", "32",
+             "--attention", attention, "--ship-base", "-q"], cwd=ROOT / "export")
+    return out
+
+
+def ensure_data(model: str, manifest: dict, latent: tuple[int, int, int]) -> Path:
+    """One sample of random latents and a full-length random text context."""
+    m = manifest["model"]
+    out = CACHE / f"data-{model}-{'x'.join(map(str, latent))}"
+    if not (out / "0.safetensors").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(0)
+        save_file({"latents": torch.randn(m["in_dim"], *latent, generator=g),
+                   "context": torch.randn(m["text_len"], m["text_dim"], generator=g)}, str(out / "0.safetensors"))
+    return out
+
+
+def flowstep_run(artifacts: Path, data: Path, steps: int, threads: int) -> tuple[float, float]:
+    """(s/step over steps after the first, peak RSS GB) of one `flowstep train`."""
+    out = CACHE / "run-cpu-attention"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    rss, _ = peak_rss_gb([str(FLOWSTEP), "-q", "train", "--artifacts", str(artifacts), "--data", str(data), "--out", str(out),
+                          "--steps", str(steps), "--threads", str(threads), "--lr", "1e-4"])
+    seconds = [r["seconds"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "seconds" in r]
+    return statistics.mean(seconds[STEPS_TIMED_FROM:]), rss
+
+
+def reference_run(artifacts: Path, data: Path, steps: int, threads: int, capability: str | None) -> tuple[float, float]:
+    """(s/step, peak RSS GB) of one PyTorch reference run with ATEN_CPU_CAPABILITY=`capability`."""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    cmd = [sys.executable, "-m", "flowstep_export.reference.reference_train", "--artifacts", str(artifacts), "--data", str(data),
+           "--steps", str(steps), "--warmup", str(STEPS_TIMED_FROM), "--threads", str(threads)]
+    out = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True, cwd=ROOT / "export", env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"reference_train (ATEN_CPU_CAPABILITY={capability}) failed:\n{out.stderr[-3000:]}")
+    kb = int([line for line in out.stderr.splitlines() if line.startswith("MAXRSS")][-1].split()[1])
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds_per_step"], kb / 2**20
+
+
+def aten_capability(capability: str | None) -> str:
+    """What ATen actually runs with under `capability` (it ignores what the CPU lacks)."""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                         capture_output=True, text=True, env=env, check=True)
+    return out.stdout.strip()
+
+
+def cpu_description() -> str:
+    info = Path("/proc/cpuinfo").read_text()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return f"{model}, {os.cpu_count()} cores; flags: " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in FLAGS)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small", help="export preset (default small)")
+    p.add_argument("--latents", default="5x32x32,16x64x64", help="latent sizes FxHxW, comma-separated (tokens: F·H·W/4)")
+    p.add_argument("--steps", default="12,3", help="training steps per run for each latent size (the first is not timed)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, help="also write every run's numbers here")
+    args = p.parse_args()
+    latents = [tuple(int(x) for x in size.split("x")) for size in args.latents.split(",")]
+    steps = [int(s) for s in args.steps.split(",")]
+    if len(steps) != len(latents) or min(steps) < 2 or any(len(latent) != 3 for latent in latents):
+        p.error(f"--latents {args.latents} and --steps {args.steps}: one step count (at least 2) per FxHxW latent")
+    if not FLOWSTEP.exists():
+        p.error(f"{FLOWSTEP} is missing: run through scripts/bench_cpu_attention.sh, which builds it")
+
+    try:
+        return measure(args, latents, steps)
+    except (RuntimeError, subprocess.CalledProcessError) as e:
+        detail = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else str(e)
+        print(f"error: {detail}", file=sys.stderr)
+        return 1
+
+
+def measure(args, latents: list[tuple[int, int, int]], steps: list[int]) -> int:
+    artifacts = {attention: ensure_artifacts(args.model, attention) for attention in ("chunked", "fused")}
+    manifest = json.loads((artifacts["chunked"] / "manifest.json").read_text())
+    data = [ensure_data(args.model, manifest, latent) for latent in latents]
+    variants = {
+        "flowstep chunked": lambda d, n: flowstep_run(artifacts["chunked"], d, n, args.threads),
+        "flowstep fused": lambda d, n: flowstep_run(artifacts["fused"], d, n, args.threads),
+        **{name: (lambda cap: lambda d, n: reference_run(artifacts["chunked"], d, n, args.threads, cap))(cap)
+           for name, cap in ATEN_CAPABILITIES.items()},
+    }
+    results: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    for r in range(args.rounds):
+        for latent, d, n in zip(latents, data, steps):
+            tokens = latent[0] * latent[1] * latent[2] // 4
+            for name, fn in variants.items():
+                s, rss = fn(d, n)
+                results.setdefault((tokens, name), []).append((s, rss))
+                print(f"round {r + 1}/{args.rounds}, {tokens:,} tokens, {name}: {s:.3f} s/step, {rss:.2f} GB", flush=True)
+
+    rows = ["| tokens | variant | s/step (median) | spread (min–max) | peak RSS | speed vs PyTorch | speed vs PyTorch avx2 | RSS vs PyTorch |",
+            "|---|---|---|---|---|---|---|---|"]
+    for latent in latents:
+        tokens = latent[0] * latent[1] * latent[2] // 4
+        median = {name: statistics.median(s for s, _ in results[(tokens, name)]) for name in variants}
+        rss = {name: statistics.median(m for _, m in results[(tokens, name)]) for name in variants}
+        for name in variants:
+            times = [s for s, _ in results[(tokens, name)]]
+            rows.append(f"| {tokens:,} | {name} | {median[name]:.3f} | {min(times):.3f}–{max(times):.3f} | {rss[name]:.2f} GB | "
+                        f"{median['PyTorch'] / median[name]:.2f}× | {median['PyTorch avx2'] / median[name]:.2f}× | "
+                        f"{rss[name] / rss['PyTorch']:.2f} |")
+    header = [f"CPU: {cpu_description()}.",
+              f"ATen capability: {aten_capability(None)} (unset), {aten_capability('avx2')} (ATEN_CPU_CAPABILITY=avx2); "
+              f"torch {torch.__version__}. {args.threads} threads, {args.rounds} interleaved rounds, model `{args.model}`, "
+              f"{manifest['model']['text_len']}-token context; steps per run {args.steps} (first not timed); "
+              f"{datetime.date.today()}.", ""]
+    print("\n".join(header + rows))
+    if args.json:
+        args.json.write_text(json.dumps([{"tokens": t, "variant": v, "runs": [{"s_per_step": s, "peak_rss_gb": m} for s, m in runs]}
+                                         for (t, v), runs in results.items()], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
