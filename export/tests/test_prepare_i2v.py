@@ -132,7 +132,8 @@ def test_i2v_conditioning_matches_diffsynth_units(videos, encoders, clip_encoder
 def test_flf2v_y_matches_diffsynth_unit(videos, encoders, clip_encoder, tmp_path, capsys):
     """--last-frame: `y` as DiffSynth's unit makes it given end_image, which its trainer takes
     from the clip's last frame (`--extra_inputs input_image,end_image`); CLIP features stay the
-    first image's, as DiffSynth's for a DiT without image position embeddings."""
+    first image's, as DiffSynth's for a DiT without image position embeddings. encode_image
+    --last-image makes the same from two image files for sampling."""
     out = tmp_path / "data"
     rc, stdout, stderr = run(videos, encoders, out, capsys, "--model", "tiny-i2v", "--clip", clip_encoder, "--last-frame")
     assert rc == 0 and "2 prepared" in stdout and "1 skipped" in stdout, (stdout, stderr)
@@ -150,6 +151,16 @@ def test_flf2v_y_matches_diffsynth_unit(videos, encoders, clip_encoder, tmp_path
         want[:, 0] = 1
         want[3, -1] = 1
         assert torch.equal(mask, want), mask
+    # encode_image --last-image: a start and an end image for sampling, as DiffSynth's unit takes them.
+    condition = tmp_path / "flf.safetensors"
+    assert encode_image(["--image", str(videos / "given.png"), "--last-image", str(videos / "still.jpg"), "--out", str(condition),
+                         "--model", "tiny-i2v", "--vae", str(encoders / "vae.pth"), "--clip", str(clip_encoder),
+                         "--resolution", "48x32", "--frames", "5", "--precision", "float32"]) == 0
+    crop = [diffsynth_input_image(videos / name, 5, 48, 32) for name in ("given.png", "still.jpg")]
+    reference = diffsynth_units(crop[0], 5, 48, 32, encoders, clip_encoder, end_image=crop[1])
+    encoded = load_file(str(condition))
+    for name in ("y", "clip_feature"):
+        torch.testing.assert_close(encoded[name], reference[name], rtol=1e-5, atol=1e-5)
     # Without --last-frame the same samples are made again, and the flag is named.
     rc, stdout, _ = run(videos, encoders, out, capsys, "--model", "tiny-i2v", "--clip", clip_encoder)
     assert rc == 0 and "2 made with another --last-frame" in stdout, stdout
@@ -227,6 +238,8 @@ def test_metadata_csv_input_image_column(videos, encoders, tmp_path, capsys):
     ({"--resolution": "48x32,32x48"}, "give one size and one frame count"),
     ({"--frames": "6"}, "--frames 6: must be 4k+1"),
     ({"--image": "missing.png"}, "--image missing.png: no such file"),
+    ({"--last-image": "missing.png"}, "--last-image missing.png: no such file"),
+    ({"--last-image": "missing.png", "--frames": "1"}, "FLF2V needs a first and a last frame; give --frames 5 or more"),
 ])
 def test_encode_image_refuses_with_one_line(encoders, videos, tmp_path, capsys, change, message):
     flags = {"--image": str(videos / "given.png"), "--out": str(tmp_path / "c.safetensors"), "--model": "tiny-i2v-a14b",
