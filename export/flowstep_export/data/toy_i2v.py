@@ -9,7 +9,7 @@ toy Wan to continue a given first frame.
   blocks but the base has never learned to use it.
 - A clip is a toy blob of any pretraining colour moving right from a random start; the prompt
   says only "right" (no colour word), so colour and place can only come from the first frame.
-  The LoRA trains on 16 clips; 4 clips with other colours and starts are held out, and their
+  The LoRA trains on 16 clips; 4 clips with other starts (another seed) are held out, and their
   first frames are what the demo samples from.
 
 python -m flowstep_export.data.toy_i2v --toy-base ../models/toy/artifacts/base.safetensors --out ../models/toy-i2v
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     base = args.out / "base.safetensors"
     save_file(i2v_base(load_file(str(args.toy_base)), args.seed), str(base))
     write_dataset(args.out / "data" / "train", [c for c in COLOURS for _ in range(3)] + ["red"], seed=11)
-    # Held out: other starts, and each colour's share differs from training's.
+    # Held out: four of the colours, from starts drawn with another seed.
     write_dataset(args.out / "data" / "eval", ["cyan", "yellow", "blue", "green"], seed=12)
     (args.out / "prompts").mkdir(exist_ok=True)
     save_file({"context": prompt().contiguous()}, str(args.out / "prompts" / f"{MOTION}.safetensors"))
