@@ -14,6 +14,8 @@
 #                             conditioning), rank 8, chunk 12, base shipped
 #   models/tiny-a14b/{high_noise,low_noise}/artifacts  the Wan2.2 T2V-A14B expert pair at the
 #                             tiny width, one export per expert (seeds 1 and 2: own base weights)
+#   models/toy-i2v/           the demo's image-to-video toy: the toy's base with `y` columns,
+#                             its clips and prompt, LoRA rank 16 (flowstep_export.data.toy_i2v)
 # export/tests/test_committed_artifacts.py fails when a fresh export differs from these files.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"; cd "$root"
@@ -46,4 +48,8 @@ mkdir -p /tmp/toy2 && cp ../models/toy/artifacts/base.safetensors /tmp/toy2/base
 "$venv/bin/python" -m flowstep_export --model toy --base /tmp/toy2/base.safetensors --lora-rank 16 --ship-base \
     --out "$tmp/toy" -q >/dev/null
 rm -rf ../models/toy/artifacts && mv "$tmp/toy" ../models/toy/artifacts
+# Built from the toy's base above; its manifest records the base by this fixed path.
+rm -rf /tmp/toy-i2v && "$venv/bin/python" -m flowstep_export.data.toy_i2v --toy-base ../models/toy/artifacts/base.safetensors \
+    --out /tmp/toy-i2v >/dev/null
+rm -rf ../models/toy-i2v && mv /tmp/toy-i2v ../models/toy-i2v
 git -C "$root" status --short models/

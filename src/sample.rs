@@ -9,7 +9,7 @@ use ort::value::Tensor;
 use rand::Rng;
 use rand_distr::StandardNormal;
 
-use crate::artifacts::{FIRST_FRAME_LATENTS, ModelInfo};
+use crate::artifacts::{FIRST_FRAME_LATENTS, ModelInfo, Y};
 use crate::data::Conditioning;
 use crate::decode::{VaeDecoder, VideoFiles, VideoOptions, write_videos};
 use crate::error::{Error, IoContext, Result};
@@ -173,6 +173,24 @@ pub fn write_outputs(out: &Path, videos: Vec<Vec<f32>>, shape: [usize; 4], promp
     grid.write_png(&out.join("samples.png"))?;
     grid.write_gif(&out.join("samples.gif"))?;
     Ok(decoded)
+}
+
+/// I2V samples beside the image they were conditioned on: `first_frame.png`, a row per sample
+/// with `y`'s image latents (its last C channels, latent frame 0) left of the sampled frames,
+/// drawn as `samples.png` draws latents. Nothing for other conditioning.
+pub fn write_first_frame_picture(out: &Path, videos: &[Vec<f32>], shape: [usize; 4], conditioning: &[Conditioning]) -> Result<()> {
+    let Some(y) = conditioning.iter().find(|c| c.name == Y) else {
+        return Ok(());
+    };
+    let [c, frames, h, w] = shape;
+    let plane = h * w;
+    // y is [mask channels + C, F, H, W]: the image's latents are its last C channels.
+    let image_channel = |ch: usize| &y.values[((y.shape[0] - c + ch) * frames) * plane..][..plane];
+    let rows = videos.iter().map(|video| {
+        (0..c).flat_map(|ch| image_channel(ch).iter().chain(&video[ch * frames * plane..(ch + 1) * frames * plane]).copied()).collect()
+    });
+    let grid = Grid { videos: rows.collect(), shape: [c, frames + 1, h, w], scale: (128 / w.max(1)).clamp(1, 16) as u32 };
+    grid.write_png(&out.join("first_frame.png"))
 }
 
 /// The image conditioning of an I2V/TI2V model for latents of `shape` [C, F, H, W], read from

@@ -48,9 +48,9 @@ def run(videos, encoders, out, capsys, *extra):
     return rc, captured.out, captured.err
 
 
-def diffsynth_units(input_image, frames, height, width, encoders, clip_path):
+def diffsynth_units(input_image, frames, height, width, encoders, clip_path, end_image=None):
     """DiffSynth's WanVideoUnit_ImageEmbedderVAE and, with `clip_path`, WanVideoUnit_ImageEmbedderCLIP
-    on a PIL input image, as its training pipeline runs them (float32 here)."""
+    on a PIL input image (and end image, FLF2V), as its training pipeline runs them (float32 here)."""
     from diffsynth.pipelines.wan_video import (WanVideoPipeline, WanVideoUnit_ImageEmbedderCLIP,
                                                WanVideoUnit_ImageEmbedderVAE)
 
@@ -61,10 +61,10 @@ def diffsynth_units(input_image, frames, height, width, encoders, clip_path):
     pipe.dit = SimpleNamespace(require_vae_embedding=True, require_clip_embedding=clip_path is not None,
                                has_image_pos_emb=False)
     with torch.no_grad():
-        out = WanVideoUnit_ImageEmbedderVAE().process(pipe, input_image=input_image, end_image=None, num_frames=frames,
+        out = WanVideoUnit_ImageEmbedderVAE().process(pipe, input_image=input_image, end_image=end_image, num_frames=frames,
                                                       height=height, width=width, tiled=False, tile_size=None,
                                                       tile_stride=None)
-        out |= WanVideoUnit_ImageEmbedderCLIP().process(pipe, input_image=input_image, end_image=None, height=height,
+        out |= WanVideoUnit_ImageEmbedderCLIP().process(pipe, input_image=input_image, end_image=end_image, height=height,
                                                         width=width)
     return {name: t[0] for name, t in out.items()}
 
@@ -72,12 +72,18 @@ def diffsynth_units(input_image, frames, height, width, encoders, clip_path):
 def diffsynth_input_image(path, frames, height, width):
     """The input image DiffSynth's trainer passes: its loader's first frame of the clip, or the
     image loaded and cropped by its ImageCropAndResize."""
+    from diffsynth.core.data.operators import ImageCropAndResize
+
+    if path.suffix in (".png", ".jpg"):
+        return ImageCropAndResize(height=height, width=width)(Image.open(path).convert("RGB"))
+    return diffsynth_video(path, frames, height, width)[0]
+
+
+def diffsynth_video(path, frames, height, width):
+    """The clip's frames as DiffSynth's loader gives them to its trainer."""
     from diffsynth.core.data.operators import ImageCropAndResize, LoadVideo
 
-    crop = ImageCropAndResize(height=height, width=width)
-    if path.suffix in (".png", ".jpg"):
-        return crop(Image.open(path).convert("RGB"))
-    return LoadVideo(num_frames=frames, frame_processor=crop)(str(path))[0]
+    return LoadVideo(num_frames=frames, frame_processor=ImageCropAndResize(height=height, width=width))(str(path))
 
 
 @pytest.mark.parametrize("model", ["tiny-i2v", "tiny-i2v-a14b"])
@@ -121,6 +127,45 @@ def test_i2v_conditioning_matches_diffsynth_units(videos, encoders, clip_encoder
     # For a video, the first frame's latents are y's image part only when the input image is that frame.
     wide = load_file(str(out / "wide.mp4.safetensors"))
     assert (wide["y"][4:, 0] - wide["latents"][:, 0]).abs().max() < 1e-5
+
+
+def test_flf2v_y_matches_diffsynth_unit(videos, encoders, clip_encoder, tmp_path, capsys):
+    """--last-frame: `y` as DiffSynth's unit makes it given end_image, which its trainer takes
+    from the clip's last frame (`--extra_inputs input_image,end_image`); CLIP features stay the
+    first image's, as DiffSynth's for a DiT without image position embeddings. encode_image
+    --last-image makes the same from two image files for sampling."""
+    out = tmp_path / "data"
+    rc, stdout, stderr = run(videos, encoders, out, capsys, "--model", "tiny-i2v", "--clip", clip_encoder, "--last-frame")
+    assert rc == 0 and "2 prepared" in stdout and "1 skipped" in stdout, (stdout, stderr)
+    assert "skipped" in stderr and "still.jpg: one frame: --last-frame (FLF2V) needs a first and a last frame" in stderr, stderr
+    for name, image, frames, height, width in [("wide.mp4", videos / "wide.mp4", 9, 32, 48), ("given.mp4", videos / "given.png", 5, 48, 32)]:
+        sample = load_file(str(out / f"{name}.safetensors"))
+        end_image = diffsynth_video(videos / name, frames, height, width)[-1]  # the trainer's data["video"][-1]
+        reference = diffsynth_units(diffsynth_input_image(image, frames, height, width), frames, height, width, encoders,
+                                    clip_encoder, end_image=end_image)
+        torch.testing.assert_close(sample["y"], reference["y"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sample["clip_feature"], reference["clip_feature"], rtol=1e-5, atol=1e-5)
+        # The mask marks frame 0 (channels 0-3 of latent frame 0) and frame T-1 (channel 3 of the last).
+        mask = sample["y"][:4].flatten(2).amax(-1)
+        want = torch.zeros_like(mask)
+        want[:, 0] = 1
+        want[3, -1] = 1
+        assert torch.equal(mask, want), mask
+    # encode_image --last-image: a start and an end image for sampling, as DiffSynth's unit takes them.
+    condition = tmp_path / "flf.safetensors"
+    assert encode_image(["--image", str(videos / "given.png"), "--last-image", str(videos / "still.jpg"), "--out", str(condition),
+                         "--model", "tiny-i2v", "--vae", str(encoders / "vae.pth"), "--clip", str(clip_encoder),
+                         "--resolution", "48x32", "--frames", "5", "--precision", "float32"]) == 0
+    crop = [diffsynth_input_image(videos / name, 5, 48, 32) for name in ("given.png", "still.jpg")]
+    reference = diffsynth_units(crop[0], 5, 48, 32, encoders, clip_encoder, end_image=crop[1])
+    encoded = load_file(str(condition))
+    for name in ("y", "clip_feature"):
+        torch.testing.assert_close(encoded[name], reference[name], rtol=1e-5, atol=1e-5)
+    # Without --last-frame the same samples are made again, and the flag is named.
+    rc, stdout, _ = run(videos, encoders, out, capsys, "--model", "tiny-i2v", "--clip", clip_encoder)
+    assert rc == 0 and "2 made with another --last-frame" in stdout, stdout
+    rc, _, stderr = run(videos, encoders, tmp_path / "refused", capsys, "--last-frame")
+    assert rc == 1 and len(stderr.strip().splitlines()) == 1 and "--last-frame: FLF2V needs an image-to-video --model" in stderr, stderr
 
 
 def test_i2v_settings_re_encode_and_one_line_errors(videos, encoders, clip_encoder, tmp_path, capsys):
@@ -193,6 +238,8 @@ def test_metadata_csv_input_image_column(videos, encoders, tmp_path, capsys):
     ({"--resolution": "48x32,32x48"}, "give one size and one frame count"),
     ({"--frames": "6"}, "--frames 6: must be 4k+1"),
     ({"--image": "missing.png"}, "--image missing.png: no such file"),
+    ({"--last-image": "missing.png"}, "--last-image missing.png: no such file"),
+    ({"--last-image": "missing.png", "--frames": "1"}, "FLF2V needs a first and a last frame; give --frames 5 or more"),
 ])
 def test_encode_image_refuses_with_one_line(encoders, videos, tmp_path, capsys, change, message):
     flags = {"--image": str(videos / "given.png"), "--out": str(tmp_path / "c.safetensors"), "--model": "tiny-i2v-a14b",

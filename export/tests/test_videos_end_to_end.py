@@ -3,13 +3,15 @@ two-bucket dataset with random tiny Wan encoders (DiffSynth's classes), `flowste
 the tiny DiT on it with samples during training, and the samples are decoded to frames by the
 exported VAE decoder. The same for TI2V (issue 23): the Wan2.2 VAE's latents and first-frame
 condition, tiny-ti2v, and `flowstep sample --condition --vae-decoder`; and for image-to-video
-(tiny Wan2.1 I2V: `y` and CLIP features)."""
+(tiny Wan2.1 I2V: `y` and CLIP features); and for both experts of the Wan2.2 A14B pair in one
+job, sampled with the pair."""
 
 import json
 import subprocess
 
 import imageio.v2 as iio
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -20,7 +22,11 @@ from independent import TINY, flowstep_bin
 from wan_fixtures import TEXT_LEN, write_image_encoder, write_text_encoder, write_tokenizer, write_video
 
 
-def test_videos_to_lora_and_back_to_videos(vae_decoder, tmp_path):
+@pytest.fixture(scope="module")
+def t2v_clips(vae_decoder, tmp_path_factory):
+    """Generated clips in two buckets prepared with the random tiny Wan2.1 VAE and text encoder,
+    and one encoded prompt: shared by the single-model and the A14B pair runs."""
+    tmp_path = tmp_path_factory.mktemp("t2v-clips")
     vocab = write_tokenizer(tmp_path / "tokenizer")
     write_text_encoder(tmp_path / "t5.pth", vocab)
     text = ["--text-encoder", str(tmp_path / "t5.pth"), "--tokenizer", str(tmp_path / "tokenizer"), "--text-len", str(TEXT_LEN)]
@@ -39,7 +45,11 @@ def test_videos_to_lora_and_back_to_videos(vae_decoder, tmp_path):
     prompts = tmp_path / "prompts"
     assert encode_prompts(["--out", str(prompts), *text, "--precision", "float32", "a red ball rolls left"]) == 0
     (prompts / "prompts.txt").write_text("prompt-000.safetensors seed=3 steps=3\n")
+    return data, prompts
 
+
+def test_videos_to_lora_and_back_to_videos(t2v_clips, vae_decoder, tmp_path):
+    data, prompts = t2v_clips
     out = tmp_path / "run"
     r = subprocess.run([str(flowstep_bin()), "train", "--artifacts", str(TINY), "--data", str(data), "--out", str(out),
                         "--steps", "4", "--seed", "1", "--lr", "1e-3", "--sample-every", "2",
@@ -59,6 +69,37 @@ def test_videos_to_lora_and_back_to_videos(vae_decoder, tmp_path):
         assert Image.open(folder / "videos.png").size[1] == 32
         assert (folder / "samples.safetensors").is_file()
     assert not np.array_equal(iio.mimread(early / "videos.gif")[4], iio.mimread(late / "videos.gif")[4]), "the LoRA moved between the two sample sets"
+
+
+def test_a14b_pair_videos_to_loras_and_back_to_videos(t2v_clips, vae_decoder, tmp_path):
+    """The same clips train both experts of the tiny Wan2.2 A14B pair in one job (two steps
+    each), and `flowstep sample` with the pair and both LoRAs decodes to frames."""
+    data, prompts = t2v_clips
+    pair = TINY.parent.parent / "tiny-a14b"
+    high, low = pair / "high_noise" / "artifacts", pair / "low_noise" / "artifacts"
+    out = tmp_path / "run"
+    r = subprocess.run([str(flowstep_bin()), "train", "--artifacts", str(high), "--expert-artifacts", str(low), "--data", str(data),
+                        "--out", str(out), "--steps", "4", "--switch-expert-every", "2", "--seed", "1", "--lr", "1e-3"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    experts = json.loads((out / "summary.json").read_text())["experts"]
+    assert [(e["role"], e["steps"]) for e in experts] == [("high_noise", 2), ("low_noise", 2)]
+
+    def sample(folder, *extra):
+        r = subprocess.run([str(flowstep_bin()), "sample", "--artifacts", str(high), "--expert-artifacts", str(low),
+                            "--lora", str(out / "lora_high_noise.safetensors"), "--context", str(prompts / "prompt-000.safetensors"),
+                            "--shape", "3,4,6", "--num-samples", "1", "--steps", "3", "--cfg-scale", "1", "--seed", "3",
+                            "--out", str(folder), *extra], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return load_file(str(folder / "samples.safetensors"))["latents"]
+
+    both = sample(tmp_path / "pair", "--expert-lora", str(out / "lora_low_noise.safetensors"), "--vae-decoder", str(vae_decoder / "decoder"))
+    gif = iio.mimread(tmp_path / "pair" / "videos.gif")
+    assert len(gif) == 9 and gif[0].shape[:2] == (32, 48)
+    # 3 steps at shift 5 are t = 1000, 909 (high noise, ≥ 875) and 714 (low noise): the
+    # low-noise expert's LoRA changes the last step.
+    high_only = sample(tmp_path / "high-only")
+    assert (both - high_only).abs().max() > 1e-4
 
 
 def test_ti2v_videos_to_lora_and_back_to_videos(vae22_decoder, tmp_path):

@@ -132,6 +132,9 @@ pub struct ConditioningInput {
 /// The first-frame conditioning of Wan2.2 TI2V: latent frame 0 is this image's latents.
 pub const FIRST_FRAME_LATENTS: &str = "first_frame_latents";
 
+/// The image conditioning of Wan I2V: a mask stacked on the image's latents (then zeros).
+pub const Y: &str = "y";
+
 impl ConditioningInput {
     /// The concrete shape for latents `[C, F, H, W]`, or None for an unknown dimension name.
     pub fn resolve(&self, latent: &[usize]) -> Option<Vec<usize>> {

@@ -6,7 +6,7 @@ mod manifest;
 mod validate;
 
 pub use manifest::{
-    BaseWeights, ConditioningInput, Dim, ExpertInfo, ExpertRole, FIRST_FRAME_LATENTS, FORMAT_VERSION, GraphSignature, IoSpec, LoraInfo,
+    BaseWeights, ConditioningInput, Dim, ExpertInfo, ExpertRole, FIRST_FRAME_LATENTS, FORMAT_VERSION, GraphSignature, IoSpec, LoraInfo, Y,
     LoraTensor, Manifest, ModelInfo, NamedShape,
 };
 pub use external_data::check_listed as check_external_data;

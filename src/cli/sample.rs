@@ -12,7 +12,7 @@ use flowstep::artifacts::{Artifacts, ExpertRole};
 use flowstep::decode::{Tile, VaeDecoder, VideoOptions};
 use flowstep::executor::{VelocityGraph, WithLora};
 use flowstep::render::{centroid_motion, mean_rgb};
-use flowstep::sample::{DEFAULT_CFG_SCALE, DEFAULT_SHIFT, DEFAULT_STEPS, PromptTensors, SampleConfig, WAN_NEGATIVE_PROMPT, Stage, context_prompt, read_conditioning, read_context, sample, write_outputs};
+use flowstep::sample::{DEFAULT_CFG_SCALE, DEFAULT_SHIFT, DEFAULT_STEPS, PromptTensors, SampleConfig, WAN_NEGATIVE_PROMPT, Stage, context_prompt, read_conditioning, read_context, sample, write_first_frame_picture, write_outputs};
 use flowstep::tensor_file::{Staging, write_atomic};
 use flowstep::text_encoder::encode_prompts;
 use flowstep::video_files::Mp4;
@@ -355,6 +355,7 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     }
     let decoding = decoder.as_mut().map(|d| (d, VideoOptions { fps: args.fps, save_frames: args.save_frames, tile: args.vae_tile }));
     let prompt_tensors = PromptTensors { shape: ctx_shape, context: &ctx, negative: negative.as_deref() };
+    write_first_frame_picture(staging.path(), &videos, shape, &conditioning)?;
     let written = write_outputs(staging.path(), videos, shape, prompt_tensors, decoding)?;
     decoding_bar.finish_and_clear();
     if args.overwrite { staging.commit_replacing()? } else { staging.commit()? }

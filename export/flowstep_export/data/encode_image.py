@@ -8,6 +8,7 @@ python -m flowstep_export.data.encode_image --image start.png --model wan2.1-i2v
 The image is cropped to the resolution as prepare crops a clip's input image, and encoded as
 prepare encodes it for a clip of that many frames: `y` [20, (frames-1)/4+1, H/8, W/8] and, for
 Wan2.1, `clip_feature` [257, 1280] (float32). Sample with `--shape (frames-1)/4+1,H/8,W/8`.
+With --last-image (FLF2V) `y` ends with that image, as prepare --last-frame makes it from a clip.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m flowstep_export.data.encode_image", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", required=True, type=Path, help="the start image (png, jpg, webp, bmp)")
+    p.add_argument("--last-image", type=Path, help="FLF2V: the end image, the video's last frame in `y` "
+                   "(DiffSynth's end_image); the CLIP features stay the start image's")
     p.add_argument("--out", required=True, type=Path, help="condition file to write (.safetensors)")
     p.add_argument("--model", required=True, metavar="PRESET", help="the image-to-video DiT: wan2.1-i2v-14b, wan2.2-i2v-a14b")
     p.add_argument("--vae", required=True, type=Path, help="Wan2.1 VAE: Wan2.1_VAE.pth or wan_2.1_vae.safetensors")
@@ -51,7 +54,12 @@ def encode(args) -> None:
         raise ValueError(f"--model {args.model}: a text-to-video model takes no image")
     require_regular_file(args.vae, f"--vae {args.vae}")
     require_regular_file(args.image, f"--image {args.image}")
+    if args.last_image is not None:
+        if frames == 1:
+            raise ValueError(f"--last-image {args.last_image}: FLF2V needs a first and a last frame; give --frames 5 or more")
+        require_regular_file(args.last_image, f"--last-image {args.last_image}")
     pixels = read_image(args.image, bucket)
+    end_pixels = None if args.last_image is None else read_image(args.last_image, bucket)
 
     import torch
 
@@ -62,7 +70,8 @@ def encode(args) -> None:
     image = torch.from_numpy(pixels).to(compute)
     vae = load_vae(args.vae, f"--vae {args.vae}")
     vae.model.to(device=args.device, dtype=compute)
-    tensors = {"y": encode_y(vae, image, frames, args.device)}
+    end_image = None if end_pixels is None else torch.from_numpy(end_pixels).to(compute)
+    tensors = {"y": encode_y(vae, image, frames, args.device, end_image)}
     if "clip_feature" in conditioning:
         from ..model.wan_clip import load_image_encoder
 
@@ -71,8 +80,8 @@ def encode(args) -> None:
     tensors = {name: t.to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
     if (bad := [name for name, t in tensors.items() if not torch.isfinite(t).all()]):
         raise ValueError(f"{args.image}: the encoders gave NaN or Inf values in {', '.join(bad)}; nothing written")
-    save_tensors(tensors, args.out, metadata={"image": str(args.image), "model": args.model, "bucket": str(bucket),
-                                              "frames": str(frames)})
+    save_tensors(tensors, args.out, metadata={"image": str(args.image), "last_image": str(args.last_image or "none"),
+                                              "model": args.model, "bucket": str(bucket), "frames": str(frames)})
     latent = tensors["y"].shape[1:]
     print(f"{args.out}: {', '.join(tensors)} for --shape {','.join(map(str, latent))}")
 

@@ -22,6 +22,8 @@ takes, from the clip's first frame as DiffSynth's trainer (`--extra_inputs input
 An image beside a video with the same name (clip.mp4 + clip.png), or a metadata.csv
 `input_image` column, gives that video's input image instead of its first frame; it is cropped
 to the video's bucket.
+With --last-frame (FLF2V, DiffSynth's `end_image`, which its trainer takes from the clip's last
+frame) the black frames end with the clip's last frame and the mask is 1 on it too.
 
 With the Wan2.2 VAE (`Wan2.2_VAE.pth`, for Wan2.2 TI2V-5B; no --model) the latents are [48,
 (T-1)/4+1, H/16, W/16], H and W multiples of 32, and each sample also holds TI2V's first-frame
@@ -76,9 +78,9 @@ MAX_TEXT_LEN = 4096  # Wan's is 512
 SETTING_FLAGS = {"resolutions": "--resolution", "frame_buckets": "--frames", "fps": "--fps", "text_len": "--text-len",
                  "dtype": "--dtype", "vae_sha256": "--vae", "text_encoder_sha256": "--text-encoder",
                  "tokenizer_sha256": "--tokenizer", "frame_extraction": "frame_extraction",
-                 "conditioning": "--model", "image_encoder_sha256": "--clip"}
-# What samples made before prepare wrote image conditioning were: text-to-video, no CLIP.
-TEXT_ONLY = {"conditioning": "none", "image_encoder_sha256": "none"}
+                 "conditioning": "--model", "image_encoder_sha256": "--clip", "end_image": "--last-frame"}
+# What samples made before prepare wrote image conditioning were: text-to-video, no CLIP, no end image.
+TEXT_ONLY = {"conditioning": "none", "image_encoder_sha256": "none", "end_image": "none"}
 NO_SETTINGS = "with no recorded settings"
 FIRST_FRAME = "first frame"
 IMAGE_COLUMN = "input_image"  # DiffSynth's name for the I2V image
@@ -241,6 +243,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "default: text-to-video (latents and context)")
     p.add_argument("--clip", type=Path, help="Wan2.1 I2V's image encoder, models_clip_open-clip-xlm-roberta-large-"
                    "vit-huge-14.pth (needed by --model wan2.1-i2v-14b)")
+    p.add_argument("--last-frame", action="store_true",
+                   help="FLF2V (first and last frame), with an image-to-video --model: `y` also holds the clip's last frame, "
+                        "as DiffSynth's end_image (its trainer's `--extra_inputs input_image,end_image`); clips of one "
+                        "frame are skipped")
     p.add_argument("--text-len", type=int, default=512,
                    help=f"prompt tokens (default 512, Wan's; the DiT's text_len; at most {MAX_TEXT_LEN})")
     p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16", help="stored precision (default bf16)")
@@ -353,6 +359,8 @@ def prepare(args: argparse.Namespace) -> dict:
     require_regular_file(args.vae, f"--vae {args.vae}")
     require_regular_file(args.text_encoder, f"--text-encoder {args.text_encoder}")
     conditioning = image_conditioning(args.model, args.clip, args.text_len)
+    if args.last_frame and not conditioning:
+        raise ValueError("--last-frame: FLF2V needs an image-to-video --model (wan2.1-i2v-14b, wan2.2-i2v-a14b)")
 
     import torch
 
@@ -364,7 +372,8 @@ def prepare(args: argparse.Namespace) -> dict:
     shared = {"text_len": str(args.text_len), "dtype": args.dtype, "vae_sha256": sha256_of_file(args.vae),
               "text_encoder_sha256": sha256_of_file(args.text_encoder), "tokenizer_sha256": tokenizer_sha256(args.tokenizer),
               "conditioning": ",".join(conditioning) or "none",
-              "image_encoder_sha256": "none" if args.clip is None else sha256_of_file(args.clip)}
+              "image_encoder_sha256": "none" if args.clip is None else sha256_of_file(args.clip),
+              "end_image": "last frame" if args.last_frame else "none"}
     jobs = []  # (spec, item, the sample name base, settings)
     for spec in specs:
         settings = {"resolutions": ",".join(map(str, spec.buckets)), "frame_buckets": ",".join(map(str, spec.extraction.target_frames)),
@@ -428,7 +437,8 @@ def prepare(args: argparse.Namespace) -> dict:
                 tensors["first_frame_latents"] = vae.encode([pixels[:, :1]], device=args.device)[0]
             if conditioning:  # DiffSynth's WanVideoUnit_ImageEmbedderVAE / _ImageEmbedderCLIP
                 input_pixels = torch.from_numpy(input_pixels).to(compute)
-                tensors["y"] = encode_y(vae, input_pixels, pixels.shape[1], args.device)
+                end_image = pixels[:, -1] if args.last_frame else None
+                tensors["y"] = encode_y(vae, input_pixels, pixels.shape[1], args.device, end_image)
             if "clip_feature" in conditioning:
                 tensors["clip_feature"] = encode_clip(encoders["image"], input_pixels, args.device)
         return {name: t.to("cpu", stored).contiguous() for name, t in tensors.items()}
@@ -459,6 +469,8 @@ def prepare(args: argparse.Namespace) -> dict:
                 if ti2v and clip.pixels.shape[1] == 1:
                     raise ValueError("one frame: TI2V (the Wan2.2 VAE) trains on the frames after the first; it needs a video "
                                      f"of {min(f for f in spec.extraction.target_frames if f > 1)} frames or more")
+                if args.last_frame and clip.pixels.shape[1] == 1:
+                    raise ValueError("one frame: --last-frame (FLF2V) needs a first and a last frame")
                 if item.image is not None and conditioning:
                     if given_image is None or given_image[0] != clip.bucket:
                         if (problem := file_problem(item.image)) is not None:

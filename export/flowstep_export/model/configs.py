@@ -114,6 +114,10 @@ PRESETS: dict[str, WanConfig] = {
     # The demo's toy world (flowstep_export.data.toy_world): pretrained on CPU in minutes.
     "toy": WanConfig("toy", dim=128, ffn_dim=512, num_heads=4, num_layers=4,
                      text_dim=64, text_len=16, freq_dim=64, example_latent=(4, 16, 16)),
+    # The demo's image-to-video toy (flowstep_export.data.toy_i2v): the toy with `y` as Wan2.2
+    # I2V-A14B takes it (mask + first-frame latents, no CLIP), from the toy's own base.
+    "toy-i2v": WanConfig("toy-i2v", dim=128, ffn_dim=512, num_heads=4, num_layers=4, in_dim=36, variant="i2v",
+                         text_dim=64, text_len=16, freq_dim=64, example_latent=(4, 16, 16)),
     # Wan's block at a small width with the real text encoder shape (benchmarks).
     "small": WanConfig("small", dim=256, ffn_dim=1024, num_heads=2, num_layers=4,
                        example_latent=(5, 16, 32)),
