@@ -54,7 +54,9 @@ fn bad_artifacts() {
         m["graphs"]["training_model"]["inputs"][0]["shape"] = serde_json::json!([7]);
     }), &["manifest.json", "lora_params", "[7]"]);
     case("graph-signature-x_t", &|a| patch_manifest(a, |m| {
-        m["graphs"]["training_model"]["inputs"][71]["shape"][4] = serde_json::json!(7);
+        if let Some(x_t) = m["graphs"]["training_model"]["inputs"].as_array_mut().and_then(|v| v.iter_mut().find(|i| i["name"] == "x_t")) {
+            x_t["shape"][4] = serde_json::json!(7);
+        }
     }), &["training_model.onnx", "x_t", "7"]);
 
     // Base weights: missing tensor, wrong shape, wrong dtype (through --base).

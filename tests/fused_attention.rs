@@ -30,7 +30,7 @@ fn velocity(artifacts: &Artifacts, lora: &[f32]) -> Vec<f32> {
     let options = SessionOptions::cpu().for_artifacts(&artifacts.manifest).unwrap_or_else(|e| panic!("{e}"));
     let memory = DeviceMemory::new(options.device);
     let base = load_base_weights(artifacts, None, &memory).unwrap_or_else(|e| panic!("{e}"));
-    let mut graph = VelocityGraph::load(artifacts, &options, &base).unwrap_or_else(|e| panic!("{e}"));
+    let mut graph = VelocityGraph::load(artifacts, &options, &base, artifacts.manifest.lora.scale()).unwrap_or_else(|e| panic!("{e}"));
     // 3 x 10 x 6 latent: 45 tokens, not the export's example size.
     let mut batch = Batch::new(&[16, 3, 10, 6], &[16, 64]).unwrap_or_else(|e| panic!("{e}"));
     batch.x_t.extract_tensor_mut().1.copy_from_slice(&values(16 * 180, 21));

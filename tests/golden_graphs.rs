@@ -13,7 +13,7 @@ fn load() -> (Artifacts, TrainingGraphs, Golden) {
     init_ort();
     let artifacts = Artifacts::open(&tiny_artifacts()).unwrap_or_else(|e| panic!("{e}"));
     let a = artifacts.clone();
-    let (graphs, _base) = TrainingGraphs::load(&artifacts, &SessionOptions::cpu(), |m| load_base_weights(&a, None, m))
+    let (graphs, _base) = TrainingGraphs::load(&artifacts, &SessionOptions::cpu(), artifacts.manifest.lora.scale(), |m| load_base_weights(&a, None, m))
         .unwrap_or_else(|e| panic!("{e}"));
     let golden = Golden::open(&common::repo().join("models/tiny/golden.safetensors"));
     (artifacts, graphs, golden)

@@ -150,6 +150,29 @@ fn optimizer_graphs_without_params_nonfinite_are_refused() {
     case("old-graph", false, &["graph has 4 outputs, the manifest lists 5", "the graph has no `params_nonfinite`"]);
 }
 
+/// An export from before the LoRA scale was a graph input (`lora_scale`, alpha/rank baked in
+/// as a constant) is refused at open, in one line naming the input and the re-export: its
+/// manifest's graphs lack the input, whichever graph comes first.
+#[test]
+fn exports_without_lora_scale_are_refused() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 1, 1);
+    let out = dir.path().join("out");
+    let art = copy_artifacts(&dir.path().join("old-export"));
+    patch_manifest(&art, |m| {
+        for graph in ["training_model", "eval_model", "inference_model"] {
+            if let Some(inputs) = m["graphs"][graph]["inputs"].as_array_mut() {
+                inputs.retain(|i| i["name"] != "lora_scale");
+            }
+        }
+    });
+    let expect = ["has no input `lora_scale`", "train --lora-alpha", "re-export with this version's flowstep_export"];
+    assert_error(&train_limited(&art, &data, &out, 2, &[]), &expect);
+    assert_untouched(&out);
+    assert_error(&run_limited(&["eval", "--artifacts", path_str(&art), "--data", path_str(&data)], 30), &expect);
+}
+
 // ── 2. Flags are checked before any work, naming the flag ──────────────────────────────
 
 #[test]

@@ -156,7 +156,7 @@ fn fused_lora_file_reproduces_inference() {
     batch.set_scalars(700.0, 1.0);
     let zero_lora = flowstep::lora_io::load(&artifacts.dir.join("lora_init.safetensors"), lora_info).unwrap_or_else(|e| panic!("{e}"));
     let run = |base: &flowstep::executor::BaseWeights, lora: &[f32]| {
-        let mut g = VelocityGraph::load(&artifacts, &options, base).unwrap_or_else(|e| panic!("{e}"));
+        let mut g = VelocityGraph::load(&artifacts, &options, base, artifacts.manifest.lora.scale()).unwrap_or_else(|e| panic!("{e}"));
         let params = memory.tensor(&[lora.len()], lora).unwrap_or_else(|e| panic!("{e}"));
         let mut v = Vec::new();
         g.velocity(&params, &batch, 16, &mut v).unwrap_or_else(|e| panic!("{e}"));

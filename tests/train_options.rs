@@ -1,6 +1,6 @@
 //! `flowstep train`'s musubi-tuner options end to end on the tiny artifacts: gradient
-//! clipping and timestep sampling through a resume, their checks, and the line an
-//! export-time option gets. Their numbers against PyTorch and musubi's code:
+//! clipping, timestep sampling and the LoRA alpha through a resume, their checks, and the
+//! line an export-time option gets. Their numbers against PyTorch and musubi's code:
 //! export/tests/test_reference_loop.py and export/tests/test_timestep_sampling.py.
 
 mod common;
@@ -54,6 +54,50 @@ fn resume_with_clipping_and_musubi_sampling_is_bit_identical() {
     }
 }
 
+/// `--lora-alpha` is the run's: 2 steps, stop, `--resume` (OUT/config.toml keeps the alpha),
+/// 2 more == 4 straight; the export's `lora.alpha` is the default; the alpha changes what is
+/// trained; the per-checkpoint LoRA and `export-lora` record it; a resume with another alpha
+/// is refused, naming it. (Its numbers against PEFT: export/tests/test_lora_alpha_and_files.py.)
+#[test]
+fn lora_alpha_holds_through_resume_and_files() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    tiny_dataset(&data, 2, 7);
+    let art = tiny_artifacts();
+    let run = |art: &std::path::Path, name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut flags = vec!["--save-every", "2"];
+        flags.extend_from_slice(extra);
+        let r = train_cmd(art, &data, &out, 4, &flags);
+        assert!(r.status.success(), "{name}: {}", stderr(&r));
+        out
+    };
+    let read = |p: &std::path::Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let state = |out: &std::path::Path| read(&out.join("checkpoints/step-000004/state.safetensors"));
+    let straight = run(&art, "straight", &["--lora-alpha", "16"]);
+    assert!(state(&straight) != state(&run(&art, "export-alpha", &[])), "alpha 16 trains otherwise than tiny's alpha 8");
+    let art16 = copy_artifacts(&dir.path().join("art16"));
+    patch_manifest(&art16, |m| m["lora"]["alpha"] = 16.0.into());
+    assert!(state(&straight) == state(&run(&art16, "default-16", &[])), "the manifest's alpha is the default");
+
+    let resumed = dir.path().join("resumed");
+    assert!(train_cmd(&art, &data, &resumed, 4, &["--save-every", "2", "--lora-alpha", "16", "--stop-after", "2"]).status.success());
+    let r = train_cmd(&art, &data, &resumed, 4, &["--resume"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(state(&straight) == state(&resumed), "the resume keeps --lora-alpha 16 from OUT/config.toml");
+    let line = error_line(&train_cmd(&art, &data, &resumed, 6, &["--resume", "--lora-alpha", "4"]));
+    assert!(line.contains("belongs to a different run") && line.contains("--lora-alpha 16.0 → 4.0"), "{line}");
+
+    let (tensors, meta) = lora_contents(&resumed.join("loras/resumed-step-000004.safetensors"));
+    let alphas: Vec<&Vec<f32>> = tensors.iter().filter(|(n, _)| n.ends_with(".alpha")).map(|(_, v)| v).collect();
+    assert!(!alphas.is_empty() && alphas.iter().all(|v| **v == [16.0]), "{alphas:?}");
+    assert_eq!(meta.get("ss_network_alpha").map(String::as_str), Some("16"), "{meta:?}");
+    let exported = dir.path().join("exported.safetensors");
+    let r = flowstep(&["-q", "export-lora", path_str(&resumed.join("checkpoints/step-000004")), "--out", path_str(&exported)]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_eq!(lora_contents(&exported).0, tensors, "export-lora writes the alpha trained with");
+}
+
 /// A resume that drops clipping or changes the timestep sampling is refused, naming the flag.
 #[test]
 fn resume_refuses_changed_clipping_or_sampling() {
@@ -84,7 +128,9 @@ fn sampling_flags_are_checked() {
     tiny_dataset(&data, 1, 6);
     let art = tiny_artifacts();
     let out = dir.path().join("run");
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
+        (&["--lora-alpha", "0"], "--lora-alpha: must be a positive number, got 0"),
+        (&["--lora-alpha", "inf"], "--lora-alpha: must be a positive number, got inf"),
         (&["--sigmoid-scale", "2"], "--sigmoid-scale: is not used by --timestep-sampling uniform"),
         (&["--timestep-sampling", "sigmoid", "--logit-mean", "1"], "--logit-mean: is not used by --timestep-sampling sigmoid"),
         (&["--timestep-sampling", "logit_normal", "--logit-std", "0"], "--logit-std: must be a positive number, got 0"),
@@ -102,7 +148,7 @@ fn sampling_flags_are_checked() {
 /// an unrelated train flag: `--lora-rank` → "a similar argument exists: '--lora-format'").
 #[test]
 fn export_option_on_train_names_the_export_command() {
-    for flag in ["--lora-rank", "--lora-alpha", "--gradient-checkpointing", "--precision", "--attention", "--attention-chunk"] {
+    for flag in ["--lora-rank", "--lora-targets", "--gradient-checkpointing", "--precision", "--attention", "--attention-chunk"] {
         for arg in [flag.to_string(), format!("{flag}=8")] {
             let out = flowstep(&["train", "--artifacts", "a", "--data", "d", "--out", "o", &arg]);
             assert_eq!(out.status.code(), Some(2), "{arg}");

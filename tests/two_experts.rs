@@ -56,10 +56,10 @@ fn each_micro_step_trains_the_expert_its_timestep_falls_in() {
         let per_save = out.join(format!("loras/pair-{role}-step-000012.safetensors"));
         assert!(per_save.is_file(), "{} missing", per_save.display());
         let manifest = flowstep::artifacts::Artifacts::open(&expert(role)).unwrap_or_else(|e| panic!("{e}")).manifest;
-        flowstep::lora_io::load_for(&lora, &manifest).unwrap_or_else(|e| panic!("{role}: {e}"));
+        flowstep::lora_io::load_for(&lora, &manifest, None).unwrap_or_else(|e| panic!("{role}: {e}"));
         let other = if role == "high_noise" { "low_noise" } else { "high_noise" };
         let other_manifest = flowstep::artifacts::Artifacts::open(&expert(other)).unwrap_or_else(|e| panic!("{e}")).manifest;
-        assert!(flowstep::lora_io::load_for(&lora, &other_manifest).is_err(), "the {role} LoRA is refused by the {other} export");
+        assert!(flowstep::lora_io::load_for(&lora, &other_manifest, None).is_err(), "the {role} LoRA is refused by the {other} export");
     }
     assert!(!out.join("lora.safetensors").exists());
     let summary: serde_json::Value = serde_json::from_slice(&read(&out.join("summary.json"))).unwrap_or_else(|e| panic!("{e}"));
@@ -107,7 +107,7 @@ fn switch_every_n_trains_one_expert_at_a_time_as_alone() {
     assert_eq!(strip(&pair_lines), strip(&alone_lines));
     // The low-noise expert took no step: its parameters are its export's initial LoRA.
     let manifest = flowstep::artifacts::Artifacts::open(&expert("low_noise")).unwrap_or_else(|e| panic!("{e}")).manifest;
-    let init = flowstep::lora_io::load_for(&expert("low_noise").join("lora_init.safetensors"), &manifest).unwrap_or_else(|e| panic!("{e}"));
+    let init = flowstep::lora_io::load_for(&expert("low_noise").join("lora_init.safetensors"), &manifest, None).unwrap_or_else(|e| panic!("{e}")).0;
     let state = flowstep::tensor_file::TensorFile::open(&short.join("checkpoints/step-000002/state.safetensors")).unwrap_or_else(|e| panic!("{e}"));
     let (_, low) = state.read_f32("low_noise.params").unwrap_or_else(|e| panic!("{e}"));
     let (_, moments) = state.read_f32("low_noise.exp_avg").unwrap_or_else(|e| panic!("{e}"));
@@ -242,8 +242,8 @@ fn the_low_noise_window_equals_its_micro_steps_alone() {
     let artifacts = flowstep::artifacts::Artifacts::open(&expert("low_noise")).unwrap_or_else(|e| panic!("{e}"));
     let a = artifacts.clone();
     let options = flowstep::runtime::SessionOptions::cpu();
-    let (mut graphs, _base) = TrainingGraphs::load(&artifacts, &options, |m| load_base_weights(&a, None, m)).unwrap_or_else(|e| panic!("{e}"));
-    let init = flowstep::lora_io::load_for(&expert("low_noise").join("lora_init.safetensors"), &artifacts.manifest).unwrap_or_else(|e| panic!("{e}"));
+    let (mut graphs, _base) = TrainingGraphs::load(&artifacts, &options, artifacts.manifest.lora.scale(), |m| load_base_weights(&a, None, m)).unwrap_or_else(|e| panic!("{e}"));
+    let init = flowstep::lora_io::load_for(&expert("low_noise").join("lora_init.safetensors"), &artifacts.manifest, None).unwrap_or_else(|e| panic!("{e}")).0;
     let zeros = vec![0.0; init.len()];
     graphs.set_state(&init, &zeros, &zeros).unwrap_or_else(|e| panic!("{e}"));
     let dataset = Dataset::open(&data, SampleSpec::for_model(&artifacts.manifest.model)).unwrap_or_else(|e| panic!("{e}"));

@@ -62,15 +62,17 @@ def diffsynth_base(artifacts: Path):
     return dit
 
 
-def diffsynth_peft(artifacts: Path, lora: dict[str, torch.Tensor] | None = None):
-    """DiffSynth's WanModel + PEFT LoRA (rank/alpha/targets from the manifest), as DiffSynth's
-    training module injects it; LoRA tensors from `lora` (DiffSynth keys) or lora_init."""
+def diffsynth_peft(artifacts: Path, lora: dict[str, torch.Tensor] | None = None, alpha: float | None = None):
+    """DiffSynth's WanModel + PEFT LoRA (rank/targets from the manifest; alpha the run's
+    `--lora-alpha`, else the manifest's), as DiffSynth's training module injects it; LoRA
+    tensors from `lora` (DiffSynth keys) or lora_init."""
     import peft
 
     info = manifest(artifacts)["lora"]
     dit = diffsynth_base(artifacts)
+    lora_alpha = info["alpha"] if alpha is None else alpha
     dit = peft.inject_adapter_in_model(
-        peft.LoraConfig(r=info["rank"], lora_alpha=info["alpha"], target_modules=info["targets"]), dit)
+        peft.LoraConfig(r=info["rank"], lora_alpha=lora_alpha, target_modules=info["targets"]), dit)
     state = lora if lora is not None else load_file(str(artifacts / "lora_init.safetensors"))
     result = dit.load_state_dict(state, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys

@@ -35,6 +35,8 @@ def setup(tiny_artifacts, tiny_options):
         for t in layout:
             params[t.key].copy_(flat[t.offset:t.offset + t.numel].reshape(t.shape))
     base = {k: v.numpy() for k, v in base_state(model).items()}
+    # The graphs' lora_scale input, at the export's alpha/rank as the eager model applies it.
+    base["lora_scale"] = np.array(tiny_options.lora.scaling, np.float32)
     return config, model, layout, flat.numpy(), base
 
 
@@ -154,9 +156,9 @@ def test_manifest_matches_graphs(tiny_artifacts):
     assert manifest["lora"]["num_params"] == sum(np.prod(t["shape"]) for t in manifest["lora"]["tensors"])
     tr = manifest["graphs"]["training_model"]
     names = [i["name"] for i in tr["inputs"]]
-    assert names[:2] == ["lora_params", "grad_accum"]
+    assert names[:3] == ["lora_params", "grad_accum", "lora_scale"]
     assert names[-5:] == ["x_t", "timestep", "context", "target", "weight"]
-    assert names[2:-5] == [t["name"] for t in manifest["base_weights"]["tensors"]]
+    assert names[3:-5] == [t["name"] for t in manifest["base_weights"]["tensors"]]
     x_t = tr["inputs"][-5]
     assert x_t["shape"] == [1, 16, "frames", "height", "width"]
     assert [o["name"] for o in tr["outputs"]] == ["loss", "grad_accum_out"]

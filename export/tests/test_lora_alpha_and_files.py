@@ -1,5 +1,6 @@
-"""alpha != rank through export, training, both LoRA file formats and loaders that read
-them back; bf16 LoRA files bit-exact against torch's round-to-nearest-even conversion.
+"""alpha != rank through training (`train --lora-alpha 16` on the rank-8 tiny export whose
+alpha is 8), both LoRA file formats and loaders that read them back; bf16 LoRA files
+bit-exact against torch's round-to-nearest-even conversion.
 
 References: PEFT's LoRA on DiffSynth's WanModel (alpha/r scaling), DiffSynth's
 GeneralLoRALoader, ComfyUI's semantics written out here (W += up @ down · alpha / rank),
@@ -34,10 +35,11 @@ def probe(art):
 
 
 def test_exported_lora_forward_scales_by_alpha_over_rank(alpha_run):
-    """The exported inference and training graphs with the trained parameters equal PEFT
-    (lora_alpha=4, r=8) on DiffSynth's WanModel."""
+    """The exported inference and training graphs (alpha = rank at export) fed
+    lora_scale = 16/8 with the trained parameters equal PEFT (lora_alpha=16, r=8) on
+    DiffSynth's WanModel."""
     art, trained = alpha_run.art, alpha_run.trained
-    peft_model = diffsynth_peft(art, trained)
+    peft_model = diffsynth_peft(art, trained, alpha=ALPHA)
     x, t, ctx = probe(art)
     with torch.no_grad():
         want = velocity(peft_model, x, t, ctx)
@@ -45,7 +47,8 @@ def test_exported_lora_forward_scales_by_alpha_over_rank(alpha_run):
     flat = torch.cat([trained[t_["key"]].reshape(-1) for t_ in manifest(art)["lora"]["tensors"]]).numpy()
     base_w = {k: v.numpy() for k, v in load_file(str(art / "base.safetensors")).items()}
     sess = ort.InferenceSession(str(art / "inference_model.onnx"), providers=["CPUExecutionProvider"])
-    feeds = {**base_w, "lora_params": flat, "x_t": x.numpy(), "timestep": t.numpy(), "context": ctx.numpy()}
+    feeds = {**base_w, "lora_params": flat, "lora_scale": np.array(ALPHA / RANK, np.float32),
+             "x_t": x.numpy(), "timestep": t.numpy(), "context": ctx.numpy()}
     (got,) = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
     assert rel(want, base) > 1e-3, "the LoRA must change the output"
     assert rel(got, want) < 1e-5, f"inference graph vs PEFT alpha={ALPHA}, r={RANK}: {rel(got, want):.2e}"
@@ -73,7 +76,7 @@ def test_lora_files_load_with_alpha_in_diffsynth_and_comfyui_semantics(alpha_run
     file = load_file(str(alpha_run.runs[fmt, "f32"] / "lora.safetensors"))
     x, t, ctx = probe(art)
     with torch.no_grad():
-        want = velocity(diffsynth_peft(art, alpha_run.trained), x, t, ctx)
+        want = velocity(diffsynth_peft(art, alpha_run.trained, alpha=ALPHA), x, t, ctx)
     # DiffSynth's own loader (its semantics: B·A at scale 1, or ·alpha/rank with an alpha key).
     fused = diffsynth_base(art)
     GeneralLoRALoader(torch_dtype=torch.float32).fuse_lora_to_base_model(fused, file)
@@ -97,17 +100,26 @@ def test_lora_files_load_with_alpha_in_diffsynth_and_comfyui_semantics(alpha_run
         assert rel(got, want) < 1e-5, f"ComfyUI semantics: {rel(got, want):.2e}"
 
 
-def test_flowstep_reads_both_formats_back(alpha_run):
-    """`flowstep eval --lora` gives the same loss for the trained parameters in either file
-    format, and that loss is not the base model's."""
+def test_lora_files_carry_the_trained_alpha(alpha_run):
+    """Both f32 files hold the alpha trained with (ComfyUI's `.alpha` and kohya's
+    ss_network_alpha; B·alpha/rank in DiffSynth's), so `flowstep eval --lora` of either gives
+    exactly the loss training measured with its final parameters (summary.json, same data
+    and seed), and that loss is not the base model's."""
+    from safetensors import safe_open
+
     def eval_loss(lora=None):
-        args = ["eval", "--artifacts", alpha_run.art, "--data", alpha_run.data, "--json", "--seed", 1]
+        args = ["eval", "--artifacts", alpha_run.art, "--data", alpha_run.data, "--json", "--seed", 4]
         result = flowstep(*(args + (["--lora", lora] if lora else [])))
         return json.loads(result.stdout)["eval_loss"]
 
+    for fmt in ("diffsynth", "comfyui"):
+        with safe_open(str(alpha_run.runs[fmt, "f32"] / "lora.safetensors"), "pt") as f:
+            meta = f.metadata()
+        assert float(meta["ss_network_alpha"]) == ALPHA and float(meta["flowstep.lora_alpha"]) == ALPHA, fmt
+    trained = json.loads((alpha_run.runs["comfyui", "f32"] / "summary.json").read_text())["eval_after"]
     a = eval_loss(alpha_run.runs["diffsynth", "f32"] / "lora.safetensors")
     b = eval_loss(alpha_run.runs["comfyui", "f32"] / "lora.safetensors")
-    assert a == b
+    assert a == b == trained
     assert abs(a - eval_loss()) > 1e-4 * abs(a)
 
 

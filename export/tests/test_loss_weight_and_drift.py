@@ -35,6 +35,7 @@ def test_graph_loss_is_weight_times_mean_squared_error(which, request):
         (init[t["key"]] if ".lora_A." in t["key"] else 0.05 * rng.standard_normal(t["shape"])).astype(np.float32).ravel()
         for t in info["tensors"]])
     feeds = {**load_file(str(art / "base.safetensors")), "lora_params": flat, "grad_accum": np.zeros_like(flat),
+             "lora_scale": np.array(info["alpha"] / info["rank"], np.float32),
              "x_t": rng.standard_normal((1, 16, 2, 8, 8)).astype(np.float32), "timestep": np.array([700.0], np.float32),
              "context": rng.standard_normal((1, 16, 64)).astype(np.float32),
              "target": rng.standard_normal((1, 16, 2, 8, 8)).astype(np.float32)}

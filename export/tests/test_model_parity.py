@@ -67,7 +67,7 @@ def test_lora_init_and_scaling():
         before = model(x, t, ctx)
     inject_lora(model, LoraConfig(rank=4, alpha=8))
     layer = model.blocks[0].self_attn.q
-    assert layer.scaling == 2.0
+    assert layer.lora_scale.item() == 2.0
     assert torch.all(layer.lora_B["default"].weight == 0)
     bound = 1 / config.dim**0.5
     a = layer.lora_A["default"].weight

@@ -112,6 +112,7 @@ def test_training_graph_equals_diffsynth_loss_autograd(tiny_i2v, which, latent, 
     t = scheduler.timesteps[index:index + 1]
     feeds = {**{k: v.numpy() for k, v in load_file(str(art / "base.safetensors")).items()},
              "lora_params": flatten(art, lora).numpy(), "grad_accum": np.zeros(m["lora"]["num_params"], np.float32),
+             "lora_scale": np.array(m["lora"]["alpha"] / m["lora"]["rank"], np.float32),
              "x_t": scheduler.add_noise(x0, noise, t).numpy(), "timestep": t.numpy(), "context": ctx.numpy(),
              "target": scheduler.training_target(x0, noise, t).numpy(),
              "weight": np.array(float(scheduler.training_weight(t)), np.float32),

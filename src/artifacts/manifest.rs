@@ -167,6 +167,18 @@ pub struct LoraInfo {
     pub tensors: Vec<LoraTensor>,
 }
 
+impl LoraInfo {
+    /// The graphs' `lora_scale` input: alpha / rank (ΔW = (α/r)·B·A, docs/DESIGN.md §3.4).
+    pub fn scale(&self) -> f32 {
+        (self.alpha / self.rank as f64) as f32
+    }
+
+    /// This layout with another alpha: a run's `--lora-alpha`, or a LoRA file's own.
+    pub fn with_alpha(&self, alpha: f64) -> Self {
+        Self { alpha, ..self.clone() }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LoraTensor {
     pub key: String,

@@ -27,6 +27,9 @@ pub const LORA_INIT: &str = "lora_init.safetensors";
 /// A manifest is a few hundred kB even for 40 blocks; anything far larger is not one.
 const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
+/// The graphs' LoRA scale alpha/rank (`[]`, after the flat LoRA vectors): alpha is chosen
+/// per run (`train --lora-alpha`, a LoRA file's own), the manifest's `lora.alpha` is the default.
+pub const LORA_SCALE: &str = "lora_scale";
 /// The batch inputs that follow the base weights in the training and eval graphs.
 pub const LOSS_INPUTS: [&str; 5] = ["x_t", "timestep", "context", "target", "weight"];
 pub const OPTIMIZER_INPUTS: [&str; 12] = [

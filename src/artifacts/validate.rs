@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use ort::session::Session;
 use ort::value::ValueType;
 
-use super::{Artifacts, Dim, FORMAT_VERSION, IoSpec, LORA_INIT, LOSS_INPUTS, OPTIMIZER_INPUTS, OPTIMIZER_OUTPUTS};
+use super::{Artifacts, Dim, FORMAT_VERSION, IoSpec, LORA_INIT, LORA_SCALE, LOSS_INPUTS, OPTIMIZER_INPUTS, OPTIMIZER_OUTPUTS};
 use crate::error::{Error, IoContext, Result};
 
 fn bad(artifacts: &Artifacts, reason: String) -> Error {
@@ -34,20 +34,25 @@ pub(super) fn check_manifest(a: &Artifacts) -> Result<()> {
         let outputs: Vec<&str> = sig.outputs.iter().map(|i| i.name.as_str()).collect();
         let (want_in, want_out): (Vec<&str>, Vec<&str>) = match name.as_str() {
             super::TRAINING => (
-                ["lora_params", "grad_accum"].into_iter().chain(base.iter().copied()).chain(LOSS_INPUTS).chain(conditioning.iter().copied()).collect(),
+                ["lora_params", "grad_accum", LORA_SCALE].into_iter().chain(base.iter().copied()).chain(LOSS_INPUTS).chain(conditioning.iter().copied()).collect(),
                 vec!["loss", "grad_accum_out"],
             ),
             super::EVAL => (
-                std::iter::once("lora_params").chain(base.iter().copied()).chain(LOSS_INPUTS).chain(conditioning.iter().copied()).collect(),
+                ["lora_params", LORA_SCALE].into_iter().chain(base.iter().copied()).chain(LOSS_INPUTS).chain(conditioning.iter().copied()).collect(),
                 vec!["loss"],
             ),
             super::INFERENCE => (
-                std::iter::once("lora_params").chain(base.iter().copied()).chain(["x_t", "timestep", "context"]).chain(conditioning.iter().copied()).collect(),
+                ["lora_params", LORA_SCALE].into_iter().chain(base.iter().copied()).chain(["x_t", "timestep", "context"]).chain(conditioning.iter().copied()).collect(),
                 vec!["velocity"],
             ),
             super::OPTIMIZER => (OPTIMIZER_INPUTS.to_vec(), OPTIMIZER_OUTPUTS.to_vec()),
             other => return Err(bad(a, format!("unknown graph `{other}`"))),
         };
+        if want_in.contains(&LORA_SCALE) && !inputs.contains(&LORA_SCALE) {
+            return Err(bad(a, format!(
+                "{name} has no input `{LORA_SCALE}` (the LoRA scale alpha/rank that `train --lora-alpha` sets, which exports before it bake in); re-export with this version's flowstep_export"
+            )));
+        }
         if inputs != want_in {
             let first = inputs.iter().zip(&want_in).position(|(x, y)| x != y).unwrap_or(inputs.len().min(want_in.len()));
             return Err(bad(a, format!(
@@ -62,6 +67,12 @@ pub(super) fn check_manifest(a: &Artifacts) -> Result<()> {
                 format!("{name} outputs are {outputs:?}, expected {want_out:?}")
             };
             return Err(bad(a, format!("{what}; re-export with this version's flowstep_export")));
+        }
+        if let Some(scale) = sig.inputs.iter().find(|s| s.name == LORA_SCALE)
+            && !scale.shape.is_empty()
+        {
+            let dims: Vec<String> = scale.shape.iter().map(|d| d.to_string()).collect();
+            return Err(bad(a, format!("{name} {LORA_SCALE} has shape [{}], expected [] (one number)", dims.join(", "))));
         }
         let lora_dims = ["lora_params", "grad_accum", "grad_accum_out", "params", "grads", "m", "v", "params_out", "m_out", "v_out"];
         for spec in sig.inputs.iter().chain(&sig.outputs).filter(|s| lora_dims.contains(&s.name.as_str())) {

@@ -5,8 +5,8 @@
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 
 /// `python -m flowstep_export` flags that users of other trainers look for on `train`.
-const EXPORT_OPTIONS: [&str; 8] =
-    ["--lora-rank", "--lora-alpha", "--lora-targets", "--lora-init", "--gradient-checkpointing", "--precision", "--attention", "--attention-chunk"];
+const EXPORT_OPTIONS: [&str; 7] =
+    ["--lora-rank", "--lora-targets", "--lora-init", "--gradient-checkpointing", "--precision", "--attention", "--attention-chunk"];
 
 /// The line for an unknown `train` argument that is an export option; None for any other error.
 pub fn hint(err: &clap::Error) -> Option<String> {

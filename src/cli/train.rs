@@ -116,6 +116,13 @@ pub struct Args {
     #[arg(long, value_name = "X")]
     pub max_grad_norm: Option<f64>,
 
+    /// LoRA alpha: the update is (A/rank)·B·A, as musubi-tuner's --network_alpha and
+    /// DiffSynth-Studio's --lora_alpha (rank and targets are fixed at export). Default: the
+    /// export's alpha (`lora.alpha` in its manifest; alpha = rank unless exported with
+    /// --lora-alpha). Recorded in the checkpoints and LoRA files; a resume keeps it.
+    #[arg(long, value_name = "A")]
+    pub lora_alpha: Option<f64>,
+
     /// Samples per optimizer step; gradients are summed in the graph and scaled by 1/K.
     #[arg(long, default_value_t = 1, value_name = "K")]
     pub grad_accum: usize,
@@ -267,6 +274,7 @@ pub fn run(args: Args, resolved: toml::Table, stored: Option<(PathBuf, toml::Tab
         schedule: args.lr_schedule,
         adamw: AdamW { beta1: args.beta1, beta2: args.beta2, eps: args.eps, weight_decay: args.weight_decay },
         max_grad_norm: args.max_grad_norm,
+        lora_alpha: args.lora_alpha,
         grad_accum: args.grad_accum,
         repeat: args.repeat,
         sft,

@@ -3,7 +3,7 @@
 use ort::session::{IoBinding, Session};
 use ort::value::Tensor;
 
-use super::{BaseWeights, Batch, host_tensor};
+use super::{BaseWeights, Batch, bind_lora_scale, host_tensor};
 use crate::artifacts::{Artifacts, EVAL, INFERENCE, check_session_io};
 use crate::error::{Error, Result};
 use crate::runtime::{SessionOptions, load_session};
@@ -23,11 +23,13 @@ pub struct LossGraph {
 }
 
 impl LossGraph {
-    pub fn load(artifacts: &Artifacts, options: &SessionOptions, base: &BaseWeights) -> Result<Self> {
+    /// `lora_scale`: alpha/rank of the LoRA parameters this graph will run with.
+    pub fn load(artifacts: &Artifacts, options: &SessionOptions, base: &BaseWeights, lora_scale: f32) -> Result<Self> {
         let session = load_session(&artifacts.graph_path(EVAL)?, &options.for_artifacts(&artifacts.manifest)?)?;
         check_session_io(artifacts, EVAL, &session)?;
         let mut binding = session.create_binding().map_err(Error::ort("creating the eval binding"))?;
         bind_base(&mut binding, base)?;
+        bind_lora_scale(&mut binding, lora_scale)?;
         Ok(Self { session, binding, loss_out: host_tensor(&[])? })
     }
 
@@ -49,11 +51,13 @@ pub struct VelocityGraph {
 }
 
 impl VelocityGraph {
-    pub fn load(artifacts: &Artifacts, options: &SessionOptions, base: &BaseWeights) -> Result<Self> {
+    /// `lora_scale`: alpha/rank of the LoRA parameters this graph will run with.
+    pub fn load(artifacts: &Artifacts, options: &SessionOptions, base: &BaseWeights, lora_scale: f32) -> Result<Self> {
         let session = load_session(&artifacts.graph_path(INFERENCE)?, &options.for_artifacts(&artifacts.manifest)?)?;
         check_session_io(artifacts, INFERENCE, &session)?;
         let mut binding = session.create_binding().map_err(Error::ort("creating the inference binding"))?;
         bind_base(&mut binding, base)?;
+        bind_lora_scale(&mut binding, lora_scale)?;
         Ok(Self { session, binding, out: None })
     }
 

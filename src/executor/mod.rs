@@ -130,6 +130,14 @@ impl DeviceMemory {
     }
 }
 
+/// The graphs' `lora_scale` input (alpha/rank), bound once with the base weights.
+pub(crate) fn bind_lora_scale(binding: &mut ort::session::IoBinding, scale: f32) -> Result<()> {
+    let mut t = host_tensor(&[])?;
+    t.extract_tensor_mut().1[0] = scale;
+    // The binding holds the tensor it is given.
+    binding.bind_input(crate::artifacts::LORA_SCALE, &t).map_err(Error::ort("binding lora_scale"))
+}
+
 /// A host tensor for outputs and per-step inputs.
 pub(crate) fn host_tensor(shape: &[usize]) -> Result<Tensor<f32>> {
     let mut t = Tensor::<f32>::new(&Allocator::default(), shape.to_vec()).map_err(Error::ort("allocating a host tensor"))?;

@@ -12,7 +12,7 @@ use ort::session::{IoBinding, Session};
 use ort::value::Tensor;
 
 use super::grad_clip::{GradClip, clip_coefficient};
-use super::{Batch, BaseWeights, DeviceMemory, host_tensor};
+use super::{Batch, BaseWeights, DeviceMemory, bind_lora_scale, host_tensor};
 use crate::artifacts::{Artifacts, OPTIMIZER, TRAINING, check_session_io};
 use crate::error::{Error, Result};
 use crate::runtime::{SessionOptions, load_session};
@@ -71,8 +71,14 @@ const SCALAR_NAMES: [&str; 8] =
     ["lr", "beta1", "beta2", "eps", "weight_decay", "bias_correction1", "bias_correction2", "grad_scale"];
 
 impl TrainingGraphs {
-    /// Loads both graphs, checks them against the manifest and binds the base weights.
-    pub fn load(artifacts: &Artifacts, options: &SessionOptions, base: impl FnOnce(&DeviceMemory) -> Result<BaseWeights>) -> Result<(Self, BaseWeights)> {
+    /// Loads both graphs, checks them against the manifest and binds the base weights and
+    /// the run's LoRA scale (alpha/rank).
+    pub fn load(
+        artifacts: &Artifacts,
+        options: &SessionOptions,
+        lora_scale: f32,
+        base: impl FnOnce(&DeviceMemory) -> Result<BaseWeights>,
+    ) -> Result<(Self, BaseWeights)> {
         let options = &options.for_artifacts(&artifacts.manifest)?;
         let training = load_session(&artifacts.graph_path(TRAINING)?, options)?;
         check_session_io(artifacts, TRAINING, &training)?;
@@ -87,6 +93,7 @@ impl TrainingGraphs {
         for (name, tensor) in &base.tensors {
             tensor.bind(&mut train_binding, name)?;
         }
+        bind_lora_scale(&mut train_binding, lora_scale)?;
         let opt_binding = optimizer.create_binding().map_err(Error::ort("creating the optimizer binding"))?;
         let graphs = Self {
             params: [t(&memory)?, t(&memory)?],

@@ -99,10 +99,10 @@ pub fn save(path: &Path, lora: &LoraInfo, flat: &[f32], format: LoraFormat, dtyp
 }
 
 /// Reads a LoRA file into the flat buffer: DiffSynth-Studio, ComfyUI, diffusers/PEFT or
-/// musubi-tuner/kohya keys, rescaled to the export's alpha; anything else is refused.
+/// musubi-tuner/kohya keys, rescaled to `lora.alpha`; anything else is refused.
 pub fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
     refuse_checkpoint(path)?;
-    read::load(path, lora)
+    Ok(read::load(path, lora, Some(lora.alpha))?.0)
 }
 
 /// A training checkpoint given where a LoRA file belongs gets the command that makes one.
@@ -120,7 +120,9 @@ fn refuse_checkpoint(path: &Path) -> Result<()> {
 /// another base model or for the other expert of a Wan2.2 pair (its `flowstep.base_model` and
 /// `flowstep.expert` metadata, written by [`save`]): such a file can have the same shapes and
 /// would load without a word. Files from other tools carry neither and are judged by their keys.
-pub fn load_for(path: &Path, manifest: &Manifest) -> Result<Vec<f32>> {
+/// The buffer is scaled for `alpha` (a run's `--lora-alpha`), or when None for the file's own
+/// alpha (`sample`, `eval`); returns it with that alpha.
+pub fn load_for(path: &Path, manifest: &Manifest, alpha: Option<f64>) -> Result<(Vec<f32>, f64)> {
     refuse_checkpoint(path)?;
     let file = TensorFile::open(path)?;
     let refuse = |reason: String| Error::Tensor { path: path.to_path_buf(), reason };
@@ -138,7 +140,7 @@ pub fn load_for(path: &Path, manifest: &Manifest) -> Result<Vec<f32>> {
         let this = role.map_or_else(|| "a single model, not an expert of a Wan2.2 pair".to_string(), |r| format!("the {r} expert"));
         return Err(refuse(format!("is a LoRA for the {expert} expert of a Wan2.2 pair ({EXPERT}); this export is {this}")));
     }
-    read::load(path, &manifest.lora)
+    read::load(path, &manifest.lora, alpha)
 }
 
 #[cfg(test)]

@@ -147,10 +147,12 @@ enum Part {
 type Slot = (usize, Part, Layout);
 
 /// Reads a LoRA file in any of the four layouts into the flat buffer, in flowstep's
-/// convention (delta = B·A·alpha/rank with the export's alpha). A file's own scale
-/// (its `.alpha`, diffusers' `lora_alpha` metadata, or 1 when it states none) is moved
-/// into B; A is kept as stored.
-pub(super) fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
+/// convention (delta = B·A·alpha/rank), for `alpha`, or when None for the file's own (its
+/// first module's: ComfyUI's W += up·down·alpha/rank). Each module's own scale (its `.alpha`,
+/// diffusers' `lora_alpha` metadata, or 1 when it states none) that differs from that alpha
+/// is moved into B; A is kept as stored. Returns the buffer and the alpha it is scaled for.
+pub(super) fn load(path: &Path, lora: &LoraInfo, alpha: Option<f64>) -> Result<(Vec<f32>, f64)> {
+    let mut target = alpha;
     let file = TensorFile::open(path)?;
     let fail = |reason: String| Error::Tensor { path: path.to_path_buf(), reason };
     let shape_of_export = || format!("rank {}, targets {}", lora.rank, lora.targets.join(","));
@@ -243,8 +245,8 @@ pub(super) fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
             }
             None => file_alpha,
         };
-        // delta = B_file·A·alpha/rank must equal B·A·alpha_export/rank.
-        let factor = alpha / lora.alpha;
+        // delta = B_file·A·alpha/rank must equal B·A·target/rank.
+        let factor = alpha / *target.get_or_insert(alpha);
         if factor != 1.0 {
             b.iter_mut().for_each(|v| *v *= factor as f32);
             if let Some(i) = b.iter().position(|v| !v.is_finite()) {
@@ -254,7 +256,7 @@ pub(super) fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
         flat[m.a.offset..m.a.offset + a.len()].copy_from_slice(&a);
         flat[m.b.offset..m.b.offset + b.len()].copy_from_slice(&b);
     }
-    Ok(flat)
+    Ok((flat, target.unwrap_or(lora.alpha)))
 }
 
 /// The alpha of a module whose file states none, in flowstep's convention (delta =
@@ -329,6 +331,25 @@ mod tests {
         let path = dir.join(format!("{a}.safetensors"));
         write_atomic(&path, &encode(&tensors, SaveDtype::F32, meta).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
         path
+    }
+
+    /// Scaled for the export's alpha, as training reads a file.
+    fn load(path: &Path, lora: &LoraInfo) -> Result<Vec<f32>> {
+        super::load(path, lora, Some(lora.alpha)).map(|(flat, _)| flat)
+    }
+
+    /// `sample` and `eval` apply a file at its own alpha: B as stored, whatever the export's.
+    #[test]
+    fn own_alpha_keeps_b_as_stored() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let d = dir.path();
+        let comfy = write(d, "diffusion_model.blocks.0.self_attn.q.lora_A.weight", "diffusion_model.blocks.0.self_attn.q.lora_B.weight",
+            Some(("diffusion_model.blocks.0.self_attn.q.alpha", 6.0)), None);
+        assert_eq!(super::load(&comfy, &info(), None)?, ([A, B].concat(), 6.0));
+        // No alpha (DiffSynth): scale 1, alpha = rank.
+        let diffsynth = write(d, "blocks.0.self_attn.q.lora_A.default.weight", "blocks.0.self_attn.q.lora_B.default.weight", None, None);
+        assert_eq!(super::load(&diffsynth, &info(), None)?, ([A, B].concat(), 2.0));
+        Ok(())
     }
 
     /// B as flowstep holds it when the file's delta is B_file·A·`file_scale`.

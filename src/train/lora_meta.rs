@@ -65,7 +65,7 @@ impl RunMetadata {
         put("ss_sd_model_name", m.model.name.clone());
         put("ss_network_module", NETWORK_MODULE.into());
         put("ss_network_dim", m.lora.rank.to_string());
-        put("ss_network_alpha", m.lora.alpha.to_string());
+        put("ss_network_alpha", config.lora(m).alpha.to_string());
         put("ss_output_name", facts.output_name.into());
         put("ss_training_started_at", facts.started_at.to_string());
         put("ss_learning_rate", config.lr.to_string());

@@ -59,6 +59,8 @@ pub struct TrainConfig {
     /// `--max-grad-norm`: clip the averaged gradient to this total L2 norm (torch's
     /// clip_grad_norm_); None does not clip.
     pub max_grad_norm: Option<f64>,
+    /// `--lora-alpha`: the LoRA scale is alpha/rank; None trains with the export's alpha.
+    pub lora_alpha: Option<f64>,
     pub grad_accum: usize,
     pub repeat: usize,
     pub sft: SftConfig,

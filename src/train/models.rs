@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use super::lora_meta::RunMetadata;
-use crate::artifacts::{Artifacts, ExpertRole};
+use crate::artifacts::{Artifacts, ExpertRole, LoraInfo};
 use crate::error::{Error, Result};
 use crate::executor::{LossGraph, TrainingGraphs};
 use crate::sft::{SftSampler, TimestepDraw};
@@ -27,6 +27,9 @@ pub(super) struct Window {
 /// One trained LoRA with everything that belongs to it alone.
 pub(super) struct TrainedModel {
     pub artifacts: Artifacts,
+    /// The export's LoRA layout with the run's alpha (`--lora-alpha`): what the graphs apply
+    /// and the checkpoints and LoRA files record.
+    pub lora: LoraInfo,
     pub graphs: TrainingGraphs,
     pub eval_graph: Option<LossGraph>,
     /// Draws in this model's own timestep range: its evaluation, and its micro-steps under

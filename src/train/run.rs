@@ -40,6 +40,8 @@ pub(super) fn describe(config: &TrainConfig, world_size: usize, models: &[&Artif
     let mut run = json!({
         "identity": {
             "artifacts": graphs.join(","),
+            // The scale the parameters were trained at: another one changes what they compute.
+            "lora-alpha": models.first().map(|a| config.lora(&a.manifest).alpha),
             "seed": config.seed,
             "grad-accum": config.grad_accum * world_size,
             "repeat": config.repeat,

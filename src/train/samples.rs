@@ -254,10 +254,10 @@ pub struct SampleWriter {
 }
 
 impl SampleWriter {
-    /// `models`: each model's artifacts, base weights and the timestep from which it denoises
-    /// (`f32::NEG_INFINITY` for one model and a pair's low-noise expert).
-    pub fn load(models: &[(Artifacts, BaseWeights, f32)], options: &SessionOptions, prompts: Vec<Prompt>, config: &SamplingConfig) -> Result<Self> {
-        let Some((first, _, _)) = models.first() else { return Err(Error::Config("no model to sample with".into())) };
+    /// `models`: each model's artifacts, base weights, the timestep from which it denoises
+    /// (`f32::NEG_INFINITY` for one model and a pair's low-noise expert) and its LoRA scale.
+    pub fn load(models: &[(Artifacts, BaseWeights, f32, f32)], options: &SessionOptions, prompts: Vec<Prompt>, config: &SamplingConfig) -> Result<Self> {
+        let Some((first, _, _, _)) = models.first() else { return Err(Error::Config("no model to sample with".into())) };
         let m = &first.manifest.model;
         let decoder = match &config.vae_decoder {
             Some(dir) => {
@@ -269,7 +269,7 @@ impl SampleWriter {
             }
             None => None,
         };
-        let graphs = models.iter().map(|(a, base, from)| Ok((VelocityGraph::load(a, options, base)?, *from))).collect::<Result<_>>()?;
+        let graphs = models.iter().map(|(a, base, from, lora_scale)| Ok((VelocityGraph::load(a, options, base, *lora_scale)?, *from))).collect::<Result<_>>()?;
         Ok(Self { graphs, prompts, context_shape: [m.text_len, m.text_dim], decoder })
     }
 

@@ -237,13 +237,14 @@ impl<'a, 'o> Trainer<'a, 'o> {
             };
             let lora_meta = RunMetadata::new(config, &facts);
             let a = artifacts.clone();
-            let (mut graphs, base) = TrainingGraphs::load(artifacts, &config.session, |m| load_base_weights(&a, base_path.as_deref(), m))?;
+            let lora = config.lora(manifest);
+            let (mut graphs, base) = TrainingGraphs::load(artifacts, &config.session, lora.scale(), |m| load_base_weights(&a, base_path.as_deref(), m))?;
             if let Some(max) = config.max_grad_norm {
                 graphs.clip_grad_norm(max, &config.session)?;
             }
             // Evaluation only informs the files, which one rank writes.
             let eval_graph = match &eval_set {
-                Some(_) if writes => Some(LossGraph::load(artifacts, &config.session, &base)?),
+                Some(_) if writes => Some(LossGraph::load(artifacts, &config.session, &base, lora.scale())?),
                 _ => None,
             };
             if prompts.is_some() {
@@ -251,9 +252,9 @@ impl<'a, 'o> Trainer<'a, 'o> {
                     (Some(e), true) if e.role == ExpertRole::HighNoise => e.switch_timestep,
                     _ => f32::NEG_INFINITY,
                 };
-                sample_models.push((artifacts.clone(), base, from_timestep));
+                sample_models.push((artifacts.clone(), base, from_timestep, lora.scale()));
             }
-            models.push(TrainedModel { artifacts: artifacts.clone(), graphs, eval_graph, sampler: own, lora_meta, window: Window::default() });
+            models.push(TrainedModel { artifacts: artifacts.clone(), lora, graphs, eval_graph, sampler: own, lora_meta, window: Window::default() });
         }
         // Samples only inform the files, which one rank writes.
         let sample_writer = match (prompts, &config.sampling) {
@@ -288,7 +289,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
             }
             None => {
                 for (model, (_, _, init_lora)) in models.iter_mut().zip(&exports) {
-                    let init = lora_io::load_for(&model.artifacts.lora_file(init_lora.as_deref())?, &model.artifacts.manifest)?;
+                    let (init, _) = lora_io::load_for(&model.artifacts.lora_file(init_lora.as_deref())?, &model.artifacts.manifest, Some(model.lora.alpha))?;
                     let zeros = vec![0.0; model.artifacts.num_params()];
                     model.graphs.set_state(&init, &zeros, &zeros)?;
                 }
@@ -685,7 +686,7 @@ impl<'a, 'o> Trainer<'a, 'o> {
     /// The LoRA file of model `model`'s parameters after the last finished step.
     fn lora_spec(&self, model: &TrainedModel) -> LoraSpec {
         let epoch = self.order.epoch_of(self.committed.micro_steps.saturating_sub(1)) + 1;
-        LoraSpec { info: model.artifacts.manifest.lora.clone(), metadata: model.lora_meta.at_step(self.committed.step, epoch) }
+        LoraSpec { info: model.lora.clone(), metadata: model.lora_meta.at_step(self.committed.step, epoch) }
     }
 
     /// Saves the current state as a checkpoint, writes its LoRAs to `OUT/loras/` (as

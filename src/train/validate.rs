@@ -2,6 +2,7 @@
 //! its range and every count product fits, and a bad value is an error naming its flag.
 
 use super::{Length, TrainConfig};
+use crate::artifacts::{LoraInfo, Manifest};
 use crate::data::DataOrder;
 use crate::error::{Error, Result};
 use crate::optim::LrSchedule;
@@ -36,6 +37,9 @@ impl TrainConfig {
         }
         if let Some(max) = self.max_grad_norm {
             positive("--max-grad-norm", max)?;
+        }
+        if let Some(alpha) = self.lora_alpha {
+            positive("--lora-alpha", alpha)?;
         }
         at_least_one("--grad-accum", self.grad_accum as u64)?;
         at_least_one("--repeat", self.repeat as u64)?;
@@ -84,6 +88,11 @@ impl TrainConfig {
     /// The data order and the run's length in optimizer steps for a dataset of
     /// `dataset_len` samples; products that overflow (or would not fit in memory) are
     /// errors naming the flag that makes them so.
+    /// The export's LoRA layout with this run's alpha: `--lora-alpha`, else the export's.
+    pub(super) fn lora(&self, manifest: &Manifest) -> LoraInfo {
+        manifest.lora.with_alpha(self.lora_alpha.unwrap_or(manifest.lora.alpha))
+    }
+
     pub(super) fn plan(&self, dataset_len: usize) -> Result<(DataOrder, u64)> {
         let slots = dataset_len.checked_mul(self.repeat).filter(|&s| s <= MAX_EPOCH_SLOTS).ok_or_else(|| {
             Error::flag("--repeat", format!("{} × {dataset_len} samples is more than {MAX_EPOCH_SLOTS} samples per epoch", self.repeat))

@@ -1,7 +1,9 @@
 """LoRA injection with PEFT/DiffSynth semantics and key names.
 
 `blocks.0.self_attn.q` becomes a Linear with `lora_A.default` [r, in] and `lora_B.default`
-[out, r]; output = W x + b + (alpha / r) · B A x. A is kaiming-uniform (a = √5), B is zero.
+[out, r]; output = W x + b + s · B A x with s = alpha / r. A is kaiming-uniform (a = √5), B is
+zero. s is each LoRALinear's `lora_scale` buffer, which the exported graphs take as their
+`lora_scale` input (docs/DESIGN.md §3.4): alpha is chosen at train time, rank at export time.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 ADAPTER = "default"
+SCALE = "lora_scale"  # the buffer's name, and the graphs' input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +44,8 @@ class LoRALinear(nn.Linear):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight = base.weight
         self.bias = base.bias
-        self.scaling = scaling
+        # A buffer, not a constant: the step functions bind the graphs' `lora_scale` input here.
+        self.register_buffer(SCALE, torch.tensor(scaling, dtype=torch.float32), persistent=False)
         self.lora_A = nn.ModuleDict({ADAPTER: nn.Linear(base.in_features, rank, bias=False)})
         self.lora_B = nn.ModuleDict({ADAPTER: nn.Linear(rank, base.out_features, bias=False)})
 
@@ -53,7 +57,7 @@ class LoRALinear(nn.Linear):
         # PEFT scales the output, (B·A·x)·s; scaling B instead is the same product and costs
         # one pass over [out, r] instead of two (forward, backward) over [tokens, out].
         a = self.lora_A[ADAPTER].weight.to(x.dtype)
-        b = (self.lora_B[ADAPTER].weight * self.scaling).to(x.dtype)
+        b = (self.lora_B[ADAPTER].weight * self.lora_scale).to(x.dtype)
         return base + F.linear(F.linear(x, a), b)
 
 
@@ -76,6 +80,18 @@ def inject_lora(model: nn.Module, config: LoraConfig, seed: int = 0) -> list[str
         init_lora(lora, config, generator)
         setattr(parent, child, lora)
     return [n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+
+
+def lora_modules(model: nn.Module) -> list[str]:
+    """The names of the LoRALinear modules, in module order."""
+    return [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def set_lora_scale(model: nn.Module, scale: float) -> None:
+    """Every LoRALinear's s = alpha / r (a run's --lora-alpha, in eager references)."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.lora_scale.fill_(scale)
 
 
 def init_lora(layer: LoRALinear, config: LoraConfig, generator: torch.Generator) -> None:

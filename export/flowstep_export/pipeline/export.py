@@ -17,7 +17,7 @@ from . import trace
 from ..model import fp8
 from ..model.attention import DOMAIN, OPERATORS
 from ..model.configs import WanConfig
-from ..model.lora import LoraConfig, base_state, inject_lora, lora_state
+from ..model.lora import SCALE, LoraConfig, base_state, inject_lora, lora_state
 from .manifest import write_manifest
 from ..model.model import WanModel, init_random, rope_tables
 from .steps import StepFunctions, adamw, flat_layout, flatten
@@ -198,11 +198,15 @@ def export_artifacts(config: WanConfig, options: ExportOptions) -> dict:
 
     conditioning = [name for name, _ in config.conditioning]
     loss_inputs = ["x_t", "timestep", "context", "target", "weight", *conditioning]
+    def lora_inputs(*vectors):
+        # The flat LoRA vectors, then the scale alpha/rank, which the executor feeds per run.
+        scale = torch.tensor(options.lora.scaling, dtype=torch.float32)
+        return [trace.GraphInput(name, flat.clone()) for name in vectors] + [trace.GraphInput(SCALE, scale)]
+
     specs = {
-        "training_model": lambda: (fns.training, [trace.GraphInput("lora_params", flat.clone()), trace.GraphInput("grad_accum", torch.zeros_like(flat))]
-                                   + base_inputs() + batch_inputs(loss_inputs), TRAINING_OUTPUTS),
-        "eval_model": lambda: (fns.eval, [trace.GraphInput("lora_params", flat.clone())] + base_inputs() + batch_inputs(loss_inputs), ["loss"]),
-        "inference_model": lambda: (fns.inference, [trace.GraphInput("lora_params", flat.clone())] + base_inputs()
+        "training_model": lambda: (fns.training, lora_inputs("lora_params", "grad_accum") + base_inputs() + batch_inputs(loss_inputs), TRAINING_OUTPUTS),
+        "eval_model": lambda: (fns.eval, lora_inputs("lora_params") + base_inputs() + batch_inputs(loss_inputs), ["loss"]),
+        "inference_model": lambda: (fns.inference, lora_inputs("lora_params") + base_inputs()
                                     + batch_inputs(["x_t", "timestep", "context", *conditioning]), ["velocity"]),
         "optimizer_model": lambda: (adamw, optimizer_inputs(flat.numel()), OPTIMIZER_OUTPUTS),
     }

@@ -8,6 +8,7 @@ import dataclasses
 import torch
 from torch.func import functional_call
 
+from ..model.lora import SCALE, lora_modules
 from ..model.model import WanModel
 
 
@@ -74,41 +75,44 @@ class StepFunctions:
         self.loss_and_grad = _LossAndGrad(model)
         self.layout = layout
         self.base_names = base_names
+        self.scale_names = [f"{m}.{SCALE}" for m in lora_modules(model)]
 
-    def _params(self, lora_tensors, base_tensors):
+    def _params(self, lora_tensors, lora_scale, base_tensors):
         params = dict(zip(self.base_names, base_tensors))
         params.update({t.key: v for t, v in zip(self.layout, lora_tensors)})
+        # One graph input feeds every LoRA layer's scale.
+        params.update(dict.fromkeys(self.scale_names, lora_scale))
         return params
 
-    def _velocity(self, lora_tensors, base_tensors, x_t, timestep, context, conditioning):
-        return functional_call(self.model, self._params(lora_tensors, base_tensors), (x_t, timestep, context, *conditioning))
+    def _velocity(self, lora_tensors, lora_scale, base_tensors, x_t, timestep, context, conditioning):
+        return functional_call(self.model, self._params(lora_tensors, lora_scale, base_tensors), (x_t, timestep, context, *conditioning))
 
-    def training(self, lora_params, grad_accum, *rest):
-        """(lora_params, grad_accum, *base, x_t, timestep, context, target, weight, *conditioning)
-        -> (loss, grad_accum_out)"""
+    def training(self, lora_params, grad_accum, lora_scale, *rest):
+        """(lora_params, grad_accum, lora_scale, *base, x_t, timestep, context, target, weight,
+        *conditioning) -> (loss, grad_accum_out)"""
         nb = len(self.base_names)
         base, batch = rest[:nb], rest[nb:]
         # Differentiate w.r.t. the split tensors, not the flat vector: a flat-vector gradient
         # turns every slice's backward into a full-length scatter (docs/DESIGN.md §2).
         lora = [t.detach().requires_grad_(True) for t in unflatten(lora_params, self.layout)]
-        params = {f"model.{k}": v for k, v in self._params(lora, base).items()}
+        params = {f"model.{k}": v for k, v in self._params(lora, lora_scale, base).items()}
         with torch.enable_grad():
             loss, grads = functional_call(self.loss_and_grad, params, (lora, *batch))
         flat_grad = torch.cat([g.reshape(-1) for g in grads])
         return loss.detach(), grad_accum + flat_grad
 
-    def eval(self, lora_params, *rest):
-        """(lora_params, *base, x_t, timestep, context, target, weight, *conditioning) -> (loss,)"""
+    def eval(self, lora_params, lora_scale, *rest):
+        """(lora_params, lora_scale, *base, x_t, timestep, context, target, weight, *conditioning) -> (loss,)"""
         nb = len(self.base_names)
         base, (x_t, timestep, context, target, weight, *conditioning) = rest[:nb], rest[nb:]
-        velocity = self._velocity(unflatten(lora_params, self.layout), base, x_t, timestep, context, conditioning)
+        velocity = self._velocity(unflatten(lora_params, self.layout), lora_scale, base, x_t, timestep, context, conditioning)
         return (sft_loss(velocity, target, weight, self.model.config.first_frame),)
 
-    def inference(self, lora_params, *rest):
-        """(lora_params, *base, x_t, timestep, context, *conditioning) -> (velocity,)"""
+    def inference(self, lora_params, lora_scale, *rest):
+        """(lora_params, lora_scale, *base, x_t, timestep, context, *conditioning) -> (velocity,)"""
         nb = len(self.base_names)
         base, (x_t, timestep, context, *conditioning) = rest[:nb], rest[nb:]
-        velocity = self._velocity(unflatten(lora_params, self.layout), base, x_t, timestep, context, conditioning)
+        velocity = self._velocity(unflatten(lora_params, self.layout), lora_scale, base, x_t, timestep, context, conditioning)
         return (velocity.float(),)  # the contract's float32, whatever the compute dtype
 
 

@@ -179,7 +179,7 @@ def validate_artifacts(out: Path, config, options, rtol: float = 1e-4) -> dict:
     import copy
 
     from .export import build_model, example_inputs
-    from ..model.lora import lora_state
+    from ..model.lora import lora_state, set_lora_scale
     from .steps import flat_layout, flatten
 
     model, lora_names = build_model(config, options)
@@ -190,6 +190,10 @@ def validate_artifacts(out: Path, config, options, rtol: float = 1e-4) -> dict:
     with torch.no_grad():
         for t in layout:
             dict(model.named_parameters())[t.key].copy_(lora_flat[t.offset:t.offset + t.numel].reshape(t.shape))
+    # A scale other than the export's default alpha/rank, so a graph that ignored its
+    # `lora_scale` input would fail.
+    lora_scale = 1.5 * options.lora.scaling
+    set_lora_scale(model, lora_scale)
     bf16 = options.precision == "bfloat16"
     model32 = copy.deepcopy(model) if bf16 else model
     if bf16:  # fp8 weights stay fp8, dequantized to float32 by the reference
@@ -199,6 +203,7 @@ def validate_artifacts(out: Path, config, options, rtol: float = 1e-4) -> dict:
     base = base_arrays(model)
     run = graph_runner(out, options.precision, options.attention)
     keys = [t.key for t in layout]
+    lora = {"lora_params": lora_flat.numpy(), "lora_scale": np.array(lora_scale, dtype=np.float32)}
 
     def velocity(m, batch):
         with torch.no_grad(), stock_reference():
@@ -224,11 +229,11 @@ def validate_artifacts(out: Path, config, options, rtol: float = 1e-4) -> dict:
                 ref_loss, ref_grad = eager_loss_and_grads(model32, keys, batch)
                 low_loss, low_grad = eager_loss_and_grads(model, keys, batch) if bf16 else (ref_loss, ref_grad)
                 accum = np.zeros(lora_flat.numel(), dtype=np.float32)
-                loss, accum_out = run("training_model", {**base, **batch, "lora_params": lora_flat.numpy(), "grad_accum": accum})
+                loss, accum_out = run("training_model", {**base, **batch, **lora, "grad_accum": accum})
                 results += [check(f"training.loss@{tag}", loss, ref_loss, low_loss),
                             check(f"training.grad@{tag}", accum_out - accum, ref_grad, low_grad)]
             if "inference_model" in graphs:
-                (got,) = run("inference_model", {**base, **batch, "lora_params": lora_flat.numpy()})
+                (got,) = run("inference_model", {**base, **batch, **lora})
                 results.append(check(f"inference.velocity@{tag}", got, velocity(model32, batch), velocity(model, batch) if bf16 else None))
         except Exception as e:  # onnxruntime's errors are not RuntimeErrors
             if isinstance(e, RuntimeError) and "disagrees" in str(e):
