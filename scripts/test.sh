@@ -22,10 +22,10 @@ echo "== pytest (export/): two streams side by side, one PyTorch thread each"
 export FLOWSTEP_BIN="$root/target/release/flowstep"
 logs="$(mktemp -d)"
 # Stream a: the files that share the VAE decoder and tiny-I2V exports (session fixtures in
-# export/tests/conftest.py), plus two long ones for balance; stream b: every other file (new
+# export/tests/conftest.py); stream b: every other file (new
 # files land there). Each stream then runs one of scripts/test_cpu_variants.sh's variants.
 stream_a=(tests/test_hostile_tools.py tests/test_vae_decoder.py tests/test_videos_end_to_end.py tests/test_variants.py
-          tests/test_tensorboard_events.py tests/test_prepare_i2v.py tests/test_readme.py tests/test_long_sequences.py)
+          tests/test_tensorboard_events.py tests/test_prepare_i2v.py)
 run_stream() {
     local name=$1 variant=$2; shift 2
     (cd export && OMP_NUM_THREADS=1 "$venv/bin/python" -m pytest -q --basetemp="$logs/$name" --durations=12 "$@" \

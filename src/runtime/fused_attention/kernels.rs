@@ -327,7 +327,7 @@ impl<T: Element> BackwardInputs<'_, T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use half::bf16;
     use rayon::prelude::*;
 
@@ -347,7 +347,8 @@ mod tests {
         }
     }
 
-    fn values(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
+    /// Deterministic pseudo-random values in [-amplitude, amplitude] (an LCG; also the row tests').
+    pub(super) fn values(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
         let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {

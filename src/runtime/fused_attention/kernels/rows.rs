@@ -332,16 +332,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                amplitude * (((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-            })
-            .collect()
-    }
+    use crate::runtime::fused_attention::kernels::tests::values;
 
     /// Each path's exp against f64 exp over the range the clamp keeps, at 2^20 + 7 points (a
     /// row length that is no multiple of a vector, so the tails run too). Measured: 1.2e-7
