@@ -2,7 +2,7 @@
 
 - The Quick start block is walked for real, in a temporary HOME whose `~/flowstep` is this
   checkout: `scripts/install.sh` (into a throw-away environment layered over the pinned one, so
-  the shared one is not touched), the export, `prepare`, `encode_prompts`, the VAE decoder, a
+  the shared one is not touched), the export, `prepare`, the text encoder and VAE decoder exports, a
   train run with samples and a sample with the LoRA. Wan's files are replaced by the tiny model
   and tiny random encoders under their release names, and the sizes and step counts by the tiny
   ones (SUBSTITUTIONS: each must match the block, so a README edit that drops one fails here).
@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -33,8 +34,8 @@ QUICK_START = "## Quick start"
 SUBSTITUTIONS = [  # README text -> the tiny world's (count: how often it occurs in the Quick start)
     ("--model wan2.1-t2v-1.3b", "--model tiny", 1),
     ("--resolution 480x832 --frames 81 --fps 16", "--resolution 32x48 --frames 9 --text-len 16 --precision float32", 1),
-    ('--out prompts "a red fox', '--text-len 16 --precision float32 --out prompts "a red fox', 1),
-    ("shape=21,60,104", "shape=3,4,6 steps=3", 1),
+    ("--out text-encoder", "--text-len 16 --out text-encoder", 1),
+    ("--w 832 --h 480 --f 81 --s 30 --g 5", "--w 48 --h 32 --f 9 --s 3 --g 5", 1),
     ("--steps 2000 --save-every 250 --sample-every 250", "--steps 4 --save-every 2 --sample-every 2", 1),
     ("--width 832 --height 480 --frames 81", "--width 48 --height 32 --frames 9 --steps 3", 1),
     (" --device cuda", "", 3),
@@ -159,3 +160,8 @@ def test_quick_start_runs_as_written(tmp_path):
     assert (fox / "runs/fox/samples/step-000004/00-a-red-fox-runs-through-snow/videos.gif").is_file()
     # The MP4 needs ffmpeg: install.sh linked imageio-ffmpeg's (this PATH has no other).
     assert (fox / "samples/fox/video-000.mp4").stat().st_size > 0
+    # Text prompts, encoded by flowstep: in training's samples and in `sample --prompt`.
+    sampled = json.loads((fox / "samples/fox/samples.json").read_text())
+    assert sampled["prompt"] == "a red fox runs through snow" and sampled["negative_prompt"], sampled
+    [line] = json.loads((fox / "runs/fox/samples/step-000004/prompts.json").read_text())
+    assert (line["prompt"], line["shape"], line["seed"], line["cfg_scale"]) == ("a red fox runs through snow", [16, 3, 4, 6], 42, 5.0), line
