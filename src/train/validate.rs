@@ -85,14 +85,14 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The data order and the run's length in optimizer steps for a dataset of
-    /// `dataset_len` samples; products that overflow (or would not fit in memory) are
-    /// errors naming the flag that makes them so.
     /// The export's LoRA layout with this run's alpha: `--lora-alpha`, else the export's.
     pub(super) fn lora(&self, manifest: &Manifest) -> LoraInfo {
         manifest.lora.with_alpha(self.lora_alpha.unwrap_or(manifest.lora.alpha))
     }
 
+    /// The data order and the run's length in optimizer steps for a dataset of
+    /// `dataset_len` samples; products that overflow (or would not fit in memory) are
+    /// errors naming the flag that makes them so.
     pub(super) fn plan(&self, dataset_len: usize) -> Result<(DataOrder, u64)> {
         let slots = dataset_len.checked_mul(self.repeat).filter(|&s| s <= MAX_EPOCH_SLOTS).ok_or_else(|| {
             Error::flag("--repeat", format!("{} × {dataset_len} samples is more than {MAX_EPOCH_SLOTS} samples per epoch", self.repeat))
