@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates export/flowstep_export/data/cuda_kernels_ort-1.31.1.json from the onnxruntime-gpu
+# Regenerates export/flowstep_export/pipeline/cuda_kernels_ort-1.31.1.json from the onnxruntime-gpu
 # 1.31.1 wheel itself (its get_all_opkernel_def(), the source of ONNX Runtime's OperatorKernels.md).
 # Works without a GPU or CUDA: the provider library is linked against no-op stand-ins for the CUDA
 # libraries it needs (cudart, cuBLAS, cuBLASLt, cuRAND, the driver; and cuDNN/TensorRT for the
@@ -9,7 +9,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 wheel="${1:-$(ls "${FLOWSTEP_CACHE:-$HOME/.cache/flowstep}"/wheels/onnxruntime_gpu-1.31.1-*.whl | head -1)}"
-out="${2:-$root/export/flowstep_export/data/cuda_kernels_ort-1.31.1.json}"
+out="${2:-$root/export/flowstep_export/pipeline/cuda_kernels_ort-1.31.1.json}"
 venv="$("$root/scripts/setup_python.sh")"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -45,7 +45,7 @@ for expert in high_noise:1 low_noise:2; do
 done
 # The toy base is recorded in the manifest by the path it was exported from.
 mkdir -p /tmp/toy2 && cp ../models/toy/artifacts/base.safetensors /tmp/toy2/base.safetensors
-"$venv/bin/python" -m flowstep_export --model toy --base /tmp/toy2/base.safetensors --lora-rank 16 --ship-base \
+"$venv/bin/python" -m flowstep_export --model toy --base /tmp/toy2/base.safetensors --lora-rank 16 --attention chunked --ship-base \
     --out "$tmp/toy" -q >/dev/null
 rm -rf ../models/toy/artifacts && mv "$tmp/toy" ../models/toy/artifacts
 # Built from the toy's base above; its manifest records the base by this fixed path.

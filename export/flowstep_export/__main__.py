@@ -46,13 +46,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lora-init", choices=("kaiming", "gaussian"), default="kaiming",
                    help="A initialisation; B always starts at zero (default: kaiming)")
     g = p.add_argument_group("memory and precision")
-    g.add_argument("--attention", choices=("chunked", "fused"), default="chunked",
+    g.add_argument("--attention", choices=("chunked", "fused"),
                    help="chunked: attention in standard ONNX ops (a Scan over query chunks), runs on every provider; "
                         "fused: keep the com.flowstep FlashAttention/FlashAttentionGrad operators, which flowstep "
-                        "implements itself (CPU reference today; docs/fused-attention.md) (default: chunked)")
+                        "implements itself (blocked FlashAttention kernels on the CPU, faster and smaller than "
+                        "chunked there; cuDNN on CUDA with --features cuda-attention, bf16 only; "
+                        "docs/fused-attention.md) (default: fused for float32, the CPU's precision; chunked for "
+                        "bfloat16, the GPU's, and whenever --attention-chunk is given)")
     g.add_argument("--attention-chunk", type=int, default=None, metavar="N",
-                   help="queries per attention chunk: the backward recomputes each chunk's probabilities, so the "
-                        "largest attention tensor is [heads, N, tokens] (default %d)" % DEFAULT_ATTENTION_CHUNK)
+                   help="chunked attention: queries per chunk; the backward recomputes each chunk's probabilities, "
+                        "so the largest attention tensor is [heads, N, tokens] (default %d)" % DEFAULT_ATTENTION_CHUNK)
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each block's forward in the backward (DiffSynth's use_gradient_checkpointing): "
                         "less memory, more time")
@@ -73,6 +76,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return p.parse_args(argv)
+
+
+def attention_impl(args: argparse.Namespace) -> str:
+    """--attention, or its default: fused where flowstep's fused kernels are the fast path (the
+    CPU, which trains float32; BENCHMARKS.md, issue 25), chunked for bfloat16 exports, which
+    train on GPUs, where a default build has no fused kernels and chunked runs everywhere."""
+    if args.attention == "fused" and args.attention_chunk is not None:
+        raise ValueError("--attention-chunk applies to chunked attention; fused attention has no chunks")
+    if args.attention is not None:
+        return args.attention
+    return "fused" if args.precision == "float32" and args.attention_chunk is None else "chunked"
 
 
 def main(argv=None) -> int:
@@ -106,7 +120,7 @@ def main(argv=None) -> int:
                           targets=tuple(t for t in args.lora_targets.split(",") if t), init=args.lora_init)
         options = ExportOptions(out=args.out, base=args.base, seed=args.seed, lora=lora,
                                 ship_base=args.ship_base, graphs=graphs, gradient_checkpointing=args.gradient_checkpointing,
-                                precision=args.precision, attention=args.attention, expert=args.expert,
+                                precision=args.precision, attention=attention_impl(args), expert=args.expert,
                                 shapes_only=args.shapes_only, base_dtype=args.base_dtype, fp8_scale=args.fp8_scale or "tensor")
         if args.attention_chunk is not None:
             if args.attention_chunk < 1:

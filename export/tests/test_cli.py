@@ -85,3 +85,26 @@ def test_cli_loads_base_with_model_prefix(tmp_path):
     result = run("--model", "tiny", "--out", str(tmp_path / "b"), "--base", str(tmp_path / "bad.safetensors"),
                  "--graphs", "inference_model", "-q")
     assert result.returncode == 1 and "head.head.weight" in result.stderr
+
+
+def test_attention_default_follows_the_precision(tmp_path):
+    """Without --attention: fused for float32 exports (the CPU's, where the fused kernels beat
+    the chunked Scan, BENCHMARKS.md), chunked for bfloat16 ones (GPUs: a default build has no
+    fused CUDA kernels) and whenever --attention-chunk is given; the manifest says which. An
+    explicit --attention wins, and --attention-chunk with fused is refused."""
+    from flowstep_export.__main__ import attention_impl, parse_args
+
+    def resolved(*flags):
+        return attention_impl(parse_args(["--model", "tiny", "--out", str(tmp_path), *flags]))
+
+    assert resolved() == "fused"
+    assert resolved("--precision", "bfloat16") == "chunked"
+    assert resolved("--attention-chunk", "64") == "chunked"
+    assert resolved("--attention", "chunked") == "chunked"
+    assert resolved("--precision", "bfloat16", "--attention", "fused") == "fused"
+    result = run("--model", "tiny", "--out", str(tmp_path / "x"), "--attention", "fused", "--attention-chunk", "12")
+    assert result.returncode == 1 and "--attention-chunk applies to chunked attention" in result.stderr
+    result = run("--model", "tiny", "--out", str(tmp_path / "f32"), "--graphs", "inference_model", "--no-validate", "-q")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "f32" / "manifest.json").read_text())
+    assert manifest["training"]["attention"]["impl"] == "fused"
