@@ -550,5 +550,19 @@ pub(super) mod tests {
             let (wall, cpu) = (time(&pools[1], wall_ms, &mut bwd), time(&pools[0], thread_cpu_ms, &mut bwd));
             println!("| {label} | backward | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} |", wall.0, wall.1, cpu.0, cpu.1, 2.5 * flops / cpu.0 / 1e6);
         }
+        // The products alone, at the tiles' shapes: the ceiling the kernels' GFLOP/s compare with.
+        println!("\n| product (one tile, 100 times) | 1 thread: best / median wall ms | GFLOP/s |\n|---|---|---|");
+        let (a, b) = (values(QUERY_BLOCK * KEY_BLOCK, 5, 1.0), values(KEY_BLOCK * 128, 6, 1.0));
+        let mut c = vec![0.0f32; QUERY_BLOCK * KEY_BLOCK];
+        for (label, m, n, k, transposed) in [("q·kᵀ [256,128]x[128,256]", QUERY_BLOCK, KEY_BLOCK, 128, true), ("p·v [256,256]x[256,128]", QUERY_BLOCK, 128, KEY_BLOCK, false)] {
+            let mut product = || {
+                for _ in 0..100 {
+                    let rhs = if transposed { Mat::new(&b, n, k).t() } else { Mat::new(&b, k, n) };
+                    matmul(&mut c[..m * n], Mat::new(&a, m, k), rhs, 1.0, true);
+                }
+            };
+            let wall = time(&pools[0], wall_ms, &mut product);
+            println!("| {label} | {:.1} / {:.1} | {:.0} |", wall.0, wall.1, (200 * m * n * k) as f64 / wall.0 / 1e6);
+        }
     }
 }
