@@ -26,6 +26,7 @@ pub mod sft;
 pub mod small_file;
 pub mod tensor_file;
 pub mod tensorboard;
+pub mod prompt_clean;
 pub mod text_encoder;
 pub mod timesteps;
 pub mod train;

@@ -1,10 +1,11 @@
 //! Text prompts to `context` embeddings: Wan's umT5 encoder exported to ONNX by
 //! `python -m flowstep_export.pipeline.text_encoder`, run on the CPU provider, with its
 //! `tokenizer.json` read by the `tokenizers` crate. Tokenization is what DiffSynth's
-//! `HuggingfaceTokenizer` does for Wan (whitespace cleaning, special tokens, truncation and
-//! padding to `text_len`, the attention mask), and the embeddings past the prompt's tokens are
-//! zeroed as `WanVideoUnit_PromptEmbedder` does. Prompts are encoded once, before the first
-//! step or sample, and the encoder is dropped (its memory freed) before the DiT runs.
+//! `HuggingfaceTokenizer` does for Wan (its ftfy, HTML and whitespace cleaning:
+//! [`prompt_clean`]; special tokens, truncation and padding to `text_len`, the attention
+//! mask), and the embeddings past the prompt's tokens are zeroed as
+//! `WanVideoUnit_PromptEmbedder` does. Prompts are encoded once, before the first step or
+//! sample, and the encoder is dropped (its memory freed) before the DiT runs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use tokenizers::{PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, Tr
 
 use crate::artifacts::{ModelInfo, check_external_data, resolve_inside, sha256_file};
 use crate::error::{Error, Result};
+use crate::prompt_clean;
 use crate::runtime::{SessionOptions, load_session};
 
 pub const MANIFEST: &str = "text_encoder.json";
@@ -51,11 +53,6 @@ pub struct TextEncoder {
     tokenizer: Tokenizer,
     text_len: usize,
     dim: usize,
-}
-
-/// DiffSynth's `whitespace_clean`: runs of whitespace become one space, ends trimmed.
-fn whitespace_clean(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl TextEncoder {
@@ -107,7 +104,7 @@ impl TextEncoder {
         if prompt.len() > MAX_PROMPT_BYTES {
             return Err(Error::Config(format!("prompt `{}…`: longer than {MAX_PROMPT_BYTES} bytes", prompt.chars().take(40).collect::<String>())));
         }
-        let encoding = self.tokenizer.encode(whitespace_clean(prompt), true)
+        let encoding = self.tokenizer.encode(prompt_clean::clean(prompt)?, true)
             .map_err(|e| Error::Config(format!("prompt {prompt:?}: the tokenizer failed: {e}")))?;
         let ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i64::from(i)).collect();
         let mask: Vec<i64> = encoding.get_attention_mask().iter().map(|&m| i64::from(m)).collect();
@@ -167,13 +164,3 @@ pub fn encode_prompts(dir: &Path, prompts: &[&str], model: &ModelInfo, threads: 
     prompts.iter().map(|p| encoder.encode(p)).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn whitespace_clean_is_diffsynths() {
-        assert_eq!(whitespace_clean("  a\tred \n\n ball  "), "a red ball");
-        assert_eq!(whitespace_clean(""), "");
-    }
-}

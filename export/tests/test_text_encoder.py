@@ -19,7 +19,9 @@ from flowstep_export.pipeline.text_encoder import main as export_text_encoder
 from independent import TINY, flowstep_bin
 from wan_fixtures import TEXT_LEN, write_text_encoder, write_tokenizer
 
-PROMPT, NEGATIVE = "a red ball rolls  left", "blue square over the sky"
+# The negative prompt in fullwidth letters: only DiffSynth's ftfy cleaning (src/prompt_clean.rs) makes
+# its tokens known words, so an encoder that skipped it would differ from encode_prompts here.
+PROMPT, NEGATIVE = "a red ball rolls  left", "ｂｌｕｅ　ｓｑｕａｒｅ over the sky"
 LONG = " ".join(["a red ball rolls left"] * 5)  # 25 words: past TEXT_LEN tokens
 # Wan's standard negative prompt (`sample_neg_prompt`, wan/configs/shared_config.py in Wan2.1 and
 # musubi-tuner): what Wan's, DiffSynth's and musubi's samplers use when none is given.

@@ -1,6 +1,7 @@
 //! Command-line surface (docs/DESIGN.md §7): global flags, one file per command.
 
 mod allreduce_bench;
+mod clean_prompts;
 mod draws;
 mod eval;
 mod export_flags;
@@ -60,6 +61,9 @@ pub enum Command {
     /// Time the data-parallel gradient all-reduce across the launched ranks.
     #[command(hide = true)]
     AllreduceBench(allreduce_bench::Args),
+    /// Prompts (JSON strings, one per line on stdin) cleaned as the text encoder cleans them.
+    #[command(hide = true)]
+    CleanPrompts(clean_prompts::Args),
 }
 
 /// Global flags every command sees.
@@ -102,6 +106,7 @@ pub fn run() -> ExitCode {
         Command::Sample(args) => sample::run(*args, &globals),
         Command::ExportLora(args) => export_lora::run(args, &globals),
         Command::Draws(args) => draws::run(args, &globals),
+        Command::CleanPrompts(args) => clean_prompts::run(args),
         Command::AllreduceBench(args) => allreduce_bench::run(args, &globals),
     };
     match result {

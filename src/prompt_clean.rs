@@ -1,0 +1,331 @@
+//! DiffSynth's prompt cleaning before Wan's umT5 tokenizer, so that flowstep tokenizes a prompt
+//! as `prepare` and DiffSynth do: `whitespace_clean(basic_clean(text))` of
+//! `diffsynth/models/wan_video_text_encoder.py`, where `basic_clean` is `ftfy.fix_text`, then
+//! `html.unescape` twice, then `strip`. Curly quotes become straight ones, fullwidth letters and
+//! punctuation ASCII, Latin ligatures letters, HTML entities characters; control characters and
+//! terminal escapes go; the text is NFC-normalised.
+//!
+//! The one part of `ftfy.fix_text` not ported is `fix_encoding`, its mojibake repair (text that
+//! was decoded in the wrong encoding, such as "sÃ³" for "só"): that rests on ftfy's statistical
+//! badness heuristics. A prompt with such mojibake is tokenized unrepaired here.
+//!
+//! The character tables (`prompt_clean/tables.json`) are read from the pinned ftfy and Python by
+//! `scripts/prompt_clean_tables.py`; export/tests/test_prompt_clean.py checks this port against
+//! DiffSynth's own functions on every HTML entity and a corpus of prompts.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::OnceLock;
+
+use serde::Deserialize;
+use unicode_normalization::UnicodeNormalization;
+
+use crate::error::{Error, Result};
+
+#[derive(Deserialize)]
+struct RawTables {
+    html5: HashMap<String, String>,
+    invalid_charrefs: HashMap<u32, String>,
+    invalid_codepoints: Vec<u32>,
+    ftfy_html_entities: HashMap<String, String>,
+    c1: HashMap<u32, String>,
+    ligatures: HashMap<u32, String>,
+    width: HashMap<u32, String>,
+    single_quotes: Vec<u32>,
+    double_quotes: Vec<u32>,
+    control: Vec<u32>,
+    decimal_digits: Vec<u32>,
+    whitespace: Vec<u32>,
+}
+
+struct Tables {
+    /// html.entities.html5: "amp;" and "amp" (the names HTML lets go without ';').
+    html5: HashMap<String, String>,
+    invalid_charrefs: HashMap<u32, String>,
+    invalid_codepoints: HashSet<u32>,
+    /// ftfy's entities: "&amp;", and upper-case forms such as "&EACUTE;".
+    ftfy_html_entities: HashMap<String, String>,
+    /// One character to its replacement (C1 controls as Windows-1252, ligatures, widths,
+    /// quotes), applied in ftfy's order by [`fix_segment`].
+    c1: HashMap<char, String>,
+    ligatures: HashMap<char, String>,
+    width: HashMap<char, String>,
+    single_quotes: HashSet<char>,
+    double_quotes: HashSet<char>,
+    control: HashSet<char>,
+    decimal_digits: HashSet<char>,
+    whitespace: HashSet<char>,
+}
+
+fn chars(codes: Vec<u32>) -> HashSet<char> {
+    codes.into_iter().filter_map(char::from_u32).collect()
+}
+
+fn char_map(map: HashMap<u32, String>) -> HashMap<char, String> {
+    map.into_iter().filter_map(|(k, v)| Some((char::from_u32(k)?, v))).collect()
+}
+
+/// The tables built into flowstep (parsed once); an error only for a build whose tables.json
+/// does not parse.
+fn tables() -> Result<&'static Tables> {
+    static TABLES: OnceLock<std::result::Result<Tables, String>> = OnceLock::new();
+    let tables = TABLES.get_or_init(|| {
+        let raw: RawTables = serde_json::from_str(include_str!("prompt_clean/tables.json"))
+            .map_err(|e| format!("the prompt-cleaning tables built into flowstep (src/prompt_clean/tables.json) do not parse: {e}"))?;
+        Ok(Tables {
+            html5: raw.html5,
+            invalid_charrefs: raw.invalid_charrefs,
+            invalid_codepoints: raw.invalid_codepoints.into_iter().collect(),
+            ftfy_html_entities: raw.ftfy_html_entities,
+            c1: char_map(raw.c1),
+            ligatures: char_map(raw.ligatures),
+            width: char_map(raw.width),
+            single_quotes: chars(raw.single_quotes),
+            double_quotes: chars(raw.double_quotes),
+            control: chars(raw.control),
+            decimal_digits: chars(raw.decimal_digits),
+            whitespace: chars(raw.whitespace),
+        })
+    });
+    tables.as_ref().map_err(|e| Error::Config(e.clone()))
+}
+
+/// `whitespace_clean(basic_clean(text))`: what DiffSynth's `HuggingfaceTokenizer(clean="whitespace")`
+/// hands the tokenizer.
+pub fn clean(text: &str) -> Result<String> {
+    let t = tables()?;
+    let fixed = fix_text(t, text);
+    let unescaped = html_unescape(t, &html_unescape(t, &fixed));
+    // whitespace_clean after strip: runs of Python's \s become one space, ends trimmed.
+    let mut out = String::with_capacity(unescaped.len());
+    let mut pending_space = false;
+    for c in unescaped.chars() {
+        if t.whitespace.contains(&c) {
+            pending_space = !out.is_empty();
+        } else {
+            if pending_space {
+                out.push(' ');
+                pending_space = false;
+            }
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// `ftfy.fix_text` with its default configuration, less `fix_encoding`: line by line (each
+/// segment keeps its "\n"); once a line holds '<', HTML is no longer unescaped in it or in any
+/// later line (ftfy keeps the changed configuration for the rest of the text).
+fn fix_text(t: &Tables, text: &str) -> String {
+    let mut unescape = true;
+    let mut out = String::with_capacity(text.len());
+    for segment in text.split_inclusive('\n') {
+        unescape &= !segment.contains('<');
+        out.push_str(&fix_segment(t, segment, unescape));
+    }
+    out
+}
+
+/// `ftfy.fix_and_explain`: the fixers in ftfy's order, then NFC, until nothing changes.
+fn fix_segment(t: &Tables, segment: &str, unescape: bool) -> String {
+    let mut text = segment.to_string();
+    loop {
+        let before = text.clone();
+        if unescape {
+            text = ftfy_unescape_html(t, &text);
+        }
+        text = translate(&text, |c| t.c1.get(&c).map(String::as_str));
+        text = translate(&text, |c| t.ligatures.get(&c).map(String::as_str));
+        text = translate(&text, |c| t.width.get(&c).map(String::as_str));
+        text = translate(&text, |c| t.double_quotes.contains(&c).then_some("\""));
+        text = translate(&text, |c| t.single_quotes.contains(&c).then_some("'"));
+        text = text.replace("\r\n", "\n");
+        text = translate(&text, |c| matches!(c, '\r' | '\u{2028}' | '\u{2029}' | '\u{85}').then_some("\n"));
+        text = remove_terminal_escapes(t, &text);
+        text = translate(&text, |c| t.control.contains(&c).then_some(""));
+        text = text.nfc().collect();
+        if text == before {
+            return text;
+        }
+    }
+}
+
+/// `str.translate`: each character the map knows is replaced by its string.
+fn translate<'a>(text: &str, map: impl Fn(char) -> Option<&'a str>) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match map(c) {
+            Some(s) => out.push_str(s),
+            None => out.push(c),
+        }
+    }
+    out
+}
+
+/// ftfy's `remove_terminal_escapes`: "\x1b[" + Python digits or ';' + one ASCII letter, removed.
+fn remove_terminal_escapes(t: &Tables, text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i] == '\u{1b}' && chars.get(i + 1) == Some(&'[') {
+            let mut j = i + 2;
+            while j < chars.len() && (chars[j] == ';' || t.decimal_digits.contains(&chars[j])) {
+                j += 1;
+            }
+            if chars.get(j).is_some_and(char::is_ascii_alphabetic) {
+                i = j + 1;
+                continue;
+            }
+        }
+        out.push(chars[i]);
+        i += 1;
+    }
+    out
+}
+
+/// ftfy's `unescape_html`: each `&#?[0-9A-Za-z]{1,24};` that is one of its entities, or a
+/// numeric reference html.unescape decodes whole.
+fn ftfy_unescape_html(t: &Tables, text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i] == '&' {
+            let start = i + 1 + usize::from(chars.get(i + 1) == Some(&'#'));
+            let mut end = start;
+            while end < chars.len() && end - start < 24 && chars[end].is_ascii_alphanumeric() {
+                end += 1;
+            }
+            if end > start && chars.get(end) == Some(&';') {
+                let entity: String = chars[i..=end].iter().collect();
+                if let Some(value) = t.ftfy_html_entities.get(&entity) {
+                    out.push_str(value);
+                    i = end + 1;
+                    continue;
+                }
+                if entity.starts_with("&#") {
+                    let unescaped = html_unescape(t, &entity);
+                    if !unescaped.contains(';') {
+                        out.push_str(&unescaped);
+                        i = end + 1;
+                        continue;
+                    }
+                }
+            }
+        }
+        out.push(chars[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Python's `html.unescape`: `&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)` replaced
+/// by the character it names (the longest known prefix for names, as HTML5 says).
+fn html_unescape(t: &Tables, text: &str) -> String {
+    if !text.contains('&') {
+        return text.to_string();
+    }
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i] == '&'
+            && let Some((reference, len)) = charref(&chars[i + 1..])
+        {
+            out.push_str(&replace_charref(t, &reference));
+            i += 1 + len;
+            continue;
+        }
+        out.push(chars[i]);
+        i += 1;
+    }
+    out
+}
+
+/// The reference after a '&' (without it) and its length in characters, as the regex matches it.
+fn charref(rest: &[char]) -> Option<(String, usize)> {
+    let take = |from: usize, ok: &dyn Fn(char) -> bool, max: usize| {
+        let mut end = from;
+        while end < rest.len() && end - from < max && ok(rest[end]) {
+            end += 1;
+        }
+        end
+    };
+    let end = match rest.first()? {
+        '#' => match rest.get(1)? {
+            'x' | 'X' => take(2, &|c| c.is_ascii_hexdigit(), usize::MAX).max(2),
+            _ => take(1, &|c| c.is_ascii_digit(), usize::MAX),
+        },
+        _ => take(0, &|c| !matches!(c, '\t' | '\n' | '\u{c}' | ' ' | '<' | '&' | '#' | ';'), 32),
+    };
+    let digits_from = match (rest[0], rest.get(1)) {
+        ('#', Some('x' | 'X')) => 2,
+        ('#', _) => 1,
+        _ => 0,
+    };
+    if end == digits_from {
+        return None;
+    }
+    let end = end + usize::from(rest.get(end) == Some(&';'));
+    Some((rest[..end].iter().collect(), end))
+}
+
+fn replace_charref(t: &Tables, s: &str) -> String {
+    if let Some(number) = s.strip_prefix('#') {
+        let number = number.trim_end_matches(';');
+        let (digits, radix) = match number.strip_prefix(['x', 'X']) {
+            Some(hex) => (hex, 16),
+            None => (number, 10),
+        };
+        let digits = digits.trim_start_matches('0');
+        let code = match u32::from_str_radix(if digits.is_empty() { "0" } else { digits }, radix) {
+            Ok(code) => code,
+            Err(_) => return "\u{fffd}".to_string(), // past u32, so past 0x10FFFF
+        };
+        if let Some(replacement) = t.invalid_charrefs.get(&code) {
+            return replacement.clone();
+        }
+        if (0xD800..=0xDFFF).contains(&code) || code > 0x10FFFF {
+            return "\u{fffd}".to_string();
+        }
+        if t.invalid_codepoints.contains(&code) {
+            return String::new();
+        }
+        return char::from_u32(code).map_or_else(|| "\u{fffd}".to_string(), String::from);
+    }
+    if let Some(value) = t.html5.get(s) {
+        return value.clone();
+    }
+    let chars: Vec<char> = s.chars().collect();
+    for x in (2..chars.len()).rev() {
+        let prefix: String = chars[..x].iter().collect();
+        if let Some(value) = t.html5.get(&prefix) {
+            return value.clone() + &chars[x..].iter().collect::<String>();
+        }
+    }
+    format!("&{s}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clean as clean_or_error;
+
+    fn clean(text: &str) -> String {
+        clean_or_error(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A few cases by hand (ftfy's and Python's own documented examples); the full comparison
+    /// with DiffSynth's functions is export/tests/test_prompt_clean.py.
+    #[test]
+    fn cleans_as_diffsynth_does() {
+        assert_eq!(clean("  a\tred \n\n ball  "), "a red ball");
+        assert_eq!(clean("it’s a “fox”"), "it's a \"fox\"");
+        assert_eq!(clean("ＬＯＵＤ　ＮＯＩＳＥＳ"), "LOUD NOISES");
+        assert_eq!(clean("ﬂubberiﬁc"), "flubberific");
+        assert_eq!(clean("P&EACUTE;REZ &amp;amp; &lt;b&gt; &#x2019;"), "PÉREZ & <b> '");
+        assert_eq!(clean("色调艳丽，过曝"), "色调艳丽,过曝");
+        assert_eq!(clean("cafe\u{301}"), "café");
+        assert_eq!(clean("\u{1b}[31mred\u{1b}[0m\u{0}"), "red");
+        assert_eq!(clean("&ampfoo &notit; &#0; &#x110000; &#128;"), "&foo ¬it; \u{fffd} \u{fffd} €");
+    }
+}
