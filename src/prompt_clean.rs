@@ -161,62 +161,64 @@ fn translate<'a>(text: &str, map: impl Fn(char) -> Option<&'a str>) -> String {
     out
 }
 
-/// ftfy's `remove_terminal_escapes`: "\x1b[" + Python digits or ';' + one ASCII letter, removed.
-fn remove_terminal_escapes(t: &Tables, text: &str) -> String {
+/// `re.sub` over characters: at each position `matcher` gives the replacement and the number of
+/// characters it replaces (at least one), or None to keep the character there.
+fn substitute(text: &str, matcher: impl Fn(&[char], usize) -> Option<(String, usize)>) -> String {
     let chars: Vec<char> = text.chars().collect();
     let mut out = String::with_capacity(text.len());
     let mut i = 0;
     while i < chars.len() {
-        if chars[i] == '\u{1b}' && chars.get(i + 1) == Some(&'[') {
-            let mut j = i + 2;
-            while j < chars.len() && (chars[j] == ';' || t.decimal_digits.contains(&chars[j])) {
-                j += 1;
+        match matcher(&chars, i) {
+            Some((replacement, len)) => {
+                out.push_str(&replacement);
+                i += len.max(1);
             }
-            if chars.get(j).is_some_and(char::is_ascii_alphabetic) {
-                i = j + 1;
-                continue;
+            None => {
+                out.push(chars[i]);
+                i += 1;
             }
         }
-        out.push(chars[i]);
-        i += 1;
     }
     out
+}
+
+/// ftfy's `remove_terminal_escapes`: "\x1b[" + Python digits or ';' + one ASCII letter, removed.
+fn remove_terminal_escapes(t: &Tables, text: &str) -> String {
+    substitute(text, |chars, i| {
+        if chars[i] != '\u{1b}' || chars.get(i + 1) != Some(&'[') {
+            return None;
+        }
+        let mut j = i + 2;
+        while j < chars.len() && (chars[j] == ';' || t.decimal_digits.contains(&chars[j])) {
+            j += 1;
+        }
+        chars.get(j).is_some_and(char::is_ascii_alphabetic).then(|| (String::new(), j + 1 - i))
+    })
 }
 
 /// ftfy's `unescape_html`: each `&#?[0-9A-Za-z]{1,24};` that is one of its entities, or a
 /// numeric reference html.unescape decodes whole.
 fn ftfy_unescape_html(t: &Tables, text: &str) -> String {
-    let chars: Vec<char> = text.chars().collect();
-    let mut out = String::with_capacity(text.len());
-    let mut i = 0;
-    while i < chars.len() {
-        if chars[i] == '&' {
-            let start = i + 1 + usize::from(chars.get(i + 1) == Some(&'#'));
-            let mut end = start;
-            while end < chars.len() && end - start < 24 && chars[end].is_ascii_alphanumeric() {
-                end += 1;
-            }
-            if end > start && chars.get(end) == Some(&';') {
-                let entity: String = chars[i..=end].iter().collect();
-                if let Some(value) = t.ftfy_html_entities.get(&entity) {
-                    out.push_str(value);
-                    i = end + 1;
-                    continue;
-                }
-                if entity.starts_with("&#") {
-                    let unescaped = html_unescape(t, &entity);
-                    if !unescaped.contains(';') {
-                        out.push_str(&unescaped);
-                        i = end + 1;
-                        continue;
-                    }
-                }
-            }
+    substitute(text, |chars, i| {
+        if chars[i] != '&' {
+            return None;
         }
-        out.push(chars[i]);
-        i += 1;
-    }
-    out
+        let start = i + 1 + usize::from(chars.get(i + 1) == Some(&'#'));
+        let mut end = start;
+        while end < chars.len() && end - start < 24 && chars[end].is_ascii_alphanumeric() {
+            end += 1;
+        }
+        if end == start || chars.get(end) != Some(&';') {
+            return None;
+        }
+        let entity: String = chars[i..=end].iter().collect();
+        let value = match t.ftfy_html_entities.get(&entity) {
+            Some(value) => value.clone(),
+            None if entity.starts_with("&#") => Some(html_unescape(t, &entity)).filter(|u| !u.contains(';'))?,
+            None => return None,
+        };
+        Some((value, end + 1 - i))
+    })
 }
 
 /// Python's `html.unescape`: `&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)` replaced
@@ -225,21 +227,10 @@ fn html_unescape(t: &Tables, text: &str) -> String {
     if !text.contains('&') {
         return text.to_string();
     }
-    let chars: Vec<char> = text.chars().collect();
-    let mut out = String::with_capacity(text.len());
-    let mut i = 0;
-    while i < chars.len() {
-        if chars[i] == '&'
-            && let Some((reference, len)) = charref(&chars[i + 1..])
-        {
-            out.push_str(&replace_charref(t, &reference));
-            i += 1 + len;
-            continue;
-        }
-        out.push(chars[i]);
-        i += 1;
-    }
-    out
+    substitute(text, |chars, i| {
+        let (reference, len) = if chars[i] == '&' { charref(&chars[i + 1..])? } else { return None };
+        Some((replace_charref(t, &reference), 1 + len))
+    })
 }
 
 /// The reference after a '&' (without it) and its length in characters, as the regex matches it.
