@@ -16,27 +16,13 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use unicode_normalization::UnicodeNormalization;
 
 use crate::error::{Error, Result};
 
+/// The tables, as scripts/prompt_clean_tables.py writes them (code points as numbers).
 #[derive(Deserialize)]
-struct RawTables {
-    html5: HashMap<String, String>,
-    invalid_charrefs: HashMap<u32, String>,
-    invalid_codepoints: Vec<u32>,
-    ftfy_html_entities: HashMap<String, String>,
-    c1: HashMap<u32, String>,
-    ligatures: HashMap<u32, String>,
-    width: HashMap<u32, String>,
-    single_quotes: Vec<u32>,
-    double_quotes: Vec<u32>,
-    control: Vec<u32>,
-    decimal_digits: Vec<u32>,
-    whitespace: Vec<u32>,
-}
-
 struct Tables {
     /// html.entities.html5: "amp;" and "amp" (the names HTML lets go without ';').
     html5: HashMap<String, String>,
@@ -44,24 +30,35 @@ struct Tables {
     invalid_codepoints: HashSet<u32>,
     /// ftfy's entities: "&amp;", and upper-case forms such as "&EACUTE;".
     ftfy_html_entities: HashMap<String, String>,
-    /// One character to its replacement (C1 controls as Windows-1252, ligatures, widths,
-    /// quotes), applied in ftfy's order by [`fix_segment`].
+    /// C1 controls as Windows-1252, ligatures, widths: one character to its replacement.
+    #[serde(deserialize_with = "char_map")]
     c1: HashMap<char, String>,
+    #[serde(deserialize_with = "char_map")]
     ligatures: HashMap<char, String>,
+    #[serde(deserialize_with = "char_map")]
     width: HashMap<char, String>,
+    #[serde(deserialize_with = "char_set")]
     single_quotes: HashSet<char>,
+    #[serde(deserialize_with = "char_set")]
     double_quotes: HashSet<char>,
+    #[serde(deserialize_with = "char_set")]
     control: HashSet<char>,
+    #[serde(deserialize_with = "char_set")]
     decimal_digits: HashSet<char>,
+    #[serde(deserialize_with = "char_set")]
     whitespace: HashSet<char>,
 }
 
-fn chars(codes: Vec<u32>) -> HashSet<char> {
-    codes.into_iter().filter_map(char::from_u32).collect()
+fn character<E: serde::de::Error>(code: u32) -> std::result::Result<char, E> {
+    char::from_u32(code).ok_or_else(|| E::custom(format!("{code} is not a Unicode scalar value")))
 }
 
-fn char_map(map: HashMap<u32, String>) -> HashMap<char, String> {
-    map.into_iter().filter_map(|(k, v)| Some((char::from_u32(k)?, v))).collect()
+fn char_set<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<HashSet<char>, D::Error> {
+    Vec::<u32>::deserialize(d)?.into_iter().map(character).collect()
+}
+
+fn char_map<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<HashMap<char, String>, D::Error> {
+    HashMap::<u32, String>::deserialize(d)?.into_iter().map(|(k, v)| Ok((character(k)?, v))).collect()
 }
 
 /// The tables built into flowstep (parsed once); an error only for a build whose tables.json
@@ -69,22 +66,8 @@ fn char_map(map: HashMap<u32, String>) -> HashMap<char, String> {
 fn tables() -> Result<&'static Tables> {
     static TABLES: OnceLock<std::result::Result<Tables, String>> = OnceLock::new();
     let tables = TABLES.get_or_init(|| {
-        let raw: RawTables = serde_json::from_str(include_str!("prompt_clean/tables.json"))
-            .map_err(|e| format!("the prompt-cleaning tables built into flowstep (src/prompt_clean/tables.json) do not parse: {e}"))?;
-        Ok(Tables {
-            html5: raw.html5,
-            invalid_charrefs: raw.invalid_charrefs,
-            invalid_codepoints: raw.invalid_codepoints.into_iter().collect(),
-            ftfy_html_entities: raw.ftfy_html_entities,
-            c1: char_map(raw.c1),
-            ligatures: char_map(raw.ligatures),
-            width: char_map(raw.width),
-            single_quotes: chars(raw.single_quotes),
-            double_quotes: chars(raw.double_quotes),
-            control: chars(raw.control),
-            decimal_digits: chars(raw.decimal_digits),
-            whitespace: chars(raw.whitespace),
-        })
+        serde_json::from_str(include_str!("prompt_clean/tables.json"))
+            .map_err(|e| format!("the prompt-cleaning tables built into flowstep (src/prompt_clean/tables.json) do not parse: {e}"))
     });
     tables.as_ref().map_err(|e| Error::Config(e.clone()))
 }
