@@ -106,3 +106,27 @@ def test_committed_pair_models_are_current_and_chain_the_operators():
     grads = torch.autograd.grad((o * do.float()).sum(), leaves)
     for out, want in zip(got[:1] + got[2:], [o, *grads]):
         np.testing.assert_allclose(out.astype(np.float32), want.detach().numpy(), rtol=0, atol=4e-3 * float(want.abs().max()))
+
+
+def test_fused_checkpointed_image_variants_validate(tmp_path):
+    """Fused attention is the default for float32 exports, so it meets every variant: the I2V
+    model (text and CLIP-image cross-attention, `y`) and TI2V (per-token timesteps), each with
+    gradient checkpointing (the forward's operators run again inside the backward), validated
+    against PyTorch autograd through plain softmax attention like every export."""
+    import logging
+
+    from flowstep_export.pipeline.export import ExportOptions, export_artifacts
+    from flowstep_export.pipeline.validate import validate_artifacts
+    from conftest import TINY_LORA
+
+    logging.getLogger("flowstep_export").setLevel(logging.ERROR)
+    for preset in ("tiny-i2v", "tiny-ti2v"):
+        out = tmp_path / preset
+        opts = ExportOptions(out=out, lora=TINY_LORA, ship_base=True, seed=0, attention="fused",
+                             gradient_checkpointing=True, graphs=("training_model",))
+        export_artifacts(get_config(preset), opts)
+        report = validate_artifacts(out, get_config(preset), opts)
+        assert report and all(v["max_rel"] < 1e-5 for v in report.values()), (preset, report)
+        ops = custom_ops(out / "training_model.onnx")
+        # Checkpointing recomputes each block's forward, attention included, before its backward.
+        assert ops["FlashAttention"] == 2 * ops["FlashAttentionGrad"] > 0, (preset, ops)
