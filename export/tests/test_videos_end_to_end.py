@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from flowstep_export.data.encode_prompts import main as encode_prompts
 from flowstep_export.data.prepare import main as prepare
+from flowstep_export.pipeline.text_encoder import main as export_text_encoder
 from independent import TINY, flowstep_bin
 from wan_fixtures import TEXT_LEN, write_image_encoder, write_text_encoder, write_tokenizer, write_video
 
@@ -167,14 +168,29 @@ def test_i2v_videos_to_lora_and_back_to_videos(vae_decoder, tiny_i2v, tmp_path):
 
     prompts = tmp_path / "prompts"
     assert encode_prompts(["--out", str(prompts), *text, "--precision", "float32", "a red ball rolls left"]) == 0
+    assert export_text_encoder([*text, "--out", str(tmp_path / "umt5")]) == 0
     condition = data / "wide0.mp4.safetensors"  # a prepared sample holds the `y` and `clip_feature` sampling takes
-    (prompts / "prompts.txt").write_text(f"prompt-000.safetensors seed=3 steps=3 condition={condition}\n")
+    # The same prompt twice: as a context file, and as text with its conditioning file (`--c`,
+    # where musubi-tuner's lines take an image path, `--i`, refused with the way to make one).
+    (prompts / "prompts.txt").write_text(f"prompt-000.safetensors seed=3 steps=3 condition={condition}\n"
+                                         f"a red ball rolls left --d 3 --s 3 --c {condition}\n")
     out = tmp_path / "run"
-    r = subprocess.run([str(flowstep_bin()), "train", "--artifacts", str(tiny_i2v), "--data", str(data), "--out", str(out),
-                        "--steps", "4", "--seed", "1", "--lr", "1e-3", "--sample-every", "4", "--lora-dtype", "f32",
-                        "--sample-prompts", str(prompts / "prompts.txt"), "--vae-decoder", str(vae_decoder / "decoder")],
-                       capture_output=True, text=True, timeout=600)
+    train = [str(flowstep_bin()), "train", "--artifacts", str(tiny_i2v), "--data", str(data), "--out", str(out),
+             "--steps", "4", "--seed", "1", "--lr", "1e-3", "--sample-every", "4", "--lora-dtype", "f32",
+             "--sample-prompts", str(prompts / "prompts.txt"), "--text-encoder", str(tmp_path / "umt5"),
+             "--vae-decoder", str(vae_decoder / "decoder")]
+    (prompts / "musubi.txt").write_text("a red ball rolls left --i first.png --d 3\n")
+    r = subprocess.run([*train[:-6], "--sample-prompts", str(prompts / "musubi.txt"), *train[-4:]], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "`--i`: musubi-tuner's image path is not read here" in r.stderr and "encode_image" in r.stderr, r.stderr
+    (prompts / "bare.txt").write_text("a red ball rolls left --d 3\n")
+    r = subprocess.run([*train[:-6], "--sample-prompts", str(prompts / "bare.txt"), *train[-4:]], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "needs image conditioning: add `--c FILE`" in r.stderr, r.stderr
+    r = subprocess.run(train, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
+    from_text = load_file(str(out / "samples" / "step-000004" / "01-a-red-ball-rolls-left" / "samples.safetensors"))["latents"]
+    from_file = load_file(str(out / "samples" / "step-000004" / "00-a-red-ball-rolls-left" / "samples.safetensors"))["latents"]
+    # Same seed, steps and conditioning; contexts equal within the text encoder's 1e-5.
+    assert torch.allclose(from_text, from_file, atol=1e-4), (from_text - from_file).abs().max()
     assert json.loads((out / "summary.json").read_text())["buckets"] == [{"latent_shape": [16, 3, 4, 6], "samples": 2}]
     during = out / "samples" / "step-000004" / "00-a-red-ball-rolls-left"
     gif = iio.mimread(during / "videos.gif")

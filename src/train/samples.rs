@@ -20,12 +20,14 @@
 //! Text options: `--w`/`--h` width and height in pixels (multiples of the VAE stride times the
 //! patch size: 16 for Wan2.1), `--f` frames (4k+1), `--s` steps, `--g` or `--l` the guidance
 //! scale, `--fs` the shift, `--d` the seed, `--n` a negative prompt (the rest of the line up to
-//! the next ` --`). Context options: `seed`, `shape` (latent F,H,W), `steps`, `cfg`, `shift`,
-//! `negative` (a context file), `condition`. Defaults for both: seed 0, the training data's
-//! largest bucket, `--sample-steps`, cfg 1 (no guidance), shift 5 (as `flowstep sample`); the
-//! negative is Wan's standard negative prompt for a text line (as musubi-tuner) and an all-zero
-//! context for a context line. An image-to-video model needs `condition=FILE` (the tensors
-//! `flowstep sample --condition` takes, at the line's shape), so context lines only.
+//! the next ` --`), `--c` a conditioning file. Context options: `seed`, `shape` (latent F,H,W),
+//! `steps`, `cfg`, `shift`, `negative` (a context file), `condition`. Defaults for both: seed 0,
+//! the training data's largest bucket, `--sample-steps`, cfg 1 (no guidance), shift 5 (as
+//! `flowstep sample`); the negative is Wan's standard negative prompt for a text line (as
+//! musubi-tuner) and an all-zero context for a context line. An image-to-video model needs a
+//! conditioning file on every line (`--c FILE` or `condition=FILE`: the tensors `flowstep sample
+//! --condition` takes, at the line's shape, from `encode_image` or a prepared sample), where
+//! musubi-tuner reads an image (`--i`, refused here with that advice).
 
 use std::path::{Path, PathBuf};
 
@@ -105,13 +107,15 @@ pub fn read_prompts(config: &SamplingConfig, model: &ModelInfo, default_shape: [
                     line.chars().take(40).collect::<String>()
                 )));
             }
-            if !model.conditioning.is_empty() {
-                return Err(bad_line(file, line_no, format!("{} needs image conditioning, which only a context line gives (condition=FILE)", model.name)));
-            }
             let parsed = parse_text_line(line, model, default_shape, config.steps).map_err(|reason| bad_line(file, line_no, reason))?;
+            if !model.conditioning.is_empty() && parsed.condition.is_none() {
+                return Err(bad_line(file, line_no, format!("{} needs image conditioning: add `--c FILE` to the line ({CONDITION_FILE})", model.name)));
+            }
+            let condition = parsed.condition.as_ref().map(|c| dir.join(c));
+            let conditioning = read_conditioning(condition.as_deref(), model, &parsed.config.shape).map_err(|e| bad_line(file, line_no, e))?;
             texts.push((prompts.len(), parsed.clone()));
             let name = format!("{:02}-{}", prompts.len(), Some(prompt_slug(&parsed.prompt)).filter(|s| !s.is_empty()).unwrap_or_else(|| "prompt".into()));
-            prompts.push(Prompt { name, text: Some((parsed.prompt, parsed.negative)), context: Vec::new(), negative: None, conditioning: Vec::new(), config: parsed.config });
+            prompts.push(Prompt { name, text: Some((parsed.prompt, parsed.negative)), context: Vec::new(), negative: None, conditioning, config: parsed.config });
             continue;
         }
         let line = line.split('#').next().unwrap_or("").trim();
@@ -167,11 +171,17 @@ pub fn read_prompts(config: &SamplingConfig, model: &ModelInfo, default_shape: [
     Ok(prompts)
 }
 
-/// A text line's prompt, negative prompt and sampling settings.
+/// What a conditioning file is, for the messages that ask for one.
+const CONDITION_FILE: &str = "the tensors `flowstep sample --condition` takes: made from a start image once by \
+                              `python -m flowstep_export.data.encode_image`, or a prepared sample of the dataset";
+
+/// A text line's prompt, negative prompt, conditioning file (relative to the prompt file) and
+/// sampling settings.
 #[derive(Debug, Clone)]
 struct TextLine {
     prompt: String,
     negative: String,
+    condition: Option<String>,
     config: SampleConfig,
 }
 
@@ -188,6 +198,7 @@ fn parse_text_line(line: &str, model: &ModelInfo, default_shape: [usize; 3], def
     let (mut frames, mut height, mut width) = ((default_f - 1) * stride_f + 1, default_h * stride_h, default_w * stride_w);
     let (mut seed, mut steps, mut cfg_scale, mut shift) = (0u64, default_steps, 1.0f32, DEFAULT_SHIFT);
     let mut negative = WAN_NEGATIVE_PROMPT.to_string();
+    let mut condition = None;
     for part in parts {
         let (option, value) = part.split_once(' ').map_or((part.trim(), ""), |(o, v)| (o.trim(), v.trim()));
         let expected = |what: &str| format!("{}: expected {what}", format!("--{option} {value}").trim_end());
@@ -202,7 +213,11 @@ fn parse_text_line(line: &str, model: &ModelInfo, default_shape: [usize; 3], def
             "fs" => shift = value.parse().ok().filter(|s: &f32| s.is_finite() && *s > 0.0).ok_or_else(|| expected("a positive shift"))?,
             "n" if !value.is_empty() => negative = value.to_string(),
             "n" => return Err(expected("a negative prompt")),
-            _ => return Err(format!("unknown option `--{option}` (--w, --h, --f, --s, --g or --l, --fs, --d, --n)")),
+            "c" if !value.is_empty() => condition = Some(value.to_string()),
+            "c" => return Err(expected("a conditioning file")),
+            // musubi-tuner's image options: flowstep encodes images once, outside training.
+            "i" | "ei" | "ci" | "cn" => return Err(format!("`--{option}`: musubi-tuner's image path is not read here; give the image's conditioning file with `--c FILE` ({CONDITION_FILE})")),
+            _ => return Err(format!("unknown option `--{option}` (--w, --h, --f, --s, --g or --l, --fs, --d, --n, --c)")),
         }
     }
     let pixels = |name: &str, value: usize, stride: usize| {
@@ -219,7 +234,7 @@ fn parse_text_line(line: &str, model: &ModelInfo, default_shape: [usize; 3], def
     let shape = check_latent_shape(&[(frames - 1) / stride_f + 1, h, w], model)
         .map_err(|what| format!("--w {width} --h {height} --f {frames}: latents must be {what}"))?;
     let config = SampleConfig { steps, shift, cfg_scale, seed, shape: [model.latent_channels(), shape[0], shape[1], shape[2]] };
-    Ok(TextLine { prompt, negative, config })
+    Ok(TextLine { prompt, negative, condition, config })
 }
 
 /// Latent F,H,W from a line: positive multiples of the patch size within the value limit, or
