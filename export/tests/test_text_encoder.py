@@ -144,6 +144,8 @@ def test_train_samples_text_prompts_with_their_options(encoder, tmp_path):
     (f"{PROMPT} --w 40", True, ["prompts.txt:1", "--w 40", "multiple of 16"]),
     (f"{PROMPT} --s 0", True, ["prompts.txt:1", "--s 0", "1 to 10000"]),
     (f"{PROMPT} --n", True, ["prompts.txt:1", "--n", "a negative prompt"]),
+    (f"{PROMPT} --c", True, ["prompts.txt:1", "--c", "a conditioning file"]),
+    (f"{PROMPT} --c ctx.safetensors", True, ["prompts.txt:1", "text-to-video model and takes no conditioning"]),
     ("--w 64 a fox", True, ["prompts.txt:1", "the prompt text comes first"]),
     ("ctx.safetensors seed=1", True, ["--text-encoder", "no text lines"]),
 ])
