@@ -118,7 +118,8 @@ def test_train_samples_text_prompts_with_their_options(encoder, tmp_path):
     assert [p["name"] for p in listed] == ["00-a-red-ball-rolls-left", "01-a-red-ball-rolls-left"]
     first, second = listed
     # --w 96 --h 48 --f 5: latents 2 frames of 6x12; the second line keeps the data's bucket.
-    assert (first["shape"], first["steps"], first["seed"], first["cfg_scale"]) == ([16, 2, 6, 12], 3, 7, 1.0)
+    # Without --g, Wan's guidance 5 (musubi-tuner's Wan default), against the negative below.
+    assert (first["shape"], first["steps"], first["seed"], first["cfg_scale"]) == ([16, 2, 6, 12], 3, 7, 5.0)
     assert (second["shape"], second["steps"], second["seed"], second["cfg_scale"]) == ([16, 2, 8, 8], 2, 8, 2.5)
     # A line without --n samples against Wan's standard negative prompt, as musubi-tuner's do.
     assert (first["prompt"], first["negative_prompt"], second["negative_prompt"]) == (PROMPT, WAN_NEGATIVE, NEGATIVE)
@@ -128,7 +129,7 @@ def test_train_samples_text_prompts_with_their_options(encoder, tmp_path):
     assert float(np.abs(a["negative_context"] - torch_context(encoder, 3)).max()) <= ATOL
     assert float(np.abs(b["negative_context"] - torch_context(encoder, 1)).max()) <= ATOL
     # Each line's options reach the sampler: flowstep sample with them gives the same latents.
-    for tensors, flags in [(a, ["--shape", "2,6,12", "--steps", "3", "--seed", "7", "--cfg-scale", "1"]),
+    for tensors, flags in [(a, ["--shape", "2,6,12", "--steps", "3", "--seed", "7", "--cfg-scale", "5"]),
                            (b, ["--shape", "2,8,8", "--steps", "2", "--seed", "8", "--cfg-scale", "2.5", "--negative-prompt", NEGATIVE])]:
         again = tmp_path / f"again-{flags[-1]}"
         r = run("-q", "sample", "--artifacts", TINY, "--lora", out / "lora.safetensors", "--prompt", PROMPT,

@@ -173,7 +173,7 @@ def test_i2v_videos_to_lora_and_back_to_videos(vae_decoder, tiny_i2v, tmp_path):
     # The same prompt twice: as a context file, and as text with its conditioning file (`--c`,
     # where musubi-tuner's lines take an image path, `--i`, refused with the way to make one).
     (prompts / "prompts.txt").write_text(f"prompt-000.safetensors seed=3 steps=3 condition={condition}\n"
-                                         f"a red ball rolls left --d 3 --s 3 --c {condition}\n")
+                                         f"a red ball rolls left --d 3 --s 3 --g 1 --c {condition}\n")
     out = tmp_path / "run"
     train = [str(flowstep_bin()), "train", "--artifacts", str(tiny_i2v), "--data", str(data), "--out", str(out),
              "--steps", "4", "--seed", "1", "--lr", "1e-3", "--sample-every", "4", "--lora-dtype", "f32",

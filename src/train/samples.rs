@@ -22,9 +22,9 @@
 //! scale, `--fs` the shift, `--d` the seed, `--n` a negative prompt (the rest of the line up to
 //! the next ` --`), `--c` a conditioning file. Context options: `seed`, `shape` (latent F,H,W),
 //! `steps`, `cfg`, `shift`, `negative` (a context file), `condition`. Defaults for both: seed 0,
-//! the training data's largest bucket, `--sample-steps`, cfg 1 (no guidance), shift 5 (as
-//! `flowstep sample`); the negative is Wan's standard negative prompt for a text line (as
-//! musubi-tuner) and an all-zero context for a context line. An image-to-video model needs a
+//! the training data's largest bucket, `--sample-steps`, shift 5 (as `flowstep sample`); for a
+//! text line guidance 5 against Wan's standard negative prompt (as musubi-tuner's Wan sampling
+//! and `flowstep sample`), for a context line cfg 1 (no guidance) and an all-zero negative. An image-to-video model needs a
 //! conditioning file on every line (`--c FILE` or `condition=FILE`: the tensors `flowstep sample
 //! --condition` takes, at the line's shape, from `encode_image` or a prepared sample), where
 //! musubi-tuner reads an image (`--i`, refused here with that advice).
@@ -41,7 +41,7 @@ use crate::decode::{Tile, VaeDecoder, VideoOptions};
 use crate::executor::{BaseWeights, VelocityGraph};
 use crate::runtime::SessionOptions;
 use crate::data::Conditioning;
-use crate::sample::{DEFAULT_SHIFT, PromptTensors, WAN_NEGATIVE_PROMPT, SampleConfig, Stage, context_prompt, prompt_slug, read_conditioning, read_context, sample, write_outputs};
+use crate::sample::{DEFAULT_CFG_SCALE, DEFAULT_SHIFT, PromptTensors, WAN_NEGATIVE_PROMPT, SampleConfig, Stage, context_prompt, prompt_slug, read_conditioning, read_context, sample, write_outputs};
 use crate::tensor_file::{Staging, write_atomic};
 use crate::video_files::Mp4;
 
@@ -196,7 +196,8 @@ fn parse_text_line(line: &str, model: &ModelInfo, default_shape: [usize; 3], def
     let [stride_f, stride_h, stride_w] = model.vae_stride();
     let [default_f, default_h, default_w] = default_shape;
     let (mut frames, mut height, mut width) = ((default_f - 1) * stride_f + 1, default_h * stride_h, default_w * stride_w);
-    let (mut seed, mut steps, mut cfg_scale, mut shift) = (0u64, default_steps, 1.0f32, DEFAULT_SHIFT);
+    // Guidance as musubi-tuner's Wan sampling (its config's sample_guide_scale) and `flowstep sample`.
+    let (mut seed, mut steps, mut cfg_scale, mut shift) = (0u64, default_steps, DEFAULT_CFG_SCALE, DEFAULT_SHIFT);
     let mut negative = WAN_NEGATIVE_PROMPT.to_string();
     let mut condition = None;
     for part in parts {
