@@ -123,6 +123,10 @@ fn inspect_summarises_and_validates() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("26624 parameters") && text.contains("training_model") && text.contains("matches the manifest"), "{text}");
+    assert!(text.contains("attention chunked (12 queries per chunk: every provider)"), "{text}");
+    // A fused export says where its operators run.
+    let fused = flowstep(&["inspect", "--artifacts", path_str(&repo().join("models/tiny-fused/artifacts"))]);
+    assert!(String::from_utf8_lossy(&fused.stdout).contains("attention fused (flowstep's kernels: cpu; cuda with a --features cuda-attention build, bf16)"), "{}", stderr(&fused));
 }
 
 /// `flowstep inspect | head -1`: a reader that stops early ends the output quietly (exit 0),

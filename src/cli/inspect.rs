@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use flowstep::artifacts::{Artifacts, check_session_io};
+use flowstep::runtime::AttentionImpl;
 
 use super::{DeviceArgs, Globals};
 
@@ -46,7 +47,13 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
         m.lora.rank, m.lora.alpha, m.lora.targets.join(","), m.lora.tensors.len(), m.lora.num_params)?;
     writeln!(out, "scheduler   {} (shift {}, {} timesteps)", m.scheduler.template, m.scheduler.shift, m.scheduler.num_train_timesteps)?;
     let t = &m.training;
-    writeln!(out, "training    {}, attention {}, gradient checkpointing {}{}", t.precision, t.attention, if t.gradient_checkpointing { "on" } else { "off" },
+    let attention = match (AttentionImpl::from_manifest(&t.attention), t.attention.get("chunk")) {
+        (Ok(AttentionImpl::Fused), _) => "fused (flowstep's kernels: cpu; cuda with a --features cuda-attention build, bf16)".to_string(),
+        (Ok(AttentionImpl::Chunked), Some(chunk)) => format!("chunked ({chunk} queries per chunk: every provider)"),
+        (Ok(AttentionImpl::Chunked), None) => "chunked (every provider)".to_string(),
+        (Err(reason), _) => reason,
+    };
+    writeln!(out, "training    {}, attention {attention}, gradient checkpointing {}{}", t.precision, if t.gradient_checkpointing { "on" } else { "off" },
         if t.onnxruntime_disabled_optimizers.is_empty() { String::new() } else { format!(", ONNX Runtime optimizers off: {}", t.onnxruntime_disabled_optimizers.join(",")) })?;
     writeln!(out, "exporter    {}", m.exporter)?;
     writeln!(out, "sha256      {} files verified", m.files.len())?;
