@@ -108,7 +108,7 @@ def test_train_samples_text_prompts_with_their_options(encoder, tmp_path):
     tiny_dataset(tmp_path / "data")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"# musubi-tuner's prompt syntax\n{PROMPT} --w 96 --h 48 --f 5 --s 3 --d 7\n"
-                       f"{PROMPT} --d 8 --s 2 --g 2.5 --n {NEGATIVE}\n")
+                       f"{PROMPT} --D 8 --s 2 --G 2.5 --n {NEGATIVE}\n")  # option letters in any case, as musubi-tuner
     out = tmp_path / "run"
     r = run("-q", "train", "--artifacts", TINY, "--data", tmp_path / "data", "--out", out, "--steps", "2", "--lr", "1e-3",
             "--sample-every", "2", "--sample-prompts", prompts, "--text-encoder", encoder / "onnx", "--lora-dtype", "f32")

@@ -186,7 +186,8 @@ struct TextLine {
 }
 
 /// One text line in musubi-tuner's syntax (`PROMPT --w W --h H --f F --s S --g G --d D --n NEG`):
-/// the prompt up to the first ` --`, then options, each a letter code and a value.
+/// the prompt up to the first ` --`, then options, each a letter code (any case, as musubi-tuner
+/// reads them) and a value.
 fn parse_text_line(line: &str, model: &ModelInfo, default_shape: [usize; 3], default_steps: usize) -> std::result::Result<TextLine, String> {
     let mut parts = line.split(" --");
     let prompt = parts.next().unwrap_or_default().trim().to_string();
@@ -204,7 +205,7 @@ fn parse_text_line(line: &str, model: &ModelInfo, default_shape: [usize; 3], def
         let (option, value) = part.split_once(' ').map_or((part.trim(), ""), |(o, v)| (o.trim(), v.trim()));
         let expected = |what: &str| format!("{}: expected {what}", format!("--{option} {value}").trim_end());
         let integer = |what: &str| value.parse::<usize>().map_err(|_| expected(what));
-        match option {
+        match option.to_ascii_lowercase().as_str() {
             "w" => width = integer("the width in pixels")?,
             "h" => height = integer("the height in pixels")?,
             "f" => frames = integer("the frame count")?,
