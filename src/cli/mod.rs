@@ -3,6 +3,7 @@
 mod allreduce_bench;
 mod clean_prompts;
 mod draws;
+mod run_attention;
 mod eval;
 mod export_flags;
 mod export_lora;
@@ -64,6 +65,9 @@ pub enum Command {
     /// Prompts (JSON strings, one per line on stdin) cleaned as the text encoder cleans them.
     #[command(hide = true)]
     CleanPrompts(clean_prompts::Args),
+    /// A graph of flowstep's attention operators on the CPU kernels (float32, for parity tests).
+    #[command(hide = true)]
+    RunAttention(run_attention::Args),
 }
 
 /// Global flags every command sees.
@@ -107,6 +111,7 @@ pub fn run() -> ExitCode {
         Command::ExportLora(args) => export_lora::run(args, &globals),
         Command::Draws(args) => draws::run(args, &globals),
         Command::CleanPrompts(args) => clean_prompts::run(args),
+        Command::RunAttention(args) => run_attention::run(args, &globals),
         Command::AllreduceBench(args) => allreduce_bench::run(args, &globals),
     };
     match result {
