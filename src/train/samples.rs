@@ -24,10 +24,10 @@
 //! `steps`, `cfg`, `shift`, `negative` (a context file), `condition`. Defaults for both: seed 0,
 //! the training data's largest bucket, `--sample-steps`, shift 5 (as `flowstep sample`); for a
 //! text line guidance 5 against Wan's standard negative prompt (as musubi-tuner's Wan sampling
-//! and `flowstep sample`), for a context line cfg 1 (no guidance) and an all-zero negative. An image-to-video model needs a
-//! conditioning file on every line (`--c FILE` or `condition=FILE`: the tensors `flowstep sample
-//! --condition` takes, at the line's shape, from `encode_image` or a prepared sample), where
-//! musubi-tuner reads an image (`--i`, refused here with that advice).
+//! and `flowstep sample`), for a context line cfg 1 (no guidance) and an all-zero negative. An
+//! image-to-video model needs a conditioning file on every line (`--c FILE` or `condition=FILE`:
+//! the tensors `flowstep sample --condition` takes, at the line's shape, from `encode_image` or
+//! a prepared sample), where musubi-tuner reads an image (`--i`, refused here with that advice).
 
 use std::path::{Path, PathBuf};
 
