@@ -173,10 +173,11 @@ pub struct Args {
     pub sample_every: Option<u64>,
 
     /// Prompts to sample, one per line (`#` lines are comments): text with musubi-tuner's
-    /// options (`a fox runs --w 832 --h 480 --f 81 --s 30 --g 5 --d 42 --n NEGATIVE`; needs
-    /// --text-encoder), or a context file (relative to this file) then optional seed=N
-    /// shape=F,H,W steps=N cfg=X shift=X negative=FILE. The size defaults to the training
-    /// data's largest bucket. Checked, and text encoded, before training starts.
+    /// options (`a fox runs --w 832 --h 480 --f 81 --s 30 --g 5 --d 42 --n NEGATIVE`, guidance 5
+    /// and Wan's negative prompt by default, `--c FILE` the conditioning an image-to-video model
+    /// needs; needs --text-encoder), or a context file (relative to this file) then optional
+    /// seed=N shape=F,H,W steps=N cfg=X shift=X negative=FILE condition=FILE. The size defaults
+    /// to the training data's largest bucket. Checked, and text encoded, before training starts.
     #[arg(long, value_name = "FILE", requires = "sample_every")]
     pub sample_prompts: Option<PathBuf>,
 
