@@ -6,11 +6,11 @@ change in the machine's load hits all of them), same threads, artifacts and data
 markdown table: s/step (median over rounds, spread), peak RSS, ratios vs PyTorch, CPU model
 and flags.
 
-Run through scripts/bench_cpu_attention.sh (it builds flowstep and sets up Python). Defaults
+Run through `scripts/bench.sh attention` (it builds flowstep and sets up Python). Defaults
 are the issue's: `small` at 1,280 tokens (5x32x32 latent) and 16,384 tokens (16x64x64), full
 512-token context, 2 threads, 3 rounds: about 15 minutes on a 2-core Xeon, plus two exports
 (cached) on the first run. Check it quickly with tiny settings:
-    scripts/bench_cpu_attention.sh --model tiny --latents 2x8x8 --steps 4 --rounds 1
+    scripts/bench.sh attention --model tiny --latents 2x8x8 --steps 4 --rounds 1
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main() -> int:
     if len(steps) != len(latents) or min(steps) < 2 or any(len(latent) != 3 for latent in latents):
         p.error(f"--latents {args.latents} and --steps {args.steps}: one step count (at least 2) per FxHxW latent")
     if not FLOWSTEP.exists():
-        p.error(f"{FLOWSTEP} is missing: run through scripts/bench_cpu_attention.sh, which builds it")
+        p.error(f"{FLOWSTEP} is missing: run through scripts/bench.sh attention, which builds it")
 
     try:
         return measure(args, latents, steps)
