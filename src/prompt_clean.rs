@@ -79,20 +79,7 @@ pub fn clean(text: &str) -> Result<String> {
     let fixed = fix_text(t, text);
     let unescaped = html_unescape(t, &html_unescape(t, &fixed));
     // whitespace_clean after strip: runs of Python's \s become one space, ends trimmed.
-    let mut out = String::with_capacity(unescaped.len());
-    let mut pending_space = false;
-    for c in unescaped.chars() {
-        if t.whitespace.contains(&c) {
-            pending_space = !out.is_empty();
-        } else {
-            if pending_space {
-                out.push(' ');
-                pending_space = false;
-            }
-            out.push(c);
-        }
-    }
-    Ok(out)
+    Ok(unescaped.split(|c| t.whitespace.contains(&c)).filter(|word| !word.is_empty()).collect::<Vec<_>>().join(" "))
 }
 
 /// `ftfy.fix_text` with its default configuration, less `fix_encoding`: line by line (each
