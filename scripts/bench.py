@@ -48,13 +48,13 @@ def run(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
-def peak_rss_gb(cmd) -> tuple[float, str]:
-    """Run cmd under GNU time; return (peak RSS GB, stdout)."""
-    out = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True)
+def peak_rss_gb(cmd, cwd=None, env=None) -> tuple[float, subprocess.CompletedProcess]:
+    """Run cmd under GNU time; return (peak RSS GB, the finished process: stdout, stderr)."""
+    out = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True, cwd=cwd, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed:\n{out.stderr[-3000:]}")
     kb = int([l for l in out.stderr.splitlines() if l.startswith("MAXRSS")][-1].split()[1])
-    return kb / 2**20, out.stdout
+    return kb / 2**20, out
 
 
 def ensure_artifacts(name: str) -> Path:
@@ -127,9 +127,8 @@ def bench(name: str, threads: int) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     ref_cmd = [sys.executable, "-m", "flowstep_export.reference.reference_train", "--artifacts", str(artifacts), "--data", str(data),
                "--steps", str(steps), "--warmup", str(warm), "--threads", str(threads)]
-    env_cwd = ROOT / "export"
-    rss_ref, stdout = peak_rss_gb_cwd(ref_cmd, env_cwd)
-    ref = json.loads(stdout.strip().splitlines()[-1])
+    rss_ref, done = peak_rss_gb(ref_cmd, cwd=ROOT / "export")
+    ref = json.loads(done.stdout.strip().splitlines()[-1])
     tokens = f * (h // 2) * (w // 2)
     flops = step_flops(manifest["model"], tokens)
     return {"name": name, "tokens": tokens, "params_M": sum(
@@ -139,15 +138,6 @@ def bench(name: str, threads: int) -> dict:
             "flowstep_rss": rss_fs, "ref_rss": rss_ref, "rss_ratio": rss_fs / rss_ref,
             "host_fraction": summary["host_fraction"], "gflops": flops / fs_sec / 1e9, "ref_gflops": flops / ref["seconds_per_step"] / 1e9,
             "flowstep_cmd": " ".join(cmd), "ref_cmd": " ".join(ref_cmd)}
-
-
-def peak_rss_gb_cwd(cmd, cwd):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return peak_rss_gb(cmd)
-    finally:
-        os.chdir(old)
 
 
 # Long sequences (issue 10): `small` at 4,096 / 8,192 / 16,384 tokens (4/8/16 frames of 64x64),
@@ -189,8 +179,8 @@ def long_sequences(threads: int, only_frames: list[int]) -> str:
             ref_cmd = [sys.executable, "-m", "flowstep_export.reference.reference_train", "--artifacts", str(artifacts), "--data", str(data),
                        "--steps", str(steps), "--warmup", "1", "--threads", str(threads)] + (["--gradient-checkpointing"] if checkpointing else [])
             print(" ".join(ref_cmd), flush=True)
-            rss_ref, stdout = peak_rss_gb_cwd(ref_cmd, ROOT / "export")
-            ref = json.loads(stdout.strip().splitlines()[-1])["seconds_per_step"]
+            rss_ref, done = peak_rss_gb(ref_cmd, cwd=ROOT / "export")
+            ref = json.loads(done.stdout.strip().splitlines()[-1])["seconds_per_step"]
             rows.append(f"| {frames * 32 * 32:,} | {'on' if checkpointing else 'off'} | {fs:.2f} | {ref:.2f} | {ref / fs:.2f}x | "
                         f"{rss_fs:.2f} GB | {rss_ref:.2f} GB | {rss_fs / rss_ref:.2f} |")
             print(rows[-1], flush=True)

@@ -6,6 +6,11 @@ change in the machine's load hits all of them), same threads, artifacts and data
 markdown table: s/step (median over rounds, spread), peak RSS, ratios vs PyTorch, CPU model
 and flags.
 
+`--avx2-only` makes it an AVX2-only run on an AVX-512 host: every process (flowstep, PyTorch)
+runs through scripts/avx2_only.sh, with AVX-512 hidden from CPUID, so ONNX Runtime, the gemm
+crate, ATen, MKL and oneDNN all run their AVX2 kernels. Each run must report that it hid
+AVX-512, or the benchmark stops.
+
 Run through `scripts/bench.sh attention` (it builds flowstep and sets up Python). Defaults
 are the issue's: `small` at 1,280 tokens (5x32x32 latent) and 16,384 tokens (16x64x64), full
 512-token context, 2 threads, 3 rounds: about 15 minutes on a 2-core Xeon, plus two exports
@@ -57,37 +62,50 @@ def ensure_data(model: str, manifest: dict, latent: tuple[int, int, int]) -> Pat
     return out
 
 
-def flowstep_run(artifacts: Path, data: Path, steps: int, threads: int) -> tuple[float, float]:
+AVX2_ONLY = [str(ROOT / "scripts" / "avx2_only.sh")]
+
+
+def environment(capability: str | None) -> dict[str, str]:
+    """This process's environment with ATEN_CPU_CAPABILITY=`capability` (unset: None), and
+    avx2_only.sh's report on (it is read only from runs through that script)."""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    return env | {"AVX2_ONLY_REPORT": "1"}
+
+
+def checked_run(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, subprocess.CompletedProcess]:
+    """peak_rss_gb, refusing a run through avx2_only.sh that did not hide AVX-512."""
+    rss, done = peak_rss_gb(cmd, cwd=cwd, env=env)
+    if cmd[0] == AVX2_ONLY[0]:
+        hidden = [int(line.split()[-4]) for line in done.stderr.splitlines() if line.startswith("avx2_only:")]
+        if not hidden or max(hidden) == 0:
+            raise RuntimeError(f"{cmd[1]} ran without AVX-512 hidden (avx2_only reports: {hidden}); the run is not AVX2-only")
+    return rss, done
+
+
+def flowstep_run(prefix: list[str], artifacts: Path, data: Path, steps: int, threads: int) -> tuple[float, float]:
     """(s/step over steps after the first, peak RSS GB) of one `flowstep train`."""
     out = CACHE / "run-cpu-attention"
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    rss, _ = peak_rss_gb([str(FLOWSTEP), "-q", "train", "--artifacts", str(artifacts), "--data", str(data), "--out", str(out),
-                          "--steps", str(steps), "--threads", str(threads), "--lr", "1e-4"])
+    rss, _ = checked_run([*prefix, str(FLOWSTEP), "-q", "train", "--artifacts", str(artifacts), "--data", str(data), "--out", str(out),
+                          "--steps", str(steps), "--threads", str(threads), "--lr", "1e-4"], environment(None))
     seconds = [r["seconds"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "seconds" in r]
     return statistics.mean(seconds[STEPS_TIMED_FROM:]), rss
 
 
-def reference_run(artifacts: Path, data: Path, steps: int, threads: int, capability: str | None) -> tuple[float, float]:
+def reference_run(prefix: list[str], artifacts: Path, data: Path, steps: int, threads: int, capability: str | None) -> tuple[float, float]:
     """(s/step, peak RSS GB) of one PyTorch reference run with ATEN_CPU_CAPABILITY=`capability`."""
-    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-    if capability:
-        env["ATEN_CPU_CAPABILITY"] = capability
-    cmd = [sys.executable, "-m", "flowstep_export.reference.reference_train", "--artifacts", str(artifacts), "--data", str(data),
+    cmd = [*prefix, sys.executable, "-m", "flowstep_export.reference.reference_train", "--artifacts", str(artifacts), "--data", str(data),
            "--steps", str(steps), "--warmup", str(STEPS_TIMED_FROM), "--threads", str(threads)]
-    out = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True, cwd=ROOT / "export", env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"reference_train (ATEN_CPU_CAPABILITY={capability}) failed:\n{out.stderr[-3000:]}")
-    kb = int([line for line in out.stderr.splitlines() if line.startswith("MAXRSS")][-1].split()[1])
-    return json.loads(out.stdout.strip().splitlines()[-1])["seconds_per_step"], kb / 2**20
+    rss, done = checked_run(cmd, environment(capability), cwd=ROOT / "export")
+    return json.loads(done.stdout.strip().splitlines()[-1])["seconds_per_step"], rss
 
 
-def aten_capability(capability: str | None) -> str:
-    """What ATen actually runs with under `capability` (it ignores what the CPU lacks)."""
-    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-    if capability:
-        env["ATEN_CPU_CAPABILITY"] = capability
-    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-                         capture_output=True, text=True, env=env, check=True)
+def aten_capability(prefix: list[str], capability: str | None) -> str:
+    """What ATen actually runs with under `capability` (it ignores what the CPU lacks or hides)."""
+    out = subprocess.run([*prefix, sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                         capture_output=True, text=True, env=environment(capability), check=True)
     return out.stdout.strip()
 
 
@@ -106,6 +124,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write every run's numbers here")
+    p.add_argument("--avx2-only", action="store_true",
+                   help="hide AVX-512 from every run (an AVX2-only run on an AVX-512 host; see above)")
     args = p.parse_args()
     latents = [tuple(int(x) for x in size.split("x")) for size in args.latents.split(",")]
     steps = [int(s) for s in args.steps.split(",")]
@@ -126,11 +146,14 @@ def measure(args, latents: list[tuple[int, int, int]], steps: list[int]) -> int:
     artifacts = {attention: ensure_artifacts(args.model, attention) for attention in ("chunked", "fused")}
     manifest = json.loads((artifacts["chunked"] / "manifest.json").read_text())
     data = [ensure_data(args.model, manifest, latent) for latent in latents]
+    prefix = AVX2_ONLY if args.avx2_only else []
+    # With AVX-512 hidden, ATEN_CPU_CAPABILITY=avx2 changes nothing: one PyTorch variant.
+    references = {"PyTorch": None} if args.avx2_only else ATEN_CAPABILITIES
     variants = {
-        "flowstep chunked": lambda d, n: flowstep_run(artifacts["chunked"], d, n, args.threads),
-        "flowstep fused": lambda d, n: flowstep_run(artifacts["fused"], d, n, args.threads),
-        **{name: (lambda cap: lambda d, n: reference_run(artifacts["chunked"], d, n, args.threads, cap))(cap)
-           for name, cap in ATEN_CAPABILITIES.items()},
+        "flowstep chunked": lambda d, n: flowstep_run(prefix, artifacts["chunked"], d, n, args.threads),
+        "flowstep fused": lambda d, n: flowstep_run(prefix, artifacts["fused"], d, n, args.threads),
+        **{name: (lambda cap: lambda d, n: reference_run(prefix, artifacts["chunked"], d, n, args.threads, cap))(cap)
+           for name, cap in references.items()},
     }
     results: dict[tuple[int, str], list[tuple[float, float]]] = {}
     for r in range(args.rounds):
@@ -141,8 +164,8 @@ def measure(args, latents: list[tuple[int, int, int]], steps: list[int]) -> int:
                 results.setdefault((tokens, name), []).append((s, rss))
                 print(f"round {r + 1}/{args.rounds}, {tokens:,} tokens, {name}: {s:.3f} s/step, {rss:.2f} GB", flush=True)
 
-    rows = ["| tokens | variant | s/step (median) | spread (min–max) | peak RSS | speed vs PyTorch | speed vs PyTorch avx2 | RSS vs PyTorch |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| tokens | variant | s/step (median) | spread (min–max) | peak RSS | " + " | ".join(f"speed vs {r}" for r in references)
+            + " | RSS vs PyTorch |", "|---|---|---|---|---|" + "---|" * len(references) + "---|"]
     for latent in latents:
         tokens = latent[0] * latent[1] * latent[2] // 4
         median = {name: statistics.median(s for s, _ in results[(tokens, name)]) for name in variants}
@@ -150,10 +173,11 @@ def measure(args, latents: list[tuple[int, int, int]], steps: list[int]) -> int:
         for name in variants:
             times = [s for s, _ in results[(tokens, name)]]
             rows.append(f"| {tokens:,} | {name} | {median[name]:.3f} | {min(times):.3f}–{max(times):.3f} | {rss[name]:.2f} GB | "
-                        f"{median['PyTorch'] / median[name]:.2f}× | {median['PyTorch avx2'] / median[name]:.2f}× | "
-                        f"{rss[name] / rss['PyTorch']:.2f} |")
-    header = [f"CPU: {cpu_description()}.",
-              f"ATen capability: {aten_capability(None)} (unset), {aten_capability('avx2')} (ATEN_CPU_CAPABILITY=avx2); "
+                        + "".join(f"{median[r] / median[name]:.2f}× | " for r in references)
+                        + f"{rss[name] / rss['PyTorch']:.2f} |")
+    capabilities = ", ".join(f"{aten_capability(prefix, cap)} (ATEN_CPU_CAPABILITY={cap or 'unset'})" for cap in references.values())
+    header = [f"CPU: {cpu_description()}." + (" AVX-512 hidden from every run (scripts/avx2_only.sh)." if args.avx2_only else ""),
+              f"ATen capability: {capabilities}; "
               f"torch {torch.__version__}. {args.threads} threads, {args.rounds} interleaved rounds, model `{args.model}`, "
               f"{manifest['model']['text_len']}-token context; steps per run {args.steps} (first not timed); "
               f"{datetime.date.today()}.", ""]

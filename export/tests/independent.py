@@ -33,6 +33,12 @@ def flowstep(*args, check=True) -> subprocess.CompletedProcess:
     return result
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's flags as the kernel reports them (/proc/cpuinfo), whatever CPUID is told to hide."""
+    info = Path("/proc/cpuinfo").read_text()
+    return set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+
+
 def manifest(artifacts: Path) -> dict:
     return json.loads((artifacts / "manifest.json").read_text())
 

@@ -1,0 +1,86 @@
+// An AVX2-only run on an AVX-512 host: preloaded into a process (LD_PRELOAD), this hides
+// AVX-512, AVX10 and AMX from CPUID, so every library's run-time dispatch in that process picks
+// the kernels it would pick on an AVX2 CPU: ONNX Runtime's MLAS, the gemm crate and Rust's
+// is_x86_feature_detected (flowstep's attention kernels), ATen, MKL and oneDNN (PyTorch).
+// glibc's own string functions choose before this runs; GLIBC_TUNABLES covers those. Run
+// commands through scripts/avx2_only.sh, which builds this and sets both.
+//
+// How: Linux's CPUID faulting (the `cpuid_fault` CPU flag; KVM and Firecracker guests have it)
+// makes each CPUID instruction raise SIGSEGV; the handler runs CPUID with faulting switched off
+// for the moment, clears the bits and steps over the instruction. Threads inherit the faulting
+// state; exec resets it, and the preload sets it again in the new program.
+//
+// AVX2_ONLY_REPORT=1 prints, at exit, how many CPUID answers were masked (to check it worked).
+#define _GNU_SOURCE
+#include <asm/prctl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+static volatile uint64_t answered, masked;
+
+static long set_cpuid_allowed(int allowed) { return syscall(SYS_arch_prctl, ARCH_SET_CPUID, allowed); }
+
+static void hide_avx512(uint32_t leaf, uint32_t subleaf, uint32_t r[4]) {
+    uint32_t before[4];
+    memcpy(before, r, sizeof before);
+    if (leaf == 7 && subleaf == 0) {
+        // EBX: AVX512F, DQ, IFMA, PF, ER, CD, BW, VL
+        r[1] &= ~(1u << 16 | 1u << 17 | 1u << 21 | 1u << 26 | 1u << 27 | 1u << 28 | 1u << 30 | 1u << 31);
+        // ECX: VBMI, VBMI2, VNNI, BITALG, VPOPCNTDQ
+        r[2] &= ~(1u << 1 | 1u << 6 | 1u << 11 | 1u << 12 | 1u << 14);
+        // EDX: 4VNNIW, 4FMAPS, VP2INTERSECT, AMX-BF16, FP16, AMX-TILE, AMX-INT8
+        r[3] &= ~(1u << 2 | 1u << 3 | 1u << 8 | 1u << 22 | 1u << 23 | 1u << 24 | 1u << 25);
+    } else if (leaf == 7 && subleaf == 1) {
+        r[0] &= ~(1u << 5 | 1u << 21);  // EAX: AVX512_BF16, AMX-FP16
+        r[3] &= ~(1u << 19);            // EDX: AVX10
+    } else if (leaf == 0x24) {
+        r[0] = r[1] = r[2] = r[3] = 0;  // AVX10 version and vector lengths
+    }
+    answered++;
+    if (memcmp(before, r, sizeof before) != 0) masked++;
+}
+
+static void on_sigsegv(int sig, siginfo_t *info, void *context) {
+    ucontext_t *uc = context;
+    greg_t *g = uc->uc_mcontext.gregs;
+    const uint8_t *ip = (const uint8_t *)g[REG_RIP];
+    // A CPUID fault is a general-protection fault (SI_KERNEL) on the two bytes 0F A2; any other
+    // SIGSEGV gets the default action when the instruction runs again.
+    if (info->si_code != SI_KERNEL || ip[0] != 0x0f || ip[1] != 0xa2) {
+        signal(sig, SIG_DFL);
+        return;
+    }
+    uint32_t leaf = (uint32_t)g[REG_RAX], subleaf = (uint32_t)g[REG_RCX], r[4];
+    set_cpuid_allowed(1);
+    __asm__ volatile("cpuid" : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(subleaf));
+    set_cpuid_allowed(0);
+    hide_avx512(leaf, subleaf, r);
+    g[REG_RAX] = r[0];
+    g[REG_RBX] = r[1];
+    g[REG_RCX] = r[2];
+    g[REG_RDX] = r[3];
+    g[REG_RIP] += 2;
+}
+
+static void report(void) {
+    fprintf(stderr, "avx2_only: %llu CPUID answers, %llu with AVX-512 hidden\n", (unsigned long long)answered,
+            (unsigned long long)masked);
+}
+
+__attribute__((constructor)) static void start(void) {
+    struct sigaction action = {0};
+    action.sa_sigaction = on_sigsegv;
+    action.sa_flags = SA_SIGINFO;
+    sigemptyset(&action.sa_mask);
+    if (sigaction(SIGSEGV, &action, NULL) != 0 || set_cpuid_allowed(0) != 0) {
+        fprintf(stderr, "avx2_only: this kernel or CPU has no CPUID faulting (cpuid_fault); cannot hide AVX-512\n");
+        _exit(1);
+    }
+    if (getenv("AVX2_ONLY_REPORT")) atexit(report);
+}
