@@ -8,11 +8,15 @@
 // How: Linux's CPUID faulting (the `cpuid_fault` CPU flag; KVM and Firecracker guests have it)
 // makes each CPUID instruction raise SIGSEGV; the handler runs CPUID with faulting switched off
 // for the moment, clears the bits and steps over the instruction. Threads inherit the faulting
-// state; exec resets it, and the preload sets it again in the new program.
+// state; exec resets it, and the preload sets it again in the new program. The program's own
+// SIGSEGV handlers (Python's faulthandler, Rust's stack-overflow guard) are kept aside:
+// sigaction and signal for SIGSEGV are interposed, and every other SIGSEGV goes to what the
+// program installed, or to the default action (the process dies of it).
 //
 // AVX2_ONLY_REPORT=1 prints, at exit, how many CPUID answers were masked (to check it worked).
 #define _GNU_SOURCE
 #include <asm/prctl.h>
+#include <dlfcn.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -23,6 +27,10 @@
 #include <unistd.h>
 
 static volatile uint64_t answered, masked;
+static int installed;                   // our handler is in place: SIGSEGV calls are interposed
+static struct sigaction program_action; // the SIGSEGV action the program asked for
+static int (*next_sigaction)(int, const struct sigaction *, struct sigaction *);
+static sighandler_t (*next_signal)(int, sighandler_t);
 
 static long set_cpuid_allowed(int allowed) { return syscall(SYS_arch_prctl, ARCH_SET_CPUID, allowed); }
 
@@ -46,14 +54,33 @@ static void hide_avx512(uint32_t leaf, uint32_t subleaf, uint32_t r[4]) {
     if (memcmp(before, r, sizeof before) != 0) masked++;
 }
 
+// A SIGSEGV that is not a CPUID fault: the program's handler, or death by the signal.
+static void forward(int sig, siginfo_t *info, void *context) {
+    struct sigaction program = program_action;
+    if (program.sa_flags & SA_RESETHAND) {
+        memset(&program_action, 0, sizeof program_action);
+        program_action.sa_handler = SIG_DFL;
+    }
+    if (program.sa_flags & SA_SIGINFO) {
+        program.sa_sigaction(sig, info, context);
+    } else if (program.sa_handler != SIG_DFL && program.sa_handler != SIG_IGN) {
+        program.sa_handler(sig);
+    } else {
+        struct sigaction default_action = {.sa_handler = SIG_DFL};
+        next_sigaction(sig, &default_action, NULL);
+        // A fault recurs when its instruction runs again; a sent signal is sent again (it stays
+        // blocked, so pending, until this handler returns).
+        if (info->si_code <= 0) raise(sig);
+    }
+}
+
 static void on_sigsegv(int sig, siginfo_t *info, void *context) {
     ucontext_t *uc = context;
     greg_t *g = uc->uc_mcontext.gregs;
     const uint8_t *ip = (const uint8_t *)g[REG_RIP];
-    // A CPUID fault is a general-protection fault (SI_KERNEL) on the two bytes 0F A2; any other
-    // SIGSEGV gets the default action when the instruction runs again.
+    // A CPUID fault is a general-protection fault (SI_KERNEL) on the two bytes 0F A2.
     if (info->si_code != SI_KERNEL || ip[0] != 0x0f || ip[1] != 0xa2) {
-        signal(sig, SIG_DFL);
+        forward(sig, info, context);
         return;
     }
     uint32_t leaf = (uint32_t)g[REG_RAX], subleaf = (uint32_t)g[REG_RCX], r[4];
@@ -73,14 +100,34 @@ static void report(void) {
             (unsigned long long)masked);
 }
 
+int sigaction(int sig, const struct sigaction *action, struct sigaction *previous) {
+    if (sig != SIGSEGV || !installed) return next_sigaction(sig, action, previous);
+    if (previous) *previous = program_action;
+    if (action) program_action = *action;
+    return 0;
+}
+
+sighandler_t signal(int sig, sighandler_t handler) {
+    if (sig != SIGSEGV || !installed) return next_signal(sig, handler);
+    sighandler_t previous = program_action.sa_handler;
+    memset(&program_action, 0, sizeof program_action);
+    program_action.sa_handler = handler;
+    program_action.sa_flags = SA_RESTART;
+    return previous;
+}
+
 __attribute__((constructor)) static void start(void) {
+    next_sigaction = (int (*)(int, const struct sigaction *, struct sigaction *))dlsym(RTLD_NEXT, "sigaction");
+    next_signal = (sighandler_t(*)(int, sighandler_t))dlsym(RTLD_NEXT, "signal");
     struct sigaction action = {0};
     action.sa_sigaction = on_sigsegv;
-    action.sa_flags = SA_SIGINFO;
+    // On the thread's alternate stack where it has one (a stack overflow's fault needs it).
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK;
     sigemptyset(&action.sa_mask);
-    if (sigaction(SIGSEGV, &action, NULL) != 0 || set_cpuid_allowed(0) != 0) {
+    if (!next_sigaction || !next_signal || next_sigaction(SIGSEGV, &action, &program_action) != 0 || set_cpuid_allowed(0) != 0) {
         fprintf(stderr, "avx2_only: this kernel or CPU has no CPUID faulting (cpuid_fault); cannot hide AVX-512\n");
         _exit(1);
     }
+    installed = 1;
     if (getenv("AVX2_ONLY_REPORT")) atexit(report);
 }

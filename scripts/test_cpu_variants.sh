@@ -4,8 +4,8 @@
 # a test that passes only on the machine (or instruction set) that wrote its expected values
 # fails here. ATEN_CPU_CAPABILITY picks PyTorch's kernels (default = no SIMD, avx2, avx512;
 # unset = the best the CPU has). ONNX Runtime and flowstep's own kernels have no such switch
-# (they follow CPUID); on an AVX-512 host with CPUID faulting the avx2 variant runs flowstep
-# through scripts/avx2_only.sh, so its products and attention run their AVX2 kernels too.
+# (they follow CPUID); on an AVX-512 host with CPUID faulting the avx2 variant runs through
+# scripts/avx2_only.sh, so those run their AVX2 kernels too.
 #   scripts/test_cpu_variants.sh          the goldens and reference-loop tests under both variants
 #   scripts/test_cpu_variants.sh default  ... under one (scripts/test.sh runs each in its own stream)
 #   scripts/test_cpu_variants.sh --all    the whole Python suite under each variant (~30 min)
@@ -26,22 +26,13 @@ case "${1:-}" in
     *) echo "usage: $0 [--all | default | avx2]" >&2; exit 2 ;;
 esac
 cd "$root/export"
-# FLOWSTEP_BIN for a variant: flowstep itself, or for avx2 where AVX-512 can be hidden, a
-# wrapper running it through avx2_only.sh (pytest's own process enables Python's faulthandler,
-# which would take over the SIGSEGV that CPUID faulting raises, so only flowstep is wrapped).
-flowstep_for() {
-    if [[ "$1" == avx2 ]] && grep -qw avx512f /proc/cpuinfo && grep -qw cpuid_fault /proc/cpuinfo; then
-        local wrapper
-        wrapper="$(mktemp -d)/flowstep"
-        printf '#!/bin/sh\nexec "%s" "%s" "$@"\n' "$root/scripts/avx2_only.sh" "$FLOWSTEP_BIN" >"$wrapper"
-        chmod +x "$wrapper"
-        echo "$wrapper"
-    else
-        echo "$FLOWSTEP_BIN"
-    fi
-}
+# The avx2 variant, where AVX-512 can be hidden, runs under scripts/avx2_only.sh: every
+# library in pytest and in the flowstep it starts (ATen, MKL, ONNX Runtime, gemm) on AVX2.
+hides_avx512() { grep -qw avx512f /proc/cpuinfo && grep -qw cpuid_fault /proc/cpuinfo; }
 for name in "${chosen[@]}"; do
-    variant="${variants[$name]} FLOWSTEP_BIN=$(flowstep_for "$name")"
-    echo "== $variant"
-    env $variant "$venv/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}"
+    variant="${variants[$name]}"
+    prefix=()
+    if [[ "$name" == avx2 ]] && hides_avx512; then prefix=("$root/scripts/avx2_only.sh"); fi
+    echo "== $variant ${prefix[*]}"
+    env $variant "${prefix[@]}" "$venv/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}"
 done
