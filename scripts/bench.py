@@ -2,7 +2,9 @@
 """flowstep vs the PyTorch reference (DiffSynth's training loop, eager, SDPA) on this
 machine, same threads, same artifacts, same data. Prints a table and writes BENCHMARKS.md.
 
-Run through scripts/bench.sh (it builds flowstep and sets up the Python environment).
+Run through scripts/bench.sh (it builds flowstep and sets up the Python environment). Its
+cached exports, random data and the two timed runs (`flowstep_train`, `reference_train`) also
+serve scripts/bench_cpu_attention.py.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import hashlib
 import json
 import os
 import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,27 +62,59 @@ def peak_rss_gb(cmd, cwd=None, env=None) -> tuple[float, subprocess.CompletedPro
     return kb / 2**20, out
 
 
-def ensure_artifacts(name: str) -> Path:
-    preset, latent, _, rank = CONFIGS[name]
-    out = CACHE / f"artifacts-{preset}-r{rank}-{exporter_key()}"
+def ensure_export(preset: str, *flags: str, rank: int = 32) -> Path:
+    """The artifacts of `flowstep_export --model PRESET --lora-rank RANK --ship-base FLAGS`,
+    exported once per exporter version and cached."""
+    tag = "".join("-" + flag.lstrip("-").replace(",", "x") for flag in flags)
+    out = CACHE / f"artifacts-{preset}-r{rank}{tag}-{exporter_key()}"
     if not (out / "manifest.json").exists():
-        print(f"exporting {preset} (once, cached in {out}) ...", flush=True)
+        print(f"exporting {out.name} (once) ...", flush=True)
         run([sys.executable, "-m", "flowstep_export", "--model", preset, "--out", str(out), "--lora-rank", str(rank),
-             "--ship-base", "--latent", ",".join(map(str, latent)), "-q"], cwd=ROOT / "export")
+             "--ship-base", "-q", *flags], cwd=ROOT / "export")
     return out
 
 
-def ensure_data(name: str, manifest: dict) -> Path:
-    _, (f, h, w), _, _ = CONFIGS[name]
+def ensure_data(name: str, manifest: dict, latent: tuple[int, int, int], samples: int = 1, seed: int = 0) -> Path:
+    """`samples` random latents [C, F, H, W] with full-length random text contexts, cached as `name`."""
     out = CACHE / f"data-{name}"
-    if not out.exists():
-        out.mkdir(parents=True)
-        g = torch.Generator().manual_seed(0)
+    if not (out / f"{samples - 1}.safetensors").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(seed)
         m = manifest["model"]
-        for i in range(4):
-            save_file({"latents": torch.randn(m["in_dim"], f, h, w, generator=g),
+        for i in range(samples):
+            save_file({"latents": torch.randn(m["in_dim"], *latent, generator=g),
                        "context": torch.randn(m["text_len"], m["text_dim"], generator=g)}, str(out / f"{i}.safetensors"))
     return out
+
+
+@dataclass
+class Run:
+    """One timed training run: s/step after its untimed first steps, the process's peak RSS."""
+    seconds_per_step: float
+    peak_rss_gb: float
+    command: list[str]
+    stderr: str
+
+
+def flowstep_train(artifacts: Path, data: Path, steps: int, threads: int, untimed: int,
+                   prefix: tuple[str, ...] = (), env: dict[str, str] | None = None) -> tuple[Run, Path]:
+    """One `flowstep train` (run under `prefix`, e.g. avx2_only.sh), and its run directory."""
+    out = CACHE / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(FLOWSTEP), "-q", "train", "--artifacts", str(artifacts), "--data", str(data), "--out", str(out),
+           "--steps", str(steps), "--threads", str(threads), "--lr", "1e-4"]
+    rss, done = peak_rss_gb([*prefix, *cmd], env=env)
+    seconds = [r["seconds"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "seconds" in r]
+    return Run(statistics.mean(seconds[untimed:]), rss, cmd, done.stderr), out
+
+
+def reference_train(artifacts: Path, data: Path, steps: int, threads: int, untimed: int, *flags: str,
+                    prefix: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Run:
+    """One PyTorch reference run (flowstep_export.reference.reference_train FLAGS) under `prefix`."""
+    cmd = [sys.executable, "-m", "flowstep_export.reference.reference_train", "--artifacts", str(artifacts), "--data", str(data),
+           "--steps", str(steps), "--warmup", str(untimed), "--threads", str(threads), *flags]
+    rss, done = peak_rss_gb([*prefix, *cmd], cwd=ROOT / "export", env=env)
+    return Run(json.loads(done.stdout.strip().splitlines()[-1])["seconds_per_step"], rss, cmd, done.stderr)
 
 
 def step_flops(m: dict, tokens: int) -> float:
@@ -112,32 +149,23 @@ def matmul_peak_gflops(threads: int) -> float:
 
 
 def bench(name: str, threads: int) -> dict:
-    preset, (f, h, w), steps, rank = CONFIGS[name]
-    artifacts = ensure_artifacts(name)
+    preset, latent, steps, rank = CONFIGS[name]
+    artifacts = ensure_export(preset, "--latent", ",".join(map(str, latent)), rank=rank)
     manifest = json.loads((artifacts / "manifest.json").read_text())
-    data = ensure_data(name, manifest)
-    out = CACHE / f"run-{name}"
-    subprocess.run(["rm", "-rf", str(out)], check=True)
-    warm = 2
-    cmd = [str(FLOWSTEP), "-q", "train", "--artifacts", str(artifacts), "--data", str(data), "--out", str(out),
-           "--steps", str(steps), "--threads", str(threads), "--lr", "1e-4"]
-    rss_fs, _ = peak_rss_gb(cmd)
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    fs_sec = sum(r["seconds"] for r in records[warm:]) / len(records[warm:])
+    data = ensure_data(name, manifest, latent, samples=4)
+    untimed = 2
+    ours, out = flowstep_train(artifacts, data, steps, threads, untimed)
     summary = json.loads((out / "summary.json").read_text())
-    ref_cmd = [sys.executable, "-m", "flowstep_export.reference.reference_train", "--artifacts", str(artifacts), "--data", str(data),
-               "--steps", str(steps), "--warmup", str(warm), "--threads", str(threads)]
-    rss_ref, done = peak_rss_gb(ref_cmd, cwd=ROOT / "export")
-    ref = json.loads(done.stdout.strip().splitlines()[-1])
-    tokens = f * (h // 2) * (w // 2)
+    ref = reference_train(artifacts, data, steps, threads, untimed)
+    tokens = latent[0] * (latent[1] // 2) * (latent[2] // 2)
     flops = step_flops(manifest["model"], tokens)
     return {"name": name, "tokens": tokens, "params_M": sum(
         __import__("math").prod(t["shape"]) for t in manifest["base_weights"]["tensors"]) / 1e6,
             "lora_params": manifest["lora"]["num_params"], "steps": steps,
-            "flowstep_s": fs_sec, "ref_s": ref["seconds_per_step"], "speedup": ref["seconds_per_step"] / fs_sec,
-            "flowstep_rss": rss_fs, "ref_rss": rss_ref, "rss_ratio": rss_fs / rss_ref,
-            "host_fraction": summary["host_fraction"], "gflops": flops / fs_sec / 1e9, "ref_gflops": flops / ref["seconds_per_step"] / 1e9,
-            "flowstep_cmd": " ".join(cmd), "ref_cmd": " ".join(ref_cmd)}
+            "flowstep_s": ours.seconds_per_step, "ref_s": ref.seconds_per_step, "speedup": ref.seconds_per_step / ours.seconds_per_step,
+            "flowstep_rss": ours.peak_rss_gb, "ref_rss": ref.peak_rss_gb, "rss_ratio": ours.peak_rss_gb / ref.peak_rss_gb,
+            "host_fraction": summary["host_fraction"], "gflops": flops / ours.seconds_per_step / 1e9,
+            "ref_gflops": flops / ref.seconds_per_step / 1e9, "flowstep_cmd": " ".join(ours.command), "ref_cmd": " ".join(ref.command)}
 
 
 # Long sequences (issue 10): `small` at 4,096 / 8,192 / 16,384 tokens (4/8/16 frames of 64x64),
@@ -145,44 +173,22 @@ def bench(name: str, threads: int) -> dict:
 LONG_FRAMES = {4: 4, 8: 3, 16: 3}
 
 
-def ensure_long_artifacts(checkpointing: bool) -> Path:
-    out = CACHE / f"artifacts-small-r32-chunked{'-ckpt' if checkpointing else ''}-{exporter_key()}"
-    if not (out / "manifest.json").exists():
-        print(f"exporting {out.name} (once) ...", flush=True)
-        flags = ["--gradient-checkpointing"] if checkpointing else []
-        run([sys.executable, "-m", "flowstep_export", "--model", "small", "--out", str(out), "--lora-rank", "32",
-             "--ship-base", "-q", *flags], cwd=ROOT / "export")
-    return out
-
-
 def long_sequences(threads: int, only_frames: list[int]) -> str:
     rows = []
     for frames, steps in LONG_FRAMES.items():
         if frames not in only_frames:
             continue
-        data = CACHE / f"data-small-long-{frames}"
-        if not data.exists():
-            data.mkdir(parents=True)
-            g = torch.Generator().manual_seed(frames)
-            save_file({"latents": torch.randn(16, frames, 64, 64, generator=g), "context": torch.randn(512, 4096, generator=g)},
-                      str(data / "0.safetensors"))
         for checkpointing in (False, True):
-            artifacts = ensure_long_artifacts(checkpointing)
-            out = CACHE / "run-long"
-            subprocess.run(["rm", "-rf", str(out)], check=True)
-            cmd = [str(FLOWSTEP), "-q", "train", "--artifacts", str(artifacts), "--data", str(data), "--out", str(out),
-                   "--steps", str(steps), "--threads", str(threads)]
-            print(" ".join(cmd), flush=True)
-            rss_fs, _ = peak_rss_gb(cmd)
-            records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"seconds"' in l][1:]
-            fs = sum(r["seconds"] for r in records) / len(records)
-            ref_cmd = [sys.executable, "-m", "flowstep_export.reference.reference_train", "--artifacts", str(artifacts), "--data", str(data),
-                       "--steps", str(steps), "--warmup", "1", "--threads", str(threads)] + (["--gradient-checkpointing"] if checkpointing else [])
-            print(" ".join(ref_cmd), flush=True)
-            rss_ref, done = peak_rss_gb(ref_cmd, cwd=ROOT / "export")
-            ref = json.loads(done.stdout.strip().splitlines()[-1])["seconds_per_step"]
-            rows.append(f"| {frames * 32 * 32:,} | {'on' if checkpointing else 'off'} | {fs:.2f} | {ref:.2f} | {ref / fs:.2f}x | "
-                        f"{rss_fs:.2f} GB | {rss_ref:.2f} GB | {rss_fs / rss_ref:.2f} |")
+            flags = ["--gradient-checkpointing"] if checkpointing else []
+            artifacts = ensure_export("small", "--attention", "chunked", *flags)
+            data = ensure_data(f"small-long-{frames}", json.loads((artifacts / "manifest.json").read_text()), (frames, 64, 64), seed=frames)
+            ours, _ = flowstep_train(artifacts, data, steps, threads, 1)
+            print(" ".join(ours.command), flush=True)
+            ref = reference_train(artifacts, data, steps, threads, 1, *flags)
+            print(" ".join(ref.command), flush=True)
+            fs, rs = ours.seconds_per_step, ref.seconds_per_step
+            rows.append(f"| {frames * 32 * 32:,} | {'on' if checkpointing else 'off'} | {fs:.2f} | {rs:.2f} | {rs / fs:.2f}x | "
+                        f"{ours.peak_rss_gb:.2f} GB | {ref.peak_rss_gb:.2f} GB | {ours.peak_rss_gb / ref.peak_rss_gb:.2f} |")
             print(rows[-1], flush=True)
     header = ("| tokens | checkpointing | flowstep s/step | PyTorch s/step | speed-up | flowstep peak RSS | PyTorch peak RSS | RSS ratio |\n"
               "|---|---|---|---|---|---|---|---|")

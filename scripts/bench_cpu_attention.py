@@ -29,10 +29,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import CACHE, FLOWSTEP, ROOT, exporter_key, peak_rss_gb, run  # scripts/bench.py
+from bench import FLOWSTEP, ROOT, Run, ensure_data, ensure_export, flowstep_train, reference_train  # scripts/bench.py
 
 import torch  # noqa: E402  (after bench, which puts export/ on the path)
-from safetensors.torch import save_file  # noqa: E402
 
 # What `ATEN_CPU_CAPABILITY` is set to for each PyTorch variant (None: unset, ATen picks).
 ATEN_CAPABILITIES = {"PyTorch": None, "PyTorch avx2": "avx2"}
@@ -41,28 +40,7 @@ FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
 STEPS_TIMED_FROM = 1  # the first step (graph warm-up, allocations) is never timed
 
 
-def ensure_artifacts(model: str, attention: str) -> Path:
-    out = CACHE / f"artifacts-{model}-r32-{attention}-{exporter_key()}"
-    if not (out / "manifest.json").exists():
-        print(f"exporting {model} --attention {attention} (once, cached in {out}) ...", flush=True)
-        run([sys.executable, "-m", "flowstep_export", "--model", model, "--out", str(out), "--lora-rank", "32",
-             "--attention", attention, "--ship-base", "-q"], cwd=ROOT / "export")
-    return out
-
-
-def ensure_data(model: str, manifest: dict, latent: tuple[int, int, int]) -> Path:
-    """One sample of random latents and a full-length random text context."""
-    m = manifest["model"]
-    out = CACHE / f"data-{model}-{'x'.join(map(str, latent))}"
-    if not (out / "0.safetensors").exists():
-        out.mkdir(parents=True, exist_ok=True)
-        g = torch.Generator().manual_seed(0)
-        save_file({"latents": torch.randn(m["in_dim"], *latent, generator=g),
-                   "context": torch.randn(m["text_len"], m["text_dim"], generator=g)}, str(out / "0.safetensors"))
-    return out
-
-
-AVX2_ONLY = [str(ROOT / "scripts" / "avx2_only.sh")]
+AVX2_ONLY = (str(ROOT / "scripts" / "avx2_only.sh"),)
 
 
 def environment(capability: str | None) -> dict[str, str]:
@@ -74,35 +52,26 @@ def environment(capability: str | None) -> dict[str, str]:
     return env | {"AVX2_ONLY_REPORT": "1"}
 
 
-def checked_run(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, subprocess.CompletedProcess]:
-    """peak_rss_gb, refusing a run through avx2_only.sh that did not hide AVX-512."""
-    rss, done = peak_rss_gb(cmd, cwd=cwd, env=env)
-    if cmd[0] == AVX2_ONLY[0]:
-        hidden = [int(line.split()[-4]) for line in done.stderr.splitlines() if line.startswith("avx2_only:")]
+def checked(run: Run, prefix: tuple[str, ...]) -> tuple[float, float]:
+    """(s/step, peak RSS GB) of `run`, refused when it ran through avx2_only.sh and did not hide AVX-512."""
+    if prefix == AVX2_ONLY:
+        hidden = [int(line.split()[-4]) for line in run.stderr.splitlines() if line.startswith("avx2_only:")]
         if not hidden or max(hidden) == 0:
-            raise RuntimeError(f"{cmd[1]} ran without AVX-512 hidden (avx2_only reports: {hidden}); the run is not AVX2-only")
-    return rss, done
+            raise RuntimeError(f"{run.command[0]} ran without AVX-512 hidden (avx2_only reports: {hidden}); the run is not AVX2-only")
+    return run.seconds_per_step, run.peak_rss_gb
 
 
-def flowstep_run(prefix: list[str], artifacts: Path, data: Path, steps: int, threads: int) -> tuple[float, float]:
-    """(s/step over steps after the first, peak RSS GB) of one `flowstep train`."""
-    out = CACHE / "run-cpu-attention"
-    subprocess.run(["rm", "-rf", str(out)], check=True)
-    rss, _ = checked_run([*prefix, str(FLOWSTEP), "-q", "train", "--artifacts", str(artifacts), "--data", str(data), "--out", str(out),
-                          "--steps", str(steps), "--threads", str(threads), "--lr", "1e-4"], environment(None))
-    seconds = [r["seconds"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "seconds" in r]
-    return statistics.mean(seconds[STEPS_TIMED_FROM:]), rss
+def flowstep_run(prefix: tuple[str, ...], artifacts: Path, data: Path, steps: int, threads: int) -> tuple[float, float]:
+    """`flowstep train` on these artifacts and data."""
+    return checked(flowstep_train(artifacts, data, steps, threads, STEPS_TIMED_FROM, prefix, environment(None))[0], prefix)
 
 
-def reference_run(prefix: list[str], artifacts: Path, data: Path, steps: int, threads: int, capability: str | None) -> tuple[float, float]:
-    """(s/step, peak RSS GB) of one PyTorch reference run with ATEN_CPU_CAPABILITY=`capability`."""
-    cmd = [*prefix, sys.executable, "-m", "flowstep_export.reference.reference_train", "--artifacts", str(artifacts), "--data", str(data),
-           "--steps", str(steps), "--warmup", str(STEPS_TIMED_FROM), "--threads", str(threads)]
-    rss, done = checked_run(cmd, environment(capability), cwd=ROOT / "export")
-    return json.loads(done.stdout.strip().splitlines()[-1])["seconds_per_step"], rss
+def reference_run(prefix: tuple[str, ...], artifacts: Path, data: Path, steps: int, threads: int, capability: str | None) -> tuple[float, float]:
+    """The PyTorch reference with ATEN_CPU_CAPABILITY=`capability`."""
+    return checked(reference_train(artifacts, data, steps, threads, STEPS_TIMED_FROM, prefix=prefix, env=environment(capability)), prefix)
 
 
-def aten_capability(prefix: list[str], capability: str | None) -> str:
+def aten_capability(prefix: tuple[str, ...], capability: str | None) -> str:
     """What ATen actually runs with under `capability` (it ignores what the CPU lacks or hides)."""
     out = subprocess.run([*prefix, sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
                          capture_output=True, text=True, env=environment(capability), check=True)
@@ -143,10 +112,10 @@ def main() -> int:
 
 
 def measure(args, latents: list[tuple[int, int, int]], steps: list[int]) -> int:
-    artifacts = {attention: ensure_artifacts(args.model, attention) for attention in ("chunked", "fused")}
+    artifacts = {attention: ensure_export(args.model, "--attention", attention) for attention in ("chunked", "fused")}
     manifest = json.loads((artifacts["chunked"] / "manifest.json").read_text())
-    data = [ensure_data(args.model, manifest, latent) for latent in latents]
-    prefix = AVX2_ONLY if args.avx2_only else []
+    data = [ensure_data(f"{args.model}-{'x'.join(map(str, latent))}", manifest, latent) for latent in latents]
+    prefix = AVX2_ONLY if args.avx2_only else ()
     # With AVX-512 hidden, ATEN_CPU_CAPABILITY=avx2 changes nothing: one PyTorch variant.
     references = {"PyTorch": None} if args.avx2_only else ATEN_CAPABILITIES
     variants = {

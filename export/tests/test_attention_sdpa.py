@@ -86,8 +86,9 @@ def test_cpu_kernels_match_pytorch_sdpa(tmp_path, label, b, sq, sk, h, d, amplit
                         "--inputs", str(tmp_path / "inputs.safetensors"), "--out", str(tmp_path / "out.safetensors")],
                        capture_output=True, text=True, timeout=300, env=os.environ | {"AVX2_ONLY_REPORT": "1"})
     assert r.returncode == 0, r.stderr
-    if prefix:
-        assert "with AVX-512 hidden" in r.stderr and " 0 with AVX-512 hidden" not in r.stderr, r.stderr
+    if prefix:  # flowstep's own report (the wrapper's shell may add reports of 0)
+        hidden = [int(line.split()[-4]) for line in r.stderr.splitlines() if line.startswith("avx2_only:")]
+        assert hidden and max(hidden) > 0, r.stderr
     got = load_file(str(tmp_path / "out.safetensors"))
     want, torch_sdpa = exact(q, k, v, do, scale), sdpa(q, k, v, do, scale)
     assert float(got["lse"].double().sub(want["lse"]).abs().max()) < 1e-5 * max(1.0, float(want["lse"].abs().max()))

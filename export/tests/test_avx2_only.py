@@ -29,7 +29,9 @@ def avx512_with_cpuid_faulting():
 
 
 def python(*prefix: str, code: str, faulthandler: bool = False) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "PYTHONFAULTHANDLER")}
+    # Without what this run itself may be under (the avx2 test variant runs pytest through it).
+    unset = ("ATEN_CPU_CAPABILITY", "PYTHONFAULTHANDLER", "LD_PRELOAD", "GLIBC_TUNABLES")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     flags = ["-X", "faulthandler"] if faulthandler else []
     return subprocess.run([*prefix, sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=120,
                           env=env | {"AVX2_ONLY_REPORT": "1"})
