@@ -15,6 +15,23 @@ scripts/setup_ort.sh >/dev/null
 cargo build --release --locked 2>&1 | tail -n 1
 fs=target/release/flowstep
 eval_loss() { printf "%.5f" "$($fs eval "$@" --json | sed 's/.*"eval_loss":\([0-9.e+-]*\).*/\1/')"; }
+# Steps 1-3 of both demos: eval loss of the base model, train a LoRA into $out/train, eval loss
+# with it; sets $before and $after.   learn ARTIFACTS EVAL_DATA WHAT_EVAL WHAT_TRAIN TRAIN_ARGS...
+learn() {
+    local art=$1 eval_data=$2 what_eval=$3 what_train=$4
+    shift 4
+    echo
+    echo "== 1. eval loss of the base model on $what_eval"
+    before=$(eval_loss --artifacts "$art" --data "$eval_data")
+    echo "eval loss before: $before"
+    echo
+    echo "== 2. train a rank-16 LoRA on $what_train"
+    $fs train --artifacts "$art" --out "$out/train" --seed 0 "$@"
+    echo
+    echo "== 3. eval loss after"
+    after=$(eval_loss --artifacts "$art" --data "$eval_data" --lora "$out/train/lora.safetensors")
+    echo "eval loss after:  $after   (before: $before)"
+}
 
 if [[ $mode == i2v ]]; then
     out="${1:-out/demo-i2v}"
@@ -24,18 +41,9 @@ if [[ $mode == i2v ]]; then
     echo
     echo "== the toy Wan with image input (y: mask + first-frame latents, as Wan2.2 I2V); its y weights never trained"
     $fs inspect --artifacts "$art" | sed -n '2,4p'
-    echo
-    echo "== 1. eval loss of the base model on 4 held-out clips, each given its own first frame"
-    before=$(eval_loss --artifacts "$art" --data $toy/data/eval)
-    echo "eval loss before: $before"
-    echo
-    echo "== 2. train a rank-16 LoRA on 16 clips: a blob of any colour moving right, the prompt says only \"right\""
-    $fs train --artifacts "$art" --data $toy/data/train --out "$out/train" --steps 800 --lr 3e-3 \
-        --lr-schedule cosine:20:0.1 --save-every 400 --seed 0
-    echo
-    echo "== 3. eval loss after"
-    after=$(eval_loss --artifacts "$art" --data $toy/data/eval --lora "$out/train/lora.safetensors")
-    echo "eval loss after:  $after   (before: $before)"
+    learn "$art" $toy/data/eval "4 held-out clips, each given its own first frame" \
+        "16 clips: a blob of any colour moving right, the prompt says only \"right\"" \
+        --data $toy/data/train --steps 800 --lr 3e-3 --lr-schedule cosine:20:0.1 --save-every 400
     echo
     echo "== 4. sample from each held-out first frame, without and with the LoRA"
     for clip in $toy/data/eval/*.safetensors; do
@@ -73,20 +81,10 @@ echo
 echo "== the toy Wan (pretrained on red/green/blue/yellow/cyan blobs moving right, down, left, up)"
 $fs inspect --artifacts "$art" | sed -n '2,4p'
 
-echo
-echo "== 1. eval loss of the base model on held-out samples of the new concept \"purple\""
-before=$(eval_loss --artifacts "$art" --data "$data/eval")
-echo "eval loss before: $before"
-
-echo
-echo "== 2. train a rank-16 LoRA on 12 videos of purple blobs moving right, down and left"
-$fs train --artifacts "$art" --data "$data/train" --eval-data "$data/eval" --eval-every 100 \
-    --out "$out/train" --steps 400 --lr 2e-3 --lr-schedule cosine:20:0.1 --save-every 100 --seed 0
-
-echo
-echo "== 3. eval loss after"
-after=$(eval_loss --artifacts "$art" --data "$data/eval" --lora "$out/train/lora.safetensors")
-echo "eval loss after:  $after   (before: $before)"
+learn "$art" "$data/eval" "held-out samples of the new concept \"purple\"" \
+    "12 videos of purple blobs moving right, down and left" \
+    --data "$data/train" --eval-data "$data/eval" --eval-every 100 --steps 400 --lr 2e-3 \
+    --lr-schedule cosine:20:0.1 --save-every 100
 
 echo
 echo "== 4. sample \"purple up\" (a combination the LoRA never saw), without and with the LoRA"
