@@ -26,7 +26,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
-static volatile uint64_t answered, masked;
+static uint64_t answered, masked; // updated atomically: any thread may fault
 static int installed;                   // our handler is in place: SIGSEGV calls are interposed
 static struct sigaction program_action; // the SIGSEGV action the program asked for
 static int (*next_sigaction)(int, const struct sigaction *, struct sigaction *);
@@ -50,8 +50,8 @@ static void hide_avx512(uint32_t leaf, uint32_t subleaf, uint32_t r[4]) {
     } else if (leaf == 0x24) {
         r[0] = r[1] = r[2] = r[3] = 0;  // AVX10 version and vector lengths
     }
-    answered++;
-    if (memcmp(before, r, sizeof before) != 0) masked++;
+    __atomic_fetch_add(&answered, 1, __ATOMIC_RELAXED);
+    if (memcmp(before, r, sizeof before) != 0) __atomic_fetch_add(&masked, 1, __ATOMIC_RELAXED);
 }
 
 // A SIGSEGV that is not a CPUID fault: the program's handler, or death by the signal.
@@ -96,8 +96,8 @@ static void on_sigsegv(int sig, siginfo_t *info, void *context) {
 }
 
 static void report(void) {
-    fprintf(stderr, "avx2_only: %llu CPUID answers, %llu with AVX-512 hidden\n", (unsigned long long)answered,
-            (unsigned long long)masked);
+    fprintf(stderr, "avx2_only: %llu CPUID answers, %llu with AVX-512 hidden\n",
+            (unsigned long long)__atomic_load_n(&answered, __ATOMIC_RELAXED), (unsigned long long)__atomic_load_n(&masked, __ATOMIC_RELAXED));
 }
 
 int sigaction(int sig, const struct sigaction *action, struct sigaction *previous) {
