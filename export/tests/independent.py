@@ -39,6 +39,24 @@ def cpu_flags() -> set[str]:
     return set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
 
 
+# Runs a command with AVX-512 hidden from CPUID, so that every library takes its AVX2 paths.
+AVX2_ONLY = str(ROOT / "scripts" / "avx2_only.sh")
+
+
+def skip_unless_avx512_can_be_hidden() -> None:
+    """Skips a test of the AVX2 paths through AVX2_ONLY where it has nothing to hide or cannot."""
+    flags = cpu_flags()
+    if "avx512f" not in flags or "avx2" not in flags:
+        pytest.skip("the AVX2 path is the native one on a host without AVX-512")
+    if "cpuid_fault" not in flags:
+        pytest.skip("no CPUID faulting here: AVX-512 cannot be hidden")
+
+
+def avx512_hidden(stderr: str) -> int:
+    """The most CPUID answers one process run with AVX2_ONLY_REPORT=1 reported masking (0: none)."""
+    return max((int(line.split()[-4]) for line in stderr.splitlines() if line.startswith("avx2_only:")), default=0)
+
+
 def manifest(artifacts: Path) -> dict:
     return json.loads((artifacts / "manifest.json").read_text())
 
