@@ -1,5 +1,6 @@
-"""`--attention fused` (issue 13): the com.flowstep operator pair kept in the graphs, validated
-on the CPU through ONNX's reference evaluator with the NumPy operators of reference_ops.py."""
+"""`--attention fused` (issue 13): the com.flowstep operator pair kept in the graphs (and, in
+float32, the tanh-GELU pair, issue 25), validated on the CPU through ONNX's reference evaluator
+with the NumPy operators of reference_ops.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import onnx
 import torch
 
 from flowstep_export.model.configs import get_config
-from flowstep_export.reference.reference_ops import FlashAttention, FlashAttentionGrad
+from flowstep_export.reference.reference_ops import FlashAttention, FlashAttentionGrad, GeluTanh, GeluTanhGrad
 from test_long_sequences import export_tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,6 +47,24 @@ def test_reference_operators_equal_softmax_autograd():
         np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
 
 
+def test_reference_gelu_operators_equal_torch_autograd():
+    """The NumPy tanh-GELU pair against torch's F.gelu(approximate="tanh") and its autograd
+    (float64), over the range where its gradient changes most and out to saturation."""
+    # float32 values (the operators' dtype), differentiated in float64.
+    x = torch.linspace(-12, 12, 2001).double().requires_grad_(True)
+    dy = torch.randn(2001, generator=torch.Generator().manual_seed(3)).double()
+    y_ref = torch.nn.functional.gelu(x, approximate="tanh")
+    (dx_ref,) = torch.autograd.grad((y_ref * dy).sum(), [x])
+    x32, dy32 = x.detach().numpy().astype(np.float32), dy.numpy().astype(np.float32)
+    (y,) = GeluTanh.create().run(x32)
+    (dx,) = GeluTanhGrad.create().run(x32, dy32)
+    assert y.dtype == dx.dtype == np.float32
+    # Evaluated in float64 and rounded to float32 once: an ulp (6e-8) of torch's float64. Below
+    # 1e-12 (x < -7) both float64 evaluations are 1 + tanh cancelling to nothing.
+    np.testing.assert_allclose(y, y_ref.detach().numpy(), rtol=2e-7, atol=1e-12)
+    np.testing.assert_allclose(dx, dx_ref.numpy(), rtol=2e-7, atol=1e-12)
+
+
 def test_fused_export_validates_against_autograd(tmp_path):
     out, report = export_tiny(tmp_path, attention="fused", graphs=("training_model", "inference_model"))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -56,9 +75,13 @@ def test_fused_export_validates_against_autograd(tmp_path):
     assert sorted(report) == sorted(f"{o}@{t}" for o in ("training.loss", "training.grad", "inference.velocity")
                                     for t in ("3x8x8", "4x10x10"))
     assert all(v["max_rel"] < 1e-5 for v in report.values()), report
-    attentions = 2 * get_config("tiny").num_layers  # self + cross per block
-    assert custom_ops(out / "training_model.onnx") == {"FlashAttention": attentions, "FlashAttentionGrad": attentions}
-    assert custom_ops(out / "inference_model.onnx") == {"FlashAttention": attentions}
+    assert manifest["training"]["operators"] == ["FlashAttention", "FlashAttentionGrad", "GeluTanh", "GeluTanhGrad"]
+    layers = get_config("tiny").num_layers
+    attentions = 2 * layers  # self + cross per block
+    # One GELU per block's FFN and one in the text embedding, which has no gradient (frozen).
+    assert custom_ops(out / "training_model.onnx") == {"FlashAttention": attentions, "FlashAttentionGrad": attentions,
+                                                       "GeluTanh": layers + 1, "GeluTanhGrad": layers}
+    assert custom_ops(out / "inference_model.onnx") == {"FlashAttention": attentions, "GeluTanh": layers + 1}
 
 
 def test_committed_fused_twin_matches_committed_tiny():
@@ -78,8 +101,10 @@ def test_fused_bf16_export_validates(tmp_path):
     validate.BF16_RATIO of PyTorch's own bf16 error, and really bf16 (far from exact)."""
     out, report = export_tiny(tmp_path, attention="fused", precision="bfloat16", graphs=("training_model",))
     assert report["training.grad@3x8x8"]["max_rel"] > 1e-4
+    # No tanh-GELU operator in bf16: GPU providers have no kernel for it.
     fused = [n for n in onnx.load(str(out / "training_model.onnx")).graph.node if n.domain == "com.flowstep"]
     assert fused and all(n.op_type in ("FlashAttention", "FlashAttentionGrad") for n in fused)
+    assert json.loads((out / "manifest.json").read_text())["training"]["operators"] == ["FlashAttention", "FlashAttentionGrad"]
 
 
 def test_committed_pair_models_are_current_and_chain_the_operators():
@@ -130,3 +155,4 @@ def test_fused_checkpointed_image_variants_validate(tmp_path):
         ops = custom_ops(out / "training_model.onnx")
         # Checkpointing recomputes each block's forward, attention included, before its backward.
         assert ops["FlashAttention"] == 2 * ops["FlashAttentionGrad"] > 0, (preset, ops)
+        assert ops["GeluTanh"] == 2 * ops["GeluTanhGrad"] + 1 > 1, (preset, ops)

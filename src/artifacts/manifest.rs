@@ -63,6 +63,10 @@ pub struct TrainingInfo {
     /// "operators"}` (flowstep's own kernels): read by `runtime::AttentionImpl::from_manifest`.
     #[serde(default)]
     pub attention: serde_json::Value,
+    /// Every `com.flowstep` operator the graphs use (absent before fused GELU: attention's only);
+    /// checked by `runtime::SessionOptions::for_artifacts`.
+    #[serde(default)]
+    pub operators: Vec<String>,
     #[serde(default)]
     pub gradient_checkpointing: bool,
     /// ONNX Runtime graph optimizers that would undo the graph's recomputation.
@@ -72,7 +76,7 @@ pub struct TrainingInfo {
 
 impl Default for TrainingInfo {
     fn default() -> Self {
-        Self { precision: float32(), attention: serde_json::Value::Null, gradient_checkpointing: false, onnxruntime_disabled_optimizers: Vec::new() }
+        Self { precision: float32(), attention: serde_json::Value::Null, operators: Vec::new(), gradient_checkpointing: false, onnxruntime_disabled_optimizers: Vec::new() }
     }
 }
 

@@ -100,13 +100,16 @@ pub fn domain_for(device: Device, threads: Option<usize>) -> Result<OperatorDoma
     }
 }
 
-/// The operator domain for a CPU session: both operators, float32 and bfloat16.
+/// The operator domain for a CPU session: both attention operators, float32 and bfloat16, and
+/// the float32 tanh-GELU pair of [`super::fused_gelu`].
 fn cpu_domain(threads: usize) -> ort::Result<OperatorDomain> {
     OperatorDomain::new(DOMAIN)?
         .add(Forward::<f32>(threads, PhantomData))?
         .add(Forward::<bf16>(threads, PhantomData))?
         .add(Backward::<f32>(threads, PhantomData))?
-        .add(Backward::<bf16>(threads, PhantomData))
+        .add(Backward::<bf16>(threads, PhantomData))?
+        .add(super::fused_gelu::GeluTanh)?
+        .add(super::fused_gelu::GeluTanhGrad)
 }
 
 /// The session's intra-op thread pool, which runs the kernels' tasks (`threads` threads).
@@ -127,7 +130,7 @@ impl kernels::Parallel for IntraOpPool<'_> {
 }
 
 /// An input/output element type: widened to f32 for the math, narrowed back on output.
-trait Element: PrimitiveTensorElementType + Copy + Send + Sync + 'static {
+pub(super) trait Element: PrimitiveTensorElementType + Copy + Send + Sync + 'static {
     const TYPE: TensorElementType;
     fn widen(self) -> f32;
     fn narrow(x: f32) -> Self;
@@ -215,20 +218,20 @@ impl<T: Element> Operator for Backward<T> {
 }
 
 /// Input `idx`, present and of element type T.
-fn input<'a>(ctx: &'a ComputeContext, idx: usize, name: &str) -> std::result::Result<ValueRef<'a>, String> {
+pub(super) fn input<'a>(ctx: &'a ComputeContext, idx: usize, name: &str) -> std::result::Result<ValueRef<'a>, String> {
     ctx.input(idx).map_err(|e| e.to_string())?.ok_or_else(|| format!("input `{name}` is missing"))
 }
 
-fn tensor<'a, T: Element>(value: &'a ValueRef<'_>, name: &str) -> std::result::Result<(Vec<i64>, &'a [T]), String> {
+pub(super) fn tensor<'a, T: Element>(value: &'a ValueRef<'_>, name: &str) -> std::result::Result<(Vec<i64>, &'a [T]), String> {
     let (shape, data) = value.try_extract_tensor::<T>().map_err(|e| format!("input `{name}`: {e}"))?;
     Ok((shape.to_vec(), data))
 }
 
-fn output<'a>(ctx: &'a ComputeContext, idx: usize, shape: Vec<i64>) -> std::result::Result<ValueRefMut<'a>, String> {
+pub(super) fn output<'a>(ctx: &'a ComputeContext, idx: usize, shape: Vec<i64>) -> std::result::Result<ValueRefMut<'a>, String> {
     ctx.output(idx, shape).map_err(|e| e.to_string())?.ok_or_else(|| format!("output {idx} is not wanted"))
 }
 
-fn tensor_mut<'a, T: Element>(value: &'a mut ValueRefMut<'_>, idx: usize) -> std::result::Result<&'a mut [T], String> {
+pub(super) fn tensor_mut<'a, T: Element>(value: &'a mut ValueRefMut<'_>, idx: usize) -> std::result::Result<&'a mut [T], String> {
     value.try_extract_tensor_mut::<T>().map(|(_, data)| data).map_err(|e| format!("output {idx}: {e}"))
 }
 

@@ -5,8 +5,10 @@
 pub mod cuda_attention;
 mod device;
 pub mod fused_attention;
+mod fused_gelu;
 mod library;
 mod placement;
+mod simd;
 
 pub use device::{CudaOptions, Device};
 pub use fused_attention::AttentionImpl;
@@ -66,7 +68,29 @@ impl SessionOptions {
         if attention == AttentionImpl::Fused {
             fused_attention::check_device(self.device, &manifest.training.precision)?;
         }
+        for name in &manifest.training.operators {
+            check_operator(name, attention, self.device).map_err(|reason| match self.device {
+                Device::Cpu => Error::Config(format!("{} artifacts: {reason}", manifest.model.name)),
+                _ => Error::Device(format!("{} artifacts: {reason}", manifest.model.name)),
+            })?;
+        }
         Ok(Self { disabled_optimizers: manifest.training.onnxruntime_disabled_optimizers.clone(), attention, ..self.clone() })
+    }
+}
+
+/// Whether this flowstep runs the `com.flowstep` operator `name` (from the manifest's
+/// `training.operators`) on `device`: the attention pair wherever [`fused_attention::check_device`]
+/// allows, tanh-GELU on the CPU only (float32 exports: the exporter keeps it nowhere else).
+fn check_operator(name: &str, attention: AttentionImpl, device: Device) -> std::result::Result<(), String> {
+    let op = format!("{}::{name}", fused_attention::DOMAIN);
+    match name {
+        fused_attention::FORWARD | fused_attention::BACKWARD => Ok(()),
+        _ if attention != AttentionImpl::Fused => Err(format!("training.operators lists {op}, but training.attention is not fused")),
+        fused_gelu::FORWARD | fused_gelu::BACKWARD if device == Device::Cpu => Ok(()),
+        fused_gelu::FORWARD | fused_gelu::BACKWARD => {
+            Err(format!("the graphs use {op}, which flowstep implements for cpu only, not {device}: use --device cpu, or re-export with --attention chunked"))
+        }
+        _ => Err(format!("the graphs use {op}, which this flowstep does not implement (a newer exporter's artifacts?)")),
     }
 }
 
@@ -171,5 +195,22 @@ fn build_session(model: GraphSource<'_>, options: &SessionOptions) -> Result<Ses
             reason: format!("ONNX Runtime cannot load this graph: {e}"),
         }),
         GraphSource::Embedded { bytes, .. } => builder.commit_from_memory(bytes).map_err(Error::ort(during)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_operators_are_checked_per_device() {
+        use AttentionImpl::{Chunked, Fused};
+        for name in [fused_attention::FORWARD, fused_attention::BACKWARD, fused_gelu::FORWARD, fused_gelu::BACKWARD] {
+            assert_eq!(check_operator(name, Fused, Device::Cpu), Ok(()), "{name}");
+        }
+        let gelu_on_cuda = check_operator(fused_gelu::BACKWARD, Fused, Device::Cuda(0)).unwrap_err();
+        assert!(gelu_on_cuda.contains("com.flowstep::GeluTanhGrad") && gelu_on_cuda.contains("cuda:0"), "{gelu_on_cuda}");
+        assert!(check_operator(fused_gelu::FORWARD, Chunked, Device::Cpu).unwrap_err().contains("not fused"));
+        assert!(check_operator("RingAttention", Fused, Device::Cpu).unwrap_err().contains("com.flowstep::RingAttention"));
     }
 }

@@ -19,15 +19,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from . import pointwise
+from . import gelu_operator, pointwise
 from .attention import flash_attention
 from .configs import WanConfig
 
 ROPE_MAX_POSITIONS = 1024  # Wan's `precompute_freqs_cis_3d(head_dim)` default `end`
 
 # How LayerNorm, RMSNorm and GELU are differentiated: "hand-written" is pointwise.py's closed
-# forms, which the export traces (fewer graph nodes); "stock" is PyTorch's own ops, as
-# DiffSynth runs them eagerly (the PyTorch reference trainer, where fused kernels are faster).
+# forms, which the export traces (fewer graph nodes); "fused" is the same with GELU as the
+# com.flowstep operator pair of gelu_operator.py (float32 fused exports); "stock" is PyTorch's
+# own ops, as DiffSynth runs them eagerly (the PyTorch reference trainer, where fused kernels
+# are faster).
 POINTWISE = "hand-written"
 
 
@@ -65,7 +67,9 @@ class GELU(nn.Module):
     """nn.GELU(approximate="tanh") with pointwise.py's backward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate="tanh") if POINTWISE == "stock" else pointwise.gelu_tanh(x)
+        if POINTWISE == "stock":
+            return F.gelu(x, approximate="tanh")
+        return gelu_operator.gelu_tanh(x) if POINTWISE == "fused" else pointwise.gelu_tanh(x)
 
 
 def rope_tables(head_dim: int, end: int = ROPE_MAX_POSITIONS, theta: float = 10000.0):

@@ -19,6 +19,7 @@ from ..model.attention import DOMAIN, OPERATORS
 from ..model.configs import WanConfig
 from ..model.lora import SCALE, LoraConfig, base_state, inject_lora, lora_state
 from .manifest import write_manifest
+from ..model import model as wan
 from ..model.model import WanModel, init_random, rope_tables
 from .steps import StepFunctions, adamw, flat_layout, flatten
 
@@ -65,6 +66,12 @@ class ExportOptions:
         fp8_base = self.base_dtype is not None
         return trace.Lowering(self.attention_chunk, PRECISIONS[self.precision][1], attention=self.attention,
                               opset=FP8_OPSET if fp8_base else OPSET, cse=not fp8_base)
+
+    @property
+    def fused_gelu(self) -> bool:
+        """tanh-GELU as the com.flowstep pair (gelu_operator.py): in fused float32 exports,
+        which run on the CPU, the only provider with kernels for it."""
+        return self.attention == "fused" and self.precision == "float32"
 
     @property
     def attention_manifest(self) -> dict:
@@ -210,15 +217,20 @@ def export_artifacts(config: WanConfig, options: ExportOptions) -> dict:
                                     + batch_inputs(["x_t", "timestep", "context", *conditioning]), ["velocity"]),
         "optimizer_model": lambda: (adamw, optimizer_inputs(flat.numel()), OPTIMIZER_OUTPUTS),
     }
-    timings = {}
-    for name in options.graphs:
-        start = time.perf_counter()
-        fn, inputs, outputs = specs[name]()
-        gm = trace.trace(fn, inputs)
-        model_proto = trace.export(gm, inputs, outputs, options.lowering)
-        onnx.save(model_proto, str(out / f"{name}.onnx"))
-        timings[name] = round(time.perf_counter() - start, 2)
-        log.info("exported %s in %.1f s (%d nodes)", name, timings[name], len(model_proto.graph.node))
+    timings, operators = {}, set()
+    saved, wan.POINTWISE = wan.POINTWISE, "fused" if options.fused_gelu else wan.POINTWISE
+    try:
+        for name in options.graphs:
+            start = time.perf_counter()
+            fn, inputs, outputs = specs[name]()
+            gm = trace.trace(fn, inputs)
+            model_proto = trace.export(gm, inputs, outputs, options.lowering)
+            onnx.save(model_proto, str(out / f"{name}.onnx"))
+            operators |= {n.op_type for n in model_proto.graph.node if n.domain == DOMAIN}
+            timings[name] = round(time.perf_counter() - start, 2)
+            log.info("exported %s in %.1f s (%d nodes)", name, timings[name], len(model_proto.graph.node))
+    finally:
+        wan.POINTWISE = saved
 
     save_file({t.key: lora[t.key].contiguous() for t in layout}, str(out / "lora_init.safetensors"))
     base_file = None
@@ -229,6 +241,9 @@ def export_artifacts(config: WanConfig, options: ExportOptions) -> dict:
                               extra={"export_seconds": timings, "base_source": str(options.base) if options.base else None},
                               training={"precision": options.precision,
                                         "attention": options.attention_manifest,
+                                        # Every com.flowstep operator the graphs use (fused exports): the executor
+                                        # must implement each.
+                                        **({"operators": sorted(operators)} if operators else {}),
                                         "gradient_checkpointing": options.gradient_checkpointing,
                                         "onnxruntime_disabled_optimizers": options.ort_disabled_optimizers,
                                         **({"fp8": options.fp8_manifest} if options.base_dtype else {})},

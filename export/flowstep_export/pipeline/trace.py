@@ -19,6 +19,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import OPSET
+from ..model import gelu_operator
 from ..model.attention import DOMAIN, OPERATORS, TRANSLATION_TABLE
 from .lower_attention import lower_attention
 
@@ -71,6 +72,9 @@ class _GraphWrapper(torch.nn.Module):
 
 
 ATTENTION_MODES = ("chunked", "fused")
+# The com.flowstep operators an export with attention "fused" may keep (tanh-GELU's only in
+# float32: export.ExportOptions.fused_gelu).
+FUSED_OPERATORS = OPERATORS + gelu_operator.OPERATORS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +120,7 @@ def export(gm: torch.fx.GraphModule, inputs: list[GraphInput], output_names: lis
         input_names=[item.name for item in inputs],
         output_names=output_names,
         dynamic_shapes=(dynamic,),
-        custom_translation_table=TRANSLATION_TABLE,
+        custom_translation_table={**TRANSLATION_TABLE, **gelu_operator.TRANSLATION_TABLE},
         verbose=False,
     )
     light_optimize(program.model, cse=lowering.cse)
@@ -125,7 +129,7 @@ def export(gm: torch.fx.GraphModule, inputs: list[GraphInput], output_names: lis
         lower_attention(model, lowering.attention_chunk, lowering.dtype)
     strip_debug_metadata(model)
     rename_dynamic_dims(model, inputs)
-    check_standard_ops(model, allowed=OPERATORS if lowering.attention == "fused" else ())
+    check_standard_ops(model, allowed=FUSED_OPERATORS if lowering.attention == "fused" else ())
     return model
 
 

@@ -1,4 +1,4 @@
-"""NumPy implementations of the com.flowstep attention operators for ONNX's reference
+"""NumPy implementations of the com.flowstep operators (attention, tanh-GELU) for ONNX's reference
 evaluator, so a fused export (`--attention fused`) validates on the CPU without any
 operator library: `ReferenceEvaluator(path, new_ops=NEW_OPS)`.
 
@@ -52,7 +52,30 @@ class FlashAttentionGrad(OpRun):
         return back(dq, q), back(dk, k), back(dv, v)
 
 
-NEW_OPS = [FlashAttention, FlashAttentionGrad]
+# tanh-GELU (gelu_operator.py), from its definition 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715x³))),
+# evaluated in float64 (float32's 1 ± tanh cancels where tanh saturates), output in x's dtype.
+_GELU_K = np.sqrt(2.0 / np.pi)
+
+
+class GeluTanh(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, x):
+        x64 = x.astype(np.float64)
+        return (0.5 * x64 * (1.0 + np.tanh(_GELU_K * (x64 + 0.044715 * x64 ** 3)))).astype(x.dtype),
+
+
+class GeluTanhGrad(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, x, dy):
+        x64 = x.astype(np.float64)
+        t = np.tanh(_GELU_K * (x64 + 0.044715 * x64 ** 3))
+        du = _GELU_K * (1.0 + 3 * 0.044715 * x64 * x64)
+        return (dy.astype(np.float64) * 0.5 * ((1.0 + t) + x64 * (1.0 - t * t) * du)).astype(x.dtype),
+
+
+NEW_OPS = [FlashAttention, FlashAttentionGrad, GeluTanh, GeluTanhGrad]
 
 
 def operator_test_model() -> "onnx.ModelProto":

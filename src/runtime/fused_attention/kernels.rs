@@ -4,7 +4,7 @@
 //! log-sum-exp. Nothing of size [H, Sq, Sk] exists: the largest temporaries are one
 //! [query block, key block] tile per task. Inputs are widened to f32 one block at a time;
 //! every product runs on the `gemm` crate (runtime-dispatched AVX-512 / AVX2+FMA kernels),
-//! the per-element row work (max, exp, dot) on [`rows`], vectorised for the same instruction sets.
+//! the per-element row work (max, exp, dot) on [`simd`], vectorised for the same instruction sets.
 //!
 //! Parallelism ([`Parallel`]: ONNX Runtime's intra-op thread pool in the operators): the
 //! forward over (batch, head, query block); the backward over (batch, head, group of key
@@ -15,9 +15,7 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 
 use super::{Dims, Element};
 
-mod rows;
-
-use rows::Isa;
+use crate::runtime::simd::{self, Isa};
 
 /// Query rows per tile (256 rather than 64: gemm packs each key block once per query tile,
 /// so larger query tiles pack less; measured 15% faster forward at 4,096 tokens).
@@ -193,10 +191,10 @@ fn forward_tile<T: Element>(
         load_rows(v, dims, dims.sk, b, h, k0, vb);
         matmul(scores, Mat::new(&qb, m, d), Mat::new(kb, n, d).t(), scale, false);
         for (i, (row, out)) in scores.chunks_exact_mut(n).zip(o.chunks_exact_mut(d)).enumerate() {
-            let new_max = max[i].max(rows::max(isa, row));
+            let new_max = max[i].max(simd::max(isa, row));
             // Earlier blocks' terms were scaled by exp(-max); rescale them to the new max.
             let correction = (max[i] - new_max).exp();
-            sum[i] = sum[i] * correction + rows::exp_shifted(isa, row, new_max);
+            sum[i] = sum[i] * correction + simd::exp_shifted(isa, row, new_max);
             if correction != 1.0 {
                 out.iter_mut().for_each(|x| *x *= correction);
             }
@@ -295,7 +293,7 @@ impl<T: Element> BackwardInputs<'_, T> {
             load_rows(self.o, dims, dims.sq, b, h, q0, &mut ob[..m * d]);
             load_rows(self.d_o, dims, dims.sq, b, h, q0, &mut dob[..m * d]);
             for (i, (x, y)) in ob.chunks_exact(d).zip(dob.chunks_exact(d)).take(m).enumerate() {
-                delta[q0 + i] = rows::dot(isa, x, y);
+                delta[q0 + i] = simd::dot(isa, x, y);
             }
         }
         let mut tile = BackwardTile { dk: vec![0.0; keys.len() * d], dv: vec![0.0; keys.len() * d], dq: vec![0.0; dims.sq * d] };
@@ -315,7 +313,7 @@ impl<T: Element> BackwardInputs<'_, T> {
                 matmul(p, Mat::new(qb, m, d), Mat::new(kb, n, d).t(), self.scale, false);
                 matmul(ds, Mat::new(dob, m, d), Mat::new(vb, n, d).t(), 1.0, false);
                 for (i, (p, ds)) in p.chunks_exact_mut(n).zip(ds.chunks_exact_mut(n)).enumerate() {
-                    rows::softmax_grad(isa, p, ds, lse[q0 + i], delta[q0 + i]);
+                    simd::softmax_grad(isa, p, ds, lse[q0 + i], delta[q0 + i]);
                 }
                 matmul(dv, Mat::new(p, m, n).t(), Mat::new(dob, m, d), 1.0, true);
                 matmul(&mut tile.dq[q0 * d..(q0 + m) * d], Mat::new(ds, m, n), Mat::new(kb, n, d), self.scale, true);
@@ -327,11 +325,12 @@ impl<T: Element> BackwardInputs<'_, T> {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use half::bf16;
     use rayon::prelude::*;
 
     use super::*;
+    use crate::runtime::simd::tests::values;
 
     /// The current rayon pool (the one a test `install`s).
     struct Rayon;
@@ -345,17 +344,6 @@ pub(super) mod tests {
             (0..n).into_par_iter().for_each(f);
             Ok(())
         }
-    }
-
-    /// Deterministic pseudo-random values in [-amplitude, amplitude] (an LCG; also the row tests').
-    pub(super) fn values(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                amplitude * (((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-            })
-            .collect()
     }
 
     /// Plain softmax attention in f64 (every score of a row at once) and the gradient of

@@ -1,6 +1,7 @@
-//! The attention kernels' per-element row work on the CPU's vector unit: row max, the
-//! softmax exponentials (forward and backward), and dot products. AVX-512 or AVX2 + FMA is
-//! chosen at run time ([`Isa::detect`]); every other CPU runs the scalar path.
+//! Per-element work of flowstep's CPU operators on the vector unit: the attention kernels' row
+//! max, softmax exponentials (forward and backward) and dot products, and tanh-GELU forward
+//! and backward. AVX-512 or AVX2 + FMA is chosen at run time ([`Isa::detect`]); every other
+//! CPU runs the scalar path.
 //!
 //! exp(x) = 2^n · e^r with n = round(x·log2 e) and r = x - n·ln 2 (ln 2 in two parts), e^r by
 //! Cephes' degree-6 polynomial; x is clamped to [-87, 88] (below, ~1e-38, which no softmax sum
@@ -10,7 +11,7 @@
 
 /// The instruction set the row operations run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Isa {
+pub(crate) enum Isa {
     #[cfg(target_arch = "x86_64")]
     Avx512,
     #[cfg(target_arch = "x86_64")]
@@ -20,7 +21,7 @@ pub(super) enum Isa {
 
 impl Isa {
     /// The widest this CPU has (std caches the CPUID answer, so this is cheap per tile).
-    pub(super) fn detect() -> Isa {
+    pub(crate) fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx512f") {
@@ -35,7 +36,7 @@ impl Isa {
 
     /// Every path this CPU can run, widest first (the tests run each).
     #[cfg(test)]
-    pub(super) fn available() -> Vec<Isa> {
+    pub(crate) fn available() -> Vec<Isa> {
         let mut all = vec![Isa::detect()];
         #[cfg(target_arch = "x86_64")]
         if all[0] == Isa::Avx512 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -52,7 +53,7 @@ impl Isa {
 // after the CPU reported its features.
 
 /// The largest value of `x` (-inf when empty).
-pub(super) fn max(isa: Isa, x: &[f32]) -> f32 {
+pub(crate) fn max(isa: Isa, x: &[f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { avx512::max(x) },
@@ -63,7 +64,7 @@ pub(super) fn max(isa: Isa, x: &[f32]) -> f32 {
 }
 
 /// x ← exp(x - shift), returning the sum of the new values (the forward's softmax numerators).
-pub(super) fn exp_shifted(isa: Isa, x: &mut [f32], shift: f32) -> f32 {
+pub(crate) fn exp_shifted(isa: Isa, x: &mut [f32], shift: f32) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { avx512::exp_shifted(x, shift) },
@@ -78,7 +79,7 @@ pub(super) fn exp_shifted(isa: Isa, x: &mut [f32], shift: f32) -> f32 {
 
 /// p ← exp(p - lse), ds ← p∘(ds - delta): one row of the backward's probabilities and score
 /// gradients, from the scores in `p` and do·vᵀ in `ds`.
-pub(super) fn softmax_grad(isa: Isa, p: &mut [f32], ds: &mut [f32], lse: f32, delta: f32) {
+pub(crate) fn softmax_grad(isa: Isa, p: &mut [f32], ds: &mut [f32], lse: f32, delta: f32) {
     assert_eq!(p.len(), ds.len(), "softmax_grad rows");
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -95,7 +96,7 @@ pub(super) fn softmax_grad(isa: Isa, p: &mut [f32], ds: &mut [f32], lse: f32, de
 }
 
 /// Σ a∘b.
-pub(super) fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot lengths");
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -104,6 +105,49 @@ pub(super) fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
         Isa::Avx2 => unsafe { avx2::dot(a, b) },
         Isa::Scalar => a.iter().zip(b).map(|(x, y)| x * y).sum(),
     }
+}
+
+/// y ← gelu_tanh(x) = x·σ(x·(c₀ + c₁x²)) (0.5·(1 + tanh(u)) = σ(2u); src/runtime/fused_gelu.rs).
+pub(crate) fn gelu_tanh(isa: Isa, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "gelu_tanh: x and y lengths");
+    let done = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::gelu_tanh(x, y) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::gelu_tanh(x, y) },
+        Isa::Scalar => 0,
+    };
+    for (x, y) in x[done..].iter().zip(&mut y[done..]) {
+        *y = x * gelu_sigmoid(*x).0;
+    }
+}
+
+/// dx ← dy·(σ + x·σ·(1 − σ)·(c₀ + 3c₁x²)), σ = σ(x·(c₀ + c₁x²)): gelu_tanh's input gradient.
+pub(crate) fn gelu_tanh_grad(isa: Isa, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    assert!(x.len() == dy.len() && x.len() == dx.len(), "gelu_tanh_grad: x, dy and dx lengths");
+    let done = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::gelu_tanh_grad(x, dy, dx) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::gelu_tanh_grad(x, dy, dx) },
+        Isa::Scalar => 0,
+    };
+    for ((x, dy), dx) in x[done..].iter().zip(&dy[done..]).zip(&mut dx[done..]) {
+        let (s, e, x2) = gelu_sigmoid(*x);
+        *dx = dy * (s + x * s * (s * e) * (GELU_C0 + 3.0 * GELU_C1 * x2));
+    }
+}
+
+/// 2·√(2/π) and 0.044715·2·√(2/π): tanh-GELU's constants in the sigmoid form.
+const GELU_C0: f32 = 1.595_769_2;
+const GELU_C1: f32 = 0.071_354_814;
+
+/// σ = σ(v), e = exp(-v) and x², v = x·(c₀ + c₁x²). The gradient's σ·(1 − σ) is σ·σ·e:
+/// 1 − σ in float32 loses the digits of e where σ is near 1 (2e-6 of the gradient at x ≈ 4).
+fn gelu_sigmoid(x: f32) -> (f32, f32, f32) {
+    let x2 = x * x;
+    let e = exp(-x * (GELU_C0 + GELU_C1 * x2));
+    (1.0 / (1.0 + e), e, x2)
 }
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
@@ -129,7 +173,7 @@ fn exp(x: f32) -> f32 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{EXP_MAX, EXP_MIN, LN2_HI, LN2_LO, LOG2_E, POLY};
+    use super::{EXP_MAX, EXP_MIN, GELU_C0, GELU_C1, LN2_HI, LN2_LO, LOG2_E, POLY};
 
     const W: usize = 16;
 
@@ -154,7 +198,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) fn max(x: &[f32]) -> f32 {
+    pub(crate) fn max(x: &[f32]) -> f32 {
         let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
         let chunks = x.chunks_exact(W);
         let tail = chunks.remainder();
@@ -168,7 +212,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
+    pub(crate) fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
         let shift = _mm512_set1_ps(shift);
         let mut sum = _mm512_setzero_ps();
         let mut chunks = x.chunks_exact_mut(W);
@@ -192,7 +236,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) fn softmax_grad(p: &mut [f32], ds: &mut [f32], lse: f32, delta: f32) {
+    pub(crate) fn softmax_grad(p: &mut [f32], ds: &mut [f32], lse: f32, delta: f32) {
         let (lse, delta) = (_mm512_set1_ps(lse), _mm512_set1_ps(delta));
         for start in (0..p.len()).step_by(W) {
             let mask = tail_mask((p.len() - start).min(W));
@@ -207,7 +251,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         let mut acc = _mm512_setzero_ps();
         for start in (0..a.len()).step_by(W) {
             let mask = tail_mask((a.len() - start).min(W));
@@ -219,13 +263,52 @@ mod avx512 {
         }
         _mm512_reduce_add_ps(acc)
     }
+
+    /// σ(v), exp(-v) and x², v = x·(c₀ + c₁x²) (the scalar `gelu_sigmoid`), 16 lanes.
+    #[target_feature(enable = "avx512f")]
+    fn gelu_sigmoid(x: __m512) -> (__m512, __m512, __m512) {
+        let x2 = _mm512_mul_ps(x, x);
+        let v = _mm512_mul_ps(x, _mm512_fmadd_ps(x2, _mm512_set1_ps(GELU_C1), _mm512_set1_ps(GELU_C0)));
+        let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), v));
+        (_mm512_div_ps(_mm512_set1_ps(1.0), _mm512_add_ps(_mm512_set1_ps(1.0), e)), e, x2)
+    }
+
+    /// Whole vectors of `gelu_tanh`; returns how many elements it wrote.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn gelu_tanh(x: &[f32], y: &mut [f32]) -> usize {
+        for (xs, ys) in x.chunks_exact(W).zip(y.chunks_exact_mut(W)) {
+            // SAFETY: both chunks hold W floats.
+            unsafe {
+                let v = _mm512_loadu_ps(xs.as_ptr());
+                _mm512_storeu_ps(ys.as_mut_ptr(), _mm512_mul_ps(v, gelu_sigmoid(v).0));
+            }
+        }
+        x.len() / W * W
+    }
+
+    /// Whole vectors of `gelu_tanh_grad`; returns how many elements it wrote.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn gelu_tanh_grad(x: &[f32], dy: &[f32], dx: &mut [f32]) -> usize {
+        for ((xs, dys), dxs) in x.chunks_exact(W).zip(dy.chunks_exact(W)).zip(dx.chunks_exact_mut(W)) {
+            // SAFETY: the three chunks hold W floats each.
+            unsafe {
+                let v = _mm512_loadu_ps(xs.as_ptr());
+                let (s, e, x2) = gelu_sigmoid(v);
+                let slope = _mm512_fmadd_ps(x2, _mm512_set1_ps(3.0 * GELU_C1), _mm512_set1_ps(GELU_C0));
+                let ds = _mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_mul_ps(s, e));
+                let d = _mm512_fmadd_ps(ds, slope, s);
+                _mm512_storeu_ps(dxs.as_mut_ptr(), _mm512_mul_ps(_mm512_loadu_ps(dys.as_ptr()), d));
+            }
+        }
+        x.len() / W * W
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{EXP_MAX, EXP_MIN, LN2_HI, LN2_LO, LOG2_E, POLY};
+    use super::{EXP_MAX, EXP_MIN, GELU_C0, GELU_C1, LN2_HI, LN2_LO, LOG2_E, POLY};
 
     const W: usize = 8;
 
@@ -259,7 +342,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn max(x: &[f32]) -> f32 {
+    pub(crate) fn max(x: &[f32]) -> f32 {
         let mut acc = _mm256_set1_ps(f32::NEG_INFINITY);
         let chunks = x.chunks_exact(W);
         let tail = padded(chunks.remainder(), f32::NEG_INFINITY);
@@ -274,7 +357,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
+    pub(crate) fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
         let shift_v = _mm256_set1_ps(shift);
         let mut acc = _mm256_setzero_ps();
         let mut chunks = x.chunks_exact_mut(W);
@@ -295,7 +378,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn softmax_grad(p: &mut [f32], ds: &mut [f32], lse: f32, delta: f32) {
+    pub(crate) fn softmax_grad(p: &mut [f32], ds: &mut [f32], lse: f32, delta: f32) {
         let (lse_v, delta_v) = (_mm256_set1_ps(lse), _mm256_set1_ps(delta));
         let row = |p: &mut [f32], ds: &mut [f32]| {
             // SAFETY: both chunks hold W floats.
@@ -317,7 +400,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let (ac, bc) = (a.chunks_exact(W), b.chunks_exact(W));
         let tail = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum::<f32>();
@@ -327,12 +410,62 @@ mod avx2 {
         }
         sum(acc) + tail
     }
+
+    /// σ(v), exp(-v) and x², v = x·(c₀ + c₁x²) (the scalar `gelu_sigmoid`), 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    fn gelu_sigmoid(x: __m256) -> (__m256, __m256, __m256) {
+        let x2 = _mm256_mul_ps(x, x);
+        let v = _mm256_mul_ps(x, _mm256_fmadd_ps(x2, _mm256_set1_ps(GELU_C1), _mm256_set1_ps(GELU_C0)));
+        let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), v));
+        (_mm256_div_ps(_mm256_set1_ps(1.0), _mm256_add_ps(_mm256_set1_ps(1.0), e)), e, x2)
+    }
+
+    /// Whole vectors of `gelu_tanh`; returns how many elements it wrote.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn gelu_tanh(x: &[f32], y: &mut [f32]) -> usize {
+        for (xs, ys) in x.chunks_exact(W).zip(y.chunks_exact_mut(W)) {
+            // SAFETY: both chunks hold W floats.
+            unsafe {
+                let v = _mm256_loadu_ps(xs.as_ptr());
+                _mm256_storeu_ps(ys.as_mut_ptr(), _mm256_mul_ps(v, gelu_sigmoid(v).0));
+            }
+        }
+        x.len() / W * W
+    }
+
+    /// Whole vectors of `gelu_tanh_grad`; returns how many elements it wrote.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn gelu_tanh_grad(x: &[f32], dy: &[f32], dx: &mut [f32]) -> usize {
+        for ((xs, dys), dxs) in x.chunks_exact(W).zip(dy.chunks_exact(W)).zip(dx.chunks_exact_mut(W)) {
+            // SAFETY: the three chunks hold W floats each.
+            unsafe {
+                let v = _mm256_loadu_ps(xs.as_ptr());
+                let (s, e, x2) = gelu_sigmoid(v);
+                let slope = _mm256_fmadd_ps(x2, _mm256_set1_ps(3.0 * GELU_C1), _mm256_set1_ps(GELU_C0));
+                let ds = _mm256_mul_ps(_mm256_mul_ps(v, s), _mm256_mul_ps(s, e));
+                let d = _mm256_fmadd_ps(ds, slope, s);
+                _mm256_storeu_ps(dxs.as_mut_ptr(), _mm256_mul_ps(_mm256_loadu_ps(dys.as_ptr()), d));
+            }
+        }
+        x.len() / W * W
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::runtime::fused_attention::kernels::tests::values;
+
+    /// Deterministic pseudo-random values in [-amplitude, amplitude] (an LCG; also the attention kernels' tests).
+    pub(crate) fn values(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                amplitude * (((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+            })
+            .collect()
+    }
+
 
     /// Each path's exp against f64 exp over the range the clamp keeps, at 2^20 + 7 points (a
     /// row length that is no multiple of a vector, so the tails run too). Measured: 1.2e-7
@@ -380,6 +513,39 @@ mod tests {
                 let scale = x.iter().zip(&y).map(|(a, b)| (a * b).abs()).sum::<f32>();
                 assert!((d - d_ref).abs() <= 1e-6 * scale.max(1.0), "{isa:?} dot, len {len}: {d} vs {d_ref}");
             }
+        }
+    }
+
+    /// tanh-GELU and its gradient in every path against f64 over [-12, 12] (2^16 + 3 points:
+    /// the tails run too), from the tanh definition, not the sigmoid form the kernels use.
+    /// Error measured as |got − f64| / max(|f64|, 1); the bound, 1e-6, is a few float32 roundings
+    /// and far below a wrong constant (a 1e-3 change in c₁ moves the gradient by ~1e-3) or
+    /// the cancellation of 1 − σ (2e-6 at x ≈ 4, which `gelu_sigmoid` avoids).
+    #[test]
+    fn gelu_tanh_matches_f64_in_every_path() {
+        let n = (1 << 16) + 3;
+        let xs: Vec<f32> = (0..n).map(|i| -12.0 + 24.0 * i as f32 / (n - 1) as f32).collect();
+        let dy = values(n, 7, 2.0);
+        let k = (2.0f64 / std::f64::consts::PI).sqrt();
+        for isa in Isa::available() {
+            let (mut y, mut dx) = (vec![0.0; n], vec![0.0; n]);
+            gelu_tanh(isa, &xs, &mut y);
+            gelu_tanh_grad(isa, &xs, &dy, &mut dx);
+            let (mut worst_y, mut worst_dx) = (0.0f64, 0.0f64);
+            for i in 0..n {
+                let x = xs[i] as f64;
+                let t = (k * (x + 0.044715 * x * x * x)).tanh();
+                let want_y = 0.5 * x * (1.0 + t);
+                let want_dx = dy[i] as f64 * 0.5 * ((1.0 + t) + x * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * x * x));
+                worst_y = worst_y.max((y[i] as f64 - want_y).abs() / want_y.abs().max(1.0));
+                worst_dx = worst_dx.max((dx[i] as f64 - want_dx).abs() / want_dx.abs().max(1.0));
+            }
+            println!("{isa:?}: gelu_tanh max err {worst_y:.2e}, gradient {worst_dx:.2e}");
+            assert!(worst_y < 1e-6 && worst_dx < 1e-6, "{isa:?}: gelu_tanh off by {worst_y:.2e}, gradient by {worst_dx:.2e}");
+            let (mut y_nan, mut dx_nan) = ([0.0f32; 1], [0.0f32; 1]);
+            gelu_tanh(isa, &[f32::NAN], &mut y_nan);
+            gelu_tanh_grad(isa, &[f32::NAN], &[1.0], &mut dx_nan);
+            assert!(y_nan[0].is_nan() && dx_nan[0].is_nan(), "{isa:?}: a NaN activation must stay NaN");
         }
     }
 }
