@@ -13,7 +13,8 @@ import onnx
 import torch
 
 from flowstep_export.model.configs import get_config
-from flowstep_export.reference.reference_ops import FlashAttention, FlashAttentionGrad, GeluTanh, GeluTanhGrad
+from flowstep_export.reference.reference_ops import (FlashAttention, FlashAttentionGrad, GeluTanh, GeluTanhGrad, RmsNorm,
+                                                     RmsNormGrad)
 from test_long_sequences import export_tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,6 +66,27 @@ def test_reference_gelu_operators_equal_torch_autograd():
     np.testing.assert_allclose(dx, dx_ref.numpy(), rtol=2e-7, atol=1e-12)
 
 
+def test_reference_rms_norm_operators_equal_torch_autograd():
+    """The NumPy RMSNorm pair against Wan's RMSNorm written with torch's stock ops and its
+    autograd (float64), rows of different scales."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 5, 64, generator=g) * torch.tensor([0.01, 1.0, 30.0])[:, None, None]).double().requires_grad_(True)
+    weight = torch.randn(64, generator=g).double()
+    dy = torch.randn(3, 5, 64, generator=g).double()
+    rstd_ref = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    y_ref = x * rstd_ref * weight
+    (dx_ref,) = torch.autograd.grad((y_ref * dy).sum(), [x])
+    f32 = lambda t: t.detach().numpy().astype(np.float32)  # noqa: E731
+    y, rstd = RmsNorm.create(epsilon=1e-6).run(f32(x), f32(weight))
+    (dx,) = RmsNormGrad.create().run(f32(x), f32(weight), rstd, f32(dy))
+    assert y.dtype == dx.dtype == rstd.dtype == np.float32 and rstd.shape == (3, 5, 1)
+    # float64 evaluation of float32 inputs, rounded once; the float32 rounding of the inputs
+    # themselves (x, weight, dy: 6e-8 relative each) moves the results by a few 1e-7.
+    for got, want in ((y, y_ref), (rstd, rstd_ref), (dx, dx_ref)):
+        want = want.detach().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
 def test_fused_export_validates_against_autograd(tmp_path):
     out, report = export_tiny(tmp_path, attention="fused", graphs=("training_model", "inference_model"))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -75,13 +97,17 @@ def test_fused_export_validates_against_autograd(tmp_path):
     assert sorted(report) == sorted(f"{o}@{t}" for o in ("training.loss", "training.grad", "inference.velocity")
                                     for t in ("3x8x8", "4x10x10"))
     assert all(v["max_rel"] < 1e-5 for v in report.values()), report
-    assert manifest["training"]["operators"] == ["FlashAttention", "FlashAttentionGrad", "GeluTanh", "GeluTanhGrad"]
+    assert manifest["training"]["operators"] == ["FlashAttention", "FlashAttentionGrad", "GeluTanh", "GeluTanhGrad",
+                                                 "RmsNorm", "RmsNormGrad"]
     layers = get_config("tiny").num_layers
     attentions = 2 * layers  # self + cross per block
-    # One GELU per block's FFN and one in the text embedding, which has no gradient (frozen).
+    # One GELU per block's FFN and one in the text embedding, which has no gradient (frozen);
+    # q and k norms of self- and cross-attention, each differentiated (LoRA on q and k).
     assert custom_ops(out / "training_model.onnx") == {"FlashAttention": attentions, "FlashAttentionGrad": attentions,
-                                                       "GeluTanh": layers + 1, "GeluTanhGrad": layers}
-    assert custom_ops(out / "inference_model.onnx") == {"FlashAttention": attentions, "GeluTanh": layers + 1}
+                                                       "GeluTanh": layers + 1, "GeluTanhGrad": layers,
+                                                       "RmsNorm": 4 * layers, "RmsNormGrad": 4 * layers}
+    assert custom_ops(out / "inference_model.onnx") == {"FlashAttention": attentions, "GeluTanh": layers + 1,
+                                                        "RmsNorm": 4 * layers}
 
 
 def test_committed_fused_twin_matches_committed_tiny():
@@ -156,3 +182,6 @@ def test_fused_checkpointed_image_variants_validate(tmp_path):
         # Checkpointing recomputes each block's forward, attention included, before its backward.
         assert ops["FlashAttention"] == 2 * ops["FlashAttentionGrad"] > 0, (preset, ops)
         assert ops["GeluTanh"] == 2 * ops["GeluTanhGrad"] + 1 > 1, (preset, ops)
+        # I2V's image key norm (norm_k_img) has no gradient: no LoRA on its path.
+        image_key_norms = get_config(preset).num_layers if preset == "tiny-i2v" else 0
+        assert ops["RmsNorm"] == 2 * (ops["RmsNormGrad"] + image_key_norms) > 0, (preset, ops)

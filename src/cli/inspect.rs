@@ -55,6 +55,9 @@ pub fn run(args: Args, globals: &Globals) -> anyhow::Result<ExitCode> {
     };
     writeln!(out, "training    {}, attention {attention}, gradient checkpointing {}{}", t.precision, if t.gradient_checkpointing { "on" } else { "off" },
         if t.onnxruntime_disabled_optimizers.is_empty() { String::new() } else { format!(", ONNX Runtime optimizers off: {}", t.onnxruntime_disabled_optimizers.join(",")) })?;
+    if !t.operators.is_empty() {
+        writeln!(out, "operators   {} (com.flowstep: flowstep's own kernels)", t.operators.join(", "))?;
+    }
     writeln!(out, "exporter    {}", m.exporter)?;
     writeln!(out, "sha256      {} files verified", m.files.len())?;
     if let Some(session) = session {

@@ -101,15 +101,17 @@ pub fn domain_for(device: Device, threads: Option<usize>) -> Result<OperatorDoma
 }
 
 /// The operator domain for a CPU session: both attention operators, float32 and bfloat16, and
-/// the float32 tanh-GELU pair of [`super::fused_gelu`].
+/// the float32 pointwise operators of [`super::fused_pointwise`].
 fn cpu_domain(threads: usize) -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?
+    let mut domain = OperatorDomain::new(DOMAIN)?
         .add(Forward::<f32>(threads, PhantomData))?
         .add(Forward::<bf16>(threads, PhantomData))?
         .add(Backward::<f32>(threads, PhantomData))?
-        .add(Backward::<bf16>(threads, PhantomData))?
-        .add(super::fused_gelu::GeluTanh)?
-        .add(super::fused_gelu::GeluTanhGrad)
+        .add(Backward::<bf16>(threads, PhantomData))?;
+    for op in super::fused_pointwise::Pointwise::ALL {
+        domain = domain.add(op)?;
+    }
+    Ok(domain)
 }
 
 /// The session's intra-op thread pool, which runs the kernels' tasks (`threads` threads).

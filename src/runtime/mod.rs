@@ -5,7 +5,7 @@
 pub mod cuda_attention;
 mod device;
 pub mod fused_attention;
-mod fused_gelu;
+mod fused_pointwise;
 mod library;
 mod placement;
 mod simd;
@@ -80,14 +80,15 @@ impl SessionOptions {
 
 /// Whether this flowstep runs the `com.flowstep` operator `name` (from the manifest's
 /// `training.operators`) on `device`: the attention pair wherever [`fused_attention::check_device`]
-/// allows, tanh-GELU on the CPU only (float32 exports: the exporter keeps it nowhere else).
+/// allows, the pointwise ones (tanh-GELU, RMSNorm) on the CPU only (float32 exports: the
+/// exporter keeps them nowhere else).
 fn check_operator(name: &str, attention: AttentionImpl, device: Device) -> std::result::Result<(), String> {
     let op = format!("{}::{name}", fused_attention::DOMAIN);
     match name {
         fused_attention::FORWARD | fused_attention::BACKWARD => Ok(()),
         _ if attention != AttentionImpl::Fused => Err(format!("training.operators lists {op}, but training.attention is not fused")),
-        fused_gelu::FORWARD | fused_gelu::BACKWARD if device == Device::Cpu => Ok(()),
-        fused_gelu::FORWARD | fused_gelu::BACKWARD => {
+        _ if fused_pointwise::OPERATORS.contains(&name) && device == Device::Cpu => Ok(()),
+        _ if fused_pointwise::OPERATORS.contains(&name) => {
             Err(format!("the graphs use {op}, which flowstep implements for cpu only, not {device}: use --device cpu, or re-export with --attention chunked"))
         }
         _ => Err(format!("the graphs use {op}, which this flowstep does not implement (a newer exporter's artifacts?)")),
@@ -205,12 +206,12 @@ mod tests {
     #[test]
     fn manifest_operators_are_checked_per_device() {
         use AttentionImpl::{Chunked, Fused};
-        for name in [fused_attention::FORWARD, fused_attention::BACKWARD, fused_gelu::FORWARD, fused_gelu::BACKWARD] {
+        for name in [fused_attention::FORWARD, fused_attention::BACKWARD].into_iter().chain(fused_pointwise::OPERATORS) {
             assert_eq!(check_operator(name, Fused, Device::Cpu), Ok(()), "{name}");
         }
-        let gelu_on_cuda = check_operator(fused_gelu::BACKWARD, Fused, Device::Cuda(0)).unwrap_err();
+        let gelu_on_cuda = check_operator(fused_pointwise::GELU_GRAD, Fused, Device::Cuda(0)).unwrap_err();
         assert!(gelu_on_cuda.contains("com.flowstep::GeluTanhGrad") && gelu_on_cuda.contains("cuda:0"), "{gelu_on_cuda}");
-        assert!(check_operator(fused_gelu::FORWARD, Chunked, Device::Cpu).unwrap_err().contains("not fused"));
+        assert!(check_operator(fused_pointwise::RMS_NORM, Chunked, Device::Cpu).unwrap_err().contains("not fused"));
         assert!(check_operator("RingAttention", Fused, Device::Cpu).unwrap_err().contains("com.flowstep::RingAttention"));
     }
 }

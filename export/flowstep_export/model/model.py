@@ -19,15 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from . import gelu_operator, pointwise
+from . import pointwise, pointwise_operators
 from .attention import flash_attention
 from .configs import WanConfig
 
 ROPE_MAX_POSITIONS = 1024  # Wan's `precompute_freqs_cis_3d(head_dim)` default `end`
 
 # How LayerNorm, RMSNorm and GELU are differentiated: "hand-written" is pointwise.py's closed
-# forms, which the export traces (fewer graph nodes); "fused" is the same with GELU as the
-# com.flowstep operator pair of gelu_operator.py (float32 fused exports); "stock" is PyTorch's
+# forms, which the export traces (fewer graph nodes); "fused" is the same with GELU and RMSNorm
+# as the com.flowstep operator pairs of pointwise_operators.py (float32 fused exports); "stock" is PyTorch's
 # own ops, as DiffSynth runs them eagerly (the PyTorch reference trainer, where fused kernels
 # are faster).
 POINTWISE = "hand-written"
@@ -50,6 +50,8 @@ class RMSNorm(nn.Module):
         if POINTWISE == "stock":
             x32 = x.float()
             return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        if POINTWISE == "fused":
+            return pointwise_operators.rms_norm(x, self.weight, self.eps)[0]
         return pointwise.rms_norm(x, self.weight, self.eps)
 
 
@@ -69,7 +71,7 @@ class GELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if POINTWISE == "stock":
             return F.gelu(x, approximate="tanh")
-        return gelu_operator.gelu_tanh(x) if POINTWISE == "fused" else pointwise.gelu_tanh(x)
+        return pointwise_operators.gelu_tanh(x) if POINTWISE == "fused" else pointwise.gelu_tanh(x)
 
 
 def rope_tables(head_dim: int, end: int = ROPE_MAX_POSITIONS, theta: float = 10000.0):

@@ -68,9 +68,9 @@ class ExportOptions:
                               opset=FP8_OPSET if fp8_base else OPSET, cse=not fp8_base)
 
     @property
-    def fused_gelu(self) -> bool:
-        """tanh-GELU as the com.flowstep pair (gelu_operator.py): in fused float32 exports,
-        which run on the CPU, the only provider with kernels for it."""
+    def fused_pointwise(self) -> bool:
+        """tanh-GELU and RMSNorm as com.flowstep pairs (pointwise_operators.py): in fused float32
+        exports, which run on the CPU, the only provider with kernels for them."""
         return self.attention == "fused" and self.precision == "float32"
 
     @property
@@ -218,7 +218,7 @@ def export_artifacts(config: WanConfig, options: ExportOptions) -> dict:
         "optimizer_model": lambda: (adamw, optimizer_inputs(flat.numel()), OPTIMIZER_OUTPUTS),
     }
     timings, operators = {}, set()
-    saved, wan.POINTWISE = wan.POINTWISE, "fused" if options.fused_gelu else wan.POINTWISE
+    saved, wan.POINTWISE = wan.POINTWISE, "fused" if options.fused_pointwise else wan.POINTWISE
     try:
         for name in options.graphs:
             start = time.perf_counter()

@@ -19,7 +19,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import OPSET
-from ..model import gelu_operator
+from ..model import pointwise_operators
 from ..model.attention import DOMAIN, OPERATORS, TRANSLATION_TABLE
 from .lower_attention import lower_attention
 
@@ -72,9 +72,9 @@ class _GraphWrapper(torch.nn.Module):
 
 
 ATTENTION_MODES = ("chunked", "fused")
-# The com.flowstep operators an export with attention "fused" may keep (tanh-GELU's only in
-# float32: export.ExportOptions.fused_gelu).
-FUSED_OPERATORS = OPERATORS + gelu_operator.OPERATORS
+# The com.flowstep operators an export with attention "fused" may keep (tanh-GELU's and
+# RMSNorm's only in float32: export.ExportOptions.fused_pointwise).
+FUSED_OPERATORS = OPERATORS + pointwise_operators.OPERATORS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +120,7 @@ def export(gm: torch.fx.GraphModule, inputs: list[GraphInput], output_names: lis
         input_names=[item.name for item in inputs],
         output_names=output_names,
         dynamic_shapes=(dynamic,),
-        custom_translation_table={**TRANSLATION_TABLE, **gelu_operator.TRANSLATION_TABLE},
+        custom_translation_table={**TRANSLATION_TABLE, **pointwise_operators.TRANSLATION_TABLE},
         verbose=False,
     )
     light_optimize(program.model, cse=lowering.cse)

@@ -1,4 +1,4 @@
-"""NumPy implementations of the com.flowstep operators (attention, tanh-GELU) for ONNX's reference
+"""NumPy implementations of the com.flowstep operators (attention, tanh-GELU, RMSNorm) for ONNX's reference
 evaluator, so a fused export (`--attention fused`) validates on the CPU without any
 operator library: `ReferenceEvaluator(path, new_ops=NEW_OPS)`.
 
@@ -52,7 +52,7 @@ class FlashAttentionGrad(OpRun):
         return back(dq, q), back(dk, k), back(dv, v)
 
 
-# tanh-GELU (gelu_operator.py), from its definition 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715x³))),
+# tanh-GELU (pointwise_operators.py), from its definition 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715x³))),
 # evaluated in float64 (float32's 1 ± tanh cancels where tanh saturates), output in x's dtype.
 _GELU_K = np.sqrt(2.0 / np.pi)
 
@@ -75,7 +75,26 @@ class GeluTanhGrad(OpRun):
         return (dy.astype(np.float64) * 0.5 * ((1.0 + t) + x64 * (1.0 - t * t) * du)).astype(x.dtype),
 
 
-NEW_OPS = [FlashAttention, FlashAttentionGrad, GeluTanh, GeluTanhGrad]
+# RMSNorm over the last axis (pointwise_operators.py), from its definition, in float64.
+class RmsNorm(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, x, weight, epsilon=None):
+        x64 = x.astype(np.float64)
+        rstd = 1.0 / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + epsilon)
+        return (x64 * rstd * weight).astype(x.dtype), rstd.astype(np.float32)
+
+
+class RmsNormGrad(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, x, weight, rstd, dy):
+        x64, r = x.astype(np.float64), rstd.astype(np.float64)
+        g = dy.astype(np.float64) * weight
+        return (g * r - x64 * r ** 3 * np.mean(g * x64, axis=-1, keepdims=True)).astype(x.dtype),
+
+
+NEW_OPS = [FlashAttention, FlashAttentionGrad, GeluTanh, GeluTanhGrad, RmsNorm, RmsNormGrad]
 
 
 def operator_test_model() -> "onnx.ModelProto":

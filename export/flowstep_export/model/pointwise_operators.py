@@ -1,0 +1,156 @@
+"""tanh-GELU and RMSNorm as operator pairs, for float32 exports that keep `com.flowstep`
+operators.
+
+`torch.library` custom ops that the ONNX exporter maps to `com.flowstep` nodes (schemas
+registered below), which flowstep's executor implements on the CPU (src/runtime/fused_pointwise.rs):
+one pass over memory forward and one backward, where pointwise.py's closed forms are chains of
+standard nodes, each a full pass (issue 25: GELU ~12 ms and the RMSNorms ~8 ms of a 334 ms AVX2
+step at 1,280 tokens of `small`).
+
+`GeluTanh(x) -> y`, `GeluTanhGrad(x, dy) -> dx` (6 and ~13 standard nodes):
+
+    y  = x·σ(v),  v = x·(c₀ + c₁x²)
+    dx = dy·(σ + x·σ·(1 − σ)·(c₀ + 3c₁x²))
+
+with c₀ = 2√(2/π), c₁ = 0.044715·c₀ (pointwise.py's GELU_C0, GELU_C1): 0.5·(1 + tanh(u)) =
+σ(2u), so this is F.gelu(x, approximate="tanh").
+
+`RmsNorm(x, weight) -> (y, rstd)` (attribute `epsilon`) and `RmsNormGrad(x, weight, rstd, dy)
+-> dx`, over the last axis (Wan's q/k norms; 6 and ~9 standard nodes):
+
+    rstd = 1/√(mean(x²) + ε) (shape [..., 1]),  y = (x·rstd)·w
+    dx = g·rstd − x·rstd³·mean(g·x),  g = dy·w
+
+The norm weight gets no gradient (LoRA leaves it frozen; asking for one is an error).
+
+float32 only: bfloat16 exports run on GPU providers, which have no kernels for these nodes,
+and keep pointwise.py's standard-op forms.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnxscript
+import torch
+from onnx.defs import OpSchema
+
+from .attention import DOMAIN
+from .pointwise import GELU_C0, GELU_C1
+
+# The ONNX operators of DOMAIN this module adds to a fused export.
+OPERATORS = ("GeluTanh", "GeluTanhGrad", "RmsNorm", "RmsNormGrad")
+
+
+@torch.library.custom_op("flowstep::gelu_tanh", mutates_args=())
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x * (GELU_C0 + GELU_C1 * (x * x)))
+
+
+@gelu_tanh.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("flowstep::gelu_tanh_grad", mutates_args=())
+def gelu_tanh_grad(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x * (GELU_C0 + GELU_C1 * (x * x)))
+    return dy * (s + x * s * (1.0 - s) * (GELU_C0 + 3.0 * GELU_C1 * (x * x)))
+
+
+@gelu_tanh_grad.register_fake
+def _(x, dy):
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _backward(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return gelu_tanh_grad(x, dy)
+
+
+gelu_tanh.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("flowstep::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    rstd = torch.rsqrt((x * x).mean(dim=-1, keepdim=True) + eps)
+    return (x * rstd) * weight, rstd
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x), x.new_empty((*x.shape[:-1], 1))
+
+
+@torch.library.custom_op("flowstep::rms_norm_grad", mutates_args=())
+def rms_norm_grad(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    g = dy * weight
+    return g * rstd - x * (rstd * rstd * rstd * (g * x).mean(dim=-1, keepdim=True))
+
+
+@rms_norm_grad.register_fake
+def _(x, weight, rstd, dy):
+    return torch.empty_like(x)
+
+
+def _rms_setup_context(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_backward(ctx, dy, _drstd):
+    if ctx.needs_input_grad[1]:
+        raise NotImplementedError("flowstep::rms_norm computes no gradient for its weight (frozen under LoRA)")
+    x, weight, rstd = ctx.saved_tensors
+    return rms_norm_grad(x, weight, rstd, dy), None, None
+
+
+rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup_context)
+
+
+def _register_schema(name: str, inputs: list[str], outputs: list[str], attributes: tuple = ()) -> None:
+    if onnx.defs.has(name, DOMAIN):
+        return
+    onnx.defs.register_schema(OpSchema(
+        name, DOMAIN, 1,
+        inputs=[OpSchema.FormalParameter(n, "T") for n in inputs],
+        outputs=[OpSchema.FormalParameter(n, "T") for n in outputs],
+        type_constraints=[("T", ["tensor(float)"], "activations, weights and their gradients")],
+        attributes=list(attributes),
+    ))
+
+
+_EPSILON = (OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "added to mean(x²) before the square root"),)
+_register_schema("GeluTanh", ["x"], ["y"])
+_register_schema("GeluTanhGrad", ["x", "dy"], ["dx"])
+_register_schema("RmsNorm", ["x", "weight"], ["y", "rstd"], _EPSILON)
+_register_schema("RmsNormGrad", ["x", "weight", "rstd", "dy"], ["dx"])
+_flowstep = onnxscript.values.Opset(DOMAIN, 1)
+
+
+def _translate_gelu(x):
+    return _flowstep.GeluTanh(x)
+
+
+def _translate_gelu_grad(x, dy):
+    return _flowstep.GeluTanhGrad(x, dy)
+
+
+def _translate_rms_norm(x, weight, eps: float):
+    return _flowstep.RmsNorm(x, weight, epsilon=eps, _outputs=2)
+
+
+def _translate_rms_norm_grad(x, weight, rstd, dy):
+    return _flowstep.RmsNormGrad(x, weight, rstd, dy)
+
+
+# For torch.onnx.export(custom_translation_table=...).
+TRANSLATION_TABLE = {
+    torch.ops.flowstep.gelu_tanh.default: _translate_gelu,
+    torch.ops.flowstep.gelu_tanh_grad.default: _translate_gelu_grad,
+    torch.ops.flowstep.rms_norm.default: _translate_rms_norm,
+    torch.ops.flowstep.rms_norm_grad.default: _translate_rms_norm_grad,
+}
