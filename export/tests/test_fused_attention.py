@@ -14,7 +14,7 @@ import torch
 
 from flowstep_export.model.configs import get_config
 from flowstep_export.reference.reference_ops import (FlashAttention, FlashAttentionGrad, GeluTanh, GeluTanhGrad, RmsNorm,
-                                                     RmsNormGrad)
+                                                     RmsNormGrad, Rope)
 from test_long_sequences import export_tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,6 +87,25 @@ def test_reference_rms_norm_operators_equal_torch_autograd():
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
 
 
+def test_reference_rope_equals_the_models_rope_and_its_autograd():
+    """The NumPy Rope against model.rope_apply's standard-op form (on Wan's tables for a 2x3x4
+    grid) and its autograd, which is the same rotation by the negated angle."""
+    from flowstep_export.model import model as wan
+
+    tables = wan.rope_tables(32)
+    cos, sin = wan.rope_grid(tables, 2, 3, 4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 24, 2 * 32, generator=g, requires_grad=True)
+    dy = torch.randn(2, 24, 2 * 32, generator=g)
+    y_ref = wan.rope_apply(x, cos, sin, num_heads=2)
+    (dx_ref,) = torch.autograd.grad((y_ref * dy).sum(), [x])
+    (y,) = Rope.create().run(x.detach().numpy(), cos.numpy(), sin.numpy())
+    (dx,) = Rope.create().run(dy.numpy(), cos.numpy(), -sin.numpy())
+    # float32 products and sums (torch) against float64 rounded once: values of order 3.
+    np.testing.assert_allclose(y, y_ref.detach().numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(dx, dx_ref.numpy(), rtol=0, atol=1e-6)
+
+
 def test_fused_export_validates_against_autograd(tmp_path):
     out, report = export_tiny(tmp_path, attention="fused", graphs=("training_model", "inference_model"))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -98,16 +117,17 @@ def test_fused_export_validates_against_autograd(tmp_path):
                                     for t in ("3x8x8", "4x10x10"))
     assert all(v["max_rel"] < 1e-5 for v in report.values()), report
     assert manifest["training"]["operators"] == ["FlashAttention", "FlashAttentionGrad", "GeluTanh", "GeluTanhGrad",
-                                                 "RmsNorm", "RmsNormGrad"]
+                                                 "RmsNorm", "RmsNormGrad", "Rope"]
     layers = get_config("tiny").num_layers
     attentions = 2 * layers  # self + cross per block
     # One GELU per block's FFN and one in the text embedding, which has no gradient (frozen);
-    # q and k norms of self- and cross-attention, each differentiated (LoRA on q and k).
+    # q and k norms of self- and cross-attention, each differentiated (LoRA on q and k); RoPE
+    # on self-attention's q and k, and again (the inverse rotation) on their gradients.
     assert custom_ops(out / "training_model.onnx") == {"FlashAttention": attentions, "FlashAttentionGrad": attentions,
                                                        "GeluTanh": layers + 1, "GeluTanhGrad": layers,
-                                                       "RmsNorm": 4 * layers, "RmsNormGrad": 4 * layers}
+                                                       "RmsNorm": 4 * layers, "RmsNormGrad": 4 * layers, "Rope": 4 * layers}
     assert custom_ops(out / "inference_model.onnx") == {"FlashAttention": attentions, "GeluTanh": layers + 1,
-                                                        "RmsNorm": 4 * layers}
+                                                        "RmsNorm": 4 * layers, "Rope": 2 * layers}
 
 
 def test_committed_fused_twin_matches_committed_tiny():
@@ -185,3 +205,5 @@ def test_fused_checkpointed_image_variants_validate(tmp_path):
         # I2V's image key norm (norm_k_img) has no gradient: no LoRA on its path.
         image_key_norms = get_config(preset).num_layers if preset == "tiny-i2v" else 0
         assert ops["RmsNorm"] == 2 * (ops["RmsNormGrad"] + image_key_norms) > 0, (preset, ops)
+        # Self-attention's q and k: forward, its recompute, and the gradients' inverse rotation.
+        assert ops["Rope"] == 6 * get_config(preset).num_layers, (preset, ops)

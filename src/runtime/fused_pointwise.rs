@@ -3,7 +3,9 @@
 //!
 //! - `GeluTanh(x) -> y`, `GeluTanhGrad(x, dy) -> dx`: tanh-GELU, any shape;
 //! - `RmsNorm(x, weight) -> (y, rstd)` (attribute `epsilon`), `RmsNormGrad(x, weight, rstd,
-//!   dy) -> dx`: RMSNorm over the last axis, rstd `[..., 1]`.
+//!   dy) -> dx`: RMSNorm over the last axis, rstd `[..., 1]`;
+//! - `Rope(x, cos, sin) -> y`: Wan's RoPE on interleaved pairs, x [B, S, C], cos and sin
+//!   [S, 1, P] shared by the C / 2P heads (its gradient is itself with −sin).
 //!
 //! One pass over memory each, where the standard-op forms are chains of 6 to 13 nodes, each a
 //! full pass. The per-element math is [`super::simd`]'s, in blocks over ONNX Runtime's intra-op
@@ -19,8 +21,9 @@ pub const GELU: &str = "GeluTanh";
 pub const GELU_GRAD: &str = "GeluTanhGrad";
 pub const RMS_NORM: &str = "RmsNorm";
 pub const RMS_NORM_GRAD: &str = "RmsNormGrad";
+pub const ROPE: &str = "Rope";
 /// Every operator of this module (the manifest's `training.operators` may name them).
-pub const OPERATORS: [&str; 4] = [GELU, GELU_GRAD, RMS_NORM, RMS_NORM_GRAD];
+pub const OPERATORS: [&str; 5] = [GELU, GELU_GRAD, RMS_NORM, RMS_NORM_GRAD, ROPE];
 
 /// Elements per task: 256 KiB of float32, large enough that a task outweighs its dispatch.
 const BLOCK: usize = 1 << 16;
@@ -32,10 +35,11 @@ pub(super) enum Pointwise {
     GeluGrad,
     RmsNorm,
     RmsNormGrad,
+    Rope,
 }
 
 impl Pointwise {
-    pub(super) const ALL: [Pointwise; 4] = [Pointwise::Gelu, Pointwise::GeluGrad, Pointwise::RmsNorm, Pointwise::RmsNormGrad];
+    pub(super) const ALL: [Pointwise; 5] = [Pointwise::Gelu, Pointwise::GeluGrad, Pointwise::RmsNorm, Pointwise::RmsNormGrad, Pointwise::Rope];
 
     fn arity(self) -> (usize, usize) {
         match self {
@@ -43,6 +47,7 @@ impl Pointwise {
             Pointwise::GeluGrad => (2, 1),
             Pointwise::RmsNorm => (2, 2),
             Pointwise::RmsNormGrad => (4, 1),
+            Pointwise::Rope => (3, 1),
         }
     }
 }
@@ -56,6 +61,7 @@ impl Operator for Pointwise {
             Pointwise::GeluGrad => GELU_GRAD,
             Pointwise::RmsNorm => RMS_NORM,
             Pointwise::RmsNormGrad => RMS_NORM_GRAD,
+            Pointwise::Rope => ROPE,
         }
     }
 
@@ -80,6 +86,7 @@ impl Operator for Pointwise {
                 Pointwise::Gelu | Pointwise::GeluGrad => run_gelu(ctx, op == Pointwise::GeluGrad),
                 Pointwise::RmsNorm => run_rms_norm(ctx, epsilon),
                 Pointwise::RmsNormGrad => run_rms_norm_grad(ctx),
+                Pointwise::Rope => run_rope(ctx),
             };
             result.map_err(|e| ort::Error::new(format!("{DOMAIN}::{name} node `{node}` on cpu: {e}")))
         }))
@@ -204,6 +211,33 @@ fn run_rms_norm_grad(ctx: &ComputeContext) -> std::result::Result<(), String> {
         let (x, dy) = (&x[rows.start * d..rows.end * d], &dy[rows.start * d..rows.end * d]);
         for (((x, dy), dx), r) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).zip(&rstd[rows]) {
             simd::rms_norm_grad_row(isa, x, w, *r, dy, dx);
+        }
+    })
+}
+
+fn run_rope(ctx: &ComputeContext) -> std::result::Result<(), String> {
+    let (x_value, cos_value, sin_value) = (input(ctx, 0, "x")?, input(ctx, 1, "cos")?, input(ctx, 2, "sin")?);
+    let ((shape, x), (cos_shape, cos), (sin_shape, sin)) =
+        (tensor::<f32>(&x_value, "x")?, tensor::<f32>(&cos_value, "cos")?, tensor::<f32>(&sin_value, "sin")?);
+    let (tokens, pairs) = match (shape.as_slice(), cos_shape.as_slice()) {
+        (&[_, s, c], &[cs, 1, p]) if cs == s && p > 0 && c % (2 * p) == 0 && sin_shape == cos_shape => (s as usize, p as usize),
+        _ => return Err(format!("x {shape:?}, cos {cos_shape:?}, sin {sin_shape:?}: expected x [B, S, C], cos and sin [S, 1, P], C a multiple of 2P")),
+    };
+    let row = shape[2] as usize;
+    let mut y_value = output(ctx, 0, shape)?;
+    let y = SharedOut::new(tensor_mut::<f32>(&mut y_value, 0)?);
+    par_blocks(ctx, x.len() / row.max(1), (BLOCK / row.max(1)).max(1), |rows| {
+        // SAFETY: row blocks are disjoint.
+        let y = unsafe { y.slice_mut(rows.start * row..rows.end * row) };
+        for (i, (x, y)) in rows.clone().zip(x[rows.start * row..rows.end * row].chunks_exact(row).zip(y.chunks_exact_mut(row))) {
+            let token = i % tokens;
+            let (cos, sin) = (&cos[token * pairs..(token + 1) * pairs], &sin[token * pairs..(token + 1) * pairs]);
+            for (x, y) in x.chunks_exact(2 * pairs).zip(y.chunks_exact_mut(2 * pairs)) {
+                for (((x, y), c), s) in x.chunks_exact(2).zip(y.chunks_exact_mut(2)).zip(cos).zip(sin) {
+                    y[0] = x[0] * c - x[1] * s;
+                    y[1] = x[0] * s + x[1] * c;
+                }
+            }
         }
     })
 }

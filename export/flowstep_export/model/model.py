@@ -26,8 +26,8 @@ from .configs import WanConfig
 ROPE_MAX_POSITIONS = 1024  # Wan's `precompute_freqs_cis_3d(head_dim)` default `end`
 
 # How LayerNorm, RMSNorm and GELU are differentiated: "hand-written" is pointwise.py's closed
-# forms, which the export traces (fewer graph nodes); "fused" is the same with GELU and RMSNorm
-# as the com.flowstep operator pairs of pointwise_operators.py (float32 fused exports); "stock" is PyTorch's
+# forms, which the export traces (fewer graph nodes); "fused" is the same with GELU, RMSNorm and
+# RoPE as the com.flowstep operators of pointwise_operators.py (float32 fused exports); "stock" is PyTorch's
 # own ops, as DiffSynth runs them eagerly (the PyTorch reference trainer, where fused kernels
 # are faster).
 POINTWISE = "hand-written"
@@ -101,6 +101,8 @@ def rope_grid(tables, f: int, h: int, w: int):
 def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Wan's complex RoPE on interleaved (real, imag) pairs, in real arithmetic.
     x: [b, s, n·d]; cos/sin: [s, 1, d/2]. In float32 (DiffSynth: float64), result in x's dtype."""
+    if POINTWISE == "fused":
+        return pointwise_operators.rope(x, cos, sin)
     b, s, _ = x.shape
     pairs = x.float().reshape(b, s, num_heads, -1, 2)
     re, im = pairs.unbind(-1)

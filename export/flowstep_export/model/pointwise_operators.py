@@ -1,11 +1,11 @@
-"""tanh-GELU and RMSNorm as operator pairs, for float32 exports that keep `com.flowstep`
+"""tanh-GELU, RMSNorm and RoPE as operators, for float32 exports that keep `com.flowstep`
 operators.
 
 `torch.library` custom ops that the ONNX exporter maps to `com.flowstep` nodes (schemas
 registered below), which flowstep's executor implements on the CPU (src/runtime/fused_pointwise.rs):
 one pass over memory forward and one backward, where pointwise.py's closed forms are chains of
-standard nodes, each a full pass (issue 25: GELU ~12 ms and the RMSNorms ~8 ms of a 334 ms AVX2
-step at 1,280 tokens of `small`).
+standard nodes, each a full pass (issue 25: GELU ~12 ms, the RMSNorms ~8 ms and RoPE ~5 ms of a
+334 ms AVX2 step at 1,280 tokens of `small`).
 
 `GeluTanh(x) -> y`, `GeluTanhGrad(x, dy) -> dx` (6 and ~13 standard nodes):
 
@@ -23,6 +23,15 @@ with c₀ = 2√(2/π), c₁ = 0.044715·c₀ (pointwise.py's GELU_C0, GELU_C1):
 
 The norm weight gets no gradient (LoRA leaves it frozen; asking for one is an error).
 
+`Rope(x, cos, sin) -> y`: Wan's RoPE on interleaved (real, imaginary) pairs of x [B, S, C]
+with cos, sin [S, 1, P] per token and pair (C a multiple of 2P; the heads share the tables):
+
+    y[2p] = x[2p]·cos − x[2p+1]·sin,  y[2p+1] = x[2p]·sin + x[2p+1]·cos
+
+Its gradient is the inverse rotation, the same operator with −sin (the tables are constants:
+asking for their gradient is an error). The standard-op form is 10 nodes each way (unbind,
+four products, two sums, stack).
+
 float32 only: bfloat16 exports run on GPU providers, which have no kernels for these nodes,
 and keep pointwise.py's standard-op forms.
 """
@@ -38,7 +47,7 @@ from .attention import DOMAIN
 from .pointwise import GELU_C0, GELU_C1
 
 # The ONNX operators of DOMAIN this module adds to a fused export.
-OPERATORS = ("GeluTanh", "GeluTanhGrad", "RmsNorm", "RmsNormGrad")
+OPERATORS = ("GeluTanh", "GeluTanhGrad", "RmsNorm", "RmsNormGrad", "Rope")
 
 
 @torch.library.custom_op("flowstep::gelu_tanh", mutates_args=())
@@ -111,6 +120,34 @@ def _rms_backward(ctx, dy, _drstd):
 rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup_context)
 
 
+@torch.library.custom_op("flowstep::rope", mutates_args=())
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    b, s, _ = x.shape
+    pairs = x.reshape(b, s, -1, cos.shape[-1], 2)
+    re, im = pairs.unbind(-1)
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).reshape(x.shape)
+
+
+@rope.register_fake
+def _(x, cos, sin):
+    return torch.empty_like(x)
+
+
+def _rope_setup_context(ctx, inputs, output):
+    _, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _rope_backward(ctx, dy):
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        raise NotImplementedError("flowstep::rope computes no gradient for its cos/sin tables (constants)")
+    cos, sin = ctx.saved_tensors
+    return rope(dy, cos, -sin), None, None
+
+
+rope.register_autograd(_rope_backward, setup_context=_rope_setup_context)
+
+
 def _register_schema(name: str, inputs: list[str], outputs: list[str], attributes: tuple = ()) -> None:
     if onnx.defs.has(name, DOMAIN):
         return
@@ -128,6 +165,7 @@ _register_schema("GeluTanh", ["x"], ["y"])
 _register_schema("GeluTanhGrad", ["x", "dy"], ["dx"])
 _register_schema("RmsNorm", ["x", "weight"], ["y", "rstd"], _EPSILON)
 _register_schema("RmsNormGrad", ["x", "weight", "rstd", "dy"], ["dx"])
+_register_schema("Rope", ["x", "cos", "sin"], ["y"])
 _flowstep = onnxscript.values.Opset(DOMAIN, 1)
 
 
@@ -147,8 +185,13 @@ def _translate_rms_norm_grad(x, weight, rstd, dy):
     return _flowstep.RmsNormGrad(x, weight, rstd, dy)
 
 
+def _translate_rope(x, cos, sin):
+    return _flowstep.Rope(x, cos, sin)
+
+
 # For torch.onnx.export(custom_translation_table=...).
 TRANSLATION_TABLE = {
+    torch.ops.flowstep.rope.default: _translate_rope,
     torch.ops.flowstep.gelu_tanh.default: _translate_gelu,
     torch.ops.flowstep.gelu_tanh_grad.default: _translate_gelu_grad,
     torch.ops.flowstep.rms_norm.default: _translate_rms_norm,

@@ -1,4 +1,4 @@
-"""NumPy implementations of the com.flowstep operators (attention, tanh-GELU, RMSNorm) for ONNX's reference
+"""NumPy implementations of the com.flowstep operators (attention, tanh-GELU, RMSNorm, RoPE) for ONNX's reference
 evaluator, so a fused export (`--attention fused`) validates on the CPU without any
 operator library: `ReferenceEvaluator(path, new_ops=NEW_OPS)`.
 
@@ -94,7 +94,18 @@ class RmsNormGrad(OpRun):
         return (g * r - x64 * r ** 3 * np.mean(g * x64, axis=-1, keepdims=True)).astype(x.dtype),
 
 
-NEW_OPS = [FlashAttention, FlashAttentionGrad, GeluTanh, GeluTanhGrad, RmsNorm, RmsNormGrad]
+# Wan's RoPE on interleaved pairs (pointwise_operators.py), as a complex product in float64.
+class Rope(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, x, cos, sin):
+        b, s, c = x.shape
+        pairs = x.astype(np.float64).reshape(b, s, -1, cos.shape[-1], 2)
+        rotated = (pairs[..., 0] + 1j * pairs[..., 1]) * (cos.astype(np.float64) + 1j * sin.astype(np.float64))
+        return np.stack([rotated.real, rotated.imag], axis=-1).reshape(b, s, c).astype(x.dtype),
+
+
+NEW_OPS = [FlashAttention, FlashAttentionGrad, GeluTanh, GeluTanhGrad, RmsNorm, RmsNormGrad, Rope]
 
 
 def operator_test_model() -> "onnx.ModelProto":
