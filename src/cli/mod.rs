@@ -310,7 +310,7 @@ pub fn init_runtime(globals: &Globals, device: &DeviceArgs) -> anyhow::Result<fl
         let dir = prefix.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
         anyhow::ensure!(dir.is_dir(), "--ort-profile {}: directory {} does not exist", prefix.display(), dir.display());
     }
-    let lib = flowstep::runtime::init(globals.ort_lib.as_deref(), device.device.is_gpu())?;
+    let lib = flowstep::runtime::init(globals.ort_lib.as_deref(), device.device.is_gpu(), device.threads)?;
     if globals.verbose > 0 {
         eprintln!("ONNX Runtime: {} (found by {})", lib.path.display(), lib.found_by);
     }

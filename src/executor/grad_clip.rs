@@ -64,7 +64,7 @@ mod tests {
 
     #[test]
     fn norm_of_a_buffer() {
-        crate::runtime::init(None, false).expect("ONNX Runtime (scripts/setup_ort.sh)");
+        crate::runtime::init(None, false, None).expect("ONNX Runtime (scripts/setup_ort.sh)");
         let mut clip = GradClip::load(1.0, &SessionOptions::cpu()).expect("norm graph");
         let values: Vec<f32> = (0..100_003).map(|i| ((i % 13) as f32 - 6.0) * 0.25).collect();
         let want = values.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();

@@ -151,7 +151,7 @@ mod tests {
 
     #[test]
     fn bf16_tensor_keeps_its_bits() {
-        crate::runtime::init(None, false).expect("ONNX Runtime (scripts/setup_ort.sh)");
+        crate::runtime::init(None, false, None).expect("ONNX Runtime (scripts/setup_ort.sh)");
         let memory = DeviceMemory::new(Device::Cpu);
         let values: Vec<half::bf16> = [1.0f32, -2.5, 3.140625, 0.0, 65280.0, -1e-3].iter().map(|&v| half::bf16::from_f32(v)).collect();
         let tensor = memory.tensor_bf16(&[2, 3], &values).expect("bf16 tensor");
@@ -167,7 +167,7 @@ mod tests {
 
     #[test]
     fn fp8_tensor_keeps_its_bits() {
-        crate::runtime::init(None, false).expect("ONNX Runtime (scripts/setup_ort.sh)");
+        crate::runtime::init(None, false, None).expect("ONNX Runtime (scripts/setup_ort.sh)");
         let memory = DeviceMemory::new(Device::Cpu);
         let bits = [0x00u8, 0x38, 0xB8, 0x7E, 0x01, 0xFE];
         let tensor = memory.tensor_fp8(&[2, 3], &bits).expect("fp8 tensor");

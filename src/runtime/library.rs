@@ -58,14 +58,26 @@ fn existing(path: &Path, found_by: &'static str) -> Result<OrtLibrary> {
 }
 
 /// Loads ONNX Runtime once for the process; later calls return the first library.
-pub fn init(explicit: Option<&Path>, prefer_gpu: bool) -> Result<&'static OrtLibrary> {
+///
+/// The environment gets one intra-op thread pool of `threads` threads (None: ONNX Runtime's
+/// default, one per core) that every session shares. A training step runs two or more
+/// sessions one after another (the training graph, the optimizer, ...); with a pool per
+/// session, each idle pool's worker sleeps while another pool's spin, and on a machine with as
+/// many threads as cores the woken worker waited for the next scheduler tick (~4 ms, about 3
+/// times a step). Measured on `small` at 1,280 tokens, 2 threads: ~5% faster steps (issue 25).
+pub fn init(explicit: Option<&Path>, prefer_gpu: bool, threads: Option<usize>) -> Result<&'static OrtLibrary> {
     if let Some((lib, _)) = LOADED.get() {
         return Ok(lib);
     }
     let lib = locate_library(explicit, prefer_gpu)?;
     let builder = ort::init_from(&lib.path).map_err(|e| Error::OrtLibrary { reason: e.to_string() })?;
+    let pool = ort::environment::GlobalThreadPoolOptions::default()
+        .with_intra_threads(threads.unwrap_or(0))
+        .and_then(|pool| pool.with_inter_threads(1))
+        .map_err(|e| Error::OrtLibrary { reason: format!("{}: thread pool: {e}", lib.path.display()) })?;
     let env = builder
         .with_name("flowstep")
+        .with_global_thread_pool(pool)
         .build()
         .map_err(|e| Error::OrtLibrary { reason: format!("{}: {e}", lib.path.display()) })?;
     Ok(&LOADED.get_or_init(|| (lib, env)).0)

@@ -15,7 +15,7 @@ pub fn tiny_artifacts() -> PathBuf {
 
 /// Loads ONNX Runtime from the repository's set-up location (scripts/setup_ort.sh).
 pub fn init_ort() {
-    if let Err(e) = flowstep::runtime::init(None, false) {
+    if let Err(e) = flowstep::runtime::init(None, false, None) {
         panic!("{e}");
     }
 }
