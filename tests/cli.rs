@@ -127,7 +127,7 @@ fn inspect_summarises_and_validates() {
     // A fused export says where its operators run.
     let fused = flowstep(&["inspect", "--artifacts", path_str(&repo().join("models/tiny-fused/artifacts"))]);
     assert!(String::from_utf8_lossy(&fused.stdout).contains("attention fused (flowstep's kernels: cpu; cuda with a --features cuda-attention build, bf16)"), "{}", stderr(&fused));
-    assert!(String::from_utf8_lossy(&fused.stdout).contains("operators   FlashAttention, FlashAttentionGrad, GeluTanh, GeluTanhGrad, RmsNorm, RmsNormGrad, Rope"), "{}", stderr(&fused));
+    assert!(String::from_utf8_lossy(&fused.stdout).contains("operators   FlashAttention, FlashAttentionGrad, GeluTanh, GeluTanhGrad, LayerNormGrad, RmsNorm, RmsNormGrad, Rope"), "{}", stderr(&fused));
 }
 
 /// `flowstep inspect | head -1`: a reader that stops early ends the output quietly (exit 0),

@@ -13,8 +13,8 @@ import onnx
 import torch
 
 from flowstep_export.model.configs import get_config
-from flowstep_export.reference.reference_ops import (FlashAttention, FlashAttentionGrad, GeluTanh, GeluTanhGrad, RmsNorm,
-                                                     RmsNormGrad, Rope)
+from flowstep_export.reference.reference_ops import (FlashAttention, FlashAttentionGrad, GeluTanh, GeluTanhGrad, LayerNormGrad,
+                                                     RmsNorm, RmsNormGrad, Rope)
 from test_long_sequences import export_tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,6 +106,23 @@ def test_reference_rope_equals_the_models_rope_and_its_autograd():
     np.testing.assert_allclose(dx, dx_ref.numpy(), rtol=0, atol=1e-6)
 
 
+def test_reference_layer_norm_grad_equals_torch_autograd():
+    """The NumPy LayerNormGrad against F.layer_norm's autograd (float64), with and without an
+    affine weight, rows whose mean is far from zero (the centring must not cancel)."""
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(3, 5, 64, generator=g) + torch.tensor([0.0, 50.0, -3.0])[:, None, None]).double().requires_grad_(True)
+    dy = torch.randn(3, 5, 64, generator=g).double()
+    for weight in (None, torch.randn(64, generator=g).double()):
+        (dx_ref,) = torch.autograd.grad((torch.nn.functional.layer_norm(x, [64], weight, None, 1e-6) * dy).sum(), [x])
+        mean = x.detach().mean(-1, keepdim=True)
+        rstd = torch.rsqrt(x.detach().var(-1, unbiased=False, keepdim=True) + 1e-6)
+        f32 = lambda t: t.detach().numpy().astype(np.float32)  # noqa: E731
+        w = np.ones(64, np.float32) if weight is None else f32(weight)
+        (dx,) = LayerNormGrad.create().run(f32(x), f32(mean), f32(rstd), f32(dy), w)
+        # float32 rounding of the inputs (x up to 50: 3e-6 absolute) moves dx by ~1e-6 of its scale.
+        np.testing.assert_allclose(dx, dx_ref.numpy(), rtol=0, atol=2e-5 * float(dx_ref.abs().max()))
+
+
 def test_fused_export_validates_against_autograd(tmp_path):
     out, report = export_tiny(tmp_path, attention="fused", graphs=("training_model", "inference_model"))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -117,15 +134,18 @@ def test_fused_export_validates_against_autograd(tmp_path):
                                     for t in ("3x8x8", "4x10x10"))
     assert all(v["max_rel"] < 1e-5 for v in report.values()), report
     assert manifest["training"]["operators"] == ["FlashAttention", "FlashAttentionGrad", "GeluTanh", "GeluTanhGrad",
-                                                 "RmsNorm", "RmsNormGrad", "Rope"]
+                                                 "LayerNormGrad", "RmsNorm", "RmsNormGrad", "Rope"]
     layers = get_config("tiny").num_layers
     attentions = 2 * layers  # self + cross per block
     # One GELU per block's FFN and one in the text embedding, which has no gradient (frozen);
     # q and k norms of self- and cross-attention, each differentiated (LoRA on q and k); RoPE
-    # on self-attention's q and k, and again (the inverse rotation) on their gradients.
+    # on self-attention's q and k, and again (the inverse rotation) on their gradients;
+    # LayerNorm's backward for norm1, norm2, norm3 per block and the head's norm, except block
+    # 0's norm1, whose input has nothing trainable before it.
     assert custom_ops(out / "training_model.onnx") == {"FlashAttention": attentions, "FlashAttentionGrad": attentions,
                                                        "GeluTanh": layers + 1, "GeluTanhGrad": layers,
-                                                       "RmsNorm": 4 * layers, "RmsNormGrad": 4 * layers, "Rope": 4 * layers}
+                                                       "RmsNorm": 4 * layers, "RmsNormGrad": 4 * layers, "Rope": 4 * layers,
+                                                       "LayerNormGrad": 3 * layers}
     assert custom_ops(out / "inference_model.onnx") == {"FlashAttention": attentions, "GeluTanh": layers + 1,
                                                         "RmsNorm": 4 * layers, "Rope": 2 * layers}
 

@@ -4,6 +4,8 @@
 //! - `GeluTanh(x) -> y`, `GeluTanhGrad(x, dy) -> dx`: tanh-GELU, any shape;
 //! - `RmsNorm(x, weight) -> (y, rstd)` (attribute `epsilon`), `RmsNormGrad(x, weight, rstd,
 //!   dy) -> dx`: RMSNorm over the last axis, rstd `[..., 1]`;
+//! - `LayerNormGrad(x, mean, rstd, dy, weight) -> dx`: LayerNorm's input gradient over the last
+//!   axis from the forward's (ONNX LayerNormalization's) mean and rstd `[..., 1]`;
 //! - `Rope(x, cos, sin) -> y`: Wan's RoPE on interleaved pairs, x [B, S, C], cos and sin
 //!   [S, 1, P] shared by the C / 2P heads (its gradient is itself with −sin).
 //!
@@ -21,9 +23,10 @@ pub const GELU: &str = "GeluTanh";
 pub const GELU_GRAD: &str = "GeluTanhGrad";
 pub const RMS_NORM: &str = "RmsNorm";
 pub const RMS_NORM_GRAD: &str = "RmsNormGrad";
+pub const LAYER_NORM_GRAD: &str = "LayerNormGrad";
 pub const ROPE: &str = "Rope";
 /// Every operator of this module (the manifest's `training.operators` may name them).
-pub const OPERATORS: [&str; 5] = [GELU, GELU_GRAD, RMS_NORM, RMS_NORM_GRAD, ROPE];
+pub const OPERATORS: [&str; 6] = [GELU, GELU_GRAD, RMS_NORM, RMS_NORM_GRAD, LAYER_NORM_GRAD, ROPE];
 
 /// Elements per task: 256 KiB of float32, large enough that a task outweighs its dispatch.
 const BLOCK: usize = 1 << 16;
@@ -35,11 +38,13 @@ pub(super) enum Pointwise {
     GeluGrad,
     RmsNorm,
     RmsNormGrad,
+    LayerNormGrad,
     Rope,
 }
 
 impl Pointwise {
-    pub(super) const ALL: [Pointwise; 5] = [Pointwise::Gelu, Pointwise::GeluGrad, Pointwise::RmsNorm, Pointwise::RmsNormGrad, Pointwise::Rope];
+    pub(super) const ALL: [Pointwise; 6] =
+        [Pointwise::Gelu, Pointwise::GeluGrad, Pointwise::RmsNorm, Pointwise::RmsNormGrad, Pointwise::LayerNormGrad, Pointwise::Rope];
 
     fn arity(self) -> (usize, usize) {
         match self {
@@ -47,6 +52,7 @@ impl Pointwise {
             Pointwise::GeluGrad => (2, 1),
             Pointwise::RmsNorm => (2, 2),
             Pointwise::RmsNormGrad => (4, 1),
+            Pointwise::LayerNormGrad => (5, 1),
             Pointwise::Rope => (3, 1),
         }
     }
@@ -61,6 +67,7 @@ impl Operator for Pointwise {
             Pointwise::GeluGrad => GELU_GRAD,
             Pointwise::RmsNorm => RMS_NORM,
             Pointwise::RmsNormGrad => RMS_NORM_GRAD,
+            Pointwise::LayerNormGrad => LAYER_NORM_GRAD,
             Pointwise::Rope => ROPE,
         }
     }
@@ -86,6 +93,7 @@ impl Operator for Pointwise {
                 Pointwise::Gelu | Pointwise::GeluGrad => run_gelu(ctx, op == Pointwise::GeluGrad),
                 Pointwise::RmsNorm => run_rms_norm(ctx, epsilon),
                 Pointwise::RmsNormGrad => run_rms_norm_grad(ctx),
+                Pointwise::LayerNormGrad => run_layer_norm_grad(ctx),
                 Pointwise::Rope => run_rope(ctx),
             };
             result.map_err(|e| ort::Error::new(format!("{DOMAIN}::{name} node `{node}` on cpu: {e}")))
@@ -211,6 +219,33 @@ fn run_rms_norm_grad(ctx: &ComputeContext) -> std::result::Result<(), String> {
         let (x, dy) = (&x[rows.start * d..rows.end * d], &dy[rows.start * d..rows.end * d]);
         for (((x, dy), dx), r) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).zip(&rstd[rows]) {
             simd::rms_norm_grad_row(isa, x, w, *r, dy, dx);
+        }
+    })
+}
+
+fn run_layer_norm_grad(ctx: &ComputeContext) -> std::result::Result<(), String> {
+    let (x_value, mean_value, rstd_value) = (input(ctx, 0, "x")?, input(ctx, 1, "mean")?, input(ctx, 2, "rstd")?);
+    let (dy_value, w_value) = (input(ctx, 3, "dy")?, input(ctx, 4, "weight")?);
+    let (shape, d, w) = rows_of(&x_value, &w_value)?;
+    let ((_, x), (mean_shape, mean), (rstd_shape_got, rstd), (dy_shape, dy)) = (
+        tensor::<f32>(&x_value, "x")?,
+        tensor::<f32>(&mean_value, "mean")?,
+        tensor::<f32>(&rstd_value, "rstd")?,
+        tensor::<f32>(&dy_value, "dy")?,
+    );
+    expect_shape("mean", &mean_shape, &rstd_shape(&shape))?;
+    expect_shape("rstd", &rstd_shape_got, &rstd_shape(&shape))?;
+    expect_shape("dy", &dy_shape, &shape)?;
+    let mut dx_value = output(ctx, 0, shape)?;
+    let dx = SharedOut::new(tensor_mut::<f32>(&mut dx_value, 0)?);
+    let isa = Isa::detect();
+    par_blocks(ctx, x.len() / d, (BLOCK / d).max(1), |rows| {
+        // SAFETY: row blocks are disjoint.
+        let dx = unsafe { dx.slice_mut(rows.start * d..rows.end * d) };
+        let (x, dy) = (&x[rows.start * d..rows.end * d], &dy[rows.start * d..rows.end * d]);
+        let stats = mean[rows.clone()].iter().zip(&rstd[rows]);
+        for (((x, dy), dx), (mu, r)) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).zip(stats) {
+            simd::layer_norm_grad_row(isa, x, w, *mu, *r, dy, dx);
         }
     })
 }

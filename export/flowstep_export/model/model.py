@@ -26,8 +26,9 @@ from .configs import WanConfig
 ROPE_MAX_POSITIONS = 1024  # Wan's `precompute_freqs_cis_3d(head_dim)` default `end`
 
 # How LayerNorm, RMSNorm and GELU are differentiated: "hand-written" is pointwise.py's closed
-# forms, which the export traces (fewer graph nodes); "fused" is the same with GELU, RMSNorm and
-# RoPE as the com.flowstep operators of pointwise_operators.py (float32 fused exports); "stock" is PyTorch's
+# forms, which the export traces (fewer graph nodes); "fused" is the same with GELU, RMSNorm,
+# LayerNorm's backward and RoPE as the com.flowstep operators of pointwise_operators.py (float32
+# fused exports); "stock" is PyTorch's
 # own ops, as DiffSynth runs them eagerly (the PyTorch reference trainer, where fused kernels
 # are faster).
 POINTWISE = "hand-written"
@@ -62,6 +63,8 @@ def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         weight = None if norm.weight is None else norm.weight.float()
         bias = None if norm.bias is None else norm.bias.float()
         return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps).to(x.dtype)
+    if POINTWISE == "fused":
+        return pointwise_operators.layer_norm(x, norm.weight, norm.bias, norm.eps)
     return pointwise.layer_norm(x, norm.weight, norm.bias, norm.eps)
 
 

@@ -1,4 +1,4 @@
-"""tanh-GELU, RMSNorm and RoPE as operators, for float32 exports that keep `com.flowstep`
+"""tanh-GELU, RMSNorm, LayerNorm's backward and RoPE as operators, for float32 exports that keep `com.flowstep`
 operators.
 
 `torch.library` custom ops that the ONNX exporter maps to `com.flowstep` nodes (schemas
@@ -22,6 +22,14 @@ with c₀ = 2√(2/π), c₁ = 0.044715·c₀ (pointwise.py's GELU_C0, GELU_C1):
     dx = g·rstd − x·rstd³·mean(g·x),  g = dy·w
 
 The norm weight gets no gradient (LoRA leaves it frozen; asking for one is an error).
+
+`LayerNormGrad(x, mean, rstd, dy, weight) -> dx`: LayerNorm's input gradient over the last axis
+(Wan's norm1/norm2/norm3 and the head's; their forward stays ONNX LayerNormalization, whose
+mean and rstd [..., 1] it takes; ~9 standard nodes):
+
+    dx = (g − mean(g))·rstd − (x − mean)·rstd³·mean(g·(x − mean)),  g = dy·w
+
+(w is ones for a norm without affine weights; weights and biases get no gradient.)
 
 `Rope(x, cos, sin) -> y`: Wan's RoPE on interleaved (real, imaginary) pairs of x [B, S, C]
 with cos, sin [S, 1, P] per token and pair (C a multiple of 2P; the heads share the tables):
@@ -47,7 +55,7 @@ from .attention import DOMAIN
 from .pointwise import GELU_C0, GELU_C1
 
 # The ONNX operators of DOMAIN this module adds to a fused export.
-OPERATORS = ("GeluTanh", "GeluTanhGrad", "RmsNorm", "RmsNormGrad", "Rope")
+OPERATORS = ("GeluTanh", "GeluTanhGrad", "RmsNorm", "RmsNormGrad", "LayerNormGrad", "Rope")
 
 
 @torch.library.custom_op("flowstep::gelu_tanh", mutates_args=())
@@ -120,6 +128,48 @@ def _rms_backward(ctx, dy, _drstd):
 rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup_context)
 
 
+@torch.library.custom_op("flowstep::layer_norm_grad", mutates_args=())
+def layer_norm_grad(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor,
+                    weight: torch.Tensor) -> torch.Tensor:
+    g = dy * weight
+    centred = x - mean
+    return (g - g.mean(dim=-1, keepdim=True)) * rstd - centred * (rstd * rstd * rstd * (g * centred).mean(dim=-1, keepdim=True))
+
+
+@layer_norm_grad.register_fake
+def _(x, mean, rstd, dy, weight):
+    return torch.empty_like(x)
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """layer_norm over the last dim (float32, optional weight and bias): one native_layer_norm
+    forward (ONNX LayerNormalization), the flowstep::layer_norm_grad operator backward."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
+        return torch.ops.aten.native_layer_norm(x, [x.shape[-1]], weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, _ = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _drstd):
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise NotImplementedError("flowstep::layer_norm_grad computes no gradient for the norm's weight or bias (frozen under LoRA)")
+        x, weight, mean, rstd = ctx.saved_tensors
+        weight = x.new_ones(x.shape[-1]) if weight is None else weight
+        return layer_norm_grad(x, mean, rstd, dy, weight), None, None, None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """F.layer_norm(x, [D], weight, bias, eps) with the fused backward."""
+    return LayerNormFunction.apply(x, weight, bias, eps)[0]
+
+
 @torch.library.custom_op("flowstep::rope", mutates_args=())
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     b, s, _ = x.shape
@@ -165,6 +215,7 @@ _register_schema("GeluTanh", ["x"], ["y"])
 _register_schema("GeluTanhGrad", ["x", "dy"], ["dx"])
 _register_schema("RmsNorm", ["x", "weight"], ["y", "rstd"], _EPSILON)
 _register_schema("RmsNormGrad", ["x", "weight", "rstd", "dy"], ["dx"])
+_register_schema("LayerNormGrad", ["x", "mean", "rstd", "dy", "weight"], ["dx"])
 _register_schema("Rope", ["x", "cos", "sin"], ["y"])
 _flowstep = onnxscript.values.Opset(DOMAIN, 1)
 
@@ -185,6 +236,10 @@ def _translate_rms_norm_grad(x, weight, rstd, dy):
     return _flowstep.RmsNormGrad(x, weight, rstd, dy)
 
 
+def _translate_layer_norm_grad(x, mean, rstd, dy, weight):
+    return _flowstep.LayerNormGrad(x, mean, rstd, dy, weight)
+
+
 def _translate_rope(x, cos, sin):
     return _flowstep.Rope(x, cos, sin)
 
@@ -192,6 +247,7 @@ def _translate_rope(x, cos, sin):
 # For torch.onnx.export(custom_translation_table=...).
 TRANSLATION_TABLE = {
     torch.ops.flowstep.rope.default: _translate_rope,
+    torch.ops.flowstep.layer_norm_grad.default: _translate_layer_norm_grad,
     torch.ops.flowstep.gelu_tanh.default: _translate_gelu,
     torch.ops.flowstep.gelu_tanh_grad.default: _translate_gelu_grad,
     torch.ops.flowstep.rms_norm.default: _translate_rms_norm,

@@ -1,4 +1,4 @@
-"""NumPy implementations of the com.flowstep operators (attention, tanh-GELU, RMSNorm, RoPE) for ONNX's reference
+"""NumPy implementations of the com.flowstep operators (attention, tanh-GELU, RMSNorm, LayerNorm's backward, RoPE) for ONNX's reference
 evaluator, so a fused export (`--attention fused`) validates on the CPU without any
 operator library: `ReferenceEvaluator(path, new_ops=NEW_OPS)`.
 
@@ -94,6 +94,18 @@ class RmsNormGrad(OpRun):
         return (g * r - x64 * r ** 3 * np.mean(g * x64, axis=-1, keepdims=True)).astype(x.dtype),
 
 
+# LayerNorm's input gradient over the last axis (pointwise_operators.py), in float64.
+class LayerNormGrad(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, x, mean, rstd, dy, weight):
+        x64, mu, r = x.astype(np.float64), mean.astype(np.float64), rstd.astype(np.float64)
+        g = dy.astype(np.float64) * weight
+        c = x64 - mu
+        dx = (g - g.mean(axis=-1, keepdims=True)) * r - c * r ** 3 * (g * c).mean(axis=-1, keepdims=True)
+        return dx.astype(x.dtype),
+
+
 # Wan's RoPE on interleaved pairs (pointwise_operators.py), as a complex product in float64.
 class Rope(OpRun):
     op_domain = DOMAIN
@@ -105,7 +117,7 @@ class Rope(OpRun):
         return np.stack([rotated.real, rotated.imag], axis=-1).reshape(b, s, c).astype(x.dtype),
 
 
-NEW_OPS = [FlashAttention, FlashAttentionGrad, GeluTanh, GeluTanhGrad, RmsNorm, RmsNormGrad, Rope]
+NEW_OPS = [FlashAttention, FlashAttentionGrad, GeluTanh, GeluTanhGrad, RmsNorm, RmsNormGrad, LayerNormGrad, Rope]
 
 
 def operator_test_model() -> "onnx.ModelProto":
