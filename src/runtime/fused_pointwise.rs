@@ -173,7 +173,8 @@ fn rows_of<'a>(x: &ValueRef<'_>, weight: &'a ValueRef<'_>) -> std::result::Resul
     Ok((shape, d as usize, w))
 }
 
-fn rstd_shape(shape: &[i64]) -> Vec<i64> {
+/// The shape of a per-row statistic of x: x's with the last axis 1.
+fn row_stat_shape(shape: &[i64]) -> Vec<i64> {
     let mut s = shape.to_vec();
     if let Some(last) = s.last_mut() {
         *last = 1;
@@ -189,7 +190,7 @@ fn run_rms_norm(ctx: &ComputeContext, epsilon: f32) -> std::result::Result<(), S
     let (x_value, w_value) = (input(ctx, 0, "x")?, input(ctx, 1, "weight")?);
     let (shape, d, w) = rows_of(&x_value, &w_value)?;
     let (_, x) = tensor::<f32>(&x_value, "x")?;
-    let (mut y_value, mut rstd_value) = (output(ctx, 0, shape.clone())?, output(ctx, 1, rstd_shape(&shape))?);
+    let (mut y_value, mut rstd_value) = (output(ctx, 0, shape.clone())?, output(ctx, 1, row_stat_shape(&shape))?);
     let (y, rstd) = (SharedOut::new(tensor_mut::<f32>(&mut y_value, 0)?), SharedOut::new(tensor_mut::<f32>(&mut rstd_value, 1)?));
     let isa = Isa::detect();
     par_blocks(ctx, x.len() / d, (BLOCK / d).max(1), |rows| {
@@ -203,39 +204,38 @@ fn run_rms_norm(ctx: &ComputeContext, epsilon: f32) -> std::result::Result<(), S
 }
 
 fn run_rms_norm_grad(ctx: &ComputeContext) -> std::result::Result<(), String> {
-    let (x_value, w_value) = (input(ctx, 0, "x")?, input(ctx, 1, "weight")?);
-    let (rstd_value, dy_value) = (input(ctx, 2, "rstd")?, input(ctx, 3, "dy")?);
-    let (shape, d, w) = rows_of(&x_value, &w_value)?;
-    let ((_, x), (rstd_shape_got, rstd), (dy_shape, dy)) =
-        (tensor::<f32>(&x_value, "x")?, tensor::<f32>(&rstd_value, "rstd")?, tensor::<f32>(&dy_value, "dy")?);
-    expect_shape("rstd", &rstd_shape_got, &rstd_shape(&shape))?;
-    expect_shape("dy", &dy_shape, &shape)?;
-    let mut dx_value = output(ctx, 0, shape)?;
-    let dx = SharedOut::new(tensor_mut::<f32>(&mut dx_value, 0)?);
-    let isa = Isa::detect();
-    par_blocks(ctx, x.len() / d, (BLOCK / d).max(1), |rows| {
-        // SAFETY: row blocks are disjoint.
-        let dx = unsafe { dx.slice_mut(rows.start * d..rows.end * d) };
-        let (x, dy) = (&x[rows.start * d..rows.end * d], &dy[rows.start * d..rows.end * d]);
-        for (((x, dy), dx), r) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).zip(&rstd[rows]) {
-            simd::rms_norm_grad_row(isa, x, w, *r, dy, dx);
-        }
-    })
+    let (x, w, dy) = (input(ctx, 0, "x")?, input(ctx, 1, "weight")?, input(ctx, 3, "dy")?);
+    let rstd = input(ctx, 2, "rstd")?;
+    run_norm_grad(ctx, &x, &w, &dy, [("rstd", &rstd)], |isa, x, w, [r], dy, dx| simd::rms_norm_grad_row(isa, x, w, r, dy, dx))
 }
 
 fn run_layer_norm_grad(ctx: &ComputeContext) -> std::result::Result<(), String> {
-    let (x_value, mean_value, rstd_value) = (input(ctx, 0, "x")?, input(ctx, 1, "mean")?, input(ctx, 2, "rstd")?);
-    let (dy_value, w_value) = (input(ctx, 3, "dy")?, input(ctx, 4, "weight")?);
-    let (shape, d, w) = rows_of(&x_value, &w_value)?;
-    let ((_, x), (mean_shape, mean), (rstd_shape_got, rstd), (dy_shape, dy)) = (
-        tensor::<f32>(&x_value, "x")?,
-        tensor::<f32>(&mean_value, "mean")?,
-        tensor::<f32>(&rstd_value, "rstd")?,
-        tensor::<f32>(&dy_value, "dy")?,
-    );
-    expect_shape("mean", &mean_shape, &rstd_shape(&shape))?;
-    expect_shape("rstd", &rstd_shape_got, &rstd_shape(&shape))?;
+    let (x, w, dy) = (input(ctx, 0, "x")?, input(ctx, 4, "weight")?, input(ctx, 3, "dy")?);
+    let (mean, rstd) = (input(ctx, 1, "mean")?, input(ctx, 2, "rstd")?);
+    run_norm_grad(ctx, &x, &w, &dy, [("mean", &mean), ("rstd", &rstd)], |isa, x, w, [mu, r], dy, dx| {
+        simd::layer_norm_grad_row(isa, x, w, mu, r, dy, dx)
+    })
+}
+
+/// A norm's input gradient row by row: x [..., D], dy like x, weight [D], and N statistics of
+/// the forward, each [..., 1]; `row(isa, x, w, stats, dy, dx)` computes one row.
+fn run_norm_grad<const N: usize>(
+    ctx: &ComputeContext,
+    x_value: &ValueRef<'_>,
+    w_value: &ValueRef<'_>,
+    dy_value: &ValueRef<'_>,
+    stats: [(&str, &ValueRef<'_>); N],
+    row: impl Fn(Isa, &[f32], &[f32], [f32; N], &[f32], &mut [f32]) + Sync + Send,
+) -> std::result::Result<(), String> {
+    let (shape, d, w) = rows_of(x_value, w_value)?;
+    let ((_, x), (dy_shape, dy)) = (tensor::<f32>(x_value, "x")?, tensor::<f32>(dy_value, "dy")?);
     expect_shape("dy", &dy_shape, &shape)?;
+    let mut stat_data = [&[][..]; N];
+    for ((name, value), data) in stats.iter().zip(&mut stat_data) {
+        let (stat_shape, values) = tensor::<f32>(value, name)?;
+        expect_shape(name, &stat_shape, &row_stat_shape(&shape))?;
+        *data = values;
+    }
     let mut dx_value = output(ctx, 0, shape)?;
     let dx = SharedOut::new(tensor_mut::<f32>(&mut dx_value, 0)?);
     let isa = Isa::detect();
@@ -243,9 +243,8 @@ fn run_layer_norm_grad(ctx: &ComputeContext) -> std::result::Result<(), String> 
         // SAFETY: row blocks are disjoint.
         let dx = unsafe { dx.slice_mut(rows.start * d..rows.end * d) };
         let (x, dy) = (&x[rows.start * d..rows.end * d], &dy[rows.start * d..rows.end * d]);
-        let stats = mean[rows.clone()].iter().zip(&rstd[rows]);
-        for (((x, dy), dx), (mu, r)) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).zip(stats) {
-            simd::layer_norm_grad_row(isa, x, w, *mu, *r, dy, dx);
+        for (i, ((x, dy), dx)) in rows.zip(x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d))) {
+            row(isa, x, w, stat_data.map(|s| s[i]), dy, dx);
         }
     })
 }
