@@ -263,7 +263,7 @@ impl Dims {
     }
 }
 
-fn expect_shape(name: &str, got: &[i64], want: &[i64]) -> std::result::Result<(), String> {
+pub(super) fn expect_shape(name: &str, got: &[i64], want: &[i64]) -> std::result::Result<(), String> {
     if got == want { Ok(()) } else { Err(format!("input `{name}` has shape {got:?}, expected {want:?}")) }
 }
 

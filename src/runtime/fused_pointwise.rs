@@ -16,7 +16,7 @@
 use ort::operator::{BoxedKernel, ComputeContext, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::{TensorElementType, ValueRef};
 
-use super::fused_attention::{DOMAIN, input, output, tensor, tensor_mut};
+use super::fused_attention::{DOMAIN, expect_shape, input, output, tensor, tensor_mut};
 use super::simd::{self, Isa};
 
 pub const GELU: &str = "GeluTanh";
@@ -180,10 +180,6 @@ fn row_stat_shape(shape: &[i64]) -> Vec<i64> {
         *last = 1;
     }
     s
-}
-
-fn expect_shape(name: &str, got: &[i64], want: &[i64]) -> std::result::Result<(), String> {
-    if got == want { Ok(()) } else { Err(format!("input `{name}` has shape {got:?}, expected {want:?}")) }
 }
 
 fn run_rms_norm(ctx: &ComputeContext, epsilon: f32) -> std::result::Result<(), String> {

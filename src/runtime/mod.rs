@@ -81,8 +81,8 @@ impl SessionOptions {
 
 /// Whether this flowstep runs the `com.flowstep` operator `name` (from the manifest's
 /// `training.operators`) on `device`: the attention pair wherever [`fused_attention::check_device`]
-/// allows, the pointwise ones (tanh-GELU, RMSNorm) on the CPU only (float32 exports: the
-/// exporter keeps them nowhere else).
+/// allows, the pointwise ones ([`fused_pointwise::OPERATORS`]) on the CPU only (float32 exports:
+/// the exporter keeps them nowhere else).
 fn check_operator(name: &str, attention: AttentionImpl, device: Device) -> std::result::Result<(), String> {
     let op = format!("{}::{name}", fused_attention::DOMAIN);
     match name {

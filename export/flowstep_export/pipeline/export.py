@@ -69,8 +69,8 @@ class ExportOptions:
 
     @property
     def fused_pointwise(self) -> bool:
-        """tanh-GELU and RMSNorm as com.flowstep pairs (pointwise_operators.py): in fused float32
-        exports, which run on the CPU, the only provider with kernels for them."""
+        """The com.flowstep pointwise operators (pointwise_operators.py): in fused float32 exports,
+        which run on the CPU, the only provider with kernels for them."""
         return self.attention == "fused" and self.precision == "float32"
 
     @property

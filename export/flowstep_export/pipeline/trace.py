@@ -72,8 +72,8 @@ class _GraphWrapper(torch.nn.Module):
 
 
 ATTENTION_MODES = ("chunked", "fused")
-# The com.flowstep operators an export with attention "fused" may keep (tanh-GELU's and
-# RMSNorm's only in float32: export.ExportOptions.fused_pointwise).
+# The com.flowstep operators an export with attention "fused" may keep (the pointwise ones only
+# in float32: export.ExportOptions.fused_pointwise).
 FUSED_OPERATORS = OPERATORS + pointwise_operators.OPERATORS
 
 
