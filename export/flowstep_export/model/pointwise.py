@@ -32,6 +32,31 @@ def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=tuple(range(t.dim() - 1))).reshape(like.shape).to(like.dtype)
 
 
+def layer_norm_input_grad(x32: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """LayerNorm's dx (float32) from g = dy·w and the forward's mean and rstd."""
+    centred = x32 - mean
+    mean_g = g.mean(dim=-1, keepdim=True)
+    mean_gc = (g * centred).mean(dim=-1, keepdim=True)
+    return (g - mean_g) * rstd - centred * (rstd * rstd * rstd * mean_gc)
+
+
+def rms_norm_input_grad(x32: torch.Tensor, g: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """RMSNorm's dx (float32) from g = dy·w and the forward's rstd."""
+    mean_gx = (g * x32).mean(dim=-1, keepdim=True)
+    return g * rstd - x32 * (rstd * rstd * rstd * mean_gx)
+
+
+def gelu_tanh_input_grad(x32: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """tanh-GELU's dx (float32) from its input and dy."""
+    # σ(v) is recomputed from x with nodes that differ from the forward's (c₁x·x, not
+    # c₁·x²): common-subexpression elimination would otherwise merge the two and keep
+    # σ(v), a [tokens, ffn_dim] float32 tensor per block, alive from forward to backward.
+    c1x2 = (x32 * GELU_C1) * x32
+    s = torch.sigmoid(x32 * (c1x2 + GELU_C0))
+    ds = s * (1.0 - s)
+    return dy.float() * (s + x32 * ds * (c1x2 * 3.0 + GELU_C0))
+
+
 class LayerNormFunction(torch.autograd.Function):
     """layer_norm over the last dim in float32 (optional float32 weight and bias), result in x's
     dtype; the forward stays one native_layer_norm (ONNX LayerNormalization)."""
@@ -55,13 +80,10 @@ class LayerNormFunction(torch.autograd.Function):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dy = dy.float()
         g = dy if weight is None else dy * weight.float()
-        centred = x.float() - mean
-        mean_g = g.mean(dim=-1, keepdim=True)
-        mean_gc = (g * centred).mean(dim=-1, keepdim=True)
-        dx = (g - mean_g) * rstd - centred * (rstd * rstd * rstd * mean_gc)
+        dx = layer_norm_input_grad(x.float(), mean, rstd, g)
         dweight = dbias = None
         if ctx.needs_input_grad[1]:
-            dweight = _sum_to(dy * (centred * rstd), weight)
+            dweight = _sum_to(dy * ((x.float() - mean) * rstd), weight)
         if ctx.needs_input_grad[2]:
             dbias = _sum_to(dy, bias)
         return dx.to(x.dtype), dweight, dbias, None
@@ -86,9 +108,7 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy, _drstd):
         x, weight, rstd = ctx.saved_tensors
         x32 = x.float()
-        g = (dy * weight).float()
-        mean_gx = (g * x32).mean(dim=-1, keepdim=True)
-        dx = g * rstd - x32 * (rstd * rstd * rstd * mean_gx)
+        dx = rms_norm_input_grad(x32, (dy * weight).float(), rstd)
         dweight = None
         if ctx.needs_input_grad[1]:
             dweight = _sum_to(dy * (x32 * rstd).to(x.dtype), weight)
@@ -123,14 +143,7 @@ class GeluTanhFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        x32 = x.float()
-        # σ(v) is recomputed from x with nodes that differ from the forward's (c₁x·x, not
-        # c₁·x²): common-subexpression elimination would otherwise merge the two and keep
-        # σ(v), a [tokens, ffn_dim] float32 tensor per block, alive from forward to backward.
-        c1x2 = (x32 * GELU_C1) * x32
-        s = torch.sigmoid(x32 * (c1x2 + GELU_C0))
-        ds = s * (1.0 - s)
-        return (dy.float() * (s + x32 * ds * (c1x2 * 3.0 + GELU_C0))).to(x.dtype)
+        return gelu_tanh_input_grad(x.float(), dy).to(x.dtype)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ import torch
 from onnx.defs import OpSchema
 
 from .attention import DOMAIN
-from .pointwise import GELU_C0, GELU_C1
+from . import pointwise
 
 # The ONNX operators of DOMAIN this module adds to a fused export.
 OPERATORS = ("GeluTanh", "GeluTanhGrad", "RmsNorm", "RmsNormGrad", "LayerNormGrad", "Rope")
@@ -60,7 +60,7 @@ OPERATORS = ("GeluTanh", "GeluTanhGrad", "RmsNorm", "RmsNormGrad", "LayerNormGra
 
 @torch.library.custom_op("flowstep::gelu_tanh", mutates_args=())
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(x * (GELU_C0 + GELU_C1 * (x * x)))
+    return pointwise.GeluTanhFunction.forward(x)
 
 
 @gelu_tanh.register_fake
@@ -70,8 +70,7 @@ def _(x):
 
 @torch.library.custom_op("flowstep::gelu_tanh_grad", mutates_args=())
 def gelu_tanh_grad(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    s = torch.sigmoid(x * (GELU_C0 + GELU_C1 * (x * x)))
-    return dy * (s + x * s * (1.0 - s) * (GELU_C0 + 3.0 * GELU_C1 * (x * x)))
+    return pointwise.gelu_tanh_input_grad(x, dy)
 
 
 @gelu_tanh_grad.register_fake
@@ -93,8 +92,7 @@ gelu_tanh.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("flowstep::rms_norm", mutates_args=())
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    rstd = torch.rsqrt((x * x).mean(dim=-1, keepdim=True) + eps)
-    return (x * rstd) * weight, rstd
+    return pointwise.RMSNormFunction.forward(x, weight, eps)
 
 
 @rms_norm.register_fake
@@ -104,8 +102,7 @@ def _(x, weight, eps):
 
 @torch.library.custom_op("flowstep::rms_norm_grad", mutates_args=())
 def rms_norm_grad(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    g = dy * weight
-    return g * rstd - x * (rstd * rstd * rstd * (g * x).mean(dim=-1, keepdim=True))
+    return pointwise.rms_norm_input_grad(x, dy * weight, rstd)
 
 
 @rms_norm_grad.register_fake
@@ -131,9 +128,7 @@ rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup_context)
 @torch.library.custom_op("flowstep::layer_norm_grad", mutates_args=())
 def layer_norm_grad(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor,
                     weight: torch.Tensor) -> torch.Tensor:
-    g = dy * weight
-    centred = x - mean
-    return (g - g.mean(dim=-1, keepdim=True)) * rstd - centred * (rstd * rstd * rstd * (g * centred).mean(dim=-1, keepdim=True))
+    return pointwise.layer_norm_input_grad(x, mean, rstd, dy * weight)
 
 
 @layer_norm_grad.register_fake
@@ -141,26 +136,15 @@ def _(x, mean, rstd, dy, weight):
     return torch.empty_like(x)
 
 
-class LayerNormFunction(torch.autograd.Function):
-    """layer_norm over the last dim (float32, optional weight and bias): one native_layer_norm
-    forward (ONNX LayerNormalization), the flowstep::layer_norm_grad operator backward."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
-        return torch.ops.aten.native_layer_norm(x, [x.shape[-1]], weight, bias, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, _, _ = inputs
-        _, mean, rstd = output
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.mark_non_differentiable(mean, rstd)
+class LayerNormFunction(pointwise.LayerNormFunction):
+    """pointwise.LayerNormFunction (one native_layer_norm forward, ONNX LayerNormalization) with
+    the flowstep::layer_norm_grad operator as its backward; float32."""
 
     @staticmethod
     def backward(ctx, dy, _dmean, _drstd):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             raise NotImplementedError("flowstep::layer_norm_grad computes no gradient for the norm's weight or bias (frozen under LoRA)")
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, _, mean, rstd = ctx.saved_tensors
         weight = x.new_ones(x.shape[-1]) if weight is None else weight
         return layer_norm_grad(x, mean, rstd, dy, weight), None, None, None
 
