@@ -248,7 +248,7 @@ fn refused_launches() {
     cmd.env("WORLD_SIZE", "3");
     let r = wait_limited(cmd.spawn().unwrap_or_else(|e| panic!("{e}")), 60, "mpiexec");
     assert!(!r.status.success());
-    assert!(stderr(&r).contains("WORLD_SIZE=3 disagrees with the MPI launcher's PMI_SIZE=2"), "{}", stderr(&r));
+    assert!(stderr(&r).contains("WORLD_SIZE=3 disagrees with the MPI launcher's PMI_SIZE=2"), "{}: {}{}", r.status, String::from_utf8_lossy(&r.stdout), stderr(&r));
     assert_untouched(&out);
 
     let venv = Command::new(repo().join("scripts/setup_python.sh")).output().unwrap_or_else(|e| panic!("{e}"));

