@@ -136,6 +136,10 @@ pub(super) trait Element: PrimitiveTensorElementType + Copy + Send + Sync + 'sta
     const TYPE: TensorElementType;
     fn widen(self) -> f32;
     fn narrow(x: f32) -> Self;
+    /// The values themselves when they are f32 already (the kernels then read them in place).
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
 }
 
 impl Element for f32 {
@@ -145,6 +149,9 @@ impl Element for f32 {
     }
     fn narrow(x: f32) -> Self {
         x
+    }
+    fn as_f32(x: &[Self]) -> Option<&[f32]> {
+        Some(x)
     }
 }
 

@@ -40,6 +40,18 @@ impl<'a> Mat<'a> {
         Mat { data, rows, cols, row_stride: cols, col_stride: 1 }
     }
 
+    /// `rows` rows of `cols` values, `row_stride` apart, from the start of `data`.
+    fn strided(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        assert!(rows == 0 || data.len() >= (rows - 1) * row_stride + cols, "matrix view out of bounds");
+        Mat { data, rows, cols, row_stride, col_stride: 1 }
+    }
+
+    /// Row i of a view with unit column stride.
+    fn row(&self, i: usize) -> &'a [f32] {
+        debug_assert!(self.col_stride == 1 && i < self.rows);
+        &self.data[i * self.row_stride..i * self.row_stride + self.cols]
+    }
+
     fn t(self) -> Self {
         Mat { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
     }
@@ -76,15 +88,23 @@ fn matmul(dst: &mut [f32], a: Mat, b: Mat, beta: f32, accumulate: bool) {
     }
 }
 
-/// Rows `first..first + dst.len() / D` of head `h` in batch `b` of a [B, seq, H, D] tensor,
-/// widened into `dst` ([rows, D]).
-fn load_rows<T: Element>(x: &[T], dims: Dims, seq: usize, b: usize, h: usize, first: usize, dst: &mut [f32]) {
-    for (i, out) in dst.chunks_exact_mut(dims.d).enumerate() {
-        let start = ((b * seq + first + i) * dims.h + h) * dims.d;
-        for (o, v) in out.iter_mut().zip(&x[start..start + dims.d]) {
+/// Rows `first..first + rows` of head `h` in batch `b` of a [B, seq, H, D] tensor as an f32
+/// [rows, D] matrix: a strided view of `x` itself when it is f32 (gemm packs its operands
+/// anyway, so a copy would only add a pass over memory), else widened into `scratch`.
+#[allow(clippy::too_many_arguments)] // the tensor, its geometry, the block and the scratch
+fn head_rows<'a, T: Element>(x: &'a [T], dims: Dims, seq: usize, b: usize, h: usize, first: usize, rows: usize, scratch: &'a mut [f32]) -> Mat<'a> {
+    let (d, row_stride) = (dims.d, dims.h * dims.d);
+    let start = ((b * seq + first) * dims.h + h) * d;
+    if let Some(x) = T::as_f32(x) {
+        return Mat::strided(&x[start..], rows, d, row_stride);
+    }
+    let scratch = &mut scratch[..rows * d];
+    for (i, out) in scratch.chunks_exact_mut(d).enumerate() {
+        for (o, v) in out.iter_mut().zip(&x[start + i * row_stride..start + i * row_stride + d]) {
             *o = v.widen();
         }
     }
+    Mat::new(scratch, rows, d)
 }
 
 /// `(first, len)` of each block of `size` over `0..total`.
@@ -179,17 +199,19 @@ fn forward_tile<T: Element>(
     m: usize,
 ) -> (Vec<f32>, Vec<f32>) {
     let (d, isa) = (dims.d, Isa::detect());
-    let mut qb = vec![0.0f32; m * d];
-    load_rows(q, dims, dims.sq, b, h, first, &mut qb);
-    let (mut kb, mut vb) = (vec![0.0f32; KEY_BLOCK * d], vec![0.0f32; KEY_BLOCK * d]);
+    let (mut q_scratch, mut k_scratch, mut v_scratch) = (Vec::new(), Vec::new(), Vec::new());
+    if T::as_f32(q).is_none() {
+        (q_scratch, k_scratch, v_scratch) = (vec![0.0f32; m * d], vec![0.0f32; KEY_BLOCK * d], vec![0.0f32; KEY_BLOCK * d]);
+    }
+    let qb = head_rows(q, dims, dims.sq, b, h, first, m, &mut q_scratch);
     let mut scores = vec![0.0f32; m * KEY_BLOCK];
     let mut o = vec![0.0f32; m * d];
     let (mut max, mut sum) = (vec![f32::NEG_INFINITY; m], vec![0.0f32; m]);
     for (k0, n) in blocks(dims.sk, KEY_BLOCK) {
-        let (kb, vb, scores) = (&mut kb[..n * d], &mut vb[..n * d], &mut scores[..m * n]);
-        load_rows(k, dims, dims.sk, b, h, k0, kb);
-        load_rows(v, dims, dims.sk, b, h, k0, vb);
-        matmul(scores, Mat::new(&qb, m, d), Mat::new(kb, n, d).t(), scale, false);
+        let scores = &mut scores[..m * n];
+        let kb = head_rows(k, dims, dims.sk, b, h, k0, n, &mut k_scratch);
+        let vb = head_rows(v, dims, dims.sk, b, h, k0, n, &mut v_scratch);
+        matmul(scores, qb, kb.t(), scale, false);
         for (i, (row, out)) in scores.chunks_exact_mut(n).zip(o.chunks_exact_mut(d)).enumerate() {
             let new_max = max[i].max(simd::max(isa, row));
             // Earlier blocks' terms were scaled by exp(-max); rescale them to the new max.
@@ -200,7 +222,7 @@ fn forward_tile<T: Element>(
             }
             max[i] = new_max;
         }
-        matmul(&mut o, Mat::new(scores, m, n), Mat::new(vb, n, d), 1.0, true);
+        matmul(&mut o, Mat::new(scores, m, n), vb, 1.0, true);
     }
     for (i, out) in o.chunks_exact_mut(d).enumerate() {
         out.iter_mut().for_each(|x| *x /= sum[i]);
@@ -287,37 +309,35 @@ impl<T: Element> BackwardInputs<'_, T> {
         let (dims, d, isa) = (self.dims, self.dims.d, Isa::detect());
         let lse = &self.lse[(b * dims.h + h) * dims.sq..(b * dims.h + h + 1) * dims.sq];
         // rowsum(do∘o), per query row.
+        let scratch = || if T::as_f32(self.q).is_some() { Vec::new() } else { vec![0.0f32; QUERY_BLOCK.max(KEY_BLOCK) * d] };
+        let (mut q_scratch, mut k_scratch, mut v_scratch, mut o_scratch, mut do_scratch) = (scratch(), scratch(), scratch(), scratch(), scratch());
         let mut delta = vec![0.0f32; dims.sq];
-        let (mut ob, mut dob) = (vec![0.0f32; QUERY_BLOCK * d], vec![0.0f32; QUERY_BLOCK * d]);
         for (q0, m) in blocks(dims.sq, QUERY_BLOCK) {
-            load_rows(self.o, dims, dims.sq, b, h, q0, &mut ob[..m * d]);
-            load_rows(self.d_o, dims, dims.sq, b, h, q0, &mut dob[..m * d]);
-            for (i, (x, y)) in ob.chunks_exact(d).zip(dob.chunks_exact(d)).take(m).enumerate() {
-                delta[q0 + i] = simd::dot(isa, x, y);
+            let ob = head_rows(self.o, dims, dims.sq, b, h, q0, m, &mut o_scratch);
+            let dob = head_rows(self.d_o, dims, dims.sq, b, h, q0, m, &mut do_scratch);
+            for (i, delta) in delta[q0..q0 + m].iter_mut().enumerate() {
+                *delta = simd::dot(isa, ob.row(i), dob.row(i));
             }
         }
         let mut tile = BackwardTile { dk: vec![0.0; keys.len() * d], dv: vec![0.0; keys.len() * d], dq: vec![0.0; dims.sq * d] };
-        let mut qb = ob;
-        let (mut kb, mut vb) = (vec![0.0f32; KEY_BLOCK * d], vec![0.0f32; KEY_BLOCK * d]);
         let (mut p, mut ds) = (vec![0.0f32; QUERY_BLOCK * KEY_BLOCK], vec![0.0f32; QUERY_BLOCK * KEY_BLOCK]);
         for (k0, n) in blocks(keys.len(), KEY_BLOCK) {
-            let (kb, vb) = (&mut kb[..n * d], &mut vb[..n * d]);
-            load_rows(self.k, dims, dims.sk, b, h, keys.start + k0, kb);
-            load_rows(self.v, dims, dims.sk, b, h, keys.start + k0, vb);
+            let kb = head_rows(self.k, dims, dims.sk, b, h, keys.start + k0, n, &mut k_scratch);
+            let vb = head_rows(self.v, dims, dims.sk, b, h, keys.start + k0, n, &mut v_scratch);
             let dk = &mut tile.dk[k0 * d..(k0 + n) * d];
             let dv = &mut tile.dv[k0 * d..(k0 + n) * d];
             for (q0, m) in blocks(dims.sq, QUERY_BLOCK) {
-                let (qb, dob, p, ds) = (&mut qb[..m * d], &mut dob[..m * d], &mut p[..m * n], &mut ds[..m * n]);
-                load_rows(self.q, dims, dims.sq, b, h, q0, qb);
-                load_rows(self.d_o, dims, dims.sq, b, h, q0, dob);
-                matmul(p, Mat::new(qb, m, d), Mat::new(kb, n, d).t(), self.scale, false);
-                matmul(ds, Mat::new(dob, m, d), Mat::new(vb, n, d).t(), 1.0, false);
+                let (p, ds) = (&mut p[..m * n], &mut ds[..m * n]);
+                let qb = head_rows(self.q, dims, dims.sq, b, h, q0, m, &mut q_scratch);
+                let dob = head_rows(self.d_o, dims, dims.sq, b, h, q0, m, &mut do_scratch);
+                matmul(p, qb, kb.t(), self.scale, false);
+                matmul(ds, dob, vb.t(), 1.0, false);
                 for (i, (p, ds)) in p.chunks_exact_mut(n).zip(ds.chunks_exact_mut(n)).enumerate() {
                     simd::softmax_grad(isa, p, ds, lse[q0 + i], delta[q0 + i]);
                 }
-                matmul(dv, Mat::new(p, m, n).t(), Mat::new(dob, m, d), 1.0, true);
-                matmul(&mut tile.dq[q0 * d..(q0 + m) * d], Mat::new(ds, m, n), Mat::new(kb, n, d), self.scale, true);
-                matmul(dk, Mat::new(ds, m, n).t(), Mat::new(qb, m, d), self.scale, true);
+                matmul(dv, Mat::new(p, m, n).t(), dob, 1.0, true);
+                matmul(&mut tile.dq[q0 * d..(q0 + m) * d], Mat::new(ds, m, n), kb, self.scale, true);
+                matmul(dk, Mat::new(ds, m, n).t(), qb, self.scale, true);
             }
         }
         tile
