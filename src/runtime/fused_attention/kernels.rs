@@ -2,7 +2,8 @@
 //! algorithm). The forward keeps a running max and sum per query row over blocks of keys
 //! (online softmax); the backward recomputes each block's probabilities from the saved
 //! log-sum-exp. Nothing of size [H, Sq, Sk] exists: the largest temporaries are one
-//! [query block, key block] tile per task. Inputs are widened to f32 one block at a time;
+//! [query block, key block] tile per task. f32 inputs are read in place, bf16 ones widened to
+//! f32 one block at a time;
 //! every product runs on the `gemm` crate (runtime-dispatched AVX-512 / AVX2+FMA kernels),
 //! the per-element row work (max, exp, dot) on [`simd`], vectorised for the same instruction sets.
 //!
