@@ -14,6 +14,10 @@
 // program installed, or to the default action (the process dies of it).
 //
 // AVX2_ONLY_REPORT=1 prints, at exit, how many CPUID answers were masked (to check it worked).
+// Two more settings, for scripts/intel_vendor.sh: AVX2_ONLY_HIDE=0 keeps AVX-512 visible, and
+// AVX2_ONLY_VENDOR=GenuineIntel (12 characters) is the vendor CPUID's leaf 0 reports. MKL picks
+// its kernels by vendor: on AMD it runs its generic code path whatever the CPU has, so the
+// vendor decides how fast PyTorch's float32 products are on the same silicon.
 #define _GNU_SOURCE
 #include <asm/prctl.h>
 #include <dlfcn.h>
@@ -26,7 +30,9 @@
 #include <ucontext.h>
 #include <unistd.h>
 
-static uint64_t answered, masked; // updated atomically: any thread may fault
+static uint64_t answered, masked, vendor_replaced; // updated atomically: any thread may fault
+static int hide = 1;        // AVX2_ONLY_HIDE: hide AVX-512 (the default)
+static char vendor[13];     // AVX2_ONLY_VENDOR: the vendor to report, when set
 static int installed;                   // our handler is in place: SIGSEGV calls are interposed
 static struct sigaction program_action; // the SIGSEGV action the program asked for
 static int (*next_sigaction)(int, const struct sigaction *, struct sigaction *);
@@ -37,7 +43,8 @@ static long set_cpuid_allowed(int allowed) { return syscall(SYS_arch_prctl, ARCH
 static void hide_avx512(uint32_t leaf, uint32_t subleaf, uint32_t r[4]) {
     uint32_t before[4];
     memcpy(before, r, sizeof before);
-    if (leaf == 7 && subleaf == 0) {
+    if (!hide) {
+    } else if (leaf == 7 && subleaf == 0) {
         // EBX: AVX512F, DQ, IFMA, PF, ER, CD, BW, VL
         r[1] &= ~(1u << 16 | 1u << 17 | 1u << 21 | 1u << 26 | 1u << 27 | 1u << 28 | 1u << 30 | 1u << 31);
         // ECX: VBMI, VBMI2, VNNI, BITALG, VPOPCNTDQ
@@ -88,6 +95,13 @@ static void on_sigsegv(int sig, siginfo_t *info, void *context) {
     __asm__ volatile("cpuid" : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(subleaf));
     set_cpuid_allowed(0);
     hide_avx512(leaf, subleaf, r);
+    if (leaf == 0 && vendor[0]) {
+        // The vendor string is EBX, EDX, ECX in that order.
+        memcpy(&r[1], vendor, 4);
+        memcpy(&r[3], vendor + 4, 4);
+        memcpy(&r[2], vendor + 8, 4);
+        __atomic_fetch_add(&vendor_replaced, 1, __ATOMIC_RELAXED);
+    }
     g[REG_RAX] = r[0];
     g[REG_RBX] = r[1];
     g[REG_RCX] = r[2];
@@ -98,6 +112,7 @@ static void on_sigsegv(int sig, siginfo_t *info, void *context) {
 static void report(void) {
     fprintf(stderr, "avx2_only: %llu CPUID answers, %llu with AVX-512 hidden\n",
             (unsigned long long)__atomic_load_n(&answered, __ATOMIC_RELAXED), (unsigned long long)__atomic_load_n(&masked, __ATOMIC_RELAXED));
+    if (vendor[0]) fprintf(stderr, "cpuid vendor: %s in %llu answers\n", vendor, (unsigned long long)__atomic_load_n(&vendor_replaced, __ATOMIC_RELAXED));
 }
 
 int sigaction(int sig, const struct sigaction *action, struct sigaction *previous) {
@@ -117,6 +132,15 @@ sighandler_t signal(int sig, sighandler_t handler) {
 }
 
 __attribute__((constructor)) static void start(void) {
+    const char *hide_setting = getenv("AVX2_ONLY_HIDE"), *vendor_setting = getenv("AVX2_ONLY_VENDOR");
+    if (hide_setting && strcmp(hide_setting, "0") == 0) hide = 0;
+    if (vendor_setting && *vendor_setting) {
+        if (strlen(vendor_setting) != 12) {
+            fprintf(stderr, "avx2_only: AVX2_ONLY_VENDOR=%s is not a 12-character CPUID vendor (e.g. GenuineIntel)\n", vendor_setting);
+            _exit(1);
+        }
+        memcpy(vendor, vendor_setting, 12);
+    }
     next_sigaction = (int (*)(int, const struct sigaction *, struct sigaction *))dlsym(RTLD_NEXT, "sigaction");
     next_signal = (sighandler_t(*)(int, sighandler_t))dlsym(RTLD_NEXT, "signal");
     struct sigaction action = {0};

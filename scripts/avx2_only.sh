@@ -6,6 +6,8 @@
 #   scripts/avx2_only.sh COMMAND [ARGS...]
 #   AVX2_ONLY_REPORT=1 scripts/avx2_only.sh ...   each process prints at exit how many CPUID
 #                                                 answers it masked (0: nothing was hidden)
+# scripts/intel_vendor.sh runs through this too (AVX2_ONLY_HIDE=0, AVX2_ONLY_VENDOR); both
+# together, `scripts/avx2_only.sh scripts/intel_vendor.sh CMD`, are an AVX2-only Intel CPU.
 set -euo pipefail
 source_file="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/avx2_only.c"
 if ! grep -qw cpuid_fault /proc/cpuinfo; then
@@ -20,5 +22,8 @@ if [[ ! -f "$library" ]]; then
     mv "$library.$$" "$library"
 fi
 export LD_PRELOAD="$library${LD_PRELOAD:+ $LD_PRELOAD}"
-export GLIBC_TUNABLES="glibc.cpu.hwcaps=-AVX512F,-AVX512DQ,-AVX512CD,-AVX512BW,-AVX512VL,-AVX512ER,-AVX512PF${GLIBC_TUNABLES:+:$GLIBC_TUNABLES}"
+export AVX2_ONLY_HIDE="${AVX2_ONLY_HIDE:-1}"
+if [[ "$AVX2_ONLY_HIDE" != 0 ]]; then
+    export GLIBC_TUNABLES="glibc.cpu.hwcaps=-AVX512F,-AVX512DQ,-AVX512CD,-AVX512BW,-AVX512VL,-AVX512ER,-AVX512PF${GLIBC_TUNABLES:+:$GLIBC_TUNABLES}"
+fi
 exec "$@"

@@ -3,7 +3,7 @@
 # Python, builds flowstep, then runs the Python benchmark):
 #   scripts/bench.sh [--threads N] [--configs tiny,small,1.3B-shaped]
 #       whole training steps; writes BENCHMARKS.md's table (scripts/bench.py)
-#   scripts/bench.sh attention [--model small] [--latents 5x32x32,16x64x64] [--steps 12,3] [--rounds 3] [--threads 2] [--json FILE] [--avx2-only]
+#   scripts/bench.sh attention [--model small] [--latents 5x32x32,16x64x64] [--steps 12,3] [--rounds 3] [--threads 2] [--json FILE] [--avx2-only] [--mkl-as-on-intel]
 #       chunked vs fused attention vs PyTorch (ATen's own kernels and avx2), interleaved; prints
 #       a markdown table, about 15 minutes with defaults (scripts/bench_cpu_attention.py)
 set -euo pipefail

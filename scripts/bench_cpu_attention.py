@@ -11,6 +11,12 @@ runs through scripts/avx2_only.sh, with AVX-512 hidden from CPUID, so ONNX Runti
 crate, ATen, MKL and oneDNN all run their AVX2 kernels. Each run must report that it hid
 AVX-512, or the benchmark stops.
 
+`--mkl-as-on-intel` runs every process through scripts/intel_vendor.sh (CPUID reports
+GenuineIntel): MKL picks its kernels by vendor, and on an AMD host PyTorch's float32 products
+otherwise run MKL's generic path at under half the speed they have on an Intel CPU. With it,
+the comparison on an AMD host is the one an Intel CPU with the same features would give (as far
+as the products go; caches and clocks stay AMD's). Each run must report the replaced vendor.
+
 Run through `scripts/bench.sh attention` (it builds flowstep and sets up Python). Defaults
 are the issue's: `small` at 1,280 tokens (5x32x32 latent) and 16,384 tokens (16x64x64), full
 512-token context, 2 threads, 3 rounds: about 15 minutes on a 2-core Xeon, plus two exports
@@ -41,11 +47,12 @@ STEPS_TIMED_FROM = 1  # the first step (graph warm-up, allocations) is never tim
 
 
 AVX2_ONLY = (str(ROOT / "scripts" / "avx2_only.sh"),)
+INTEL_VENDOR = (str(ROOT / "scripts" / "intel_vendor.sh"),)
 
 
 def environment(capability: str | None) -> dict[str, str]:
     """This process's environment with ATEN_CPU_CAPABILITY=`capability` (unset: None), and
-    avx2_only.sh's report on (it is read only from runs through that script)."""
+    avx2_only.sh's reports on (they are read only from runs through it or intel_vendor.sh)."""
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
     if capability:
         env["ATEN_CPU_CAPABILITY"] = capability
@@ -53,11 +60,16 @@ def environment(capability: str | None) -> dict[str, str]:
 
 
 def checked(run: Run, prefix: tuple[str, ...]) -> tuple[float, float]:
-    """(s/step, peak RSS GB) of `run`, refused when it ran through avx2_only.sh and did not hide AVX-512."""
-    if prefix == AVX2_ONLY:
+    """(s/step, peak RSS GB) of `run`, refused when it ran through avx2_only.sh and did not hide
+    AVX-512, or through intel_vendor.sh and did not report the vendor."""
+    if AVX2_ONLY[0] in prefix:
         hidden = [int(line.split()[-4]) for line in run.stderr.splitlines() if line.startswith("avx2_only:")]
         if not hidden or max(hidden) == 0:
             raise RuntimeError(f"{run.command[0]} ran without AVX-512 hidden (avx2_only reports: {hidden}); the run is not AVX2-only")
+    if INTEL_VENDOR[0] in prefix:
+        replaced = [int(line.split()[-2]) for line in run.stderr.splitlines() if line.startswith("cpuid vendor:")]
+        if not replaced or max(replaced) == 0:
+            raise RuntimeError(f"{run.command[0]} ran without the vendor replaced (reports: {replaced}); MKL saw the real vendor")
     return run.seconds_per_step, run.peak_rss_gb
 
 
@@ -95,6 +107,8 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="also write every run's numbers here")
     p.add_argument("--avx2-only", action="store_true",
                    help="hide AVX-512 from every run (an AVX2-only run on an AVX-512 host; see above)")
+    p.add_argument("--mkl-as-on-intel", action="store_true",
+                   help="report the CPU vendor as GenuineIntel to every run, so that MKL takes the code path it takes on Intel (see above)")
     args = p.parse_args()
     latents = [tuple(int(x) for x in size.split("x")) for size in args.latents.split(",")]
     steps = [int(s) for s in args.steps.split(",")]
@@ -115,7 +129,7 @@ def measure(args, latents: list[tuple[int, int, int]], steps: list[int]) -> int:
     artifacts = {attention: ensure_export(args.model, "--attention", attention) for attention in ("chunked", "fused")}
     manifest = json.loads((artifacts["chunked"] / "manifest.json").read_text())
     data = [ensure_data(f"{args.model}-{'x'.join(map(str, latent))}", manifest, latent) for latent in latents]
-    prefix = AVX2_ONLY if args.avx2_only else ()
+    prefix = (AVX2_ONLY if args.avx2_only else ()) + (INTEL_VENDOR if args.mkl_as_on_intel else ())
     # With AVX-512 hidden, ATEN_CPU_CAPABILITY=avx2 changes nothing: one PyTorch variant.
     references = {"PyTorch": None} if args.avx2_only else ATEN_CAPABILITIES
     variants = {
@@ -145,7 +159,8 @@ def measure(args, latents: list[tuple[int, int, int]], steps: list[int]) -> int:
                         + "".join(f"{median[r] / median[name]:.2f}× | " for r in references)
                         + f"{rss[name] / rss['PyTorch']:.2f} |")
     capabilities = ", ".join(f"{aten_capability(prefix, cap)} (ATEN_CPU_CAPABILITY={cap or 'unset'})" for cap in references.values())
-    header = [f"CPU: {cpu_description()}." + (" AVX-512 hidden from every run (scripts/avx2_only.sh)." if args.avx2_only else ""),
+    header = [f"CPU: {cpu_description()}." + (" AVX-512 hidden from every run (scripts/avx2_only.sh)." if args.avx2_only else "")
+              + (" Vendor reported as GenuineIntel to every run (scripts/intel_vendor.sh): MKL on its Intel path." if args.mkl_as_on_intel else ""),
               f"ATen capability: {capabilities}; "
               f"torch {torch.__version__}. {args.threads} threads, {args.rounds} interleaved rounds, model `{args.model}`, "
               f"{manifest['model']['text_len']}-token context; steps per run {args.steps} (first not timed); "
