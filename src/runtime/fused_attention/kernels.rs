@@ -91,13 +91,17 @@ fn matmul(dst: &mut [f32], a: Mat, b: Mat, beta: f32, accumulate: bool) {
 
 /// Rows `first..first + rows` of head `h` in batch `b` of a [B, seq, H, D] tensor as an f32
 /// [rows, D] matrix: a strided view of `x` itself when it is f32 (gemm packs its operands
-/// anyway, so a copy would only add a pass over memory), else widened into `scratch`.
+/// anyway, so a copy would only add a pass over memory), else widened into `scratch` (grown
+/// on first use).
 #[allow(clippy::too_many_arguments)] // the tensor, its geometry, the block and the scratch
-fn head_rows<'a, T: Element>(x: &'a [T], dims: Dims, seq: usize, b: usize, h: usize, first: usize, rows: usize, scratch: &'a mut [f32]) -> Mat<'a> {
+fn head_rows<'a, T: Element>(x: &'a [T], dims: Dims, seq: usize, b: usize, h: usize, first: usize, rows: usize, scratch: &'a mut Vec<f32>) -> Mat<'a> {
     let (d, row_stride) = (dims.d, dims.h * dims.d);
     let start = ((b * seq + first) * dims.h + h) * d;
     if let Some(x) = T::as_f32(x) {
         return Mat::strided(&x[start..], rows, d, row_stride);
+    }
+    if scratch.len() < rows * d {
+        scratch.resize(rows * d, 0.0);
     }
     let scratch = &mut scratch[..rows * d];
     for (i, out) in scratch.chunks_exact_mut(d).enumerate() {
@@ -201,9 +205,6 @@ fn forward_tile<T: Element>(
 ) -> (Vec<f32>, Vec<f32>) {
     let (d, isa) = (dims.d, Isa::detect());
     let (mut q_scratch, mut k_scratch, mut v_scratch) = (Vec::new(), Vec::new(), Vec::new());
-    if T::as_f32(q).is_none() {
-        (q_scratch, k_scratch, v_scratch) = (vec![0.0f32; m * d], vec![0.0f32; KEY_BLOCK * d], vec![0.0f32; KEY_BLOCK * d]);
-    }
     let qb = head_rows(q, dims, dims.sq, b, h, first, m, &mut q_scratch);
     let mut scores = vec![0.0f32; m * KEY_BLOCK];
     let mut o = vec![0.0f32; m * d];
@@ -310,8 +311,7 @@ impl<T: Element> BackwardInputs<'_, T> {
         let (dims, d, isa) = (self.dims, self.dims.d, Isa::detect());
         let lse = &self.lse[(b * dims.h + h) * dims.sq..(b * dims.h + h + 1) * dims.sq];
         // rowsum(do∘o), per query row.
-        let scratch = || if T::as_f32(self.q).is_some() { Vec::new() } else { vec![0.0f32; QUERY_BLOCK.max(KEY_BLOCK) * d] };
-        let (mut q_scratch, mut k_scratch, mut v_scratch, mut o_scratch, mut do_scratch) = (scratch(), scratch(), scratch(), scratch(), scratch());
+        let (mut q_scratch, mut k_scratch, mut v_scratch, mut o_scratch, mut do_scratch) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut delta = vec![0.0f32; dims.sq];
         for (q0, m) in blocks(dims.sq, QUERY_BLOCK) {
             let ob = head_rows(self.o, dims, dims.sq, b, h, q0, m, &mut o_scratch);
