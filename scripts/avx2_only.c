@@ -43,8 +43,7 @@ static long set_cpuid_allowed(int allowed) { return syscall(SYS_arch_prctl, ARCH
 static void hide_avx512(uint32_t leaf, uint32_t subleaf, uint32_t r[4]) {
     uint32_t before[4];
     memcpy(before, r, sizeof before);
-    if (!hide) {
-    } else if (leaf == 7 && subleaf == 0) {
+    if (leaf == 7 && subleaf == 0) {
         // EBX: AVX512F, DQ, IFMA, PF, ER, CD, BW, VL
         r[1] &= ~(1u << 16 | 1u << 17 | 1u << 21 | 1u << 26 | 1u << 27 | 1u << 28 | 1u << 30 | 1u << 31);
         // ECX: VBMI, VBMI2, VNNI, BITALG, VPOPCNTDQ
@@ -57,7 +56,6 @@ static void hide_avx512(uint32_t leaf, uint32_t subleaf, uint32_t r[4]) {
     } else if (leaf == 0x24) {
         r[0] = r[1] = r[2] = r[3] = 0;  // AVX10 version and vector lengths
     }
-    __atomic_fetch_add(&answered, 1, __ATOMIC_RELAXED);
     if (memcmp(before, r, sizeof before) != 0) __atomic_fetch_add(&masked, 1, __ATOMIC_RELAXED);
 }
 
@@ -94,7 +92,8 @@ static void on_sigsegv(int sig, siginfo_t *info, void *context) {
     set_cpuid_allowed(1);
     __asm__ volatile("cpuid" : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(subleaf));
     set_cpuid_allowed(0);
-    hide_avx512(leaf, subleaf, r);
+    __atomic_fetch_add(&answered, 1, __ATOMIC_RELAXED);
+    if (hide) hide_avx512(leaf, subleaf, r);
     if (leaf == 0 && vendor[0]) {
         // The vendor string is EBX, EDX, ECX in that order.
         memcpy(&r[1], vendor, 4);
