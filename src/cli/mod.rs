@@ -13,7 +13,6 @@ mod sample;
 mod schedule;
 mod train;
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -120,9 +119,7 @@ pub fn run() -> ExitCode {
         // `flowstep inspect | head`: the reader has all it wanted.
         Err(err) if err.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) => ExitCode::SUCCESS,
         Err(err) => {
-            // One write, so that a launcher forwarding it cannot split the line.
-            let _ = std::io::stderr().write_all(format!("error: {}\n", one_line(&err)).as_bytes());
-            flowstep::distributed::settle_output_before_failing();
+            flowstep::distributed::report_failure(&one_line(&err));
             ExitCode::FAILURE
         }
     }

@@ -1,6 +1,5 @@
 //! `flowstep train`: fine-tune the LoRA on a cached dataset.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -329,11 +328,7 @@ pub fn run(args: Args, resolved: toml::Table, stored: Option<(PathBuf, toml::Tab
     let summary = match train(&config, &mut ranks, &mut [observer], &interrupt) {
         Ok(summary) => summary,
         Err(e) if world_size > 1 => {
-            // One write, so that a launcher forwarding it cannot split the line; then time for
-            // it to pass the line on before an abort ends the job (a test saw it cut at
-            // "error: rank 1 of " under load).
-            let _ = std::io::stderr().write_all(format!("error: rank {rank} of {world_size}: {e:#}\n").as_bytes());
-            flowstep::distributed::settle_output_before_failing();
+            flowstep::distributed::report_failure(&format!("rank {rank} of {world_size}: {e:#}"));
             // Every rank reaches the non-finite decision together and stops by itself; any
             // other failure is this rank's alone, and the others must not wait for it.
             if !e.is_shared_by_ranks() {

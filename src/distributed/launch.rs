@@ -83,13 +83,17 @@ impl Launch {
     }
 }
 
-/// Lets the launcher pass on what a failing rank wrote before the rank ends. MPICH's Hydra
-/// forwards a rank's output asynchronously; a rank that prints its error and ends at once can
-/// lose that line, and under load Hydra's mpiexec itself died of SIGPIPE with nothing printed
-/// (11 of 200 launches of two ranks that printed and exited; none of 200 with this pause).
-pub fn settle_output_before_failing() {
-    let launched = ["PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "WORLD_SIZE", "SLURM_NTASKS"].iter().any(|name| std::env::var_os(name).is_some());
-    if launched {
+/// Prints a failing process's error line, and under a launcher of several processes (or one
+/// whose launch was refused) lets the launcher pass it on before the process ends. One write,
+/// so that the launcher cannot split the line (a test saw it cut at "error: rank 1 of ");
+/// then a pause: MPICH's Hydra forwards output asynchronously, and a rank that printed and
+/// ended at once could lose the line, or under load take Hydra's mpiexec down with SIGPIPE,
+/// nothing printed (11 of 200 launches of two ranks that printed and exited; none of 200 with
+/// this pause).
+pub fn report_failure(message: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("error: {message}\n").as_bytes());
+    if !matches!(Launch::from_env(), Ok(Launch::Alone)) {
         std::thread::sleep(Duration::from_millis(300));
     }
 }

@@ -8,7 +8,7 @@ mod mpi;
 mod nccl;
 mod store;
 
-pub use launch::{Launch, settle_output_before_failing};
+pub use launch::{Launch, report_failure};
 pub use store::Store;
 
 use libloading::Library;
